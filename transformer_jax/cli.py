@@ -1,0 +1,78 @@
+"""`transformer-jax <command> [--flags]`: train, evaluate, translate, export, import, average, info.
+
+Every command takes --config=configs/X.py (a Python file with get_config()) with --config.key=value overrides,
+and --workdir=DIR. Run `transformer-jax <command> --help` for the command's flags.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: transformer-jax <command> [--config=configs/X.py] [--config.key=value ...] [--workdir=DIR]
+
+commands:
+  train      train (resumes from WORKDIR's newest good checkpoint); default config configs/tiny.py,
+             default workdir runs/<config name>. Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...
+  evaluate   held-out metrics of WORKDIR's newest checkpoint; last line bleu=<float> chrf=<float> ...
+  translate  sentences from stdin (or --input=FILE) -> one translation per line
+  export     --format={safetensors,msgpack,hf-marian,stablehlo} --out=PATH
+  import     --format=hf-marian --path=DIR: a Marian checkpoint on disk -> WORKDIR
+  average    --last=N --out=DIR: element-wise mean of the last N checkpoints' parameters
+  info       architecture, parameter count, mesh and per-device memory plan; last line params=<int>
+
+Run `transformer-jax <command> --help` for every flag.
+"""
+
+COMMANDS = ('train', 'evaluate', 'translate', 'export', 'import', 'average', 'info')
+
+
+def _repo_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_config_path() -> str:
+  """configs/tiny.py relative to the working directory, else beside the installed (editable) package."""
+  local = os.path.join('configs', 'tiny.py')
+  return local if os.path.exists(local) else os.path.join(_repo_root(), 'configs', 'tiny.py')
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
+    print(USAGE)
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f'error: unknown command {command!r}; expected one of {", ".join(COMMANDS)}', file=sys.stderr)
+    sys.exit(2)
+  if _repo_root() not in sys.path:
+    sys.path.insert(0, _repo_root())  # lets configs/*.py import each other (`from configs import tiny`)
+
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from transformer_jax import commands  # pylint: disable=g-import-not-at-top
+  commands.define_flags(command)
+  app.run(lambda args: commands.run(command, args), argv=[f'transformer-jax {command}'] + argv[2:],
+          flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a bad flag or config key is one line and exit 2, not a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    rest = flags.FLAGS(argv)
+    _ = flags.FLAGS.config  # config files load lazily: surface their errors here
+    return rest
+  except OSError as e:
+    print(f'error: {str(e).splitlines()[0]}: {str(e).splitlines()[-1].strip()}', file=sys.stderr)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+  except (AttributeError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
+    bad = [a for a in argv[1:] if a.startswith('--config')]
+    message = str(e).strip('"\'') or type(e).__name__
+    print(f'error: bad --config value ({type(e).__name__}: {message}) in {" ".join(bad)}', file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,118 @@
+"""The CLI's commands (flags + bodies). cli.py picks one; each body is a few lines over the library modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(command: str) -> None:
+  from transformer_jax import cli  # pylint: disable=g-import-not-at-top
+  config_default = cli.default_config_path() if command in ('train', 'info') else None
+  config_flags.DEFINE_config_file(
+      'config', config_default,
+      'Python config file with get_config() -> ConfigDict; override keys with --config.key=value.'
+      + ('' if config_default else ' Default: the config stored in the workdir\'s checkpoint.'),
+      lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, tokenizer, TensorBoard, curves.png). '
+                      'Default for train: runs/<config file name>.')
+  if command in ('train', 'evaluate', 'translate'):
+    flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-process runs; auto-detected '
+                        'on Cloud TPU VMs and SLURM.')
+    flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+    flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
+  if command in ('evaluate', 'translate'):
+    flags.DEFINE_integer('beam_size', 1, 'Beam width; 1 = greedy decoding.')
+    flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty exponent ((5+len)/6)^alpha for beam search.')
+    flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
+  if command == 'evaluate':
+    flags.DEFINE_string('split', None, 'Held-out split to score (default: the config\'s eval_split).')
+  if command == 'translate':
+    flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin). Empty lines give empty '
+                        'translations; inputs longer than max_length are truncated; characters outside the '
+                        'vocabulary become <unk>.')
+  if command == 'info':
+    flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
+  flags.mark_flags_as_required([] if command in ('train', 'info') else ['workdir'])
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def _workdir() -> str:
+  if FLAGS.workdir:
+    return FLAGS.workdir
+  name = os.path.splitext(os.path.basename(FLAGS['config'].value_string or 'tiny'))[0]  # runs/<config name>
+  return os.path.join('runs', name)
+
+
+def run(command: str, args) -> None:
+  if len(args) > 1:
+    _fail(f'unexpected arguments {args[1:]}; flags take the form --name=value')
+  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  try:
+    if command in ('train', 'evaluate', 'translate'):
+      from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
+      parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    globals()[f'_{command}']()
+  except (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
+          train_lib.NonFiniteLossError, NotImplementedError) as e:
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _train() -> None:
+  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  workdir = _workdir()
+  final = train_lib.train_and_evaluate(FLAGS.config, workdir)
+  if jax.process_index() == 0 and 'preempted' not in final:
+    print('final: ' + ' '.join(f'{k}={v}' if k == 'step' else f'{k}={v:.4f}' for k, v in final.items()), flush=True)
+
+
+def _info() -> None:
+  from transformer_jax import info  # pylint: disable=g-import-not-at-top
+  info.print_info(FLAGS.config, num_devices=FLAGS.num_devices)
+
+
+def _evaluate() -> None:
+  from transformer_jax import inference  # pylint: disable=g-import-not-at-top
+  results = inference.evaluate_workdir(FLAGS.workdir, FLAGS.config, split=FLAGS.split, beam_size=FLAGS.beam_size,
+                                       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
+  print(' '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
+
+
+def _translate() -> None:
+  from transformer_jax import inference  # pylint: disable=g-import-not-at-top
+  if FLAGS.input:
+    if not os.path.exists(FLAGS.input):
+      raise FileNotFoundError(f'--input={FLAGS.input} does not exist')
+    with open(FLAGS.input, encoding='utf-8', errors='replace') as f:
+      lines = f.read().splitlines()
+  else:
+    lines = sys.stdin.read().splitlines()
+  for line in inference.translate_workdir(FLAGS.workdir, FLAGS.config, lines, beam_size=FLAGS.beam_size,
+                                          alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
+                                          progress=bool(FLAGS.input)):
+    sys.stdout.write(line + '\n')
+  sys.stdout.flush()
+
+
+def _export() -> None:
+  raise NotImplementedError('export is not implemented yet')
+
+
+def _import() -> None:
+  raise NotImplementedError('import is not implemented yet')
+
+
+def _average() -> None:
+  raise NotImplementedError('average is not implemented yet')

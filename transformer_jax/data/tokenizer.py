@@ -1,0 +1,175 @@
+"""SentencePiece tokenizer: train once (process 0), write atomically, everyone else loads.
+
+The special ids are declared here and nowhere else:
+
+  PAD_ID = 0   padding (masked out of the loss and attention)
+  EOS_ID = 1   end of sentence, appended to every source and target
+  UNK_ID = 2   unknown piece (distinct from PAD so unknown tokens are *not* masked as padding)
+  BOS_ID = 3   decoder start token (targets are shifted right per segment with this id)
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from absl import logging
+import sentencepiece as spm
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+BOS_ID = 3
+_SPECIAL_IDS = frozenset((PAD_ID, EOS_ID, UNK_ID, BOS_ID))
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _exists(path: str) -> bool:
+  if _is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.io.gfile.exists(path)
+  return os.path.exists(path)
+
+
+def _read_bytes(path: str) -> bytes:
+  if _is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    with tf.io.gfile.GFile(path, "rb") as f:
+      return f.read()
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _write_bytes_atomic(path: str, data: bytes) -> None:
+  """Writes to a temporary file beside `path`, then renames it into place."""
+  tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
+  if _is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+      f.write(data)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class Tokenizer:
+  """A thin wrapper around a SentencePiece processor with the project's special ids."""
+
+  def __init__(self, model_proto: bytes, model_path: str = ""):
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.model_path = model_path
+    ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
+    if ids != (PAD_ID, EOS_ID, UNK_ID, BOS_ID):
+      raise ValueError(
+          f"SentencePiece model {model_path!r} has (pad, eos, unk, bos) ids {ids}; this project "
+          f"needs {(PAD_ID, EOS_ID, UNK_ID, BOS_ID)}. Delete the file to retrain it.")
+
+  @classmethod
+  def load(cls, model_path: str) -> "Tokenizer":
+    return cls(_read_bytes(model_path), model_path)
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of pieces in the SentencePiece model (may be below the requested size)."""
+    return self._sp.get_piece_size()
+
+  @property
+  def processor(self) -> spm.SentencePieceProcessor:
+    return self._sp
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without EOS."""
+    return self._sp.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts), out_type=int)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids` up to (not including) the first EOS; PAD, BOS and out-of-vocabulary ids are dropped.
+
+    Out-of-vocabulary ids can occur when the model's embedding table is larger than the
+    SentencePiece vocabulary (`hard_vocab_limit=False` may give fewer pieces than asked).
+    """
+    keep = []
+    n = self.vocab_size
+    for i in ids:
+      i = int(i)
+      if i == EOS_ID:
+        break
+      if i in (PAD_ID, BOS_ID) or i < 0 or i >= n:
+        continue
+      keep.append(i)
+    return self._sp.decode(keep)
+
+  def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+    return [self.decode(ids) for ids in batch]
+
+
+def train_tokenizer_proto(sentences: Iterable[str], vocab_size: int, *,
+                          max_sentences: int = 1_000_000, seed: int = 0) -> bytes:
+  """Trains a unigram SentencePiece model on `sentences` and returns its serialized proto."""
+  spm.set_random_generator_seed(seed)
+  # Empty lines carry nothing to learn and SentencePiece rejects an all-empty corpus.
+  it = (s for s in sentences if s and s.strip())
+  first = list(itertools.islice(it, 1))
+  if not first:
+    raise ValueError("cannot train a SentencePiece model: the training text has no non-empty sentence")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=itertools.islice(itertools.chain(first, it), max_sentences),
+      model_writer=model,
+      model_type="unigram",
+      vocab_size=vocab_size,
+      # A soft limit: a corpus too small for `vocab_size` pieces gives a smaller vocabulary
+      # instead of crashing (the model's embedding may then be larger than needed; that is fine).
+      hard_vocab_limit=False,
+      character_coverage=1.0,
+      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+      pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", bos_piece="<s>",
+      input_sentence_size=max_sentences,
+      shuffle_input_sentence=True,
+      num_threads=max(1, min(8, os.cpu_count() or 1)),
+      minloglevel=2,
+  )
+  return model.getvalue()
+
+
+def load_or_train_tokenizer(model_path: str, sentences: Callable[[], Iterable[str]], vocab_size: int,
+                            *, is_chief: bool = True, timeout_s: float = 600,
+                            max_sentences: int = 1_000_000, poll_s: float = 1.0) -> Tokenizer:
+  """Loads `model_path`, or trains it (chief only) from `sentences()` and writes it atomically.
+
+  Non-chief processes never train: they wait (polling) until the chief's file appears and raise
+  RuntimeError after `timeout_s` seconds. `sentences` is only called when training.
+  """
+  if _exists(model_path):
+    logging.info("Loading SentencePiece model %s", model_path)
+    return Tokenizer.load(model_path)
+  if is_chief:
+    start = time.time()
+    proto = train_tokenizer_proto(sentences(), vocab_size, max_sentences=max_sentences)
+    _write_bytes_atomic(model_path, proto)
+    tok = Tokenizer(proto, model_path)
+    logging.info("Trained SentencePiece model %s (%d pieces, asked %d) in %.1f s",
+                 model_path, tok.vocab_size, vocab_size, time.time() - start)
+    return tok
+  deadline = time.time() + timeout_s
+  while not _exists(model_path):
+    if time.time() > deadline:
+      raise RuntimeError(
+          f"timed out after {timeout_s:.0f} s waiting for the SentencePiece model {model_path!r} "
+          "that process 0 should train; check process 0's log")
+    time.sleep(poll_s)
+  return Tokenizer.load(model_path)

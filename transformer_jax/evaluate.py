@@ -1,0 +1,37 @@
+"""Held-out metrics: sacrebleu BLEU and chrF on detokenized text against the RAW references (cased), exact match.
+
+BLEU is sacrebleu's default 13a tokenization of our detokenized output against the untouched reference text,
+never against SentencePiece round-trips of the references.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sacrebleu
+
+from transformer_jax.data.tokenizer import EOS_ID, PAD_ID
+
+
+def text_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+  if len(hypotheses) != len(references):
+    raise ValueError(f'{len(hypotheses)} hypotheses for {len(references)} references')
+  if not references:
+    return {}
+  return {
+      'bleu': sacrebleu.corpus_bleu(hypotheses, [references]).score,
+      'chrf': sacrebleu.corpus_chrf(hypotheses, [references]).score,
+      'exact_match': 100.0 * float(np.mean([h.strip() == r.strip() for h, r in zip(hypotheses, references)])),
+  }
+
+
+def encode_sources(tokenizer, sources: list[str], max_length: int) -> np.ndarray:
+  """Sentences -> [N, max_length] ids with EOS; longer inputs are truncated (EOS kept last)."""
+  rows = np.full((len(sources), max_length), PAD_ID, np.int32)
+  for i, ids in enumerate(tokenizer.encode_batch(list(sources))):
+    ids = list(ids)[:max_length - 1] + [EOS_ID]
+    rows[i, :len(ids)] = ids
+  return rows
+
+
+def decode_outputs(tokenizer, tokens: np.ndarray) -> list[str]:
+  return [tokenizer.decode([int(t) for t in row]) for row in np.asarray(tokens)]

@@ -1,0 +1,384 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), section 3, in Flax Linen.
+
+Reads top to bottom: positional encoding -> attention -> feed-forward -> encoder/decoder layers -> encoder,
+decoder -> Transformer. Every parameter carries logical axis names (MaxText style) so that sharding is a
+config change (see parallel.py), never a model change.
+
+Shapes: B batch, S source length, T target length, D d_model, H heads, K head dim (D // H), F d_ff, V vocab.
+Packed batches carry `*_segmentation` (0 = padding, 1.. = example within the row) and `*_position`
+(restarts at 0 per example); unpacked batches may leave them out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from transformer_jax.data.tokenizer import BOS_ID, PAD_ID
+
+# torch's nn.LayerNorm default: one constant so exported HF Marian models compute the same function.
+LAYER_NORM_EPSILON = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  num_layers: int = 6  # N, for the encoder and the decoder each
+  d_model: int = 512
+  num_heads: int = 8  # h
+  d_ff: int = 2048
+  dropout_rate: float = 0.1  # P_drop: sub-layer outputs and embeddings+positions
+  share_embeddings: bool = True  # one matrix for source, target and the pre-softmax projection
+  pre_norm: bool = False  # the paper is post-norm: LayerNorm(x + Sublayer(x))
+  positional: str = 'sinusoidal'  # or 'learned'
+  max_len: int = 512  # longest position (learned table size; decode cache length)
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None (auto), 'xla', 'cudnn'
+  remat: str = 'none'  # 'none' | 'full' | 'dots_saveable'
+  scan_layers: bool = False  # nn.scan over identical layers: compile time flat in depth
+  decode: bool = False  # incremental decoding over a key/value cache (set by decode.py)
+
+  @classmethod
+  def from_config(cls, model_config, **overrides) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(model_config).items() if k in fields}
+    values.update(overrides)
+    if values.get('attention_impl') in ('auto', ''):
+      values['attention_impl'] = None
+    if isinstance(values.get('dtype'), str):
+      values['dtype'] = jnp.dtype(values['dtype'])
+    cfg = cls(**values)
+    if cfg.d_model % cfg.num_heads:
+      raise ValueError(f'model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}')
+    if cfg.positional not in ('sinusoidal', 'learned'):
+      raise ValueError(f"model.positional must be 'sinusoidal' or 'learned', got {cfg.positional!r}")
+    if cfg.remat not in ('none', 'full', 'dots_saveable'):
+      raise ValueError(f"model.remat must be 'none', 'full' or 'dots_saveable', got {cfg.remat!r}")
+    return cfg
+
+
+def _param_init(init: Callable, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, names):
+  """Logical sharding hint for a large activation; a no-op outside a mesh with rules."""
+  return nn.with_logical_constraint(x, names)
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+  """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(...): interleaved, as in section 3.5."""
+  position = np.arange(max_len)[:, None]
+  div = np.exp(np.arange(0, d_model, 2) * -(np.log(10000.0) / d_model))
+  table = np.zeros((max_len, d_model), dtype=np.float32)
+  table[:, 0::2] = np.sin(position * div)
+  table[:, 1::2] = np.cos(position * div)
+  return table
+
+
+class PositionalEncoding(nn.Module):
+  """Adds position information; `positions` [B, L] restart per packed segment."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions):  # x [B, L, D]
+    cfg = self.cfg
+    if cfg.positional == 'learned':
+      table = self.param('pos_embedding', _param_init(nn.initializers.normal(0.02), (None, 'embed')),
+                         (cfg.max_len, cfg.d_model))
+    else:
+      table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
+    return x + jnp.take(table, positions, axis=0).astype(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
+  cfg: ModelConfig
+  self_attention_cache: bool = False  # decoder self-attention: append this step's key/value to the cache
+  cross_attention_cache: bool = False  # encoder-decoder attention: keys/values from the encoder, computed once
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, mask):  # inputs_q [B, T, D], inputs_kv [B, S, D], mask [B, 1, T, S]
+    cfg = self.cfg
+    head_dim = cfg.d_model // cfg.num_heads
+    projection = lambda name: nn.DenseGeneral(
+        features=(cfg.num_heads, head_dim), use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
+        kernel_init=_param_init(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')), name=name)
+    query = projection('query')(inputs_q)  # [B, T, H, K]
+
+    if cfg.decode and self.cross_attention_cache and self.has_variable('cache', 'cross_key'):
+      key = self.get_variable('cache', 'cross_key')
+      value = self.get_variable('cache', 'cross_value')
+    else:
+      key = projection('key')(inputs_kv)  # [B, S, H, K]
+      value = projection('value')(inputs_kv)
+      if cfg.decode and self.cross_attention_cache:
+        self.put_variable('cache', 'cross_key', key)
+        self.put_variable('cache', 'cross_value', value)
+
+    if cfg.decode and self.self_attention_cache:
+      key, value, mask = self._update_cache(key, value, mask)
+
+    query = constrain(query, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
+    x = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)  # [B, T, H, K]
+    out = nn.DenseGeneral(
+        features=cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
+        kernel_init=_param_init(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')), name='out')(x)
+    return out  # [B, T, D]
+
+  def _update_cache(self, key, value, mask):
+    """Writes one step's key/value at cache_index; attends to positions <= cache_index.
+
+    The first call (cache creation, see decode.py) runs the full-length forward pass and only sizes the cache.
+    """
+    initialized = self.has_variable('cache', 'cached_key')
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, dtype=jnp.int32))
+    if not initialized:
+      return key, value, mask
+    batch, max_len, heads, head_dim = cached_key.value.shape
+    if key.shape[1] != 1:
+      raise ValueError(f'incremental decoding takes one position at a time, got {key.shape[1]}')
+    index = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+    cache_index.value = index + 1
+    step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]
+    return cached_key.value, cached_value.value, jnp.broadcast_to(step_mask, (batch, 1, 1, max_len))
+
+
+class FeedForward(nn.Module):
+  """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2 (section 3.3)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):  # [B, L, D]
+    cfg = self.cfg
+    h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, param_dtype=jnp.float32,
+                 kernel_init=_param_init(nn.initializers.xavier_uniform(), ('embed', 'mlp')),
+                 bias_init=_param_init(nn.initializers.zeros, ('mlp',)), name='wi')(x)
+    h = nn.relu(h)
+    h = constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))  # [B, L, F]
+    return nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32,
+                    kernel_init=_param_init(nn.initializers.xavier_uniform(), ('mlp', 'embed')),
+                    bias_init=_param_init(nn.initializers.zeros, ('embed',)), name='wo')(h)
+
+
+def layer_norm(cfg: ModelConfig, name: str):
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=cfg.dtype, param_dtype=jnp.float32,
+                      scale_init=_param_init(nn.initializers.ones, ('embed',)),
+                      bias_init=_param_init(nn.initializers.zeros, ('embed',)), name=name)
+
+
+def _residual(cfg: ModelConfig, x, sublayer: Callable, norm: nn.Module, dropout: nn.Module, deterministic: bool):
+  if cfg.pre_norm:
+    return x + dropout(sublayer(norm(x)), deterministic=deterministic)
+  return norm(x + dropout(sublayer(x), deterministic=deterministic))
+
+
+_ACTIVATION = ('activation_batch', 'activation_length', 'activation_embed')
+
+
+class EncoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool):  # x [B, S, D], mask [B, 1, S, S]
+    cfg = self.cfg
+    dropout = nn.Dropout(cfg.dropout_rate)
+    attention = MultiHeadAttention(cfg, name='self_attention')
+    x = _residual(cfg, x, lambda y: attention(y, y, mask), layer_norm(cfg, 'self_attention_norm'), dropout,
+                  deterministic)
+    x = _residual(cfg, x, FeedForward(cfg, name='feed_forward'), layer_norm(cfg, 'feed_forward_norm'), dropout,
+                  deterministic)
+    return constrain(x, _ACTIVATION), None  # (carry, output) so nn.scan can stack layers
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, y, encoded, self_mask, cross_mask, deterministic: bool):  # y [B, T, D], encoded [B, S, D]
+    cfg = self.cfg
+    dropout = nn.Dropout(cfg.dropout_rate)
+    self_attention = MultiHeadAttention(cfg, self_attention_cache=True, name='self_attention')
+    cross_attention = MultiHeadAttention(cfg, cross_attention_cache=True, name='cross_attention')
+    y = _residual(cfg, y, lambda z: self_attention(z, z, self_mask), layer_norm(cfg, 'self_attention_norm'),
+                  dropout, deterministic)
+    y = _residual(cfg, y, lambda z: cross_attention(z, encoded, cross_mask), layer_norm(cfg, 'cross_attention_norm'),
+                  dropout, deterministic)
+    y = _residual(cfg, y, FeedForward(cfg, name='feed_forward'), layer_norm(cfg, 'feed_forward_norm'), dropout,
+                  deterministic)
+    return constrain(y, _ACTIVATION), None
+
+
+def _remat(layer_cls, cfg: ModelConfig, static_argnums):
+  if cfg.remat == 'none':
+    return layer_cls
+  policy = None if cfg.remat == 'full' else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=static_argnums)
+
+
+def _stack(layer_cls, cfg: ModelConfig, x, *args, deterministic: bool):
+  """N identical layers, as a Python loop (layers_0..N-1) or one nn.scan (params stacked on a 'layers' axis)."""
+  # static_argnums counts the module as argument 0.
+  layer_cls = _remat(layer_cls, cfg, static_argnums=(len(args) + 2,))
+  if cfg.scan_layers:
+    scanned = nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, 'dropout': True},
+                      in_axes=(nn.broadcast,) * (len(args) + 1), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = scanned(cfg, name='layers')(x, *args, deterministic)
+    return x
+  for i in range(cfg.num_layers):
+    x, _ = layer_cls(cfg, name=f'layers_{i}')(x, *args, deterministic)
+  return x
+
+
+def attention_mask(query_segmentation, key_segmentation, causal: bool = False):
+  """[B, 1, Tq, Tk] boolean: attend only within the same packed example, never to padding."""
+  mask = (query_segmentation[:, :, None] == key_segmentation[:, None, :]) & (key_segmentation[:, None, :] != 0)
+  if causal:
+    tq, tk = query_segmentation.shape[1], key_segmentation.shape[1]
+    mask &= jnp.tril(jnp.ones((tq, tk), dtype=bool))[None]
+  return mask[:, None]
+
+
+def shift_right(targets, targets_position):
+  """Decoder inputs: BOS at the start of EVERY packed example (not the previous example's EOS), then targets[:-1]."""
+  shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  shifted = jnp.where(targets_position == 0, BOS_ID, shifted)
+  return jnp.where(targets == PAD_ID, PAD_ID, shifted)
+
+
+def _default_segmentation(tokens):
+  return (tokens != PAD_ID).astype(jnp.int32)
+
+
+def _default_positions(tokens):
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+class Embedder(nn.Module):
+  """Token embedding scaled by sqrt(D) (section 3.4); `attend` is the pre-softmax projection with the same matrix."""
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', _param_init(nn.initializers.normal(stddev=self.cfg.d_model**-0.5), ('vocab', 'embed')),
+        (self.cfg.vocab_size, self.cfg.d_model), jnp.float32)
+
+  def __call__(self, tokens):  # [B, L] -> [B, L, D]
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
+    return x * jnp.sqrt(self.cfg.d_model).astype(self.cfg.dtype)
+
+  def attend(self, x):  # [B, L, D] -> [B, L, V]
+    return jnp.einsum('bld,vd->blv', x, self.embedding.astype(self.cfg.dtype))
+
+
+class Encoder(nn.Module):
+  cfg: ModelConfig
+  embedder: Embedder
+
+  @nn.compact
+  def __call__(self, inputs, inputs_segmentation, inputs_position, deterministic: bool):
+    cfg = self.cfg
+    x = self.embedder(inputs)  # [B, S, D]
+    x = PositionalEncoding(cfg, name='positional')(x, inputs_position)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = constrain(x, _ACTIVATION)
+    mask = attention_mask(inputs_segmentation, inputs_segmentation)  # [B, 1, S, S]
+    x = _stack(EncoderLayer, cfg, x, mask, deterministic=deterministic)
+    if cfg.pre_norm:
+      x = layer_norm(cfg, 'final_norm')(x)
+    return x
+
+
+class Decoder(nn.Module):
+  cfg: ModelConfig
+  embedder: Embedder
+  output_projection: nn.Module | None = None  # None: the shared embedding's transpose
+
+  @nn.compact
+  def __call__(self, decoder_inputs, targets_position, self_mask, encoded, cross_mask, deterministic: bool):
+    cfg = self.cfg
+    if cfg.decode:
+      # One position per call: its index is the number of positions decoded so far.
+      index = self.variable('cache', 'position_index', lambda: jnp.array(0, dtype=jnp.int32))
+      if self.is_initializing() or decoder_inputs.shape[1] != 1:
+        pass  # cache creation: full-length pass with the given positions
+      else:
+        targets_position = jnp.broadcast_to(index.value, decoder_inputs.shape)
+        index.value = index.value + 1
+    y = self.embedder(decoder_inputs)  # [B, T, D]
+    y = PositionalEncoding(cfg, name='positional')(y, targets_position)
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    y = constrain(y, _ACTIVATION)
+    y = _stack(DecoderLayer, cfg, y, encoded, self_mask, cross_mask, deterministic=deterministic)
+    if cfg.pre_norm:
+      y = layer_norm(cfg, 'final_norm')(y)
+    if self.output_projection is None:
+      logits = self.embedder.attend(y)
+    else:
+      logits = self.output_projection(y)
+    return constrain(logits.astype(jnp.float32), ('activation_batch', 'activation_length', 'activation_vocab'))
+
+
+class Transformer(nn.Module):
+  """Encoder-decoder. __call__ gives logits [B, T, V] for teacher-forced targets; encode/decode for inference."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    if cfg.share_embeddings:
+      source_embedder = target_embedder = Embedder(cfg, name='shared_embedding')
+      projection = None
+    else:
+      source_embedder = Embedder(cfg, name='source_embedding')
+      target_embedder = Embedder(cfg, name='target_embedding')
+      projection = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
+                            kernel_init=_param_init(nn.initializers.xavier_uniform(), ('embed', 'vocab')),
+                            name='output_projection')
+    self.encoder = Encoder(cfg, source_embedder, name='encoder')
+    self.decoder = Decoder(cfg, target_embedder, projection, name='decoder')
+
+  def encode(self, inputs, inputs_segmentation=None, inputs_position=None, deterministic: bool = True):
+    if inputs_segmentation is None:
+      inputs_segmentation = _default_segmentation(inputs)
+    if inputs_position is None:
+      inputs_position = _default_positions(inputs)
+    return self.encoder(inputs, inputs_segmentation, inputs_position, deterministic)
+
+  def decode(self, encoded, inputs_segmentation, decoder_inputs, targets_segmentation=None, targets_position=None,
+             deterministic: bool = True):
+    """Teacher-forced (full length) or, with cfg.decode, one position over the cache."""
+    if targets_segmentation is None:
+      targets_segmentation = jnp.ones_like(decoder_inputs) if self.cfg.decode else _default_segmentation(
+          decoder_inputs)
+    if targets_position is None:
+      targets_position = _default_positions(decoder_inputs)
+    if self.cfg.decode:
+      self_mask = None  # the cache builds the causal mask itself
+      cross_mask = attention_mask(jnp.ones_like(decoder_inputs), inputs_segmentation)
+    else:
+      self_mask = attention_mask(targets_segmentation, targets_segmentation, causal=True)
+      cross_mask = attention_mask(targets_segmentation, inputs_segmentation)
+    return self.decoder(decoder_inputs, targets_position, self_mask, encoded, cross_mask, deterministic)
+
+  def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None, inputs_position=None,
+               targets_position=None, deterministic: bool = True):
+    if inputs_segmentation is None:
+      inputs_segmentation = _default_segmentation(inputs)
+    if targets_segmentation is None:
+      targets_segmentation = _default_segmentation(targets)
+    if targets_position is None:
+      targets_position = _default_positions(targets)
+    encoded = self.encode(inputs, inputs_segmentation, inputs_position, deterministic)
+    decoder_inputs = shift_right(targets, targets_position)
+    return self.decode(encoded, inputs_segmentation, decoder_inputs, targets_segmentation, targets_position,
+                       deterministic)

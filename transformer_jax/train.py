@@ -1,0 +1,423 @@
+"""TrainState, loss, THE train step, the eval step, and the loop the CLI calls.
+
+train_step(state, batch, rng) -> (state, metrics) is the one function that trains: jax.jit with the state's
+NamedShardings in and out, the batch sharded over the mesh's batch axes, and the state donated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+from flax import struct
+from jax.experimental import multihost_utils
+
+from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax import decode as decode_lib
+from transformer_jax import evaluate as evaluate_lib
+from transformer_jax import optim
+from transformer_jax import parallel
+from transformer_jax.data.tokenizer import PAD_ID
+from transformer_jax.model import ModelConfig, Transformer
+
+BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position',
+              'targets_position')
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model, state and shardings
+
+
+def model_config(config, **overrides) -> ModelConfig:
+  return ModelConfig.from_config(config.model, max_len=max(config.max_length, config.packed_inputs_length,
+                                                           config.packed_targets_length), **overrides)
+
+
+def _dummy_batch(config, rows: int = 1):
+  return {'inputs': jnp.ones((rows, config.packed_inputs_length), jnp.int32),
+          'targets': jnp.ones((rows, config.packed_targets_length), jnp.int32)}
+
+
+def _init_boxed_state(model: Transformer, tx, config, rng) -> TrainState:
+  """Parameters still wrapped in their logical-axis boxes; optax's moments inherit the boxes (same names)."""
+  batch = _dummy_batch(config)
+  params = model.init({'params': rng}, batch['inputs'], batch['targets'])['params']
+  return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_logical_specs(model: Transformer, tx, config):
+  """PartitionSpecs over logical axis names for every leaf of the TrainState, without allocating anything."""
+  abstract = jax.eval_shape(functools.partial(_init_boxed_state, model, tx, config), jax.random.key(0))
+  return nn.get_partition_spec(abstract)
+
+
+def create_sharded_state(model: Transformer, tx, config, mesh, rng) -> tuple[TrainState, Any]:
+  """The state is born sharded (jit with out_shardings): never whole on one device or host."""
+  shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
+  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed_state(model, tx, config, r)), out_shardings=shardings)
+  return init(rng), shardings
+
+
+def abstract_state(model: Transformer, tx, config, shardings) -> TrainState:
+  unboxed = jax.eval_shape(lambda: nn.meta.unbox(_init_boxed_state(model, tx, config, jax.random.key(0))))
+  return checkpoint_lib.abstract_with_shardings(unboxed, shardings)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss and steps
+
+
+def cross_entropy_sums(logits, targets, weights, label_smoothing: float) -> dict[str, jax.Array]:
+  """Sums over real tokens (weights = non-pad): label-smoothed loss, plain NLL, correct predictions, token count.
+
+  The smoothed target puts (1 - ls) + ls/V on the true token and ls/V elsewhere (optax.smooth_labels).
+  """
+  vocab = logits.shape[-1]
+  logits = logits.astype(jnp.float32)
+  one_hot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
+  smoothed = optax.smooth_labels(one_hot, label_smoothing) if label_smoothing else one_hot
+  loss = optax.softmax_cross_entropy(logits, smoothed)  # [B, T]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets)
+  return {'loss_sum': jnp.sum(loss * weights), 'nll_sum': jnp.sum(nll * weights),
+          'correct_sum': jnp.sum(correct * weights), 'weight_sum': jnp.sum(weights)}
+
+
+def _apply(model, params, batch, *, deterministic: bool, rngs=None):
+  return model.apply({'params': params}, batch['inputs'], batch['targets'], batch.get('inputs_segmentation'),
+                     batch.get('targets_segmentation'), batch.get('inputs_position'), batch.get('targets_position'),
+                     deterministic=deterministic, rngs=rngs)
+
+
+def _weights(batch):
+  return (batch['targets'] != PAD_ID).astype(jnp.float32)
+
+
+def make_train_step(model: Transformer, tx, config):
+  """Builds train_step(state, batch, rng) -> (state, metrics). Loss is normalised by real target tokens over the
+  GLOBAL batch (sums inside, one division), so it does not depend on how the batch is split over devices or
+  micro-batches."""
+  label_smoothing = float(config.label_smoothing)
+  accum = int(config.get('grad_accum_steps', 1))
+  schedule = optim.make_schedule(config)
+
+  def micro_sums(params, micro, rng):
+    logits = _apply(model, params, micro, deterministic=False, rngs={'dropout': rng})
+    sums = cross_entropy_sums(logits, micro['targets'], _weights(micro), label_smoothing)
+    return sums['loss_sum'], sums
+
+  grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
+
+  def train_step(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    if accum == 1:
+      (_, sums), grads = grad_fn(state.params, batch, rng)
+    else:
+      # Micro-batch i takes rows i::accum... as a reshape [accum, B/accum, ...]; sums add up exactly.
+      micro_batches = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        grads_acc, sums_acc = carry
+        micro, i = xs
+        (_, sums), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zero_sums = {k: jnp.zeros((), jnp.float32) for k in ('loss_sum', 'nll_sum', 'correct_sum', 'weight_sum')}
+      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (micro_batches, jnp.arange(accum)))
+    denom = jnp.maximum(sums['weight_sum'], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': sums['loss_sum'] / denom,
+        'nll': sums['nll_sum'] / denom,
+        'accuracy': sums['correct_sum'] / denom,
+        'tokens': sums['weight_sum'],
+        'grad_norm': optax.global_norm(grads),
+        'learning_rate': schedule(state.step),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: Transformer, config):
+  label_smoothing = float(config.label_smoothing)
+
+  def eval_step(params, batch):
+    logits = _apply(model, params, batch, deterministic=True)
+    return cross_entropy_sums(logits, batch['targets'], _weights(batch), label_smoothing)
+
+  return eval_step
+
+
+def jit_train_step(model, tx, config, mesh, state_shardings):
+  return jax.jit(make_train_step(model, tx, config),
+                 in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def translate_ids(params, source_rows: np.ndarray, *, cfg: ModelConfig, mesh, batch_size: int, max_decode_len: int,
+                  progress: bool = False):
+  """Greedy translations of [N, S] source ids in batches (padded to batch_size, sharded over the batch axes).
+
+  Every process passes the same rows and gets every translation back.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  outputs = []
+  sharding = parallel.batch_sharding(mesh)
+  starts = range(0, len(source_rows), batch_size)
+  for start in tqdm(starts, disable=not progress or jax.process_index() != 0, unit='batch', desc='translating'):
+    chunk = source_rows[start:start + batch_size]
+    padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)
+    padded[:len(chunk)] = chunk
+    inputs = jax.make_array_from_callback(padded.shape, sharding, lambda idx, p=padded: p[idx])
+    tokens = decode_lib.greedy_decode(params, inputs, cfg=cfg, max_decode_len=max_decode_len)
+    outputs.append(np.asarray(multihost_utils.process_allgather(tokens, tiled=True))[:len(chunk)])
+  return np.concatenate(outputs) if outputs else np.zeros((0, max_decode_len), np.int32)
+
+
+def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
+  totals: dict[str, float] = {}
+  for batch in batches:
+    sums = eval_step(params, parallel.global_batch(batch, mesh))
+    for k, v in jax.device_get(sums).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  denom = max(totals.get('weight_sum', 0.0), 1.0)
+  return {'eval_loss': totals.get('loss_sum', 0.0) / denom, 'eval_nll': totals.get('nll_sum', 0.0) / denom,
+          'eval_accuracy': totals.get('correct_sum', 0.0) / denom}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Preemption:
+  """SIGTERM/SIGINT -> finish the current step, save, exit 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. some test runners): no handler
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    logging.warning('received signal %d: saving after this step', signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+class MetricsWriter:
+  """TensorBoard scalars + a JSON-lines copy (for curves.png and for people without TensorBoard)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    if enabled:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with self._writer.as_default():
+      for k, v in metrics.items():
+        self._tf.summary.scalar(k, v, step=step)
+    self._writer.flush()
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **{k: float(v) for k, v in metrics.items()}}) + '\n')
+
+
+def plot_curves(metrics_path: str, out_path: str) -> None:
+  """curves.png: training loss and held-out metrics against step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+  fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+  for key, ax in (('loss', ax_loss), ('eval_loss', ax_loss)):
+    pts = [(r['step'], r[key]) for r in rows if key in r]
+    if pts:
+      ax.plot(*zip(*pts), label=key, marker='.' if key.startswith('eval') else None)
+  ax_loss.set(xlabel='step', ylabel='label-smoothed cross-entropy', title='loss', yscale='log')
+  ax_loss.legend()
+  for key in ('bleu', 'chrf', 'exact_match'):
+    pts = [(r['step'], r[key]) for r in rows if key in r]
+    if pts:
+      ax_eval.plot(*zip(*pts), label=key, marker='o')
+  ax_eval.set(xlabel='step', ylabel='score (0-100)', title='held-out', ylim=(0, 100))
+  ax_eval.legend()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=90)
+  plt.close(fig)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+  return ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in metrics.items())
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains config in workdir (resuming from its newest good checkpoint) and returns the final metrics."""
+  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_chief = process_index == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh)
+  if config.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes '
+                     f"data*fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
+
+  data = pipeline.build_datasets(config, workdir, process_index=process_index, process_count=process_count)
+  if data.tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f'the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size is '
+                     f'{config.model.vocab_size}')
+
+  cfg = model_config(config)
+  model = Transformer(cfg)
+  tx = optim.make_optimizer(config)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                               async_save=config.get('async_checkpointing', True))
+    if checkpointer.latest_step() is not None:
+      state, data_state, restored_step = checkpointer.restore(abstract_state(model, tx, config, shardings))
+      data.train.set_state(data_state)
+      if is_chief:
+        print(f'resumed from step {restored_step}', flush=True)
+    else:
+      state, _ = create_sharded_state(model, tx, config, mesh, init_rng)
+    start_step = int(jax.device_get(state.step))
+    if is_chief:
+      logging.info('%d parameters; mesh %s', count_params(state.params), dict(mesh.shape))
+
+    train_step = jit_train_step(model, tx, config, mesh, shardings)
+    eval_step = jax.jit(make_eval_step(model, config))
+    eval_batches = pipeline.eval_batches(data.eval_ids, batch_size=config.batch_size // process_count,
+                                         inputs_length=config.packed_inputs_length,
+                                         targets_length=config.packed_targets_length)
+    num_bleu = min(len(data.eval_pairs), int(config.get('eval_translate_examples', 1000)))
+    bleu_sources = evaluate_lib.encode_sources(data.tokenizer, [s for s, _ in data.eval_pairs[:num_bleu]],
+                                               config.max_length)
+    bleu_references = [t for _, t in data.eval_pairs[:num_bleu]]
+
+    def run_eval(params, step) -> dict[str, float]:
+      results = evaluate_loss(eval_step, params, eval_batches, mesh)
+      if num_bleu:
+        tokens = translate_ids(params, bleu_sources, cfg=cfg, mesh=mesh,
+                               batch_size=int(config.get('eval_translate_batch_size', 256)),
+                               max_decode_len=config.max_length)
+        hypotheses = evaluate_lib.decode_outputs(data.tokenizer, tokens)
+        results.update(evaluate_lib.text_metrics(hypotheses, bleu_references))
+        if is_chief:
+          with open(os.path.join(workdir, f'eval_hypotheses_{step}.txt'), 'w') as f:
+            f.write('\n'.join(hypotheses) + '\n')
+      return results
+
+    writer = MetricsWriter(workdir, enabled=is_chief)
+    num_steps = int(config.num_train_steps)
+    log_every = int(config.get('log_every_steps', 50))
+    last_eval: dict[str, float] = {}
+    last_train: dict[str, float] = {}
+    progress = tqdm(total=num_steps, initial=start_step, disable=not is_chief, dynamic_ncols=True, unit='step')
+    window_tokens, window_start = 0.0, time.time()
+    step = start_step
+    pending = None
+    with _Preemption() as preemption:
+      while step < num_steps:
+        batch = parallel.global_batch(next(data.train), mesh)
+        state, metrics = train_step(state, batch, step_rng)
+        step += 1
+        # Read the previous step's metrics while this one runs: the host never waits on the device here.
+        if pending is not None:
+          last_train = {k: float(v) for k, v in jax.device_get(pending).items()}
+          if not math.isfinite(last_train['loss']):
+            raise NonFiniteLossError(f'loss is {last_train["loss"]} at step {step - 1}; stopping without saving '
+                                     f'(last good checkpoint: step {checkpointer.latest_step()})')
+          window_tokens += last_train['tokens']
+        pending = metrics
+        progress.update(1)
+        if step % log_every == 0 or step == num_steps:
+          elapsed = time.time() - window_start
+          last_train['tokens_per_s'] = window_tokens / max(elapsed, 1e-9)
+          window_tokens, window_start = 0.0, time.time()
+          progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.3f}",
+                               tok_s=f"{last_train['tokens_per_s']:.0f}")
+          writer.write(step, {k: v for k, v in last_train.items() if k != 'tokens'})
+        if step % config.eval_every_steps == 0 and step != num_steps:
+          last_eval = run_eval(state.params, step)
+          writer.write(step, last_eval)
+          progress.write(f'eval step={step} {_fmt(last_eval)}')
+        stop = preemption.requested
+        if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
+          last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          pending = None
+          if not math.isfinite(last_train['loss']):
+            raise NonFiniteLossError(f'loss is {last_train["loss"]} at step {step}; stopping without saving '
+                                     f'(last good checkpoint: step {checkpointer.latest_step()})')
+          checkpointer.save(step, state, data.train.get_state(), _config_json(config), force=True)
+        if stop:
+          checkpointer.wait()
+          progress.close()
+          if is_chief:
+            print(f'preempted: saved checkpoint at step {step} in {checkpointer.directory}', flush=True)
+          return {'step': step, 'preempted': 1.0}
+    progress.close()
+    final = {'step': step, 'loss': last_train.get('loss', float('nan'))}
+    final.update(run_eval(state.params, step))
+    writer.write(step, final)
+    checkpointer.wait()
+    checkpointer.close()
+  if is_chief:
+    plot_curves(writer.path, os.path.join(workdir, 'curves.png'))
+  return final
