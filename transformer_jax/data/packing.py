@@ -63,7 +63,7 @@ def _place(in_lens: np.ndarray, tg_lens: np.ndarray, inputs_length: int, targets
     row[i] = w_row[j]
     in_off[i] = inputs_length - w_in[j]
     tg_off[i] = targets_length - w_tg[j]
-    w_seg[j] += 0
+    w_seg[j] += 1
     seg[i] = w_seg[j]
     w_in[j] -= li
     w_tg[j] -= lt

@@ -85,7 +85,7 @@ class TrainIterator:
   process, so multi-host resume can use the global step.
 
   get_state() -> {'epoch', 'batch', 'step'} counts batches *returned* by __next__.
-  set_state(state) accepts that dict, or just {'step': n}.
+  set_state(state) accepts that dict (the step decides), or just {'step': n}.
   """
 
   def __init__(self, examples_ids: list[ExampleIds], *, batch_size: int, inputs_length: int,
@@ -203,19 +203,29 @@ class TrainIterator:
     return {"epoch": int(self._epoch), "batch": int(self._batch), "step": int(self.step)}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if "epoch" in state and "batch" in state:
+    """Positions the stream after `state['step']` batches (or at `epoch`/`batch` without a step).
+
+    The step is authoritative: it means the same on every process, so on multi-host runs each
+    process can be given process 0's saved state (its epoch/batch may differ from this process's,
+    since each process packs its own shard; that case is only logged).
+    """
+    if "step" in state:
+      step = int(state["step"])
+      if step < 0:
+        raise ValueError(f"invalid iterator state {dict(state)}: negative step")
+      epoch, batch = divmod(step, self.batches_per_epoch)
+      if "epoch" in state and "batch" in state and (int(state["epoch"]), int(state["batch"])) != (
+          epoch, batch):
+        logging.info("Iterator state %s: position from the step is epoch %d batch %d here "
+                     "(%d batches per epoch on this process)", dict(state), epoch, batch,
+                     self.batches_per_epoch)
+    elif "epoch" in state and "batch" in state:
       epoch, batch = int(state["epoch"]), int(state["batch"])
-      if "step" in state and int(state["step"]) != epoch * self.batches_per_epoch + batch:
-        raise ValueError(
-            f"iterator state {dict(state)} does not match this data ({self.batches_per_epoch} "
-            "batches per epoch): the data, batch size or packed lengths changed since it was saved")
-    elif "step" in state:
-      epoch, batch = divmod(int(state["step"]), self.batches_per_epoch)
+      if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+        raise ValueError(f"invalid iterator state {dict(state)} "
+                         f"({self.batches_per_epoch} batches per epoch)")
     else:
-      raise ValueError(f"iterator state needs 'step' or 'epoch' and 'batch', got {dict(state)}")
-    if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-      raise ValueError(f"invalid iterator state {dict(state)} "
-                       f"({self.batches_per_epoch} batches per epoch)")
+      raise ValueError(f"iterator state needs 'step' (or 'epoch' and 'batch'), got {dict(state)}")
     self._epoch, self._batch = epoch, batch
 
 
