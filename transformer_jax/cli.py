@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
   if _repo_root() not in sys.path:
     sys.path.insert(0, _repo_root())  # lets configs/*.py import each other (`from configs import tiny`)
 
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here: keep its banners quiet
   from absl import app  # pylint: disable=g-import-not-at-top
   from transformer_jax import commands  # pylint: disable=g-import-not-at-top
   commands.define_flags(command)
@@ -59,9 +60,13 @@ def main(argv: list[str] | None = None) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a bad flag or config key is one line and exit 2, not a traceback."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   try:
     rest = flags.FLAGS(argv)
-    _ = flags.FLAGS.config  # config files load lazily: surface their errors here
+    if not any(a.startswith(('--verbosity', '-v')) for a in argv[1:]):
+      logging.set_verbosity(logging.WARNING)  # progress bar and result lines, not library chatter (-v 0 for INFO)
+    if flags.FLAGS.config is not None:
+      list(flags.FLAGS.config.keys())  # config files load lazily: surface their errors here
     return rest
   except OSError as e:
     print(f'error: {str(e).splitlines()[0]}: {str(e).splitlines()[-1].strip()}', file=sys.stderr)

@@ -96,6 +96,23 @@ class PositionalEncoding(nn.Module):
     return x + jnp.take(table, positions, axis=0).astype(x.dtype)
 
 
+class HeadProjection(nn.Module):
+  """A bias-free projection to or from heads, kernel [D, H, K] or [H, K, D] (nn.DenseGeneral would initialise a
+  flattened 2-D kernel, which logical partitioning cannot annotate)."""
+  shape: tuple[int, ...]
+  names: tuple[str, ...]
+  equation: str
+  in_axis: Any = 0
+  out_axis: Any = -1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.xavier_uniform(in_axis=self.in_axis, out_axis=self.out_axis)
+    kernel = self.param('kernel', _param_init(init, self.names), self.shape, jnp.float32)
+    return jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+
+
 class MultiHeadAttention(nn.Module):
   """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
   cfg: ModelConfig
@@ -106,9 +123,8 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, inputs_q, inputs_kv, mask):  # inputs_q [B, T, D], inputs_kv [B, S, D], mask [B, 1, T, S]
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.num_heads
-    projection = lambda name: nn.DenseGeneral(
-        features=(cfg.num_heads, head_dim), use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
-        kernel_init=_param_init(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')), name=name)
+    projection = lambda name: HeadProjection((cfg.d_model, cfg.num_heads, head_dim), ('embed', 'heads', 'kv'),
+                                             'btd,dhk->bthk', in_axis=0, out_axis=(1, 2), dtype=cfg.dtype, name=name)
     query = projection('query')(inputs_q)  # [B, T, H, K]
 
     if cfg.decode and self.cross_attention_cache and self.has_variable('cache', 'cross_key'):
@@ -126,9 +142,8 @@ class MultiHeadAttention(nn.Module):
 
     query = constrain(query, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
     x = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)  # [B, T, H, K]
-    out = nn.DenseGeneral(
-        features=cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
-        kernel_init=_param_init(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')), name='out')(x)
+    out = HeadProjection((cfg.num_heads, head_dim, cfg.d_model), ('heads', 'kv', 'embed'), 'bthk,hkd->btd',
+                         in_axis=(0, 1), out_axis=2, dtype=cfg.dtype, name='out')(x)
     return out  # [B, T, D]
 
   def _update_cache(self, key, value, mask):
