@@ -93,7 +93,8 @@ class PositionalEncoding(nn.Module):
                          (cfg.max_len, cfg.d_model))
     else:
       table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
-    return x + jnp.take(table, positions, axis=0).astype(x.dtype)
+    # 'clip': padding slots past max_len must not read NaN (jnp.take's default fill for out-of-range indices).
+    return x + jnp.take(table, positions, axis=0, mode='clip').astype(x.dtype)
 
 
 class HeadProjection(nn.Module):

@@ -105,7 +105,8 @@ def cross_entropy_sums(logits, targets, weights, label_smoothing: float) -> dict
   loss = optax.softmax_cross_entropy(logits, smoothed)  # [B, T]
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, -1) == targets)
-  return {'loss_sum': jnp.sum(loss * weights), 'nll_sum': jnp.sum(nll * weights),
+  real = weights > 0  # where, not multiply: a non-finite value in a padding slot must not reach the sums
+  return {'loss_sum': jnp.sum(jnp.where(real, loss * weights, 0.0)), 'nll_sum': jnp.sum(jnp.where(real, nll * weights, 0.0)),
           'correct_sum': jnp.sum(correct * weights), 'weight_sum': jnp.sum(weights)}
 
 
@@ -160,7 +161,7 @@ def make_train_step(model: Transformer, tx, config):
         'nll': sums['nll_sum'] / denom,
         'accuracy': sums['correct_sum'] / denom,
         'tokens': sums['weight_sum'],
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state.step),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
