@@ -13,7 +13,10 @@ def get_config():
   config.target_lang = 'de'
   config.train_split = 'train'
   config.eval_split = 'validation'
+  config.max_train_examples = ml_collections.config_dict.placeholder(int)  # None: the whole split
   config.max_eval_examples = 1000
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir (None: TFDS default)
+  config.tokenizer_train_sentences = 50_000  # sentences sampled to train the SentencePiece model
 
   config.model = ml_collections.ConfigDict(dict(
       vocab_size=512, num_layers=3, d_model=128, num_heads=8, d_ff=512, dropout_rate=0.1,

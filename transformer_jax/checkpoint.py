@@ -1,41 +1,77 @@
 """Orbax checkpoints: async, atomic saves of the train state, the data position and the config; sharded restore.
 
-One checkpoint (a step directory under WORKDIR/checkpoints) holds three items:
-  state   TrainState (step, params, optimizer state) - restored straight onto the target shardings
-  data    the input pipeline's position (plain ints, JSON)
+One checkpoint is a step directory WORKDIR/checkpoints/<step> with three items:
+  state   TrainState (step, params, optimizer state): restored straight onto the target's shardings, so a
+          checkpoint written on one mesh (say 8 devices as (2,2,2)) restores onto another (1 device, (4,1,1), ...)
+  data    the input pipeline's position (plain ints, JSON); the position is a function of the step alone
   config  the ConfigDict it was made with (JSON), so a workdir can be evaluated/exported without flags
-The RNG needs no item: the per-step key is fold_in(PRNGKey(config.seed), step).
+The RNG needs no item: it is derived, never advanced. The trainer splits PRNGKey(config.seed) into (init, step) keys
+and step s uses fold_in(step_key, s) for dropout, so a resumed run draws the same dropout masks as a straight one.
+
+Saves are orbax's: `CheckpointManager.save` copies the arrays to host memory (the only part that blocks the loop
+when async, see benchmarks/checkpoint_blocking.py), writes <step>.orbax-checkpoint-tmp in a background thread and
+renames it to <step> when complete, so a kill at any moment leaves either the whole checkpoint or none; leftover
+tmp directories are removed when the next trainer starts. The newest `keep` checkpoints are kept.
+
+Restore falls back on damage: an unreadable newest checkpoint is reported, moved to WORKDIR/checkpoints_damaged/
+(a writable Checkpointer only; so the step can be saved again), and the previous one is restored. A checkpoint of
+another architecture or vocabulary is refused, naming the first mismatching parameter and both shapes.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+import shutil
+import sys
+import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 ITEMS = ('state', 'data', 'config')
+DAMAGED_DIR = 'checkpoints_damaged'
 
 
 class ArchitectureMismatchError(ValueError):
   """The checkpoint's parameters do not fit the model the config builds."""
 
 
+class NoReadableCheckpointError(FileNotFoundError):
+  """Every checkpoint in the directory failed to restore."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Handlers named up front, so item_metadata (the architecture check) works before any save or restore."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add('state', ocp.args.StandardSave)
+  registry.add('state', ocp.args.StandardRestore)
+  for item in ('data', 'config'):
+    registry.add(item, ocp.args.JsonSave)
+    registry.add(item, ocp.args.JsonRestore)
+  return registry
 
 
 class Checkpointer:
   """A thin wrapper over ocp.CheckpointManager: what this trainer saves and how it falls back on damage."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-                                           read_only=read_only)
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                           save_interval_steps=0 if read_only else 1,
+                                           enable_async_checkpointing=async_save, create=not read_only,
+                                           read_only=read_only, cleanup_tmp_directories=not read_only)
+    self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.read_only = read_only
+    self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -43,76 +79,238 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, config_json: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state, data_state: dict, config_json: dict, *, force: bool = True) -> bool:
+    """Starts saving (returns once the arrays are on the host when async; after the commit when not)."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               config=ocp.args.JsonSave(config_json))
     return self.manager.save(step, args=args, force=force)
 
   def wait(self) -> None:
+    """Blocks until every started save is committed (renamed into place)."""
     self.manager.wait_until_finished()
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True on every host at the same step once any host got SIGTERM (JAX's preemption sync point)."""
+    return self.manager.reached_preemption(step)
 
   def close(self) -> None:
     self.manager.close()
 
   def restore_config(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    """The config JSON of `step`, or of the newest checkpoint whose config item reads (damaged ones skipped)."""
+    steps = [step] if step is not None else list(reversed(self.all_steps()))
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    for i, s in enumerate(steps):
+      try:
+        config = self.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        if not isinstance(config, dict):
+          raise ValueError(f'config item is {type(config).__name__}, not a dict')
+        return config
+      except Exception as e:  # pylint: disable=broad-except
+        if i == len(steps) - 1:
+          raise NoReadableCheckpointError(f'no readable config in {self.directory} (step {s}: '
+                                          f'{_reason(e)})') from e
+        _warn(f'the config of checkpoint step {s} in {self.directory} is unreadable ({_reason(e)}); '
+              'trying the previous one')
+    raise AssertionError('unreachable')
+
+  def saved_params_metadata(self, step: int):
+    """Tree of orbax ArrayMetadata (shape, dtype) of the step's parameters; reads no array data."""
+    saved = self.manager.item_metadata(step)['state']
+    if saved is None:
+      raise ValueError(f'checkpoint step {step} in {self.directory} has no readable state metadata')
+    tree = getattr(saved, 'tree', saved)
+    return tree['params']
 
   def check_compatible(self, step: int, abstract_state) -> None:
     """Refuses a checkpoint of another architecture/vocabulary, naming the first mismatching parameter."""
-    saved = self.manager.item_metadata(step)['state']
-    saved_params = getattr(saved, 'tree', saved)['params'] if not isinstance(saved, dict) else saved['params']
     want = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
-    have = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved_params)[0]}
+    have = {jax.tree_util.keystr(p): m
+            for p, m in jax.tree_util.tree_flatten_with_path(self.saved_params_metadata(step))[0]}
     for path, leaf in want:
       name = jax.tree_util.keystr(path)
       if name not in have:
         raise ArchitectureMismatchError(
-            f'checkpoint step {step} in {self.directory} has no parameter {name} (model expects shape '
+            f'checkpoint step {step} in {self.directory} has no parameter {name} (the model expects shape '
             f'{tuple(leaf.shape)}): it was made with another architecture')
       shape = tuple(getattr(have[name], 'shape', ()))
       if shape != tuple(leaf.shape):
         raise ArchitectureMismatchError(
-            f'checkpoint step {step} parameter {name} has shape {shape} but the model expects {tuple(leaf.shape)}: '
-            f'it was made with another architecture or vocabulary')
+            f'checkpoint step {step} in {self.directory}: parameter {name} has shape {shape} but the model expects '
+            f'{tuple(leaf.shape)}: the checkpoint was made with another architecture or vocabulary (change the '
+            f'config back or use a new --workdir)')
     if len(have) != len(want):
       extra = sorted(set(have) - {jax.tree_util.keystr(p) for p, _ in want})
-      raise ArchitectureMismatchError(f'checkpoint step {step} has parameters the model lacks, first {extra[0]}')
+      raise ArchitectureMismatchError(f'checkpoint step {step} in {self.directory} has parameters the model lacks, '
+                                      f'first {extra[0]}: it was made with another architecture')
 
   def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, int]:
-    """Restores the newest good checkpoint (or `step`) onto abstract_state's shardings.
+    """Restores the newest good checkpoint (or exactly `step`) onto abstract_state's shardings.
 
-    A damaged newest checkpoint is reported and skipped; an architecture mismatch is raised, never skipped.
+    abstract_state: a tree of jax.ShapeDtypeStruct with the shardings wanted NOW (any mesh, any device count).
+    Returns (state, data_state, step). A damaged checkpoint is reported and skipped (and, when writable, moved to
+    WORKDIR/checkpoints_damaged/); an architecture mismatch is raised, never skipped.
     """
     steps = [step] if step is not None else list(reversed(self.all_steps()))
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    last_error = None
+    damaged: list[tuple[int, str]] = []
     for s in steps:
       try:
         self.check_compatible(s, abstract_state)
         restored = self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return restored['state'], dict(restored['data']), s
+        data_state = restored['data']
+        if not isinstance(data_state, dict):
+          raise ValueError(f'data item is {type(data_state).__name__}, not a dict')
       except ArchitectureMismatchError:
         raise
-      except Exception as e:  # pylint: disable=broad-except
-        last_error = e
-        logging.warning('checkpoint step %d in %s is unreadable (%s: %s); trying the previous one', s,
-                        self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
-        print(f'warning: checkpoint step {s} is damaged ({type(e).__name__}); trying the previous one', flush=True)
-    raise RuntimeError(f'no readable checkpoint in {self.directory}: {last_error}')
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many types on damage)
+        damaged.append((s, _reason(e)))
+        if step is not None:
+          raise NoReadableCheckpointError(f'checkpoint step {s} in {self.directory} is unreadable '
+                                          f'({_reason(e)})') from e
+        _warn(f'checkpoint step {s} in {self.directory} is damaged ({_reason(e)}); trying the previous one')
+        continue
+      if damaged and not self.read_only:
+        self._quarantine([d for d, _ in damaged])
+      if jax.process_count() > 1:  # every host restored; the quarantine (process 0) is done before anyone saves
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices('transformer_jax.checkpoint.restore')
+        self.manager.reload()
+      return restored['state'], dict(data_state), s
+    raise NoReadableCheckpointError(
+        f'no readable checkpoint in {self.directory}: ' + '; '.join(f'step {s}: {r}' for s, r in damaged))
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves damaged step directories out of the manager's way (kept for inspection, never deleted)."""
+    if jax.process_index() == 0:
+      target_root = os.path.join(self.workdir, DAMAGED_DIR)
+      os.makedirs(target_root, exist_ok=True)
+      for s in steps:
+        source = os.path.join(self.directory, str(s))
+        if not os.path.exists(source):
+          continue
+        target = os.path.join(target_root, f'{s}-{time.strftime("%Y%m%d-%H%M%S")}')
+        while os.path.exists(target):
+          target += '_'
+        shutil.move(source, target)
+        _warn(f'moved damaged checkpoint step {s} to {target}')
+    self.manager.reload()
+
+
+def _reason(e: BaseException) -> str:
+  first_line = str(e).splitlines()[0] if str(e) else ''
+  return f'{type(e).__name__}: {first_line}'[:240]
+
+
+def _warn(message: str) -> None:
+  """One `warning: ...` line on stderr (the CLI's convention, seen at its default verbosity) and in the log."""
+  logging.info('%s', message)
+  print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 def abstract_with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def tree_all_finite(tree) -> bool:
+  """True when no floating-point leaf holds NaN or inf (one small reduction on the devices)."""
+  return bool(jax.device_get(_all_finite(tree)))
+
+
 def average_trees(trees: list) -> Any:
-  """Element-wise mean, accumulated in float64 on the host so the result does not depend on order."""
+  """Element-wise mean, accumulated in float64 on the host, then cast back to each leaf's dtype.
+
+  float64 holds the sum of a few float32 values exactly unless their magnitudes differ by more than ~2^26, so the
+  result is the mean rounded once to the leaf's dtype, whatever the order of `trees`.
+  """
   if not trees:
     raise ValueError('nothing to average')
   total = jax.tree.map(lambda x: np.asarray(x, dtype=np.float64), trees[0])
   for t in trees[1:]:
     total = jax.tree.map(lambda a, x: a + np.asarray(x, dtype=np.float64), total, t)
   return jax.tree.map(lambda a, x: (a / len(trees)).astype(np.asarray(x).dtype), total, trees[0])
+
+
+def average_workdir(workdir: str, out: str, *, last: int, config=None,
+                    build_abstract_state: Callable[[Any], Any] | None = None) -> dict:
+  """Writes OUT, a workdir whose one checkpoint holds the element-wise mean of workdir's last `last` parameters.
+
+  OUT gets checkpoints/<newest step>/ (state: step and optimizer state copied from the newest checkpoint, params the
+  mean; data and config items copied from the newest), spm.model, and averaged.json saying what was averaged.
+  Every checkpoint averaged must restore: a damaged one is an error here, not skipped. OUT must not hold
+  checkpoints already. `build_abstract_state(config) -> (abstract TrainState with shardings, mesh)` defaults to the
+  trainer's (a ConfigDict from the newest checkpoint unless `config` is given).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if last < 1:
+    raise ValueError(f'--last must be >= 1, got {last}')
+  if os.path.abspath(out) == os.path.abspath(workdir):
+    raise ValueError('--out must be another directory than --workdir')
+  source = Checkpointer(workdir, read_only=True)
+  steps = source.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {source.directory}: train first')
+  if len(steps) < last:
+    raise ValueError(f'--last={last} but {source.directory} holds {len(steps)} checkpoints (steps '
+                     f'{", ".join(map(str, steps))}); raise keep_checkpoints when training or ask for fewer')
+  if os.path.isdir(checkpoint_dir(out)) and os.listdir(checkpoint_dir(out)):
+    raise ValueError(f'{checkpoint_dir(out)} already holds checkpoints; --out must be a new or empty directory')
+  tokenizer = os.path.join(workdir, 'spm.model')
+  if not os.path.exists(tokenizer):
+    raise FileNotFoundError(f'no tokenizer at {tokenizer}')
+  chosen = steps[-last:]
+  newest = chosen[-1]
+  config_json = source.restore_config(newest)
+  if config is None:
+    config = ml_collections.ConfigDict(config_json)
+  build = build_abstract_state or _trainer_abstract_state
+  abstract, mesh = build(config)
+  with jax.set_mesh(mesh):
+    params_on_host = []
+    newest_state = newest_data = None
+    for s in chosen:
+      state, data_state, _ = source.restore(abstract, step=s)
+      params_on_host.append(jax.device_get(state.params))
+      if s == newest:
+        newest_state, newest_data = state, data_state
+      del state
+    averaged = average_trees(params_on_host)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract.params)
+    params = jax.tree.map(lambda x, sh: jax.device_put(x, sh), averaged, shardings)
+    state = newest_state.replace(params=params)
+    os.makedirs(out, exist_ok=True)
+    target = Checkpointer(out, keep=1, async_save=False)
+    target.save(newest, state, newest_data, config_json)
+    target.wait()
+    target.close()
+  source.close()
+  if jax.process_index() == 0:
+    shutil.copy2(tokenizer, os.path.join(out, 'spm.model'))
+    summary = {'source': os.path.abspath(workdir), 'steps': chosen, 'params': 'element-wise mean (float64 sum)',
+               'optimizer_state': f'copied from step {newest}', 'step': newest}
+    with open(os.path.join(out, 'averaged.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+  return {'steps': chosen, 'step': newest, 'out': os.path.abspath(out)}
+
+
+def _trainer_abstract_state(config):
+  """The trainer's abstract TrainState for config, on this machine's mesh (imported late: train imports us)."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
+  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(config.mesh)
+  model = Transformer(train_lib.model_config(config))
+  tx = optim.make_optimizer(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)
+    return train_lib.abstract_state(model, tx, config, shardings), mesh

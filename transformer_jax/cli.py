@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here: keep its banners quiet
   from absl import app  # pylint: disable=g-import-not-at-top
   from transformer_jax import commands  # pylint: disable=g-import-not-at-top
-  commands.define_flags(command)
+  try:
+    commands.define_flags(command)  # config_flags reads --config.* overrides from sys.argv right here
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    _bad_config(e, argv)
   app.run(lambda args: commands.run(command, args), argv=[f'transformer-jax {command}'] + argv[2:],
           flags_parser=_parse_flags)
 
@@ -73,9 +76,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
   except (AttributeError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
-    bad = [a for a in argv[1:] if a.startswith('--config')]
-    message = str(e).strip('"\'') or type(e).__name__
-    print(f'error: bad --config value ({type(e).__name__}: {message}) in {" ".join(bad)}', file=sys.stderr)
+    _bad_config(e, argv)
+  sys.exit(2)
+
+
+def _bad_config(e: Exception, argv: list[str]) -> None:
+  bad = [a for a in argv[1:] if a.startswith('--config')]
+  message = str(e).strip('"\'').replace('\\n', ' ').replace('\n', ' ').replace("\\'", '') or type(e).__name__
+  print(f'error: unknown or bad config key ({message}) in {" ".join(bad)}', file=sys.stderr)
   sys.exit(2)
 
 
