@@ -11,6 +11,7 @@ def get_config():
   config.train_split = 'train'
   config.eval_split = 'validation'
   config.max_eval_examples = 3000
+  config.bleu_tokenize = '13a'  # sacrebleu's WMT standard, cased, on detokenized output vs raw references
 
   config.model.update(vocab_size=37000, num_layers=6, d_model=512, num_heads=8, d_ff=2048, dropout_rate=0.1)
   config.max_length = 256

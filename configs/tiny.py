@@ -45,9 +45,12 @@ def get_config():
   config.eval_every_steps = 400
   config.eval_translate_examples = 1000
   config.eval_translate_batch_size = 256
+  # German numbers are one compound word: word-level BLEU is 0 unless exact, so score characters (chrF too).
+  config.bleu_tokenize = 'char'
   config.checkpoint_every_steps = 400
   config.keep_checkpoints = 3
   config.async_checkpointing = True
+  config.profile_steps = ''  # 'a,b': jax.profiler trace of steps a..b into WORKDIR/profile
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
   return config

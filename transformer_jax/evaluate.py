@@ -12,13 +12,15 @@ import sacrebleu
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID
 
 
-def text_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+def text_metrics(hypotheses: list[str], references: list[str], bleu_tokenize: str = '13a') -> dict[str, float]:
+  """bleu_tokenize is sacrebleu's: '13a' (WMT standard); 'char' for one-word targets such as German number
+  compounds, where word 4-gram BLEU is 0 for any output that is not exact."""
   if len(hypotheses) != len(references):
     raise ValueError(f'{len(hypotheses)} hypotheses for {len(references)} references')
   if not references:
     return {}
   return {
-      'bleu': sacrebleu.corpus_bleu(hypotheses, [references]).score,
+      'bleu': sacrebleu.corpus_bleu(hypotheses, [references], tokenize=bleu_tokenize).score,
       'chrf': sacrebleu.corpus_chrf(hypotheses, [references]).score,
       'exact_match': 100.0 * float(np.mean([h.strip() == r.strip() for h, r in zip(hypotheses, references)])),
   }

@@ -225,14 +225,24 @@ def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
 
 
 class _Preemption:
-  """SIGTERM/SIGINT -> finish the current step, save, exit 0."""
+  """SIGTERM/SIGINT -> finish the current step, save, exit 0.
 
-  def __init__(self):
+  One process: our own handler sets a flag. Several processes (jax.distributed initialised): JAX's preemption service
+  catches SIGTERM on any host and names one step for all (multihost_utils.reached_preemption_sync_point, asked every
+  step), so no Python handler is installed there (it would replace JAX's).
+  """
+
+  def __init__(self, checkpointer):
     self.requested = False
     self._previous = {}
+    self._checkpointer = checkpointer
+    self._multihost = jax.process_count() > 1
+
+  def should_stop(self, step: int) -> bool:
+    return self._checkpointer.reached_preemption(step) if self._multihost else self.requested
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT) if not self._multihost else ():
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. some test runners): no handler
@@ -299,6 +309,57 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
   plt.close(fig)
 
 
+def _stop_if_not_finite(metrics: dict[str, float], step: int, checkpointer, state=None) -> None:
+  """NaN/inf loss or gradient norm (or, given `state`, a non-finite parameter or moment: an overflowing update)
+  -> stop before anything of this step is saved; the last good checkpoint stays."""
+  bad = [f'{k}={metrics[k]}' for k in ('loss', 'grad_norm') if k in metrics and not math.isfinite(metrics[k])]
+  if not bad and state is not None and not checkpoint_lib.tree_all_finite(state):
+    bad.append('non-finite parameters or optimizer state')
+  if bad:
+    checkpointer.wait()  # an earlier, good save may still be committing in the background: let it finish
+    raise NonFiniteLossError(f'{", ".join(bad)} at step {step}; stopping without saving (last good checkpoint: '
+                             f'step {checkpointer.latest_step()})')
+
+
+class Profiler:
+  """config.profile_steps='a,b': a jax.profiler trace of the steps that take the step counter from a to b, written
+  to WORKDIR/profile (open with TensorBoard's profile plugin, xprof or Perfetto). '' (the default): no trace."""
+
+  def __init__(self, profile_steps: str, workdir: str):
+    self.directory = os.path.join(workdir, 'profile')
+    self.active = False
+    self.start_step = self.stop_step = None
+    if str(profile_steps or '').strip():
+      try:
+        self.start_step, self.stop_step = (int(x) for x in str(profile_steps).split(','))
+      except ValueError as e:
+        raise ValueError(f"profile_steps must be 'a,b' (two step numbers), got {profile_steps!r}") from e
+      if not 0 <= self.start_step < self.stop_step:
+        raise ValueError(f'profile_steps={profile_steps!r} needs 0 <= a < b')
+
+  def before_step(self, step: int) -> None:
+    if step == self.start_step and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after_step(self, step: int, state) -> None:
+    if self.active and step >= self.stop_step:
+      jax.block_until_ready(state)  # the traced steps' device work, not just their dispatch
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info('profile of steps %d..%d in %s', self.start_step, self.stop_step, self.directory)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.stop()
+
+
 def _fmt(metrics: dict[str, float]) -> str:
   return ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in metrics.items())
 
@@ -359,7 +420,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                batch_size=int(config.get('eval_translate_batch_size', 256)),
                                max_decode_len=config.max_length)
         hypotheses = evaluate_lib.decode_outputs(data.tokenizer, tokens)
-        results.update(evaluate_lib.text_metrics(hypotheses, bleu_references))
+        results.update(evaluate_lib.text_metrics(hypotheses, bleu_references, config.get('bleu_tokenize', '13a')))
         if is_chief:
           with open(os.path.join(workdir, f'eval_hypotheses_{step}.txt'), 'w') as f:
             f.write('\n'.join(hypotheses) + '\n')
@@ -374,17 +435,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     window_tokens, window_start = 0.0, time.time()
     step = start_step
     pending = None
-    with _Preemption() as preemption:
+    with _Preemption(checkpointer) as preemption, Profiler(config.get('profile_steps', ''), workdir) as profiler:
       while step < num_steps:
+        profiler.before_step(step)
         batch = parallel.global_batch(next(data.train), mesh)
         state, metrics = train_step(state, batch, step_rng)
         step += 1
+        profiler.after_step(step, state)
         # Read the previous step's metrics while this one runs: the host never waits on the device here.
         if pending is not None:
           last_train = {k: float(v) for k, v in jax.device_get(pending).items()}
-          if not math.isfinite(last_train['loss']):
-            raise NonFiniteLossError(f'loss is {last_train["loss"]} at step {step - 1}; stopping without saving '
-                                     f'(last good checkpoint: step {checkpointer.latest_step()})')
+          _stop_if_not_finite(last_train, step - 1, checkpointer)
           window_tokens += last_train['tokens']
         pending = metrics
         progress.update(1)
@@ -399,13 +460,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           last_eval = run_eval(state.params, step)
           writer.write(step, last_eval)
           progress.write(f'eval step={step} {_fmt(last_eval)}')
-        stop = preemption.requested
+        stop = preemption.should_stop(step)
         if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
           last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
           pending = None
-          if not math.isfinite(last_train['loss']):
-            raise NonFiniteLossError(f'loss is {last_train["loss"]} at step {step}; stopping without saving '
-                                     f'(last good checkpoint: step {checkpointer.latest_step()})')
+          _stop_if_not_finite(last_train, step, checkpointer, state)
           checkpointer.save(step, state, data.train.get_state(), _config_json(config), force=True)
         if stop:
           checkpointer.wait()
