@@ -39,6 +39,7 @@ def get_config():
   config.adam_eps = 1e-9
   config.grad_clip_norm = 0.0
   config.label_smoothing = 0.1
+  config.stall_patience_steps = 300  # stop with an error if the loss has not fallen for this many steps (0: off)
 
   config.seed = 0
   config.log_every_steps = 50

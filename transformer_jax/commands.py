@@ -37,6 +37,31 @@ def define_flags(command: str) -> None:
     flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin). Empty lines give empty '
                         'translations; inputs longer than max_length are truncated; characters outside the '
                         'vocabulary become <unk>.')
+  if command == 'average':
+    flags.DEFINE_integer('last', 5, 'Average the parameters of the newest N checkpoints (the paper: 5 for base, '
+                         '20 for big).')
+    flags.DEFINE_string('out', None, 'New workdir to write: checkpoints/<newest step> with the mean parameters '
+                        '(optimizer state and step copied from the newest checkpoint), spm.model, averaged.json.')
+    flags.mark_flag_as_required('out')
+  if command == 'export':
+    flags.DEFINE_enum('format', None, ['safetensors', 'msgpack', 'hf-marian', 'stablehlo'],
+                      'safetensors / msgpack: one file of parameters (+ spm.model beside it); hf-marian: a directory '
+                      'transformers.MarianMTModel / MarianTokenizer load; stablehlo: jax.export of greedy '
+                      'translation with the parameters baked in.')
+    flags.DEFINE_string('out', None, 'File to write (a directory for hf-marian).')
+    flags.DEFINE_string('checkpoint', None, 'Step number or step directory (WORKDIR/checkpoints/STEP) to export '
+                        '(default: the newest good checkpoint).')
+    flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Stored parameter dtype (not for stablehlo).')
+    flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'stablehlo: platforms to lower for.')
+    flags.DEFINE_boolean('overwrite', False, 'Replace existing files (for hf-marian: write into a non-empty '
+                         'directory).')
+    flags.mark_flags_as_required(['format', 'out'])
+  if command == 'import':
+    flags.DEFINE_enum('format', 'hf-marian', ['hf-marian'], 'Format of --path.')
+    flags.DEFINE_string('path', None, 'HF Marian directory (config.json, model.safetensors, source.spm, '
+                        'vocab.json) to convert into a checkpoint in --workdir.')
+    flags.DEFINE_boolean('overwrite', False, 'Replace checkpoints already in --workdir.')
+    flags.mark_flag_as_required('path')
   if command == 'info':
     flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
   flags.mark_flags_as_required([] if command in ('train', 'info') else ['workdir'])
@@ -65,7 +90,7 @@ def run(command: str, args) -> None:
       parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     globals()[f'_{command}']()
   except (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
-          train_lib.NonFiniteLossError, NotImplementedError) as e:
+          train_lib.NonFiniteLossError, train_lib.TrainingStalledError, NotImplementedError) as e:
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
@@ -107,12 +132,25 @@ def _translate() -> None:
 
 
 def _export() -> None:
-  raise NotImplementedError('export is not implemented yet')
+  from transformer_jax import export  # pylint: disable=g-import-not-at-top
+  export.check_target(FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
+                      tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
+  source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
+  written = export.export(source, FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
+                          platforms=tuple(FLAGS.platforms))
+  print(f'exported step {source.step} as {FLAGS.format}: {", ".join(written)}', flush=True)
 
 
 def _import() -> None:
-  raise NotImplementedError('import is not implemented yet')
+  from transformer_jax import export  # pylint: disable=g-import-not-at-top
+  count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=FLAGS.config, overwrite=FLAGS.overwrite)
+  print(f'imported {FLAGS.path} ({count} parameters) -> {FLAGS.workdir} (step 0)', flush=True)
 
 
 def _average() -> None:
-  raise NotImplementedError('average is not implemented yet')
+  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  result = checkpoint_lib.average_workdir(FLAGS.workdir, FLAGS.out, last=FLAGS.last, config=FLAGS.config)
+  if jax.process_index() == 0:
+    print(f"averaged steps {','.join(map(str, result['steps']))} -> {result['out']} (step {result['step']}; "
+          f"optimizer state copied from step {result['step']})", flush=True)

@@ -321,6 +321,34 @@ def _stop_if_not_finite(metrics: dict[str, float], step: int, checkpointer, stat
                              f'step {checkpointer.latest_step()})')
 
 
+class TrainingStalledError(RuntimeError):
+  pass
+
+
+class StallDetector:
+  """Fails loudly when the training loss stops falling (post-norm Transformers stall near ln-ish plateaus when the
+  peak learning rate is too high): after warmup, if the best smoothed loss has not improved by `min_improvement`
+  (relative) within `patience` steps, raise. patience=0 disables it."""
+
+  def __init__(self, patience: int, warmup_steps: int, min_improvement: float = 0.01, smoothing: float = 0.9):
+    self.patience, self.warmup_steps, self.min_improvement, self.smoothing = patience, warmup_steps, min_improvement, smoothing
+    self.smoothed = None
+    self.best = math.inf
+    self.best_step = None
+
+  def update(self, step: int, loss: float) -> None:
+    self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
+    if not self.patience or step <= self.warmup_steps:
+      return
+    if self.best_step is None or self.smoothed < self.best * (1 - self.min_improvement):
+      self.best, self.best_step = self.smoothed, step
+    elif step - self.best_step >= self.patience:
+      raise TrainingStalledError(
+          f'training loss stopped falling: {self.smoothed:.3f} at step {step}, no better than {self.best:.3f} at step '
+          f'{self.best_step}; the peak learning rate may be too high (try a smaller --config.learning_rate) '
+          f'(stall_patience_steps={self.patience}; 0 disables this check)')
+
+
 class Profiler:
   """config.profile_steps='a,b': a jax.profiler trace of the steps that take the step counter from a to b, written
   to WORKDIR/profile (open with TensorBoard's profile plugin, xprof or Perfetto). '' (the default): no trace."""
@@ -405,13 +433,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     train_step = jit_train_step(model, tx, config, mesh, shardings)
     eval_step = jax.jit(make_eval_step(model, config))
-    eval_batches = pipeline.eval_batches(data.eval_ids, batch_size=config.batch_size // process_count,
-                                         inputs_length=config.packed_inputs_length,
-                                         targets_length=config.packed_targets_length)
-    num_bleu = min(len(data.eval_pairs), int(config.get('eval_translate_examples', 1000)))
-    bleu_sources = evaluate_lib.encode_sources(data.tokenizer, [s for s, _ in data.eval_pairs[:num_bleu]],
+    eval_lengths = dict(batch_size=config.batch_size // process_count, inputs_length=config.packed_inputs_length,
+                        targets_length=config.packed_targets_length)
+    eval_batches = pipeline.eval_batches(data.eval_ids, **eval_lengths)
+    num_eval_batches = parallel.max_over_processes(len(eval_batches))  # every process runs the same eval steps
+    if len(eval_batches) < num_eval_batches:
+      eval_batches = pipeline.eval_batches(data.eval_ids, num_batches=num_eval_batches, **eval_lengths)
+    # BLEU: translate_ids wants the same rows on every process, but each holds every process_count-th held-out
+    # pair: gather them all (original order), so every process translates and scores the same set.
+    eval_pairs = parallel.gather_process_shards(data.eval_pairs)
+    num_bleu = min(len(eval_pairs), int(config.get('eval_translate_examples', 1000)))
+    bleu_sources = evaluate_lib.encode_sources(data.tokenizer, [s for s, _ in eval_pairs[:num_bleu]],
                                                config.max_length)
-    bleu_references = [t for _, t in data.eval_pairs[:num_bleu]]
+    bleu_references = [t for _, t in eval_pairs[:num_bleu]]
 
     def run_eval(params, step) -> dict[str, float]:
       results = evaluate_loss(eval_step, params, eval_batches, mesh)
@@ -435,6 +469,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     window_tokens, window_start = 0.0, time.time()
     step = start_step
     pending = None
+    stall = StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
     with _Preemption(checkpointer) as preemption, Profiler(config.get('profile_steps', ''), workdir) as profiler:
       while step < num_steps:
         profiler.before_step(step)
@@ -456,10 +491,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.3f}",
                                tok_s=f"{last_train['tokens_per_s']:.0f}")
           writer.write(step, {k: v for k, v in last_train.items() if k != 'tokens'})
+          if 'loss' in last_train:
+            stall.update(step, last_train['loss'])
         if step % config.eval_every_steps == 0 and step != num_steps:
           last_eval = run_eval(state.params, step)
           writer.write(step, last_eval)
-          progress.write(f'eval step={step} {_fmt(last_eval)}')
+          if is_chief:  # tqdm.write prints even where the bar is disabled
+            progress.write(f'eval step={step} {_fmt(last_eval)}')
         stop = preemption.should_stop(step)
         if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
           last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
