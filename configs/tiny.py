@@ -30,7 +30,7 @@ def get_config():
   config.batch_size = 32  # global packed rows (~5.5 sentence pairs each)
   config.grad_accum_steps = 1
 
-  config.num_train_steps = 1200
+  config.num_train_steps = 800
   config.lr_schedule = 'rsqrt'
   config.learning_rate = 0.5  # scale on d_model^-0.5 * min(step^-0.5, step * warmup^-1.5): peak 0.0022
   config.warmup_steps = 400
