@@ -6,7 +6,8 @@ One checkpoint is a step directory WORKDIR/checkpoints/<step> with three items:
   data    the input pipeline's position (plain ints, JSON); the position is a function of the step alone
   config  the ConfigDict it was made with (JSON), so a workdir can be evaluated/exported without flags
 The RNG needs no item: it is derived, never advanced. The trainer splits PRNGKey(config.seed) into (init, step) keys
-and step s uses fold_in(step_key, s) for dropout, so a resumed run draws the same dropout masks as a straight one.
+and the update from step s to s+1 draws its dropout from fold_in(step_key, s) (s = the state's own step counter), so
+a resumed run draws the same masks as a straight one.
 
 Saves are orbax's: `CheckpointManager.save` copies the arrays to host memory (the only part that blocks the loop
 when async, see benchmarks/checkpoint_blocking.py), writes <step>.orbax-checkpoint-tmp in a background thread and
@@ -248,7 +249,8 @@ def average_workdir(workdir: str, out: str, *, last: int, config=None,
   mean; data and config items copied from the newest), spm.model, and averaged.json saying what was averaged.
   Every checkpoint averaged must restore: a damaged one is an error here, not skipped. OUT must not hold
   checkpoints already. `build_abstract_state(config) -> (abstract TrainState with shardings, mesh)` defaults to the
-  trainer's (a ConfigDict from the newest checkpoint unless `config` is given).
+  trainer's on one local device (config: the newest checkpoint's unless given). OUT's config item is the newest
+  checkpoint's, mesh included.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   if last < 1:
@@ -270,10 +272,12 @@ def average_workdir(workdir: str, out: str, *, last: int, config=None,
   chosen = steps[-last:]
   newest = chosen[-1]
   config_json = source.restore_config(newest)
-  if config is None:
-    config = ml_collections.ConfigDict(config_json)
-  build = build_abstract_state or _trainer_abstract_state
-  abstract, mesh = build(config)
+  config = ml_collections.ConfigDict(config_json if config is None else config.to_dict())
+  if build_abstract_state is None:  # one device whatever mesh trained it: averaging needs no parallelism
+    config.mesh.update(data=1, fsdp=1, tensor=1, dcn_data=1)
+    abstract, mesh = _trainer_abstract_state(config, devices=jax.local_devices()[:1])
+  else:
+    abstract, mesh = build_abstract_state(config)
   with jax.set_mesh(mesh):
     params_on_host = []
     newest_state = newest_data = None
@@ -302,13 +306,16 @@ def average_workdir(workdir: str, out: str, *, last: int, config=None,
   return {'steps': chosen, 'step': newest, 'out': os.path.abspath(out)}
 
 
-def _trainer_abstract_state(config):
-  """The trainer's abstract TrainState for config, on this machine's mesh (imported late: train imports us)."""
+def _trainer_abstract_state(config, devices=None):
+  """The trainer's abstract TrainState for config on config.mesh over `devices` (default: all), and that mesh.
+
+  (Imported late: train imports this module.)
+  """
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
   from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh(config.mesh)
+  mesh = parallel.make_mesh(config.mesh, devices=devices)
   model = Transformer(train_lib.model_config(config))
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
