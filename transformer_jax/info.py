@@ -61,7 +61,14 @@ def print_info(config, num_devices: int | None = None) -> int:
   print(f'architecture: encoder-decoder Transformer, N={m.num_layers} layers each side, d_model={m.d_model}, '
         f'd_ff={m.d_ff}, h={m.num_heads}, vocab={m.vocab_size}, shared embeddings={m.share_embeddings}, '
         f"{'pre' if m.pre_norm else 'post'}-norm, {m.positional} positions, compute dtype {m.dtype}")
-  print(f'mesh ({num_devices} devices): ' + ' '.join(f'{k}={v}' for k, v in sizes.items()))
+  dcn = int(config.mesh.get('dcn_data', 1))
+  print(f'mesh ({num_devices} devices): ' + ' '.join(f'{k}={v}' for k, v in sizes.items())
+        + (f' (data spans {dcn} slices/hosts over DCN)' if dcn > 1 else ''))
+  batch_shards = sizes['data'] * sizes['fsdp']
+  print(f"batch: {config.batch_size} rows over {parallel.BATCH_AXES} = {batch_shards} shards of "
+        f"{config.batch_size / batch_shards:g} rows (replicated over tensor={sizes['tensor']}); rules: "
+        + ', '.join(f'{name}->{axis}' for name, axis in parallel.LOGICAL_AXIS_RULES if axis and
+                    not name.startswith('activation')))
   by_spec = collections.Counter()
   for path, shape, logical_spec, mesh_axes in rows:
     if path.startswith('.params'):
@@ -69,7 +76,20 @@ def print_info(config, num_devices: int | None = None) -> int:
   print('parameter shardings (logical axes -> mesh axes: count):')
   for (logical_spec, mesh_axes), n in sorted(by_spec.items(), key=str):
     print(f'  {logical_spec} -> {mesh_axes}: {n}')
+  leaves = jax.tree_util.tree_leaves(abstract)
+  split = collections.defaultdict(lambda: [0, 0])
+  for leaf, (path, _, _, mesh_axes) in zip(leaves, rows):
+    part = 'params' if path.startswith('.params') else 'optimizer'
+    split[part][0] += _bytes(leaf)
+    split[part][1] += _per_device_bytes(leaf, mesh_axes, sizes)
+  for part in ('params', 'optimizer'):
+    print(f'  {part}: total {split[part][0] / 2**20:.1f} MiB, per device {split[part][1] / 2**20:.1f} MiB')
   print(f'params + optimizer state: total {total / 2**20:.1f} MiB, per device {per_device / 2**20:.1f} MiB '
         f'({per_device / max(total, 1):.3f} of total)')
+  problems = parallel.indivisible_dims(abstract, [jax.sharding.PartitionSpec(*r[3]) for r in rows], sizes)
+  if config.batch_size % batch_shards:
+    problems.append(f'batch_size={config.batch_size} over data*fsdp={batch_shards} batch shards')
+  for problem in problems:
+    print(f'  indivisible (jit will refuse this mesh): {problem}')
   print(f'params={params}')
   return params

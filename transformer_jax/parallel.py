@@ -1,27 +1,35 @@
-"""Device mesh, logical-axis rules and shardings: changing parallelism is changing config, not code.
+"""Device mesh, logical-axis rules and shardings, multi-host input and multi-host start-up.
 
-Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded,
-ZeRO-3 style), `tensor` (Megatron-style: heads, d_ff and vocabulary split across devices).
+Changing parallelism is changing config, not code. Mesh axes: `data` (pure data parallel), `fsdp` (data parallel
+with parameters and optimizer state sharded, ZeRO-3 style), `tensor` (Megatron-style: heads, d_ff and vocabulary
+split across devices). The batch is split over (data, fsdp); each process reads only its own rows of it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import math
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from flax import linen as nn
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+_AXIS_TYPES = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # Linen's logical rules expect Auto axes
 
 # Logical axis name (model.py) -> mesh axis. The first matching rule whose mesh axis is free wins.
 LOGICAL_AXIS_RULES = (
-    # parameters
+    # parameters (and the optimizer moments, which carry the same names)
     ('vocab', 'tensor'),
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
@@ -37,6 +45,9 @@ LOGICAL_AXIS_RULES = (
     ('activation_mlp', 'tensor'),
     ('activation_vocab', 'tensor'),
 )
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mesh
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -57,21 +68,40 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
-  """Topology-aware mesh; with mesh.dcn_data > 1 a hybrid mesh whose data axis spans slices (multi-slice TPU)."""
-  devices = jax.devices() if devices is None else devices
-  dcn_data = int(mesh_config.get('dcn_data', 1))
+def hybrid_device_array(shape: Sequence[int], dcn_data: int, devices: Sequence[Any]) -> np.ndarray:
+  """[data, fsdp, tensor] devices whose data axis spans `dcn_data` granules joined by the slower network (DCN).
+
+  A granule is a TPU slice where devices know their slice (multi-slice TPU), else a process (multi-host GPU, or
+  CPU processes). Within a granule the layout is topology-aware (ICI); fsdp and tensor never cross granules.
+  """
+  if shape[0] % dcn_data:
+    raise ValueError(f'mesh.data={shape[0]} must be a multiple of mesh.dcn_data={dcn_data}')
+  slices = {getattr(d, 'slice_index', None) for d in devices}
+  process_is_granule = slices == {None} or len(slices) == 1
+  granules = len(slices) if not process_is_granule else len({d.process_index for d in devices})
+  if granules != dcn_data:
+    raise ValueError(f"mesh.dcn_data={dcn_data} but the devices form {granules} "
+                     f"{'process' if process_is_granule else 'slice'}(s)")
+  ici_shape = (shape[0] // dcn_data, shape[1], shape[2])
+  return mesh_utils.create_hybrid_device_mesh(ici_shape, (dcn_data, 1, 1), list(devices),
+                                              process_is_granule=process_is_granule)
+
+
+def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
+  """Topology-aware mesh over `devices` (default: all); with mesh.dcn_data > 1 a hybrid mesh whose data axis
+  spans slices (multi-slice TPU) or processes (multi-host GPU)."""
+  devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
-  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # Linen's logical rules expect Auto axes
+  dcn_data = int(mesh_config.get('dcn_data', 1))
   if dcn_data > 1:
-    if shape[0] % dcn_data:
-      raise ValueError(f'mesh.data={shape[0]} must be a multiple of mesh.dcn_data={dcn_data}')
-    ici_shape = (shape[0] // dcn_data, shape[1], shape[2])
-    device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, (dcn_data, 1, 1), devices)
-    return Mesh(device_array, MESH_AXES, axis_types=axis_types)
-  if devices is jax.devices() or len(devices) == jax.device_count():
-    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+    return Mesh(hybrid_device_array(shape, dcn_data, devices), MESH_AXES, axis_types=_AXIS_TYPES)
+  if len(devices) == jax.device_count():  # all devices: let JAX lay the mesh onto the physical topology
+    return jax.make_mesh(shape, MESH_AXES, axis_types=_AXIS_TYPES, devices=devices)
+  return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=_AXIS_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shardings
 
 
 def logical_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
@@ -87,28 +117,189 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """This process's rows -> one global jax.Array per key, sharded over the batch axes."""
+def indivisible_dims(shapes, specs, axis_sizes: Mapping[str, int]) -> list[str]:
+  """'path: dim i of size n over k shards' for every leaf a NamedSharding cannot split evenly (jit refuses those).
+
+  `shapes` is a tree of objects with .shape, `specs` the matching tree of mesh-axis PartitionSpecs.
+  """
+  problems = []
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], flat_specs):
+    for dim, axes in enumerate(tuple(spec)):
+      if axes is None:
+        continue
+      parts = math.prod(axis_sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
+      if leaf.shape[dim] % parts:
+        problems.append(f'{jax.tree_util.keystr(path)}: dim {dim} of size {leaf.shape[dim]} over {parts} shards '
+                        f'({axes})')
+  return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input: every process reads only its own rows
+
+
+@functools.lru_cache(maxsize=64)
+def process_batch_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+  """Row indices of a [global_rows, ...] batch that this process's devices hold (sorted).
+
+  The data pipeline gives process p its own 1/process_count of every global batch; that only works when processes
+  do not share batch shards, i.e. the batch axes (data*fsdp) are split at least as finely as the processes.
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+  rows = np.unique(np.concatenate([np.arange(global_rows)[idx] for idx in index_map.values()]))
+  if len(rows) * jax.process_count() != global_rows:
+    batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+    raise ValueError(
+        f'each of the {jax.process_count()} processes must feed its own 1/{jax.process_count()} of the batch, but '
+        f'this mesh {dict(mesh.shape)} has only data*fsdp={batch_shards} batch shards, so process '
+        f'{jax.process_index()} holds {len(rows)} of {global_rows} rows: make mesh.data*mesh.fsdp a multiple of '
+        f'the number of processes (tensor parallelism belongs inside a host)')
+  return rows
+
+
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> one global jax.Array per key (rows x process_count), sharded over the batch axes.
+
+  No process ever holds the whole batch; rows land on this process's devices in order.
+  """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+  local = {k: np.asarray(v) for k, v in local_batch.items()}
+  if not local:
+    return {}
+  local_rows = next(iter(local.values())).shape[0]
+  global_rows = local_rows * jax.process_count()
+  process_batch_rows(mesh, global_rows)  # validates the layout (cached)
+  return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
+          for k, v in local.items()}
+
+
+def allgather_objects(local: Any) -> list[Any]:
+  """[object of process 0, object of process 1, ...] on every process, for small JSON-able objects (e.g. the
+  held-out sentence pairs). Uses the devices' collectives (multihost_utils.process_allgather) on UTF-8 bytes."""
+  if jax.process_count() == 1:
+    return [local]
+  payload = np.frombuffer(json.dumps(local).encode('utf-8'), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:payload.size] = payload
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(gathered[p, :sizes[p]].tobytes().decode('utf-8')) for p in range(len(sizes))]
+
+
+def interleave(shards: Sequence[Sequence[Any]]) -> list[Any]:
+  """Inverse of shards[p] = items[p::len(shards)] (how the data pipeline splits examples over processes)."""
+  out = []
+  for j in range(max((len(s) for s in shards), default=0)):
+    out.extend(s[j] for s in shards if j < len(s))
+  return out
+
+
+def gather_process_shards(local_items: Sequence[Any]) -> list[Any]:
+  """All processes' items[p::P] shards -> the whole list, in the original order, on every process."""
+  if jax.process_count() == 1:
+    return list(local_items)
+  shards = allgather_objects([list(x) if isinstance(x, tuple) else x for x in local_items])
+  return [tuple(x) if isinstance(x, list) else x for x in interleave(shards)]
+
+
+def max_over_processes(value: int) -> int:
+  """The largest `value` any process passed (e.g. its number of eval batches), on every process."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-process start-up
+
+HEARTBEAT_TIMEOUT_S = 100  # a process whose peer stops sending heartbeats this long aborts with an error
+SHUTDOWN_TIMEOUT_S = 300  # at exit, how long a process waits for its peers to finish too
+INITIALIZATION_TIMEOUT_S = 300  # how long processes wait for each other at start-up
+
+
+def cluster_environment(environ: Mapping[str, str] | None = None) -> str | None:
+  """Which multi-process launcher JAX can read this process's place from, or None for a single process.
+
+  TRANSFORMER_JAX_DISTRIBUTED=0 forces a single process; =1 forces jax.distributed's own auto-detection.
+  """
+  env = os.environ if environ is None else environ
+  forced = env.get('TRANSFORMER_JAX_DISTRIBUTED', '').strip().lower()
+  if forced in ('0', 'false', 'no', 'off'):
+    return None
+  if forced in ('1', 'true', 'yes', 'on'):
+    return 'forced'
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return 'env'  # with JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a launcher JAX detects
+  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
+  if all(k in env for k in slurm) and int(env['SLURM_NTASKS']) > 1:
+    return 'slurm'  # inside `srun` with several tasks (a bare sbatch script or salloc shell has no step)
+  if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'ompi'
+  if env.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    return 'tpu-multislice'
+  hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES') or ''
+  if ',' in hosts:
+    return 'tpu-hosts'
+  if environ is None and _on_cloud_tpu_vm():
+    return 'cloud-tpu'  # single- or multi-host: JAX reads the worker list from the VM metadata
+  return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False))
+  except ImportError:
+    return False
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value not in (None, '') else default
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None, initialization_timeout: int = 300) -> None:
-  """jax.distributed.initialize when running on several processes.
+                                 process_id: int | None = None, initialization_timeout: int | None = None,
+                                 heartbeat_timeout_seconds: int | None = None,
+                                 shutdown_timeout_seconds: int | None = None) -> bool:
+  """jax.distributed.initialize when running on several processes; returns whether it did.
 
-  Explicit flags win; otherwise Cloud TPU VMs and SLURM are auto-detected by JAX itself. A single local process
-  (no flags, no cluster environment) skips initialisation.
+  Explicit arguments (the CLI's --coordinator_address/--num_processes/--process_id) win; otherwise SLURM (srun),
+  Open MPI, Cloud TPU VMs and JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID) are detected. A single
+  local process skips it. Failure detection: a process that stops sending heartbeats for
+  heartbeat_timeout_seconds (env TRANSFORMER_JAX_HEARTBEAT_TIMEOUT_S, default 100) is declared dead and every other
+  process aborts with "Terminating process because the JAX distributed service detected fatal errors"; a process
+  whose collective loses a peer fails at once with a JaxRuntimeError.
   """
-  explicit = coordinator_address is not None
-  on_cluster = any(v in os.environ for v in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
-                                             'JAX_COORDINATOR_ADDRESS'))
-  if not explicit and not on_cluster:
-    return
-  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':  # CPU-only multi-process (tests, laptops) needs gloo
+  environment = 'flags' if coordinator_address is not None else cluster_environment()
+  if environment is None:
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  if coordinator_address is None and environment == 'env':
+    coordinator_address = os.environ['JAX_COORDINATOR_ADDRESS']
+    num_processes = _env_int('JAX_NUM_PROCESSES', num_processes)
+    process_id = _env_int('JAX_PROCESS_ID', process_id)
+  if coordinator_address is not None and (num_processes is None or process_id is None):
+    raise ValueError('a coordinator address needs --num_processes and --process_id (or JAX_NUM_PROCESSES and '
+                     'JAX_PROCESS_ID)')
+  cpu_only = os.environ.get('JAX_PLATFORMS', '').split(',')[0].strip().lower() == 'cpu'
+  if cpu_only:  # several CPU processes (tests, laptops) need a cross-process collectives implementation
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  kwargs = dict(initialization_timeout=initialization_timeout)
-  if explicit:
+  kwargs = dict(
+      initialization_timeout=initialization_timeout or _env_int('TRANSFORMER_JAX_INIT_TIMEOUT_S',
+                                                                INITIALIZATION_TIMEOUT_S),
+      heartbeat_timeout_seconds=heartbeat_timeout_seconds or _env_int('TRANSFORMER_JAX_HEARTBEAT_TIMEOUT_S',
+                                                                      HEARTBEAT_TIMEOUT_S),
+      shutdown_timeout_seconds=shutdown_timeout_seconds or _env_int('TRANSFORMER_JAX_SHUTDOWN_TIMEOUT_S',
+                                                                    SHUTDOWN_TIMEOUT_S))
+  accepted = inspect.signature(jax.distributed.initialize).parameters
+  kwargs = {k: v for k, v in kwargs.items() if k in accepted}  # these names exist in jax 0.10.2 through 0.12
+  if coordinator_address is not None:
     kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
-  logging.info('jax.distributed.initialize(%s)', kwargs)
+  logging.info('jax.distributed.initialize(%s) [%s]', kwargs, environment)
   jax.distributed.initialize(**kwargs)
+  logging.info('process %d of %d; %d local / %d global devices', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return True

@@ -1,0 +1,108 @@
+"""launch/: the scripts parse (bash -n, shellcheck when installed) and --dry-run / DRY_RUN=1 print the commands."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ['launch/tpu_vm.sh', 'launch/gpu_slurm.sbatch', 'launch/local_multiprocess.sh']
+
+
+def _run(args, env=None, check=True):
+  clean = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
+  result = subprocess.run(['bash'] + args, cwd=ROOT, env={**clean, **(env or {})}, capture_output=True, text=True,
+                          timeout=60, check=False)
+  if check:
+    assert result.returncode == 0, result.stderr
+  return result
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_scripts_parse(script):
+  assert os.access(os.path.join(ROOT, script), os.X_OK), f'{script} is not executable'
+  _run(['-n', script])
+
+
+@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck not installed')
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_shellcheck(script):
+  result = subprocess.run(['shellcheck', '-s', 'bash', script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+  assert result.returncode == 0, result.stdout
+
+
+def test_tpu_vm_dry_run_prints_the_whole_lifecycle():
+  out = _run(['launch/tpu_vm.sh', '--dry-run', '--zone=us-central2-b', '--project=my-project',
+              '--accelerator-type=v4-32', '--name=tj', '--spot', '--', '--config=configs/big.py',
+              '--config.mesh.fsdp=-1', '--workdir=/mnt/shared/big']).stdout
+  lines = out.splitlines()
+  create = next(l for l in lines if 'queued-resources create' in l)
+  for piece in ('gcloud compute tpus queued-resources create tj-qr', '--node-id=tj', '--zone=us-central2-b',
+                '--project=my-project', '--accelerator-type=v4-32', '--runtime-version=tpu-ubuntu2204-base',
+                '--spot'):
+    assert piece in create, (piece, create)
+  assert any('queued-resources describe tj-qr' in l and 'state.state' in l for l in lines)
+  scp = next(l for l in lines if 'tpu-vm scp' in l)
+  assert 'tj:' in scp and '--worker=all' in scp
+  setup = next(l for l in lines if 'tpu-vm ssh' in l and 'uv pip install' in l)
+  assert '--worker=all' in setup and 'jax[tpu]' in setup and '-e ~/transformer_jax' in setup
+  train = next(l for l in lines if 'tpu-vm ssh' in l and 'transformer-jax' in l and 'train' in l)
+  assert '--worker=all' in train
+  for piece in ('--config=configs/big.py', '--config.mesh.fsdp=-1', '--workdir=/mnt/shared/big'):
+    assert piece in train, (piece, train)
+  delete = lines[-1]
+  assert 'gcloud compute tpus queued-resources delete tj-qr' in delete and '--force' in delete
+  # the order is the lifecycle
+  assert lines.index(create) < lines.index(scp) < lines.index(setup) < lines.index(train) < lines.index(delete)
+
+
+@pytest.mark.parametrize('accelerator,runtime', [('v5litepod-16', 'v2-alpha-tpuv5-lite'), ('v5p-8', 'v2-alpha-tpuv5'),
+                                                 ('v6e-8', 'v2-alpha-tpuv6e'), ('v4-8', 'tpu-ubuntu2204-base')])
+def test_tpu_vm_runtime_version_follows_the_generation(accelerator, runtime):
+  out = _run(['launch/tpu_vm.sh', 'create', '--dry-run', '--zone=z', f'--accelerator-type={accelerator}']).stdout
+  assert f'--runtime-version={runtime}' in out and 'delete' not in out and '--spot' not in out
+
+
+def test_tpu_vm_needs_a_zone():
+  result = _run(['launch/tpu_vm.sh', '--dry-run'], env={'ZONE': ''}, check=False)
+  assert result.returncode == 2 and '--zone' in result.stderr
+
+
+def test_gpu_slurm_dry_run_one_process_per_gpu():
+  out = _run(['launch/gpu_slurm.sbatch', '--config=configs/big.py', '--workdir=/shared/big'],
+             env={'DRY_RUN': '1', 'NODES': '4', 'GPUS_PER_NODE': '8'}).stdout
+  srun = next(l for l in out.splitlines() if l.startswith('srun '))
+  for piece in ('--nodes=4', '--ntasks-per-node=8', '--kill-on-bad-exit=1', 'transformer-jax train',
+                '--config=configs/big.py', '--workdir=/shared/big', 'JAX_LOCAL_DEVICE_IDS=0'):
+    assert piece in srun, (piece, srun)
+  assert '#SBATCH --nodes=' in open(os.path.join(ROOT, 'launch/gpu_slurm.sbatch')).read()
+
+
+def test_gpu_slurm_dry_run_one_process_per_node():
+  out = _run(['launch/gpu_slurm.sbatch', '--workdir=/shared/big'],
+             env={'DRY_RUN': '1', 'PROCS': 'node', 'NODES': '2', 'GPUS_PER_NODE': '4'}).stdout
+  assert 'JAX_LOCAL_DEVICE_IDS_ALL=0,1,2,3' in out
+  assert '--ntasks-per-node=1' in out and '--nodes=2' in out
+
+
+def test_local_multiprocess_dry_run():
+  out = _run(['launch/local_multiprocess.sh', '--dry-run', '--num_processes=3', '--devices_per_process=2',
+              '--port=23456', '--workdir=/tmp/w', '--config.num_train_steps=5'],
+             env={'TRANSFORMER_JAX': 'transformer-jax'}).stdout
+  lines = [l for l in out.splitlines() if 'transformer-jax' in l]
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    for piece in ('JAX_PLATFORMS=cpu', 'XLA_FLAGS=--xla_force_host_platform_device_count=2',
+                  'transformer-jax train', '--coordinator_address=127.0.0.1:23456', '--num_processes=3',
+                  f'--process_id={i}', '--workdir=/tmp/w', '--config.num_train_steps=5'):
+      assert piece in line, (piece, line)
+  assert out.splitlines()[-1] == 'wait'
+
+
+def test_local_multiprocess_propagates_a_failure():
+  """A failing process makes the script fail (with its status) and stops the others."""
+  result = _run(['launch/local_multiprocess.sh', '--num_processes=2', 'info', '--bogus_flag'],
+                env={'TRANSFORMER_JAX': 'false'}, check=False)
+  assert result.returncode != 0
