@@ -21,7 +21,7 @@ logdir=""
 dry_run=0
 args=()
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
 while (($#)); do
   case "$1" in

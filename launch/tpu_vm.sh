@@ -5,12 +5,14 @@
 #   launch/tpu_vm.sh [ACTION] --zone=ZONE [--project=PROJECT] [--accelerator-type=v4-8] [--runtime-version=VERSION]
 #                    [--name=NAME] [--spot] [--keep] [--dry-run] [--] [transformer-jax train flags ...]
 #
-# ACTION: all (default: create, setup, run, delete), create, setup, run, ssh, delete.
+# ACTION: all (default: create, setup, run, delete), create, setup, run, ssh (worker 0), delete,
+#         exec (run the shell command given after -- on every worker, e.g. to mount a shared filesystem).
 #   --name             TPU node name (default transformer-jax-$USER); the queued resource is NAME-qr
 #   --accelerator-type v4-8, v4-32, v5litepod-8, v5p-8, v6e-8, ... (default v4-8)
 #   --runtime-version  default from the TPU generation: v4 and older tpu-ubuntu2204-base, v5e v2-alpha-tpuv5-lite,
 #                      v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
-#   --spot             a Spot TPU (cheaper, can be preempted: training saves on SIGTERM and resumes)
+#   --spot             a Spot TPU (cheaper, can be preempted: training saves a checkpoint on SIGTERM; run
+#                      again with the same shared --workdir to resume)
 #   --keep             with ACTION=all, do not delete the TPU at the end (or on failure)
 #   --python           Python for the workers' virtualenv (default 3.11; installed with uv)
 #   --dry-run          print the gcloud commands instead of running them
@@ -33,11 +35,11 @@ python_version=3.11
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 train_args=()
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
 while (($#)); do
   case "$1" in
-    all|create|setup|run|ssh|delete) action="$1" ;;
+    all|create|setup|run|ssh|exec|delete) action="$1" ;;
     --zone=*) zone="${1#*=}" ;;
     --project=*) project="${1#*=}" ;;
     --accelerator-type=*|--accelerator_type=*) accelerator_type="${1#*=}" ;;
@@ -150,6 +152,9 @@ case "$action" in
   setup) setup ;;
   run) train ;;
   ssh) run gcloud compute tpus tpu-vm ssh "$name" "${location[@]}" --worker=0 ;;
+  exec)
+    if ((${#train_args[@]} == 0)); then echo "error: exec needs a shell command after --" >&2; exit 2; fi
+    on_workers "${train_args[*]}" ;;
   delete) delete ;;
   all)
     if ((!keep && !dry_run)); then trap 'echo "deleting ${queued_resource}" >&2; delete' EXIT; fi

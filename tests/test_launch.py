@@ -65,6 +65,12 @@ def test_tpu_vm_runtime_version_follows_the_generation(accelerator, runtime):
   assert f'--runtime-version={runtime}' in out and 'delete' not in out and '--spot' not in out
 
 
+def test_tpu_vm_exec_runs_a_command_on_every_worker():
+  out = _run(['launch/tpu_vm.sh', 'exec', '--dry-run', '--zone=z', '--name=tj', '--', 'df -h /mnt/shared']).stdout
+  assert 'gcloud compute tpus tpu-vm ssh tj' in out and '--worker=all' in out and 'df' in out
+  assert 'queued-resources' not in out
+
+
 def test_tpu_vm_needs_a_zone():
   result = _run(['launch/tpu_vm.sh', '--dry-run'], env={'ZONE': ''}, check=False)
   assert result.returncode == 2 and '--zone' in result.stderr
@@ -106,3 +112,24 @@ def test_local_multiprocess_propagates_a_failure():
   result = _run(['launch/local_multiprocess.sh', '--num_processes=2', 'info', '--bogus_flag'],
                 env={'TRANSFORMER_JAX': 'false'}, check=False)
   assert result.returncode != 0
+
+
+@pytest.mark.skipif(os.environ.get('TRANSFORMER_JAX_SLOW_TESTS') != '1',
+                    reason='a few minutes on 2 cores; set TRANSFORMER_JAX_SLOW_TESTS=1')
+def test_local_multiprocess_trains_end_to_end(tmp_path):
+  """`transformer-jax train` as 2 processes x 4 CPU devices: one final line (process 0), held-out BLEU over the
+  whole (gathered) eval set."""
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'w'
+  result = subprocess.run(
+      ['bash', 'launch/local_multiprocess.sh', '--num_processes=2', '--devices_per_process=4',
+       f'--logdir={tmp_path}/logs', 'train', f'--workdir={workdir}', '--config.num_train_steps=6',
+       '--config.eval_every_steps=3', '--config.checkpoint_every_steps=3', '--config.max_eval_examples=50',
+       '--config.eval_translate_examples=50', '--config.model.num_layers=1'],
+      cwd=ROOT, env={**os.environ, 'TRANSFORMER_JAX': f'{sys.executable} -m transformer_jax.cli'},
+      capture_output=True, text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  finals = [l for l in result.stdout.splitlines() if l.startswith('final: ')]
+  assert len(finals) == 1 and 'step=6' in finals[0] and 'bleu=' in finals[0], result.stdout[-2000:]
+  assert 'final:' not in open(tmp_path / 'logs' / 'process_1.log').read()
+  assert len(open(workdir / 'eval_hypotheses_6.txt').read().splitlines()) == 50

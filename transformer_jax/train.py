@@ -404,6 +404,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if config.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes '
                      f"data*fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
+  parallel.process_batch_rows(mesh, config.batch_size)  # each process must own its own rows: fail before loading data
 
   data = pipeline.build_datasets(config, workdir, process_index=process_index, process_count=process_count)
   if data.tokenizer.vocab_size > config.model.vocab_size:
