@@ -53,5 +53,6 @@ def get_config():
   config.async_checkpointing = True
   config.profile_steps = ''  # 'a,b': jax.profiler trace of steps a..b into WORKDIR/profile
 
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
+  # data/fsdp/tensor: -1 = all remaining devices; num_devices: use only the first N devices (0 = all).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, num_devices=0))
   return config

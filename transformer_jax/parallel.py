@@ -90,7 +90,13 @@ def hybrid_device_array(shape: Sequence[int], dcn_data: int, devices: Sequence[A
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
   """Topology-aware mesh over `devices` (default: all); with mesh.dcn_data > 1 a hybrid mesh whose data axis
   spans slices (multi-slice TPU) or processes (multi-host GPU)."""
-  devices = list(jax.devices() if devices is None else devices)
+  if devices is None:
+    # mesh.num_devices: only the first N devices of a single process (a shared machine, a quick test); 0 = all.
+    limit = int(mesh_config.get('num_devices', 0) or 0)
+    if limit and jax.process_count() > 1:
+      raise ValueError('mesh.num_devices is for single-process runs; multi-process runs use every device')
+    devices = jax.devices()[:limit] if limit else jax.devices()
+  devices = list(devices)
   shape = mesh_shape(mesh_config, len(devices))
   dcn_data = int(mesh_config.get('dcn_data', 1))
   if dcn_data > 1:
