@@ -28,15 +28,20 @@ def define_flags(command: str) -> None:
     flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
     flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
   if command in ('evaluate', 'translate'):
-    flags.DEFINE_integer('beam_size', 1, 'Beam width; 1 = greedy decoding.')
-    flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty exponent ((5+len)/6)^alpha for beam search.')
+    flags.DEFINE_integer('beam_size', 4, 'Beam width (the paper: 4); 1 = greedy decoding.'
+                         + (' With a beam > 1, greedy metrics are reported too (keys *_greedy, after the beam '
+                            'search\'s bleu= chrf= exact_match=).' if command == 'evaluate' else ''))
+    flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search: a hypothesis scores '
+                       'log P / ((5+len)/6)^alpha (the paper: 0.6). Outputs are at most source length + 50 tokens, '
+                       'capped at the config\'s max_length.')
     flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
   if command == 'evaluate':
     flags.DEFINE_string('split', None, 'Held-out split to score (default: the config\'s eval_split).')
   if command == 'translate':
-    flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin). Empty lines give empty '
-                        'translations; inputs longer than max_length are truncated; characters outside the '
-                        'vocabulary become <unk>.')
+    flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin); writes one translation '
+                        'per line, in input order (a progress bar on stderr for files). Empty lines give empty '
+                        'translations; inputs longer than the config\'s max_length tokens are truncated; '
+                        'characters outside the vocabulary become <unk>.')
   if command == 'average':
     flags.DEFINE_integer('last', 5, 'Average the parameters of the newest N checkpoints (the paper: 5 for base, '
                          '20 for big).')

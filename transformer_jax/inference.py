@@ -12,11 +12,13 @@ import numpy as np
 from flax import linen as nn
 
 from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax import decode as decode_lib
 from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train as train_lib
 from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.data.tokenizer import PAD_ID
 from transformer_jax.model import ModelConfig, Transformer
 
 
@@ -52,23 +54,40 @@ def load_workdir(workdir: str, config=None) -> Loaded:
   return Loaded(config=config, cfg=cfg, params=state.params, tokenizer=tokenizer, mesh=mesh, step=step)
 
 
-def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int = 1, alpha: float = 0.6,
+def decode_length(loaded: Loaded, longest_source: int) -> int:
+  """Cache size for sources of up to longest_source tokens: the paper's input length + 50, capped at the longest
+  sequence the model was trained for (config max_length, also within the model's positions)."""
+  return max(1, min(int(loaded.config.max_length), loaded.cfg.max_len, longest_source + decode_lib.MAX_LENGTH_MARGIN))
+
+
+def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int = 4, alpha: float = 0.6,
                         batch_size: int = 64, progress: bool = False) -> list[str]:
-  """One translation per sentence, in order; empty sentences give empty translations."""
-  if beam_size != 1:
-    raise NotImplementedError('beam search is not implemented yet: use --beam_size=1')
+  """One translation per sentence, in order: greedy (beam_size=1) or beam search with GNMT length penalty alpha.
+
+  Empty (or blank) sentences give empty translations; sentences longer than config max_length tokens are
+  truncated; characters outside the vocabulary become <unk>. Each output is at most its source length + 50
+  tokens (capped at max_length). Sentences are decoded longest first, so a batch stops when its longest ends.
+  """
+  if beam_size < 1:
+    raise ValueError(f'beam_size must be >= 1, got {beam_size}')
   config = loaded.config
   keep = [i for i, s in enumerate(sentences) if s.strip()]
   out = [''] * len(sentences)
   if not keep:
     return out
   rows = evaluate_lib.encode_sources(loaded.tokenizer, [sentences[i] for i in keep], config.max_length)
-  batch_size = max(batch_size - batch_size % _batch_divisor(loaded.mesh), _batch_divisor(loaded.mesh))
+  lengths = np.sum(rows != PAD_ID, axis=1)
+  order = np.argsort(-lengths, kind='stable')
+  rows = rows[order, :int(lengths.max())]  # no all-PAD columns: the encoder runs over real lengths only
+  divisor = _batch_divisor(loaded.mesh)
+  batch_size = min(max(batch_size, 1), len(rows))
+  batch_size = -(-batch_size // divisor) * divisor  # a multiple of the devices on the batch axes
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     tokens = train_lib.translate_ids(loaded.params, rows, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=batch_size,
-                                     max_decode_len=config.max_length, progress=progress)
-  for i, text in zip(keep, evaluate_lib.decode_outputs(loaded.tokenizer, tokens)):
-    out[i] = text
+                                     max_decode_len=decode_length(loaded, int(lengths.max())), progress=progress,
+                                     beam_size=beam_size, alpha=alpha)
+  for j, text in zip(order, evaluate_lib.decode_outputs(loaded.tokenizer, tokens)):
+    out[keep[j]] = text
   return out
 
 
@@ -80,8 +99,12 @@ def translate_workdir(workdir: str, config, sentences: list[str], **kwargs) -> l
   return translate_sentences(load_workdir(workdir, config), sentences, **kwargs)
 
 
-def evaluate_workdir(workdir: str, config, *, split: str | None = None, **kwargs) -> dict[str, float]:
-  """BLEU / chrF / exact match of the newest checkpoint on a held-out split; hypotheses written beside it."""
+def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_size: int = 4, alpha: float = 0.6,
+                     **kwargs) -> dict[str, float]:
+  """BLEU / chrF / exact match of the newest checkpoint on a held-out split (sacrebleu, cased, on the raw
+  references), with beam search (keys bleu, chrf, exact_match) and, when beam_size > 1, greedy decoding too
+  (keys bleu_greedy, ...). Hypotheses are written beside the checkpoints: WORKDIR/hypotheses_<split>_step<N>.txt
+  (beam) and ..._greedy.txt."""
   from transformer_jax.data import sources  # pylint: disable=g-import-not-at-top
   loaded = load_workdir(workdir, config)
   config = loaded.config
@@ -90,12 +113,16 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, **kwargs
                                   target_lang=config.target_lang, data_dir=config.get('data_dir'),
                                   max_examples=config.get('max_eval_examples'),
                                   cache_dir=workdir if config.dataset.startswith('generated:') else None)
-  hypotheses = translate_sentences(loaded, [s for s, _ in pairs], **kwargs)
-  results = evaluate_lib.text_metrics(hypotheses, [t for _, t in pairs])
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}.txt')
-    with open(path, 'w') as f:
-      f.write('\n'.join(hypotheses) + '\n')
+  sources_, references = [s for s, _ in pairs], [t for _, t in pairs]
+  runs = [('', beam_size)] + ([('_greedy', 1)] if beam_size > 1 else [])
+  results = {}
+  for suffix, beams in runs:
+    hypotheses = translate_sentences(loaded, sources_, beam_size=beams, alpha=alpha, **kwargs)
+    results.update({f'{k}{suffix}': v for k, v in evaluate_lib.text_metrics(hypotheses, references).items()})
+    if jax.process_index() == 0:
+      path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{suffix}.txt')
+      with open(path, 'w') as f:
+        f.write('\n'.join(hypotheses) + '\n')
   return results
 
 

@@ -190,8 +190,9 @@ def jit_train_step(model, tx, config, mesh, state_shardings):
 
 
 def translate_ids(params, source_rows: np.ndarray, *, cfg: ModelConfig, mesh, batch_size: int, max_decode_len: int,
-                  progress: bool = False):
-  """Greedy translations of [N, S] source ids in batches (padded to batch_size, sharded over the batch axes).
+                  progress: bool = False, beam_size: int = 1, alpha: float = 0.6):
+  """Translations of [N, S] source ids in batches (padded to batch_size, sharded over the batch axes): greedy, or
+  beam search with beam_size > 1 and length penalty alpha.
 
   Every process passes the same rows and gets every translation back.
   """
@@ -204,7 +205,11 @@ def translate_ids(params, source_rows: np.ndarray, *, cfg: ModelConfig, mesh, ba
     padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)
     padded[:len(chunk)] = chunk
     inputs = jax.make_array_from_callback(padded.shape, sharding, lambda idx, p=padded: p[idx])
-    tokens = decode_lib.greedy_decode(params, inputs, cfg=cfg, max_decode_len=max_decode_len)
+    if beam_size > 1:
+      tokens, _ = decode_lib.beam_search(params, inputs, cfg=cfg, beam_size=beam_size, alpha=alpha,
+                                         max_decode_len=max_decode_len)
+    else:
+      tokens = decode_lib.greedy_decode(params, inputs, cfg=cfg, max_decode_len=max_decode_len)
     outputs.append(np.asarray(multihost_utils.process_allgather(tokens, tiled=True))[:len(chunk)])
   return np.concatenate(outputs) if outputs else np.zeros((0, max_decode_len), np.int32)
 
