@@ -76,6 +76,13 @@ def test_other_architecture_on_a_trained_workdir_is_refused(trained):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
 
 
+def test_train_with_no_workdir_writes_runs_tiny_under_the_current_directory(tmp_path):
+  result = cli('train', *SMALL[:-4], '--config.num_train_steps=2', '--config.eval_every_steps=100',
+               '--config.checkpoint_every_steps=100', '--config.tokenizer_train_sentences=3000', cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.isdir(tmp_path / 'runs' / 'tiny' / 'checkpoints' / '2')
+
+
 def test_unknown_config_key_is_one_line(tmp_path):
   result = cli('train', f'--workdir={tmp_path}', '--config.no_such_key=1')
   assert result.returncode != 0

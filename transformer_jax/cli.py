@@ -64,6 +64,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a bad flag or config key is one line and exit 2, not a traceback."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  if any(a in ('-h', '--help', '-help', '--helpshort') for a in argv[1:]):
+    # absl's --help lists only the main module's flags; this command's live in commands.py.
+    print(f'usage: {argv[0]} [flags]\n\n{flags.FLAGS.module_help("transformer_jax.commands")}')
+    sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
     if not any(a.startswith(('--verbosity', '-v')) for a in argv[1:]):

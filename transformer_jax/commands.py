@@ -80,7 +80,8 @@ def _fail(message: str) -> None:
 def _workdir() -> str:
   if FLAGS.workdir:
     return FLAGS.workdir
-  name = os.path.splitext(os.path.basename(FLAGS['config'].value_string or 'tiny'))[0]  # runs/<config name>
+  path = config_flags.get_config_filename(FLAGS['config']) or 'tiny.py'
+  name = os.path.splitext(os.path.basename(path))[0]  # runs/<config name>
   return os.path.join('runs', name)
 
 
