@@ -114,6 +114,17 @@ class HeadProjection(nn.Module):
     return jnp.einsum(self.equation, x, kernel.astype(self.dtype))
 
 
+def _single_query_attention(query, key, value, mask):
+  """One decoding step (T = 1) over a [B, L, H, K] cache as multiply + reduce: a batched matmul here makes XLA
+  transpose the whole cache every step on CPU, which cost as much as the rest of the step."""
+  q = query[:, 0].astype(jnp.float32) * query.shape[-1]**-0.5  # [B, H, K]
+  logits = jnp.sum(q[:, None] * key.astype(jnp.float32), axis=-1)  # [B, L, H]
+  logits = jnp.where(mask[:, 0, 0, :, None], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=1)
+  x = jnp.sum(weights[..., None] * value.astype(jnp.float32), axis=1)  # [B, H, K]
+  return x[:, None].astype(query.dtype)
+
+
 class MultiHeadAttention(nn.Module):
   """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
   cfg: ModelConfig
@@ -142,7 +153,10 @@ class MultiHeadAttention(nn.Module):
       key, value, mask = self._update_cache(key, value, mask)
 
     query = constrain(query, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
-    x = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)  # [B, T, H, K]
+    if cfg.decode and query.shape[1] == 1 and mask is not None:
+      x = _single_query_attention(query, key, value, mask)
+    else:
+      x = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)  # [B, T, H, K]
     out = HeadProjection((cfg.num_heads, head_dim, cfg.d_model), ('heads', 'kv', 'embed'), 'bthk,hkd->btd',
                          in_axis=(0, 1), out_axis=2, dtype=cfg.dtype, name='out')(x)
     return out  # [B, T, D]
