@@ -476,7 +476,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     step = start_step
     pending = None
     stall = StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
-    with _Preemption(checkpointer) as preemption, Profiler(config.get('profile_steps', ''), workdir) as profiler:
+    with progress, _Preemption(checkpointer) as preemption, Profiler(config.get('profile_steps', ''),
+                                                                      workdir) as profiler:
       while step < num_steps:
         profiler.before_step(step)
         batch = parallel.global_batch(next(data.train), mesh)
@@ -519,7 +520,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     progress.close()
     final = {'step': step, 'loss': last_train.get('loss', float('nan'))}
     final.update(run_eval(state.params, step))
-    writer.write(step, final)
+    writer.write(step, {k: v for k, v in final.items() if k not in ('step', 'loss')})  # loss was logged already
     checkpointer.wait()
     checkpointer.close()
   if is_chief:
