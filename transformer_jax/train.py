@@ -96,18 +96,21 @@ def count_params(params) -> int:
 def cross_entropy_sums(logits, targets, weights, label_smoothing: float) -> dict[str, jax.Array]:
   """Sums over real tokens (weights = non-pad): label-smoothed loss, plain NLL, correct predictions, token count.
 
-  The smoothed target puts (1 - ls) + ls/V on the true token and ls/V elsewhere (optax.smooth_labels).
+  The smoothed target q = (1 - ls) one_hot + ls / V (optax.smooth_labels) gives, in closed form,
+  -sum_v q_v log p_v = (1 - ls) nll + ls (logsumexp(z) - mean_v z_v): no dense [tokens, V] one-hot or smoothed
+  tensor (they were ~13% of the base model's step time on CPU). `correct` counts z_target >= max_v z.
   """
-  vocab = logits.shape[-1]
   logits = logits.astype(jnp.float32)
-  one_hot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
-  smoothed = optax.smooth_labels(one_hot, label_smoothing) if label_smoothing else one_hot
-  loss = optax.softmax_cross_entropy(logits, smoothed)  # [B, T]
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = lse - target_logit
+  loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - jnp.mean(logits, axis=-1)) if label_smoothing \
+      else nll
+  correct = target_logit >= jnp.max(logits, axis=-1)
   real = weights > 0  # where, not multiply: a non-finite value in a padding slot must not reach the sums
-  return {'loss_sum': jnp.sum(jnp.where(real, loss * weights, 0.0)), 'nll_sum': jnp.sum(jnp.where(real, nll * weights, 0.0)),
-          'correct_sum': jnp.sum(correct * weights), 'weight_sum': jnp.sum(weights)}
+  return {'loss_sum': jnp.sum(jnp.where(real, loss * weights, 0.0)),
+          'nll_sum': jnp.sum(jnp.where(real, nll * weights, 0.0)),
+          'correct_sum': jnp.sum(jnp.where(real, correct * weights, 0.0)), 'weight_sum': jnp.sum(weights)}
 
 
 def _apply(model, params, batch, *, deterministic: bool, rngs=None):
@@ -140,8 +143,9 @@ def make_train_step(model: Transformer, tx, config):
     if accum == 1:
       (_, sums), grads = grad_fn(state.params, batch, rng)
     else:
-      # Micro-batch i takes rows i::accum... as a reshape [accum, B/accum, ...]; sums add up exactly.
-      micro_batches = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+      # Micro-batch i takes rows i::accum, so each one spans every device of a sharded batch; sums add up exactly.
+      micro_batches = jax.tree.map(
+          lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), batch)
 
       def body(carry, xs):
         grads_acc, sums_acc = carry
