@@ -60,7 +60,7 @@ def test_translate_keeps_order_and_empty_lines(trained):
 
 def test_evaluate_prints_metrics_last(trained):
   workdir, _ = trained
-  result = cli('evaluate', f'--workdir={workdir}', '--config.max_eval_examples=16' if False else '--batch_size=16')
+  result = cli('evaluate', f'--workdir={workdir}', '--batch_size=16')
   assert result.returncode == 0, result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]
   assert last.startswith('bleu=') and ' chrf=' in last

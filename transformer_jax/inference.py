@@ -118,7 +118,8 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_siz
   results = {}
   for suffix, beams in runs:
     hypotheses = translate_sentences(loaded, sources_, beam_size=beams, alpha=alpha, **kwargs)
-    results.update({f'{k}{suffix}': v for k, v in evaluate_lib.text_metrics(hypotheses, references).items()})
+    results.update({f'{k}{suffix}': v for k, v in evaluate_lib.text_metrics(
+        hypotheses, references, config.get('bleu_tokenize', '13a')).items()})
     if jax.process_index() == 0:
       path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{suffix}.txt')
       with open(path, 'w') as f:
