@@ -112,7 +112,6 @@ def _expected_params(n, d, ff, v):
 @pytest.mark.parametrize('get_config,table3', [(base.get_config, 65e6), (big.get_config, 213e6)])
 def test_parameter_counts_match_table3(get_config, table3):
   config = get_config()
-  _, _, _, _, _ = info.memory_plan(config, 1)
   abstract = info.memory_plan(config, 1)[0]
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   assert abs(count - table3) / table3 < 0.04, count
