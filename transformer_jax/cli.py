@@ -1,4 +1,4 @@
-"""`transformer-jax <command> [--flags]`: train, evaluate, translate, export, import, average, info.
+"""`transformer-jax <command> [--flags]`: train, evaluate, translate, export, import, average, info, attention.
 
 Every command takes --config=configs/X.py (a Python file with get_config()) with --config.key=value overrides,
 and --workdir=DIR. Run `transformer-jax <command> --help` for the command's flags.
@@ -20,11 +20,12 @@ commands:
   import     --format=hf-marian --path=DIR: a Marian checkpoint on disk -> WORKDIR
   average    --last=N --out=DIR: element-wise mean of the last N checkpoints' parameters
   info       architecture, parameter count, mesh and per-device memory plan; last line params=<int>
+  attention  --text='...' --out=attention.png: translate, then draw the attention weights (one PNG, --json raw)
 
 Run `transformer-jax <command> --help` for every flag.
 """
 
-COMMANDS = ('train', 'evaluate', 'translate', 'export', 'import', 'average', 'info')
+COMMANDS = ('train', 'evaluate', 'translate', 'export', 'import', 'average', 'info', 'attention')
 
 
 def _repo_root() -> str:

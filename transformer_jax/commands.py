@@ -67,6 +67,9 @@ def define_flags(command: str) -> None:
                         'vocab.json) to convert into a checkpoint in --workdir.')
     flags.DEFINE_boolean('overwrite', False, 'Replace checkpoints already in --workdir.')
     flags.mark_flag_as_required('path')
+  if command == 'attention':
+    from transformer_jax import attention_maps  # pylint: disable=g-import-not-at-top
+    attention_maps.define_flags(flags)
   if command == 'info':
     flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
   flags.mark_flags_as_required([] if command in ('train', 'info') else ['workdir'])
@@ -151,6 +154,11 @@ def _import() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=FLAGS.config, overwrite=FLAGS.overwrite)
   print(f'imported {FLAGS.path} ({count} parameters) -> {FLAGS.workdir} (step 0)', flush=True)
+
+
+def _attention() -> None:
+  from transformer_jax import attention_maps  # pylint: disable=g-import-not-at-top
+  attention_maps.run(FLAGS)
 
 
 def _average() -> None:
