@@ -152,7 +152,7 @@ def layout(num_layers: int, num_heads: int, num_sentences: int = 1, max_tokens: 
   rows_per_sentence = 1 + len(KINDS) * num_layers
   columns = max(num_layers, num_heads)
   panel = _panel_inches(max_tokens)
-  width, height = columns * panel + 0.625, num_sentences * rows_per_sentence * panel
+  width, height = columns * panel + 1.125, num_sentences * rows_per_sentence * panel  # + labels, colour bars
   return dict(rows=num_sentences * rows_per_sentence, columns=columns, panel=panel,
               size_inches=(width, height), size_pixels=(int(width * DPI), int(height * DPI)))
 
@@ -167,7 +167,7 @@ def draw(all_maps: list[SentenceMaps], path: str, *, layers: list[int], heads: l
   grid = layout(len(layers), len(heads), len(all_maps), longest)
   fig = plt.figure(figsize=grid['size_inches'], dpi=DPI)
   spec = fig.add_gridspec(grid['rows'], grid['columns'] + 1, width_ratios=[1] * grid['columns'] + [0.06],
-                          left=0.6 / grid['size_inches'][0], right=0.97, bottom=0.02, top=0.98, wspace=0.5,
+                          left=1.0 / grid['size_inches'][0], right=0.97, bottom=0.02, top=0.98, wspace=0.5,
                           hspace=0.5)
   font = 6
   row = 0
