@@ -208,6 +208,16 @@ def _average() -> None:
           f"optimizer state copied from step {result['step']})", flush=True)
 
 
+def _attention_flags() -> None:
+  from transformer_jax import attention_maps  # pylint: disable=g-import-not-at-top  (jax/flax: only for this command)
+  attention_maps.define_flags(flags)
+
+
+def _attention() -> None:
+  from transformer_jax import attention_maps  # pylint: disable=g-import-not-at-top
+  attention_maps.run(FLAGS)
+
+
 def _load_config_file(path: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('default_config', path)
@@ -243,4 +253,6 @@ COMMANDS = {c.name: c for c in (
             _average_flags),
     Command('info', 'architecture, parameter count, mesh and per-device memory plan; last line params=<int>', _info,
             _info_flags, default_config=True, requires_workdir=False),
+    Command('attention', '--text=\'...\' --out=attention.png: translate, then draw the attention weights (one PNG, '
+            '--json raw)', _attention, _attention_flags),
 )}

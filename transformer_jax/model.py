@@ -43,6 +43,9 @@ class ModelConfig:
   scan_layers: bool = False  # nn.scan over identical layers: compile time flat in depth
   decode: bool = False  # incremental decoding over a key/value cache (set by decode.py)
   special_ids: SpecialIds = DEFAULT_SPECIAL_IDS  # the vocabulary's pad/eos/unk/bos (from its tokenizer)
+  # Explicit softmax(QK^T/sqrt(K))V that sows its weights into the 'intermediates' collection (attention_maps.py);
+  # training keeps the fused jax.nn.dot_product_attention.
+  attention_weights: bool = False
 
   @classmethod
   def from_config(cls, model_config, **overrides) -> 'ModelConfig':
@@ -128,6 +131,19 @@ def _single_query_attention(query, key, value, mask):
   return x[:, None].astype(query.dtype)
 
 
+def explicit_attention_weights(query, key, mask):
+  """softmax(Q K^T / sqrt(K)) [B, H, T, S] as jax.nn.dot_product_attention's XLA path computes it (float32
+  logits and softmax), with masked keys exactly 0 (also in fully masked padding rows, which the fused path fills
+  with uniform weights; those rows are never read)."""
+  logits = jnp.einsum('bthk,bshk->bhts', query, key, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(query.shape[-1]**-0.5)
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  mask = jnp.broadcast_to(mask, logits.shape)
+  weights = jax.nn.softmax(jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max), axis=-1)
+  return jnp.where(mask, weights, 0.0)
+
+
 class MultiHeadAttention(nn.Module):
   """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
   cfg: ModelConfig
@@ -158,6 +174,10 @@ class MultiHeadAttention(nn.Module):
     query = constrain(query, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
     if cfg.decode and query.shape[1] == 1 and mask is not None:
       x = _single_query_attention(query, key, value, mask)
+    elif cfg.attention_weights and not cfg.decode:
+      weights = explicit_attention_weights(query, key, mask)  # [B, H, T, S]
+      self.sow('intermediates', 'attention_weights', weights)
+      x = jnp.einsum('bhts,bshk->bthk', weights.astype(value.dtype), value)
     else:
       x = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)  # [B, T, H, K]
     out = HeadProjection((cfg.num_heads, head_dim, cfg.d_model), ('heads', 'kv', 'embed'), 'bthk,hkd->btd',
@@ -263,7 +283,9 @@ def _stack(layer_cls, cfg: ModelConfig, x, *args, deterministic: bool):
   # static_argnums counts the module as argument 0.
   layer_cls = _remat(layer_cls, cfg, static_argnums=(len(args) + 2,))
   if cfg.scan_layers:
-    scanned = nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, 'dropout': True},
+    # 'intermediates': sown attention weights (cfg.attention_weights) stacked on the layer axis.
+    scanned = nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+                      split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast,) * (len(args) + 1), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
     x, _ = scanned(cfg, name='layers')(x, *args, deterministic)
