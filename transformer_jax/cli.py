@@ -1,4 +1,4 @@
-"""`transformer-jax <command> [--flags]`: train, evaluate, translate, export, import, average, info.
+"""`transformer-jax <command> [--flags]`: train, prepare, evaluate, translate, export, import, average, info.
 
 Every command takes --config=configs/X.py (a Python file with get_config()) with --config.key=value overrides,
 and --workdir=DIR. Run `transformer-jax <command> --help` for the command's flags.
@@ -14,6 +14,8 @@ USAGE = """usage: transformer-jax <command> [--config=configs/X.py] [--config.ke
 commands:
   train      train (resumes from WORKDIR's newest good checkpoint); default config configs/tiny.py,
              default workdir runs/<config name>. Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...
+  prepare    tokenize the training split once into token-id shards (WORKDIR/data; train does it when missing).
+             Last line: prepared: examples=<int> ...
   evaluate   held-out metrics of WORKDIR's newest checkpoint; last line bleu=<float> chrf=<float> ...
   translate  sentences from stdin (or --input=FILE) -> one translation per line
   export     --format={safetensors,msgpack,hf-marian,stablehlo} --out=PATH
@@ -24,7 +26,7 @@ commands:
 Run `transformer-jax <command> --help` for every flag.
 """
 
-COMMANDS = ('train', 'evaluate', 'translate', 'export', 'import', 'average', 'info')
+COMMANDS = ('train', 'prepare', 'evaluate', 'translate', 'export', 'import', 'average', 'info')
 
 
 def _repo_root() -> str:

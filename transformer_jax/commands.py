@@ -14,7 +14,7 @@ FLAGS = flags.FLAGS
 
 def define_flags(command: str) -> None:
   from transformer_jax import cli  # pylint: disable=g-import-not-at-top
-  config_default = cli.default_config_path() if command in ('train', 'info') else None
+  config_default = cli.default_config_path() if command in ('train', 'info', 'prepare') else None
   config_flags.DEFINE_config_file(
       'config', config_default,
       'Python config file with get_config() -> ConfigDict; override keys with --config.key=value.'
@@ -69,7 +69,10 @@ def define_flags(command: str) -> None:
     flags.mark_flag_as_required('path')
   if command == 'info':
     flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
-  flags.mark_flags_as_required([] if command in ('train', 'info') else ['workdir'])
+  if command == 'prepare':
+    from transformer_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    prepare.define_flags(flags)
+  flags.mark_flags_as_required([] if command in ('train', 'info', 'prepare') else ['workdir'])
 
 
 def _fail(message: str) -> None:
@@ -107,6 +110,11 @@ def _train() -> None:
   final = train_lib.train_and_evaluate(FLAGS.config, workdir)
   if jax.process_index() == 0 and 'preempted' not in final:
     print('final: ' + ' '.join(f'{k}={v}' if k == 'step' else f'{k}={v:.4f}' for k, v in final.items()), flush=True)
+
+
+def _prepare() -> None:
+  from transformer_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  prepare.run(FLAGS)
 
 
 def _info() -> None:
