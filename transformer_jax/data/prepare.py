@@ -460,7 +460,8 @@ def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief:
     logging.info("Using prepared data %s (%d examples)", directory, manifest["num_examples"])
     return Prepared(directory, manifest, tokenizer, reused=True)
   if is_chief:
-    manifest = prepare_split(reader, tokenizer, directory, max_length=max_length, progress=progress)
+    manifest = prepare_split(reader, tokenizer, directory, max_length=max_length, progress=progress,
+                             shard_examples=SHARD_EXAMPLES)
     return Prepared(directory, manifest, tokenizer, reused=False)
   timeout_s = float(config.get("prepare_timeout_s", 7200)) if timeout_s is None else timeout_s
   deadline = time.time() + timeout_s
@@ -485,8 +486,6 @@ def define_flags(flags) -> None:
 
 def run(FLAGS) -> None:  # pylint: disable=invalid-name
   from transformer_jax import commands  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  pipeline.hide_gpus_from_tensorflow()
   workdir = commands._workdir()  # pylint: disable=protected-access  (the same default as train)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
