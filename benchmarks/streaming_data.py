@@ -38,6 +38,8 @@ def _spawn(args: list[str], *, repo: str = _REPO, watch: str | None = None, time
            log: str | None = None) -> dict:
   """Runs a child; with `watch`, stops it (SIGKILL) once that path exists. Returns seconds, rc, peak RSS, output."""
   env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL='2')
+  if repo != _REPO:
+    env['PYTHONDONTWRITEBYTECODE'] = '1'  # leave the other checkout exactly as it is
   out = open(log or os.devnull, 'w')
   start = time.time()
   proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE if not watch else out,
@@ -95,7 +97,9 @@ def stream_child(args) -> None:
     tokens += int(np.count_nonzero(seg))
     rows += seg.shape[0]
   seconds = time.perf_counter() - start
-  print(json.dumps({'build_s': built, 'first_batch_s': first, 'tokens_per_s': tokens / seconds,
+  status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines() if ':' in line)
+  mem = {k: int(status[k].split()[0]) / 1e6 for k in ('RssAnon', 'RssFile', 'VmHWM') if k in status}  # GB
+  print(json.dumps({'mem_gb': mem, 'build_s': built, 'first_batch_s': first, 'tokens_per_s': tokens / seconds,
                     'rows_per_s': rows / seconds, 'efficiency': tokens / max(rows * seg.shape[1], 1),
                     'examples': data.train.total_examples, 'first_chunk_efficiency': data.train.packing_efficiency}))
 
@@ -112,6 +116,9 @@ def main() -> None:
   ap.add_argument('--stream_seconds', type=float, default=20.0)
   ap.add_argument('--train', action='store_true')
   ap.add_argument('--train_model', choices=['small', 'base'], default='small')
+  ap.add_argument('--train_batch_size', type=int, default=16,
+                  help='global rows for --train (base: 128; on CPU its [rows*256, 37000] logits alone are ~5 GB)')
+  ap.add_argument('--skip_stream', action='store_true')
   ap.add_argument('--default_task', action='store_true')
   ap.add_argument('--before_repo', default=None, help='checkout of the code before the change (--default_task)')
   ap.add_argument('--keep', action='store_true', help='reuse the preparation already in --workdir')
@@ -128,7 +135,7 @@ def main() -> None:
   os.makedirs(args.workdir, exist_ok=True)
   log = os.path.join(args.workdir, 'bench')
   if not args.keep:
-    for name in ('data', 'spm.model', 'checkpoints'):
+    for name in ('data', 'spm.model', 'checkpoints'):  # a fresh preparation
       path = os.path.join(args.workdir, name)
       if os.path.isdir(path):
         shutil.rmtree(path)
@@ -146,7 +153,8 @@ def main() -> None:
     rows.append(('prepared', summary[-1][len('prepared: '):]))
 
   stream = {}
-  for label, n in (('whole corpus', 0), (f'first {args.small_examples} pairs', args.small_examples)):
+  sizes = (('whole corpus', 0), (f'first {args.small_examples} pairs', args.small_examples))
+  for label, n in () if args.skip_stream else sizes:
     if n:  # prepare the subset outside the measurement
       _spawn(_cli('prepare', args.workdir, args.config, data + [f'--config.max_train_examples={n}']))
     r = _spawn([sys.executable, os.path.abspath(__file__), '--_stream', f'--corpus={args.corpus}',
@@ -159,24 +167,32 @@ def main() -> None:
     rows.append((f'stream, {label}: real target tokens/s (steady, {args.stream_seconds:.0f} s)',
                  f"**{result['tokens_per_s']:,.0f}** ({result['rows_per_s']:,.0f} rows/s; "
                  f"real target slots {result['efficiency']:.3f})"))
-    rows.append((f'stream, {label}: peak RSS of the process', f"{r['peak_rss_gb']:.2f} GB"))
-  (big, big_rss), (small, small_rss) = stream.values()
-  rows.append(('stream peak RSS, whole / small corpus',
-               f"{big_rss / small_rss:.3f} ({big['examples'] / small['examples']:.0f}x the examples)"))
+    mem = result.get('mem_gb', {})
+    rows.append((f'stream, {label}: peak RSS of the process; at the end: anonymous (heap) / file-backed (memmapped '
+                 'shards, page cache)', f"{r['peak_rss_gb']:.2f} GB; {mem.get('RssAnon', 0):.3f} / "
+                 f"{mem.get('RssFile', 0):.3f} GB"))
+  if stream:
+    (big, big_rss), (small, small_rss) = stream.values()
+    rows.append(('stream peak RSS, whole / small corpus; anonymous memory, whole / small',
+                 f"{big_rss / small_rss:.3f}; {big['mem_gb']['RssAnon'] / small['mem_gb']['RssAnon']:.3f} "
+                 f"({big['examples'] / small['examples']:.0f}x the examples)"))
 
   if args.train:
     model = [] if args.train_model == 'base' else [
         '--config.model.num_layers=1', '--config.model.d_model=64', '--config.model.num_heads=4',
         '--config.model.d_ff=128']
-    train = data + model + ['--config.num_train_steps=3', '--config.checkpoint_every_steps=1',
-                            '--config.max_eval_examples=16', '--config.eval_translate_examples=0',
+    train = data + model + [f'--config.batch_size={args.train_batch_size}', '--config.num_train_steps=3',
+                            '--config.checkpoint_every_steps=1', '--config.max_eval_examples=16', '--config.eval_translate_examples=0',
                             '--config.eval_every_steps=1000', '--config.async_checkpointing=False']
-    for label, step in (('train -> first step done (checkpoint 1 committed)', 1),
-                        ('train on resume -> next step done (checkpoint 2 committed)', 2)):
-      r = _spawn(_cli('train', args.workdir, args.config, train), watch=_committed(args.workdir, step),
-                 log=log + f'.train{step}')
-      rows.append((f'{label}, {args.train_model} model',
-                   f"{r['seen']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB" if r['seen'] else 'did not get there'))
+    for corpus, extra in (('whole corpus', []), (f'first {args.small_examples} pairs',
+                                                 [f'--config.max_train_examples={args.small_examples}'])):
+      shutil.rmtree(os.path.join(args.workdir, 'checkpoints'), ignore_errors=True)
+      for label, step in (('train -> first step done (checkpoint 1 committed)', 1),
+                          ('train on resume -> next step done (checkpoint 2 committed)', 2)):
+        r = _spawn(_cli('train', args.workdir, args.config, train + extra), watch=_committed(args.workdir, step),
+                   log=log + f'.train{step}')
+        rows.append((f'{label}, {corpus}, {args.train_model} model, {args.train_batch_size} rows',
+                     f"{r['seen']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB" if r['seen'] else 'did not get there'))
 
   if args.default_task:
     tiny = os.path.join(_REPO, 'configs', 'tiny.py')
