@@ -335,3 +335,13 @@ def test_default_task_through_the_stream_keeps_its_packing(tmp_path):
   assert real == got.manifest["num_tokens"]["targets"]
   print(f"default task through the stream: {real / slots:.4f} real target slots")
   assert real / slots >= 0.95
+
+
+def test_tfds_is_read_in_batches(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = make_config("", dataset="tfds:wmt14_translate/de-en")
+  with tfds.testing.mock_data(num_examples=7):
+    reader = prepare.PairReader(config, "train", str(tmp_path))
+    chunks = list(reader.chunks(3))
+  assert [len(s) for s, _ in chunks] == [3, 3, 1] and all(len(s) == len(t) for s, t in chunks)
+  assert all(isinstance(x, bytes) for s, t in chunks for x in s + t)

@@ -128,13 +128,24 @@ class PairReader:
         raise ValueError(f"text dataset: {self._paths[0]} has {counts[0]} lines but {self._paths[1]} has "
                          f"{counts[1]}; parallel files need one sentence per line on both sides")
       self.total = counts[0]
-    elif kind == "generated":
-      self._pairs = sources.load_text_pairs(self.dataset, split, source_lang=self.source_lang,
-                                            target_lang=self.target_lang, max_examples=self.max_examples,
-                                            cache_dir=workdir)
-      self.total = len(self._pairs)
+    elif kind == "generated":  # the text itself only when read (a process that finds the shards never needs it)
+      self._pairs: list[tuple[str, str]] | None = None
+      self.total = self._generated_size()
     if self.total is not None and self.max_examples is not None:
       self.total = min(self.total, int(self.max_examples))
+
+  def _generated_size(self) -> int:
+    name, limit = sources._parse_split(self.split)  # pylint: disable=protected-access
+    size = sources.SPLIT_SIZES.get(name, 0)
+    return min(c for c in (size, limit, self.max_examples) if c is not None)
+
+  def _generated_pairs(self) -> list[tuple[str, str]]:
+    if self._pairs is None:
+      self._pairs = sources.load_text_pairs(self.dataset, self.split, source_lang=self.source_lang,
+                                            target_lang=self.target_lang, max_examples=self.max_examples,
+                                            cache_dir=self.workdir)
+      self.total = len(self._pairs)
+    return self._pairs
 
   def description(self) -> dict:
     """What the shards are made from (part of their directory key)."""
@@ -150,12 +161,14 @@ class PairReader:
     return out
 
   def chunks(self, n: int = READ_PAIRS) -> Iterator[tuple[list, list]]:
+    if self.kind == "generated":
+      self._generated_pairs()  # sets the exact total (and raises for a bad task or split)
     left = self.total if self.total is not None else self.max_examples
     if self.kind == "text":
       gen = zip(_rechunk(_file_lines(self._paths[0]), n), _rechunk(_file_lines(self._paths[1]), n))
     elif self.kind == "generated":
-      gen = (([s for s, _ in self._pairs[i:i + n]], [t for _, t in self._pairs[i:i + n]])
-             for i in range(0, len(self._pairs), n))
+      pairs = self._generated_pairs()
+      gen = (([s for s, _ in pairs[i:i + n]], [t for _, t in pairs[i:i + n]]) for i in range(0, len(pairs), n))
     else:
       gen = self._tfds_chunks(n)
     for src, tgt in gen:
