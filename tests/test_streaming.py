@@ -321,11 +321,11 @@ def test_stream_memory_does_not_grow_with_the_corpus(tmp_path):
 
 def test_default_task_through_the_stream_keeps_its_packing(tmp_path):
   """The embedded task takes the same path: >= 95% real target slots over a whole epoch (tiny's 128/32 rows)."""
-  config = make_config("", dataset="generated:numbers_en_de", max_train_examples=20_000, max_length=32,
+  config = make_config("", dataset="generated:numbers_en_de", max_train_examples=10_000, max_length=32,
                        tokenizer_train_sentences=4000)
   config.model.vocab_size = 512
   got = prepare.ensure_prepared(config, str(tmp_path), progress=False)
-  assert got.manifest["num_examples"] == 20_000 and os.path.basename(got.directory).startswith("train-")
+  assert got.manifest["num_examples"] == 10_000 and os.path.basename(got.directory).startswith("train-")
   s = stream_lib.TrainStream(stream_lib.Shards(got.directory, got.manifest), batch_size=32, inputs_length=128,
                              targets_length=32, seed=0, prefetch=0)
   real = slots = 0
