@@ -17,6 +17,7 @@ def get_config():
   config.max_eval_examples = 1000
   config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir (None: TFDS default)
   config.tokenizer_train_sentences = 50_000  # sentences sampled to train the SentencePiece model
+  config.prepared_data_dir = ml_collections.config_dict.placeholder(str)  # token-id shards (None: WORKDIR/data)
 
   config.model = ml_collections.ConfigDict(dict(
       vocab_size=512, num_layers=3, d_model=128, num_heads=8, d_ff=512, dropout_rate=0.1,

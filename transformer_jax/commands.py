@@ -218,6 +218,16 @@ def _attention() -> None:
   attention_maps.run(FLAGS)
 
 
+def _prepare_flags() -> None:
+  from transformer_jax.data import prepare  # pylint: disable=g-import-not-at-top  (TensorFlow: only for this command)
+  prepare.define_flags(flags)
+
+
+def _prepare() -> None:
+  from transformer_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  prepare.run(FLAGS.config, _workdir(), split=FLAGS.split)
+
+
 def _load_config_file(path: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('default_config', path)
@@ -242,6 +252,9 @@ COMMANDS = {c.name: c for c in (
             'default workdir runs/<config name>.\n'
             'Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...',
             _train, default_config=True, requires_workdir=False, distributed=True),
+    Command('prepare', 'tokenize the training split once into token-id shards (WORKDIR/data; train does it when '
+            'missing).\nLast line: prepared: examples=<int> ...', _prepare, _prepare_flags, default_config=True,
+            requires_workdir=False),
     Command('evaluate', 'held-out metrics of WORKDIR\'s newest checkpoint; last line bleu=<float> chrf=<float> ...',
             _evaluate, _evaluate_flags, distributed=True),
     Command('translate', 'sentences from stdin (or --input=FILE) -> one translation per line', _translate,

@@ -1,5 +1,8 @@
 """Input pipeline: sources -> sentencepiece -> filter/truncate -> pack -> shuffle -> batch (per process).
 
+Training data is prepared once into token-id shards (prepare.py) and streamed from them (stream.py);
+held-out data stays in memory (pipeline.eval_batches).
+
 TensorFlow is imported only where files or TFDS are read (sources.py) and in build_datasets.
 """
 

@@ -136,6 +136,32 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], input
   }
 
 
+def pack_flat(in_tokens: np.ndarray, in_lens: np.ndarray, tg_tokens: np.ndarray, tg_lens: np.ndarray,
+              inputs_length: int, targets_length: int, *, max_open_rows: int = 64) -> dict[str, np.ndarray]:
+  """`pack_examples` for examples given as flat token arrays + per-example lengths (EOS included).
+
+  The same placement and output; no per-example Python objects (the streaming pipeline packs
+  memmapped shards this way). The caller guarantees 1 <= lengths <= the row lengths.
+  """
+  if max_open_rows < 1:
+    raise ValueError(f"max_open_rows must be >= 1, got {max_open_rows}")
+  in_lens = np.asarray(in_lens, np.int64)
+  tg_lens = np.asarray(tg_lens, np.int64)
+  row, in_off, tg_off, seg, num_rows = _place(in_lens, tg_lens, inputs_length, targets_length,
+                                              max_open_rows)
+  inputs, inputs_seg, inputs_pos = _fill([in_tokens], in_lens, row, in_off, seg, num_rows, inputs_length)
+  targets, targets_seg, targets_pos = _fill([tg_tokens], tg_lens, row, tg_off, seg, num_rows,
+                                            targets_length)
+  return {
+      "inputs": inputs,
+      "targets": targets,
+      "inputs_segmentation": inputs_seg,
+      "targets_segmentation": targets_seg,
+      "inputs_position": inputs_pos,
+      "targets_position": targets_pos,
+  }
+
+
 def packing_efficiency(packed: dict[str, np.ndarray]) -> float:
   """Fraction of target slots holding a real token (real target tokens / target slots)."""
   seg = packed["targets_segmentation"]

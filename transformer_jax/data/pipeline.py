@@ -1,5 +1,9 @@
 """Text pairs -> token ids -> packed rows -> batches, per process, with exactly resumable state.
 
+build_datasets streams the training split from prepared shards (data/prepare.py, data/stream.py); the
+in-memory TrainIterator below remains for small lists of examples (tools, benchmarks) and describes the
+held-out path (eval_batches).
+
 The training stream is a pure function of (examples, seed, step): epoch e is the examples
 permuted by np.random.default_rng((seed, e)) and packed; every epoch yields the same number of
 batches (`batches_per_epoch`, fixed from epoch 0, see TrainIterator). So the position after
@@ -266,7 +270,7 @@ def eval_batches(examples_ids: Sequence[ExampleIds], *, batch_size: int, inputs_
 @dataclasses.dataclass
 class Datasets:
   tokenizer: tokenizer_lib.Tokenizer
-  train: TrainIterator
+  train: Any                          # stream.TrainStream (next / get_state / set_state, like TrainIterator)
   eval_pairs: list[tuple[str, str]]   # raw held-out text (this process's shard), for BLEU
   eval_ids: list[ExampleIds]          # eval_ids[i] is eval_pairs[i] tokenized (truncated, + EOS)
 
@@ -282,8 +286,7 @@ def hide_gpus_from_tensorflow() -> None:
 
 def build_datasets(config, workdir: str, *, process_index: int = 0,
                    process_count: int = 1) -> Datasets:
-  """Loads text, trains or loads the tokenizer (workdir/spm.model), tokenizes and packs."""
-  import os  # pylint: disable=g-import-not-at-top
+  """Prepares (once) and streams the training split; loads, tokenizes and packs the held-out split."""
   hide_gpus_from_tensorflow()
   start = time.time()
   if config.batch_size % process_count:
@@ -295,47 +298,37 @@ def build_datasets(config, workdir: str, *, process_index: int = 0,
   if inputs_length < max_length or targets_length < max_length:
     raise ValueError(f"packed_inputs_length ({inputs_length}) and packed_targets_length "
                      f"({targets_length}) must be >= max_length ({max_length})")
-  common = dict(source_lang=config.source_lang, target_lang=config.target_lang,
-                process_index=process_index, process_count=process_count,
-                data_dir=config.get("data_dir"))
-  cache_dir = workdir if config.dataset.startswith("generated:") else None
-  train_pairs = sources.load_text_pairs(config.dataset, config.train_split,
-                                        max_examples=config.get("max_train_examples"),
-                                        cache_dir=cache_dir, **common)
-  eval_pairs = sources.load_text_pairs(config.dataset, config.eval_split,
-                                       max_examples=config.get("max_eval_examples"),
-                                       cache_dir=cache_dir, **common)
-  if not train_pairs:
-    raise ValueError(f"{config.dataset} split {config.train_split!r} has no examples for "
-                     f"process {process_index}")
-
-  def sentences():
-    for s, t in train_pairs:
-      yield s
-      yield t
-
-  tokenizer = tokenizer_lib.load_or_train_tokenizer(
-      os.path.join(workdir, "spm.model"), sentences, int(config.model.vocab_size),
-      is_chief=process_index == 0,
-      max_sentences=int(config.get("tokenizer_train_sentences", 200_000)))
+  # Training data: prepared once into token-id shards (data/prepare.py), streamed (data/stream.py).
+  from transformer_jax.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import stream as stream_lib  # pylint: disable=g-import-not-at-top
+  prepared = prepare_lib.ensure_prepared(config, workdir, is_chief=process_index == 0,
+                                         progress=process_index == 0)
+  tokenizer = prepared.tokenizer
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
                      f"{config.model.vocab_size}; delete {tokenizer.model_path} or raise vocab_size")
+  manifest = prepared.manifest
+  if prepared.reused and process_index == 0:
+    prepare_lib.report_skipped(manifest, f"{config.dataset} [{config.train_split}]")
+  train = stream_lib.TrainStream(stream_lib.Shards(prepared.directory, manifest),
+                                 batch_size=config.batch_size // process_count, inputs_length=inputs_length,
+                                 targets_length=targets_length, seed=int(config.seed),
+                                 process_index=process_index, process_count=process_count)
 
-  train_ids = tokenize_pairs(tokenizer, train_pairs, max_length=max_length)
+  cache_dir = workdir if config.dataset.startswith("generated:") else None
+  eval_pairs = sources.load_text_pairs(config.dataset, config.eval_split,
+                                       max_examples=config.get("max_eval_examples"),
+                                       cache_dir=cache_dir, source_lang=config.source_lang,
+                                       target_lang=config.target_lang, process_index=process_index,
+                                       process_count=process_count, data_dir=config.get("data_dir"))
   # Keep eval_pairs[i] <-> eval_ids[i]: drop the raw pairs whose tokenization was dropped.
   aligned = _tokenize_aligned(tokenizer, eval_pairs, max_length, truncate=True)
   eval_pairs = [p for p, e in zip(eval_pairs, aligned) if e is not None]
   eval_ids = [e for e in aligned if e is not None]
-  dropped = len(train_pairs) - len(train_ids)
-  train = TrainIterator(train_ids, batch_size=config.batch_size // process_count,
-                        inputs_length=inputs_length, targets_length=targets_length,
-                        seed=int(config.seed))
   logging.info(
-      "Data %s: %d train pairs (%d dropped: empty or over max_length=%d), %d eval pairs; "
-      "%d rows of %d/%d tokens per epoch, %d batches of %d rows; packing efficiency "
-      "targets %.3f inputs %.3f; %.1f s",
-      config.dataset, len(train_ids), dropped, max_length, len(eval_ids),
-      train.rows_per_epoch_0, inputs_length, targets_length, train.batches_per_epoch,
-      train.batch_size, train.packing_efficiency, train.inputs_efficiency, time.time() - start)
+      "Data %s: %d prepared train examples (%d pairs read; skipped %s), %d for this process, %d eval pairs; "
+      "rows of %d/%d tokens, batches of %d rows; packing efficiency targets %.3f inputs %.3f; %.1f s",
+      config.dataset, manifest["num_examples"], manifest["pairs_read"], manifest["skipped"], train.num_examples,
+      len(eval_ids), inputs_length, targets_length, train.batch_size, train.packing_efficiency,
+      train.inputs_efficiency, time.time() - start)
   return Datasets(tokenizer=tokenizer, train=train, eval_pairs=eval_pairs, eval_ids=eval_ids)
