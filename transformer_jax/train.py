@@ -29,7 +29,7 @@ from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax.data.tokenizer import PAD_ID
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax.model import LanguageModel, ModelConfig, Transformer, build_model
 
 BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position',
               'targets_position')
@@ -56,14 +56,16 @@ def model_config(config, **overrides) -> ModelConfig:
 
 
 def _dummy_batch(config, rows: int = 1):
-  return {'inputs': jnp.ones((rows, config.packed_inputs_length), jnp.int32),
-          'targets': jnp.ones((rows, config.packed_targets_length), jnp.int32)}
+  targets = {'targets': jnp.ones((rows, config.packed_targets_length), jnp.int32)}
+  if config.model.get('kind', 'encoder_decoder') == 'decoder':
+    return targets
+  return {'inputs': jnp.ones((rows, config.packed_inputs_length), jnp.int32), **targets}
 
 
 def _init_boxed_state(model: Transformer, tx, config, rng) -> TrainState:
   """Parameters still wrapped in their logical-axis boxes; optax's moments inherit the boxes (same names)."""
   batch = _dummy_batch(config)
-  params = model.init({'params': rng}, batch['inputs'], batch['targets'])['params']
+  params = model.init({'params': rng}, **batch)['params']
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -114,6 +116,9 @@ def cross_entropy_sums(logits, targets, weights, label_smoothing: float) -> dict
 
 
 def _apply(model, params, batch, *, deterministic: bool, rngs=None):
+  if isinstance(model, LanguageModel):  # next-token targets only: documents packed in `targets`
+    return model.apply({'params': params}, batch['targets'], batch.get('targets_segmentation'),
+                       batch.get('targets_position'), deterministic=deterministic, rngs=rngs)
   return model.apply({'params': params}, batch['inputs'], batch['targets'], batch.get('inputs_segmentation'),
                      batch.get('targets_segmentation'), batch.get('inputs_position'), batch.get('targets_position'),
                      deterministic=deterministic, rngs=rngs)
@@ -421,7 +426,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                      f'{config.model.vocab_size}')
 
   cfg = model_config(config)
-  model = Transformer(cfg)
+  model = build_model(cfg)
   tx = optim.make_optimizer(config)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
