@@ -132,3 +132,95 @@ def test_lm_train_step_on_a_mesh_equals_one_device(shape, one_device_lm_run):
   want_losses, want_params = one_device_lm_run
   np.testing.assert_allclose(losses, want_losses, rtol=test_parallel.RTOL)
   test_parallel.assert_params_close(test_parallel.host_params(state.params), want_params)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation over the cache
+
+
+def test_cached_decoding_gives_the_full_forward_pass_logits_at_every_step(model_and_params):
+  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  model, _, params = model_and_params
+  rng = np.random.default_rng(3)
+  targets = rng.integers(4, VOCAB, (2, LENGTH)).astype(np.int32)
+  full = np.asarray(model.apply({'params': params}, targets))  # logits after BOS, t_0, ..., t_{L-2}
+  decoder = generate.decoding_model(model.cfg)
+  cache = generate.init_cache(decoder, params, 2, LENGTH)
+  step = jax.jit(lambda c, tok: generate.decode_step(decoder, params, c, tok))
+  inputs = np.concatenate([np.full((2, 1), 3, np.int32), targets[:, :-1]], axis=1)
+  for t in range(LENGTH):
+    logits, cache = step(cache, jnp.asarray(inputs[:, t]))
+    np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=1e-4, atol=1e-4, err_msg=f'step {t}')
+
+
+def test_top_k_and_top_p_never_allow_a_token_outside_their_set():
+  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  for trial in range(30):
+    logits = rng.normal(0, 1 + 3 * rng.random(), (4, 40)).astype(np.float32)
+    top_k, top_p = int(rng.integers(0, 12)), float(rng.uniform(0.05, 1.0))
+    kept = np.asarray(generate.filter_logits(jnp.asarray(logits), top_k, top_p)) > -1e8
+    allowed = np.ones_like(kept)
+    allowed[:, (0, 3)] = False  # PAD and BOS are never generated
+    for b in range(4):
+      order = [i for i in np.argsort(-logits[b], kind='stable') if allowed[b, i]]
+      if top_k:
+        order = order[:top_k]
+      p = np.exp(logits[b, order] - logits[b, order].max())
+      p /= p.sum()
+      nucleus = order[:int(np.searchsorted(np.cumsum(p), top_p - 1e-6) + 1)]  # smallest prefix reaching top_p
+      assert set(np.flatnonzero(kept[b])) == set(nucleus), (trial, b, top_k, top_p)
+    draws = np.asarray(jax.vmap(lambda k: generate.sample(jnp.asarray(logits), k, 1.0, top_k, top_p))(
+        jax.random.split(jax.random.key(trial), 64)))
+    assert kept[np.arange(4)[None, :], draws].all()
+
+
+class _Ids:
+  """A stand-in tokenizer: text is space-separated ids."""
+  vocab_size = VOCAB
+
+  def encode_batch(self, texts):
+    return [[int(t) for t in s.split()] for s in texts]
+
+  def decode(self, ids):
+    out = []
+    for i in ids:
+      if int(i) == 1:
+        break
+      if int(i) not in (0, 3):  # PAD, BOS: dropped, as the real tokenizer does
+        out.append(str(int(i)))
+    return ' '.join(out)
+
+
+def test_generation_is_reproducible_by_seed_and_greedy_is_the_argmax_of_the_full_pass(model_and_params):
+  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  model, _, params = model_and_params
+  prompts = ['5 6 7', '9', '10 11 12 13 14 15']
+  kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9)
+  a = generate.generate_texts(params, model.cfg, _Ids(), prompts, seed=1, **kw)
+  assert a == generate.generate_texts(params, model.cfg, _Ids(), prompts, seed=1, **kw)
+  others = [generate.generate_texts(params, model.cfg, _Ids(), prompts, seed=s, **kw) for s in (2, 3)]
+  assert any(o != a for o in others)
+  greedy = generate.generate_texts(params, model.cfg, _Ids(), prompts, max_new_tokens=5, temperature=0.0)
+  for prompt, completion in zip(prompts, greedy):
+    seq = [int(t) for t in prompt.split()]
+    for _ in range(5):  # the full forward pass, one more token each time
+      logits = np.array(model.apply({'params': params}, jnp.asarray([seq + [4]], jnp.int32)))[0, len(seq)]
+      logits[[0, 3]] = -np.inf
+      token = int(np.argmax(logits))
+      if token == 1:
+        break
+      seq.append(token)
+    assert completion.split() == [str(t) for t in seq[len(prompt.split()):]]
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left_with_a_note(model_and_params):
+  import io  # pylint: disable=g-import-not-at-top
+  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  model, _, params = model_and_params
+  long = ' '.join(str(4 + i % 50) for i in range(LENGTH + 5))
+  notes = io.StringIO()
+  got = generate.generate_texts(params, model.cfg, _Ids(), [long], max_new_tokens=4, temperature=0.0, notes=notes)
+  kept = ' '.join(long.split()[-(LENGTH - 1 - 4):])
+  assert 'kept its last' in notes.getvalue()
+  assert got == generate.generate_texts(params, model.cfg, _Ids(), [kept], max_new_tokens=4, temperature=0.0)

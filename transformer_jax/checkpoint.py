@@ -314,9 +314,9 @@ def _trainer_abstract_state(config, devices=None):
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
   from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(config.mesh, devices=devices)
-  model = Transformer(train_lib.model_config(config))
+  model = build_model(train_lib.model_config(config))
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)

@@ -15,7 +15,9 @@ commands:
   train      train (resumes from WORKDIR's newest good checkpoint); default config configs/tiny.py,
              default workdir runs/<config name>. Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...
   evaluate   held-out metrics of WORKDIR's newest checkpoint; last line bleu=<float> chrf=<float> ...
+             (a language model: perplexity=<float> bits_per_byte=<float>)
   translate  sentences from stdin (or --input=FILE) -> one translation per line
+  generate   language models: continue --prompt (or each line of stdin) over the KV cache
   export     --format={safetensors,msgpack,hf-marian,stablehlo} --out=PATH
   import     --format=hf-marian --path=DIR: a Marian checkpoint on disk -> WORKDIR
   average    --last=N --out=DIR: element-wise mean of the last N checkpoints' parameters
@@ -24,7 +26,7 @@ commands:
 Run `transformer-jax <command> --help` for every flag.
 """
 
-COMMANDS = ('train', 'evaluate', 'translate', 'export', 'import', 'average', 'info')
+COMMANDS = ('train', 'evaluate', 'translate', 'generate', 'export', 'import', 'average', 'info')
 
 
 def _repo_root() -> str:

@@ -67,6 +67,9 @@ def define_flags(command: str) -> None:
                         'vocab.json) to convert into a checkpoint in --workdir.')
     flags.DEFINE_boolean('overwrite', False, 'Replace checkpoints already in --workdir.')
     flags.mark_flag_as_required('path')
+  if command == 'generate':
+    from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+    generate.define_flags(flags)
   if command == 'info':
     flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
   flags.mark_flags_as_required([] if command in ('train', 'info') else ['workdir'])
@@ -115,10 +118,21 @@ def _info() -> None:
 
 
 def _evaluate() -> None:
+  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
   from transformer_jax import inference  # pylint: disable=g-import-not-at-top
+  if generate.is_language_model_workdir(FLAGS.workdir, FLAGS.config):
+    results = generate.evaluate_workdir(FLAGS.workdir, FLAGS.config, split=FLAGS.split)
+    print(f"eval_nll={results['eval_nll']:.4f} eval_accuracy={results['eval_accuracy']:.4f}")
+    print(f"perplexity={results['perplexity']:.4f} bits_per_byte={results['bits_per_byte']:.4f}", flush=True)
+    return
   results = inference.evaluate_workdir(FLAGS.workdir, FLAGS.config, split=FLAGS.split, beam_size=FLAGS.beam_size,
                                        alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
   print(' '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
+
+
+def _generate() -> None:
+  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  generate.run(FLAGS)
 
 
 def _translate() -> None:

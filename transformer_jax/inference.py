@@ -19,7 +19,7 @@ from transformer_jax import parallel
 from transformer_jax import train as train_lib
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.data.tokenizer import PAD_ID
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax.model import ModelConfig, build_model
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ def load_workdir(workdir: str, config=None) -> Loaded:
   tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
   mesh = parallel.make_mesh(config.mesh)
   cfg = train_lib.model_config(config)
-  model = Transformer(cfg)
+  model = build_model(cfg)
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)

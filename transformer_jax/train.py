@@ -450,10 +450,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     eval_step = jax.jit(make_eval_step(model, config))
     eval_lengths = dict(batch_size=config.batch_size // process_count, inputs_length=config.packed_inputs_length,
                         targets_length=config.packed_targets_length)
-    eval_batches = pipeline.eval_batches(data.eval_ids, **eval_lengths)
+    is_lm = cfg.kind == 'decoder'
+    make_eval_batches = data.eval_batches if is_lm else functools.partial(pipeline.eval_batches, data.eval_ids)
+    eval_batches = make_eval_batches(**eval_lengths)
     num_eval_batches = parallel.max_over_processes(len(eval_batches))  # every process runs the same eval steps
     if len(eval_batches) < num_eval_batches:
-      eval_batches = pipeline.eval_batches(data.eval_ids, num_batches=num_eval_batches, **eval_lengths)
+      eval_batches = make_eval_batches(num_batches=num_eval_batches, **eval_lengths)
     # BLEU: translate_ids wants the same rows on every process, but each holds every process_count-th held-out
     # pair: gather them all (original order), so every process translates and scores the same set.
     eval_pairs = parallel.gather_process_shards(data.eval_pairs)
@@ -464,6 +466,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     def run_eval(params, step) -> dict[str, float]:
       results = evaluate_loss(eval_step, params, eval_batches, mesh)
+      if is_lm:  # perplexity, bits per byte, and samples in the run's output
+        from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+        from transformer_jax.data import lm  # pylint: disable=g-import-not-at-top
+        results.update(lm.lm_metrics(results['eval_nll'], data.eval_tokens, data.eval_bytes))
+        prompts = list(config.get('lm_sample_prompts', ()))
+        if prompts:
+          texts = generate.generate_texts(params, cfg, data.tokenizer, prompts,
+                                          max_new_tokens=int(config.get('lm_sample_tokens', 64)), temperature=0.8,
+                                          top_p=0.95, seed=step)
+          if is_chief:
+            for prompt, text in zip(prompts, texts):
+              tqdm.write(f'sample step={step} (temperature 0.8, top_p 0.95):\n{prompt}{text}\n' + '-' * 40)
       if num_bleu:
         tokens = translate_ids(params, bleu_sources, cfg=cfg, mesh=mesh,
                                batch_size=int(config.get('eval_translate_batch_size', 256)),

@@ -283,6 +283,9 @@ def hide_gpus_from_tensorflow() -> None:
 def build_datasets(config, workdir: str, *, process_index: int = 0,
                    process_count: int = 1) -> Datasets:
   """Loads text, trains or loads the tokenizer (workdir/spm.model), tokenizes and packs."""
+  if config.model.get("kind", "encoder_decoder") == "decoder":  # a language model: documents, not pairs
+    from transformer_jax.data import lm  # pylint: disable=g-import-not-at-top
+    return lm.build_datasets(config, workdir, process_index=process_index, process_count=process_count)
   import os  # pylint: disable=g-import-not-at-top
   hide_gpus_from_tensorflow()
   start = time.time()
