@@ -49,10 +49,11 @@ def define_flags(command: str) -> None:
                         '(optimizer state and step copied from the newest checkpoint), spm.model, averaged.json.')
     flags.mark_flag_as_required('out')
   if command == 'export':
-    flags.DEFINE_enum('format', None, ['safetensors', 'msgpack', 'hf-marian', 'stablehlo'],
+    flags.DEFINE_enum('format', None, ['safetensors', 'msgpack', 'hf-marian', 'stablehlo', 'hf-gpt2'],
                       'safetensors / msgpack: one file of parameters (+ spm.model beside it); hf-marian: a directory '
                       'transformers.MarianMTModel / MarianTokenizer load; stablehlo: jax.export of greedy '
-                      'translation with the parameters baked in.')
+                      'translation with the parameters baked in; hf-gpt2 (language models): a directory '
+                      'transformers.GPT2LMHeadModel / AutoTokenizer load.')
     flags.DEFINE_string('out', None, 'File to write (a directory for hf-marian).')
     flags.DEFINE_string('checkpoint', None, 'Step number or step directory (WORKDIR/checkpoints/STEP) to export '
                         '(default: the newest good checkpoint).')
@@ -62,7 +63,7 @@ def define_flags(command: str) -> None:
                          'directory).')
     flags.mark_flags_as_required(['format', 'out'])
   if command == 'import':
-    flags.DEFINE_enum('format', 'hf-marian', ['hf-marian'], 'Format of --path.')
+    flags.DEFINE_enum('format', 'hf-marian', ['hf-marian', 'hf-gpt2'], 'Format of --path.')
     flags.DEFINE_string('path', None, 'HF Marian directory (config.json, model.safetensors, source.spm, '
                         'vocab.json) to convert into a checkpoint in --workdir.')
     flags.DEFINE_boolean('overwrite', False, 'Replace checkpoints already in --workdir.')
@@ -163,7 +164,11 @@ def _export() -> None:
 
 def _import() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
-  count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=FLAGS.config, overwrite=FLAGS.overwrite)
+  if FLAGS.format == 'hf-gpt2':
+    from transformer_jax import hf_gpt2  # pylint: disable=g-import-not-at-top
+    count = hf_gpt2.import_gpt2(FLAGS.path, FLAGS.workdir, config=FLAGS.config, overwrite=FLAGS.overwrite)
+  else:
+    count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=FLAGS.config, overwrite=FLAGS.overwrite)
   print(f'imported {FLAGS.path} ({count} parameters) -> {FLAGS.workdir} (step 0)', flush=True)
 
 

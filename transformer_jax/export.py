@@ -74,7 +74,7 @@ import numpy as np
 
 from transformer_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-FORMATS = ('safetensors', 'msgpack', 'hf-marian', 'stablehlo')
+FORMATS = ('safetensors', 'msgpack', 'hf-marian', 'stablehlo', 'hf-gpt2')  # hf-gpt2: hf_gpt2.py
 DTYPES = ('float32', 'bfloat16')
 TOKENIZER_NAME = 'spm.model'
 FORMAT_TAG = 'transformer_jax'
@@ -103,7 +103,7 @@ def load_checkpoint(workdir: str, checkpoint: str | int | None = None, config=No
   from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax import optim  # pylint: disable=g-import-not-at-top
   from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
 
   root, step = workdir, None
   if checkpoint is not None and str(checkpoint) != '':
@@ -127,7 +127,7 @@ def load_checkpoint(workdir: str, checkpoint: str | int | None = None, config=No
     if config is None:
       config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     cfg = train_lib.model_config(config)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     tx = optim.make_optimizer(config)
     device = jax.sharding.SingleDeviceSharding(_host_device())  # the whole state in host memory, not on a GPU
     specs = train_lib.state_logical_specs(model, tx, config)
@@ -305,7 +305,7 @@ def check_target(fmt: str, out: str, *, dtype: str = 'float32', overwrite: bool 
     raise ExportError('stablehlo exports float32 parameters only (set model.dtype for the compute dtype)')
   if not out:
     raise ExportError('--out is required')
-  if fmt == 'hf-marian':
+  if fmt in ('hf-marian', 'hf-gpt2'):
     _check_dir_target(out, overwrite)
     return
   beside = os.path.join(os.path.dirname(os.path.abspath(out)), TOKENIZER_NAME)
@@ -319,6 +319,9 @@ def export(source: Exportable, fmt: str, out: str, *, dtype: str = 'float32', ov
   check_target(fmt, out, dtype=dtype, overwrite=overwrite, tokenizer_path=source.tokenizer_path)
   if fmt == 'hf-marian':
     return _export_hf_marian(source, out, dtype=dtype, overwrite=overwrite)
+  if fmt == 'hf-gpt2':
+    from transformer_jax import hf_gpt2  # pylint: disable=g-import-not-at-top
+    return hf_gpt2.export(source, out, dtype=dtype, overwrite=overwrite)
   tokenizer_bytes = _read(source.tokenizer_path)
   beside = os.path.join(os.path.dirname(os.path.abspath(out)), TOKENIZER_NAME)
   if fmt == 'stablehlo':
@@ -791,9 +794,9 @@ def write_checkpoint(workdir: str, config, params, step: int = 0) -> None:
   from transformer_jax import optim  # pylint: disable=g-import-not-at-top
   from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
   from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
 
-  model = Transformer(train_lib.model_config(config))
+  model = build_model(train_lib.model_config(config))
   tx = optim.make_optimizer(config)
   mesh = parallel.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
