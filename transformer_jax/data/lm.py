@@ -49,7 +49,8 @@ _STDLIB_EXCLUDED_DIRS = frozenset(('test', 'tests', 'idle_test', 'idlelib', 'lib
 # runs of spaces (indentation) allowed as pieces. Decoding then gives back the input exactly.
 LM_TOKENIZER_OPTIONS = dict(normalization_rule_name='identity', remove_extra_whitespaces=False,
                             add_dummy_prefix=False, byte_fallback=True, user_defined_symbols=['\n'],
-                            allow_whitespace_only_pieces=True, split_by_whitespace=True)
+                            allow_whitespace_only_pieces=True, split_by_whitespace=True,
+                            character_coverage=0.9995)  # rare characters: bytes, not pieces of their own
 
 
 # ---------------------------------------------------------------------------------------------
