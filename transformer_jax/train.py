@@ -317,7 +317,8 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
     if pts:
       ax_eval.plot(*zip(*pts), label=key, marker='o')
   ax_eval.set(xlabel='step', ylabel='score (0-100)', title='held-out', ylim=(0, 100))
-  ax_eval.legend()
+  if ax_eval.lines:  # a language model has no BLEU
+    ax_eval.legend()
   fig.tight_layout()
   fig.savefig(out_path, dpi=90)
   plt.close(fig)

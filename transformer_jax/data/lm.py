@@ -161,7 +161,7 @@ class LMTrainIterator:
     if not chunks:
       raise ValueError('LMTrainIterator: no training text')
     self._chunks, self.batch_size, self.length, self.seed = chunks, int(batch_size), int(length), int(seed)
-    first = self._pack(0, None)
+    first = self._pack(0)
     self.rows_per_epoch_0 = first['targets'].shape[0]
     self.batches_per_epoch = self.rows_per_epoch_0 // self.batch_size
     if self.batches_per_epoch < 1:
@@ -171,7 +171,7 @@ class LMTrainIterator:
     self._epoch_data = {0: self._cut(first)}
     self._epoch = self._batch = 0
 
-  def _pack(self, epoch: int, need: int | None) -> Batch:
+  def _pack(self, epoch: int) -> Batch:
     order = np.random.default_rng((self.seed, epoch)).permutation(len(self._chunks))
     return pack_chunks([self._chunks[i] for i in order], self.length)
 
@@ -183,7 +183,7 @@ class LMTrainIterator:
 
   def _get(self, epoch: int) -> Batch:
     if epoch not in self._epoch_data:
-      self._epoch_data = {epoch: self._cut(self._pack(epoch, None))}
+      self._epoch_data = {epoch: self._cut(self._pack(epoch))}
     return self._epoch_data[epoch]
 
   def __iter__(self):
