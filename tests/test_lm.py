@@ -194,18 +194,21 @@ class _Ids:
 
 def test_generation_is_reproducible_by_seed_and_greedy_is_the_argmax_of_the_full_pass(model_and_params):
   from transformer_jax import generate  # pylint: disable=g-import-not-at-top
-  model, _, params = model_and_params
+  model, apply, params = model_and_params
   prompts = ['5 6 7', '9', '10 11 12 13 14 15']
   kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9)
   a = generate.generate_texts(params, model.cfg, _Ids(), prompts, seed=1, **kw)
   assert a == generate.generate_texts(params, model.cfg, _Ids(), prompts, seed=1, **kw)
   others = [generate.generate_texts(params, model.cfg, _Ids(), prompts, seed=s, **kw) for s in (2, 3)]
   assert any(o != a for o in others)
-  greedy = generate.generate_texts(params, model.cfg, _Ids(), prompts, max_new_tokens=5, temperature=0.0)
+  greedy = generate.generate_texts(params, model.cfg, _Ids(), prompts, max_new_tokens=6, temperature=0.0)
   for prompt, completion in zip(prompts, greedy):
     seq = [int(t) for t in prompt.split()]
-    for _ in range(5):  # the full forward pass, one more token each time
-      logits = np.array(model.apply({'params': params}, jnp.asarray([seq + [4]], jnp.int32)))[0, len(seq)]
+    for _ in range(6):  # the full forward pass (one padded shape: causal, so padding changes nothing), one more token
+      row = np.zeros((1, LENGTH), np.int32)
+      row[0, :len(seq) + 1] = seq + [4]
+      logits = np.array(apply(params, row, (row > 0).astype(np.int32), np.arange(LENGTH, dtype=np.int32)[None]))[
+          0, len(seq)]
       logits[[0, 3]] = -np.inf
       token = int(np.argmax(logits))
       if token == 1:
