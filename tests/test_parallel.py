@@ -15,7 +15,7 @@ from transformer_jax import info
 from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train as train_lib
-from transformer_jax.model import Transformer
+from transformer_jax.model import build_model
 
 NUM_STEPS = 3
 GLOBAL_ROWS = 16
@@ -69,7 +69,7 @@ def run_steps(config, mesh, batches):
 
   Each process feeds only the rows of each global batch that its devices hold (parallel.process_batch_rows).
   """
-  model = Transformer(train_lib.model_config(config))
+  model = build_model(train_lib.model_config(config))
   tx = optim.make_optimizer(config)
   losses = []
   rows = parallel.process_batch_rows(mesh, config.batch_size)

@@ -21,10 +21,10 @@ def repo_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def default_config_path() -> str:
-  """configs/tiny.py relative to the working directory, else beside the installed (editable) package."""
-  local = os.path.join('configs', 'tiny.py')
-  return local if os.path.exists(local) else os.path.join(repo_root(), 'configs', 'tiny.py')
+def default_config_path(name: str = 'tiny.py') -> str:
+  """configs/<name> relative to the working directory, else beside the installed (editable) package."""
+  local = os.path.join('configs', name)
+  return local if os.path.exists(local) else os.path.join(repo_root(), 'configs', name)
 
 
 def _common_flags(config_default: str | None) -> None:
@@ -91,9 +91,9 @@ def _export_flags() -> None:
 
 
 def _import_flags() -> None:
-  flags.DEFINE_enum('format', 'hf-marian', ['hf-marian'], 'Format of --path.')
-  flags.DEFINE_string('path', None, 'HF Marian directory (config.json, model.safetensors, source.spm, '
-                      'vocab.json) to convert into a checkpoint in --workdir.')
+  flags.DEFINE_enum('format', 'hf-marian', ['hf-marian', 'hf-gpt2'], 'Format of --path.')
+  flags.DEFINE_string('path', None, 'HF directory to convert into a checkpoint in --workdir: Marian (config.json, '
+                      'model.safetensors, source.spm, vocab.json) or GPT-2 (config.json, model.safetensors).')
   flags.DEFINE_boolean('overwrite', False, 'Replace checkpoints already in --workdir.')
   flags.mark_flag_as_required('path')
 
@@ -159,6 +159,12 @@ def _info() -> None:
 
 def _evaluate() -> None:
   from transformer_jax import inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top
+  if lm_inference.is_language_model_workdir(FLAGS.workdir, FLAGS.config):
+    results = lm_inference.evaluate_workdir(FLAGS.workdir, FLAGS.config, split=FLAGS.split)
+    print(f"eval_nll={results['eval_nll']:.4f} eval_accuracy={results['eval_accuracy']:.4f}")
+    print(f"perplexity={results['perplexity']:.4f} bits_per_byte={results['bits_per_byte']:.4f}", flush=True)
+    return
   results = inference.evaluate_workdir(FLAGS.workdir, FLAGS.config, split=FLAGS.split, beam_size=FLAGS.beam_size,
                                        alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
   print(' '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
@@ -193,9 +199,14 @@ def _export() -> None:
 def _import() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
+  gpt2 = FLAGS.format == 'hf-gpt2'
   if config is None and not os.path.exists(os.path.join(FLAGS.path or '', 'transformer_jax_config.json')):
-    config = _load_config_file(default_config_path())  # data, lengths and optimizer HF does not describe
-  count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=config, overwrite=FLAGS.overwrite)
+    # data, lengths and optimizer HF does not describe: the default job of this kind
+    config = _load_config_file(default_config_path('lm_tiny.py' if gpt2 else 'tiny.py'))
+  if gpt2:
+    count = export.hf_gpt2.import_gpt2(FLAGS.path, FLAGS.workdir, config=config, overwrite=FLAGS.overwrite)
+  else:
+    count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=config, overwrite=FLAGS.overwrite)
   print(f'imported {FLAGS.path} ({count} parameters) -> {FLAGS.workdir} (step 0)', flush=True)
 
 
@@ -228,6 +239,16 @@ def _prepare() -> None:
   prepare.run(FLAGS.config, _workdir(), split=FLAGS.split)
 
 
+def _generate_flags() -> None:
+  from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top  (jax/flax: only for this command)
+  lm_inference.define_flags(flags)
+
+
+def _generate() -> None:
+  from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top
+  lm_inference.run(FLAGS)
+
+
 def _load_config_file(path: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('default_config', path)
@@ -255,12 +276,15 @@ COMMANDS = {c.name: c for c in (
     Command('prepare', 'tokenize the training split once into token-id shards (WORKDIR/data; train does it when '
             'missing).\nLast line: prepared: examples=<int> ...', _prepare, _prepare_flags, default_config=True,
             requires_workdir=False),
-    Command('evaluate', 'held-out metrics of WORKDIR\'s newest checkpoint; last line bleu=<float> chrf=<float> ...',
+    Command('evaluate', 'held-out metrics of WORKDIR\'s newest checkpoint; last line bleu=<float> chrf=<float> ...\n'
+            '(a language model: perplexity=<float> bits_per_byte=<float>)',
             _evaluate, _evaluate_flags, distributed=True),
     Command('translate', 'sentences from stdin (or --input=FILE) -> one translation per line', _translate,
             _translate_flags, distributed=True),
-    Command('export', '--format={safetensors,msgpack,hf-marian,stablehlo} --out=PATH', _export, _export_flags),
-    Command('import', '--format=hf-marian --path=DIR: a Marian checkpoint on disk -> WORKDIR', _import,
+    Command('generate', 'language models: continue --prompt (or each line of stdin) over the KV cache', _generate,
+            _generate_flags),
+    Command('export', '--format={safetensors,msgpack,hf-marian,stablehlo,hf-gpt2} --out=PATH', _export, _export_flags),
+    Command('import', '--format={hf-marian,hf-gpt2} --path=DIR: an HF checkpoint on disk -> WORKDIR', _import,
             _import_flags),
     Command('average', '--last=N --out=DIR: element-wise mean of the last N checkpoints\' parameters', _average,
             _average_flags),

@@ -6,6 +6,8 @@ never against SentencePiece round-trips of the references.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import sacrebleu
 
@@ -39,3 +41,10 @@ def encode_sources(tokenizer, sources: list[str], max_length: int) -> np.ndarray
 
 def decode_outputs(tokenizer, tokens: np.ndarray) -> list[str]:
   return [tokenizer.decode([int(t) for t in row]) for row in np.asarray(tokens)]
+
+
+def lm_metrics(eval_nll: float, eval_tokens: int, eval_bytes: int) -> dict[str, float]:
+  """A language model's perplexity per token and bits per byte (so models with other tokenizers compare), from
+  the mean held-out NLL (nats per token) over eval_tokens tokens of eval_bytes UTF-8 bytes."""
+  return {'perplexity': float(math.exp(min(eval_nll, 700.0))),
+          'bits_per_byte': float(eval_nll * eval_tokens / max(eval_bytes, 1) / math.log(2))}

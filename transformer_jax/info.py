@@ -16,7 +16,7 @@ from flax import linen as nn
 from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train_state
-from transformer_jax.model import Transformer
+from transformer_jax.model import build_model
 
 
 def _bytes(leaf) -> int:
@@ -36,7 +36,7 @@ def _per_device_bytes(leaf, mesh_axes, sizes: dict[str, int]) -> int:
 
 def memory_plan(config, num_devices: int):
   """(abstract state, {leaf path: (logical spec, mesh spec)}, total bytes, per-device bytes) for params+optimizer."""
-  model = Transformer(train_state.model_config(config))
+  model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   logical = train_state.state_logical_specs(model, tx, config)
   abstract = jax.eval_shape(lambda: nn.meta.unbox(train_state.init_boxed_state(model, tx, config,
@@ -58,7 +58,9 @@ def print_info(config, num_devices: int | None = None) -> int:
   abstract, rows, sizes, total, per_device = memory_plan(config, num_devices)
   params = train_state.count_params(abstract.params)
   m = config.model
-  print(f'architecture: encoder-decoder Transformer, N={m.num_layers} layers each side, d_model={m.d_model}, '
+  kind = ('decoder-only language model, N={n} layers' if m.get('kind') == 'decoder' else
+          'encoder-decoder Transformer, N={n} layers each side').format(n=m.num_layers)
+  print(f'architecture: {kind}, d_model={m.d_model}, '
         f'd_ff={m.d_ff}, h={m.num_heads}, vocab={m.vocab_size}, shared embeddings={m.share_embeddings}, '
         f"{'pre' if m.pre_norm else 'post'}-norm, {m.positional} positions, compute dtype {m.dtype}")
   dcn = int(config.mesh.get('dcn_data', 1))

@@ -46,6 +46,11 @@ class ModelConfig:
   # Explicit softmax(QK^T/sqrt(K))V that sows its weights into the 'intermediates' collection (attention_maps.py);
   # training keeps the fused jax.nn.dot_product_attention.
   attention_weights: bool = False
+  # 'encoder_decoder' (the paper) or 'decoder': a decoder-only language model (LanguageModel below).
+  kind: str = 'encoder_decoder'
+  activation: str = 'relu'  # feed-forward non-linearity: 'relu' (the paper) or 'gelu' (GPT-2's tanh approximation)
+  use_bias: bool = False  # biases on the attention projections (GPT-2); the feed-forward always has them
+  scale_embeddings: bool = True  # embeddings * sqrt(D) (section 3.4); GPT-2 does not scale
 
   @classmethod
   def from_config(cls, model_config, **overrides) -> 'ModelConfig':
@@ -63,6 +68,10 @@ class ModelConfig:
       raise ValueError(f'model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}')
     if cfg.positional not in ('sinusoidal', 'learned'):
       raise ValueError(f"model.positional must be 'sinusoidal' or 'learned', got {cfg.positional!r}")
+    if cfg.kind not in ('encoder_decoder', 'decoder'):
+      raise ValueError(f"model.kind must be 'encoder_decoder' or 'decoder', got {cfg.kind!r}")
+    if cfg.activation not in ('relu', 'gelu'):
+      raise ValueError(f"model.activation must be 'relu' or 'gelu', got {cfg.activation!r}")
     if cfg.remat not in ('none', 'full', 'dots_saveable'):
       raise ValueError(f"model.remat must be 'none', 'full' or 'dots_saveable', got {cfg.remat!r}")
     return cfg
@@ -104,20 +113,29 @@ class PositionalEncoding(nn.Module):
 
 
 class HeadProjection(nn.Module):
-  """A bias-free projection to or from heads, kernel [D, H, K] or [H, K, D] (nn.DenseGeneral would initialise a
-  flattened 2-D kernel, which logical partitioning cannot annotate)."""
+  """A projection to or from heads, kernel [D, H, K] or [H, K, D] (nn.DenseGeneral would initialise a
+  flattened 2-D kernel, which logical partitioning cannot annotate); bias-free unless use_bias (over the output
+  axes: [H, K] or [D])."""
   shape: tuple[int, ...]
   names: tuple[str, ...]
   equation: str
   in_axis: Any = 0
   out_axis: Any = -1
   dtype: Any = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
     init = nn.initializers.xavier_uniform(in_axis=self.in_axis, out_axis=self.out_axis)
     kernel = self.param('kernel', _param_init(init, self.names), self.shape, jnp.float32)
-    return jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+    y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+    if self.use_bias:
+      out = tuple(range(len(self.shape)))[self.out_axis] if isinstance(self.out_axis, int) else self.out_axis
+      out = (out,) if isinstance(out, int) else tuple(out)
+      bias = self.param('bias', _param_init(nn.initializers.zeros, tuple(self.names[a] for a in out)),
+                        tuple(self.shape[a] for a in out), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def _single_query_attention(query, key, value, mask):
@@ -154,8 +172,11 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, inputs_q, inputs_kv, mask):  # inputs_q [B, T, D], inputs_kv [B, S, D], mask [B, 1, T, S]
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.num_heads
+    # No key bias even with use_bias: q.(k + b) adds the same q.b to every key's logit, which softmax ignores (its
+    # gradient is 0, so Adam would only amplify rounding noise into it); GPT-2's key bias imports as exactly nothing.
     projection = lambda name: HeadProjection((cfg.d_model, cfg.num_heads, head_dim), ('embed', 'heads', 'kv'),
-                                             'btd,dhk->bthk', in_axis=0, out_axis=(1, 2), dtype=cfg.dtype, name=name)
+                                             'btd,dhk->bthk', in_axis=0, out_axis=(1, 2), dtype=cfg.dtype,
+                                             use_bias=cfg.use_bias and name != 'key', name=name)
     query = projection('query')(inputs_q)  # [B, T, H, K]
 
     if cfg.decode and self.cross_attention_cache and self.has_variable('cache', 'cross_key'):
@@ -181,7 +202,7 @@ class MultiHeadAttention(nn.Module):
     else:
       x = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)  # [B, T, H, K]
     out = HeadProjection((cfg.num_heads, head_dim, cfg.d_model), ('heads', 'kv', 'embed'), 'bthk,hkd->btd',
-                         in_axis=(0, 1), out_axis=2, dtype=cfg.dtype, name='out')(x)
+                         in_axis=(0, 1), out_axis=2, dtype=cfg.dtype, use_bias=cfg.use_bias, name='out')(x)
     return out  # [B, T, D]
 
   def _update_cache(self, key, value, mask):
@@ -216,7 +237,7 @@ class FeedForward(nn.Module):
     h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, param_dtype=jnp.float32,
                  kernel_init=_param_init(nn.initializers.xavier_uniform(), ('embed', 'mlp')),
                  bias_init=_param_init(nn.initializers.zeros, ('mlp',)), name='wi')(x)
-    h = nn.relu(h)
+    h = nn.relu(h) if cfg.activation == 'relu' else nn.gelu(h, approximate=True)
     h = constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))  # [B, L, F]
     return nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32,
                     kernel_init=_param_init(nn.initializers.xavier_uniform(), ('mlp', 'embed')),
@@ -254,6 +275,8 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """Masked self-attention, encoder-decoder attention, feed-forward; without an encoder (encoded None, the
+  decoder-only language model) the encoder-decoder attention sub-layer is left out."""
   cfg: ModelConfig
 
   @nn.compact
@@ -261,11 +284,12 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     dropout = nn.Dropout(cfg.dropout_rate)
     self_attention = MultiHeadAttention(cfg, self_attention_cache=True, name='self_attention')
-    cross_attention = MultiHeadAttention(cfg, cross_attention_cache=True, name='cross_attention')
     y = _residual(cfg, y, lambda z: self_attention(z, z, self_mask), layer_norm(cfg, 'self_attention_norm'),
                   dropout, deterministic)
-    y = _residual(cfg, y, lambda z: cross_attention(z, encoded, cross_mask), layer_norm(cfg, 'cross_attention_norm'),
-                  dropout, deterministic)
+    if encoded is not None:
+      cross_attention = MultiHeadAttention(cfg, cross_attention_cache=True, name='cross_attention')
+      y = _residual(cfg, y, lambda z: cross_attention(z, encoded, cross_mask),
+                    layer_norm(cfg, 'cross_attention_norm'), dropout, deterministic)
     y = _residual(cfg, y, FeedForward(cfg, name='feed_forward'), layer_norm(cfg, 'feed_forward_norm'), dropout,
                   deterministic)
     return constrain(y, _ACTIVATION), None
@@ -331,6 +355,8 @@ class Embedder(nn.Module):
 
   def __call__(self, tokens):  # [B, L] -> [B, L, D]
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
+    if not self.cfg.scale_embeddings:
+      return x
     return x * jnp.sqrt(self.cfg.d_model).astype(self.cfg.dtype)
 
   def attend(self, x):  # [B, L, D] -> [B, L, V]
@@ -439,3 +465,43 @@ class Transformer(nn.Module):
     decoder_inputs = shift_right(targets, targets_position, bos_id=self.cfg.special_ids.bos, pad_id=pad_id)
     return self.decode(encoded, inputs_segmentation, decoder_inputs, targets_segmentation, targets_position,
                        deterministic)
+
+
+class LanguageModel(nn.Module):
+  """Decoder-only (model.kind='decoder'): the Decoder above without an encoder, its embedding tied to the output
+  projection. Trained on `targets` (documents + EOS, packed: segmentation / positions restarting per document) with
+  the same shift_right as the translation decoder, so every document starts from BOS and never sees another one.
+
+  __call__ gives logits [B, T, V] predicting targets; with cfg.decode, one position per call over the cache.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embedder = Embedder(self.cfg, name='embedding')
+    self.decoder = Decoder(self.cfg, self.embedder, None, name='decoder')
+
+  def decode(self, decoder_inputs, targets_segmentation=None, targets_position=None, deterministic: bool = True):
+    """Logits after each of decoder_inputs (BOS-started); with cfg.decode, one position over the cache."""
+    if targets_position is None:
+      targets_position = _default_positions(decoder_inputs)
+    if self.cfg.decode:
+      self_mask = None  # the cache builds the causal mask itself
+    else:
+      if targets_segmentation is None:
+        targets_segmentation = _default_segmentation(decoder_inputs, self.cfg.special_ids.pad)
+      self_mask = attention_mask(targets_segmentation, targets_segmentation, causal=True)
+    return self.decoder(decoder_inputs, targets_position, self_mask, None, None, deterministic)
+
+  def __call__(self, targets, targets_segmentation=None, targets_position=None, deterministic: bool = True):
+    pad_id = self.cfg.special_ids.pad
+    if targets_segmentation is None:
+      targets_segmentation = _default_segmentation(targets, pad_id)
+    if targets_position is None:
+      targets_position = _default_positions(targets)
+    decoder_inputs = shift_right(targets, targets_position, bos_id=self.cfg.special_ids.bos, pad_id=pad_id)
+    return self.decode(decoder_inputs, targets_segmentation, targets_position, deterministic)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+  """The module for cfg.kind: Transformer (encoder-decoder) or LanguageModel (decoder only)."""
+  return LanguageModel(cfg) if cfg.kind == 'decoder' else Transformer(cfg)

@@ -6,6 +6,7 @@ NamedShardings in and out, the batch sharded over the mesh's batch axes, and the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,7 +28,8 @@ from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train_state
 from transformer_jax import workdir as workdir_lib
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax import generate
+from transformer_jax.model import LanguageModel, ModelConfig, Transformer, build_model
 
 BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position',
               'targets_position')
@@ -72,6 +74,9 @@ def cross_entropy_sums(logits, targets, weights, label_smoothing: float) -> dict
 
 
 def _apply(model, params, batch, *, deterministic: bool, rngs=None):
+  if isinstance(model, LanguageModel):  # next-token targets only: documents packed in `targets`
+    return model.apply({'params': params}, batch['targets'], batch.get('targets_segmentation'),
+                       batch.get('targets_position'), deterministic=deterministic, rngs=rngs)
   return model.apply({'params': params}, batch['inputs'], batch['targets'], batch.get('inputs_segmentation'),
                      batch.get('targets_segmentation'), batch.get('inputs_position'), batch.get('targets_position'),
                      deterministic=deterministic, rngs=rngs)
@@ -271,7 +276,8 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
     if pts:
       ax_eval.plot(*zip(*pts), label=key, marker='o')
   ax_eval.set(xlabel='step', ylabel='score (0-100)', title='held-out', ylim=(0, 100))
-  ax_eval.legend()
+  if ax_eval.lines:  # a language model has no BLEU
+    ax_eval.legend()
   fig.tight_layout()
   fig.savefig(out_path, dpi=90)
   plt.close(fig)
@@ -380,7 +386,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                      f'{config.model.vocab_size}')
 
   cfg = model_config(config, special_ids=data.tokenizer.special_ids)
-  model = Transformer(cfg)
+  model = build_model(cfg)
   tx = optim.make_optimizer(config)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -404,10 +410,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     eval_step = jax.jit(make_eval_step(model, config))
     eval_lengths = dict(batch_size=config.batch_size // process_count, inputs_length=config.packed_inputs_length,
                         targets_length=config.packed_targets_length)
-    eval_batches = pipeline.eval_batches(data.eval_ids, **eval_lengths)
+    is_lm = cfg.kind == 'decoder'
+    make_eval_batches = data.eval_batches if is_lm else functools.partial(pipeline.eval_batches, data.eval_ids)
+    eval_batches = make_eval_batches(**eval_lengths)
     num_eval_batches = parallel.max_over_processes(len(eval_batches))  # every process runs the same eval steps
     if len(eval_batches) < num_eval_batches:
-      eval_batches = pipeline.eval_batches(data.eval_ids, num_batches=num_eval_batches, **eval_lengths)
+      eval_batches = make_eval_batches(num_batches=num_eval_batches, **eval_lengths)
     # BLEU: translate_ids wants the same rows on every process, but each holds every process_count-th held-out
     # pair: gather them all (original order), so every process translates and scores the same set.
     eval_pairs = parallel.gather_process_shards(data.eval_pairs)
@@ -418,6 +426,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     def run_eval(params, step) -> dict[str, float]:
       results = evaluate_loss(eval_step, params, eval_batches, mesh)
+      if is_lm:  # perplexity, bits per byte, and samples in the run's output
+        results.update(evaluate_lib.lm_metrics(results['eval_nll'], data.eval_tokens, data.eval_bytes))
+        prompts = list(config.get('lm_sample_prompts', ()))
+        if prompts:
+          texts = generate.generate_texts(params, cfg, data.tokenizer, prompts,
+                                          max_new_tokens=int(config.get('lm_sample_tokens', 64)), temperature=0.8,
+                                          top_p=0.95, seed=step)
+          if is_chief:
+            for prompt, text in zip(prompts, texts):
+              tqdm.write(f'sample step={step} (temperature 0.8, top_p 0.95):\n{prompt}{text}\n' + '-' * 40)
       if num_bleu:
         tokens = translate_ids(params, bleu_sources, cfg=cfg, mesh=mesh,
                                batch_size=int(config.get('eval_translate_batch_size', 256)),

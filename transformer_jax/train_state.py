@@ -15,7 +15,7 @@ from flax import struct
 
 from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import parallel
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax.model import ModelConfig
 
 
 @struct.dataclass
@@ -31,31 +31,34 @@ def model_config(config, **overrides) -> ModelConfig:
 
 
 def dummy_batch(config, rows: int = 1):
-  return {'inputs': jnp.ones((rows, config.packed_inputs_length), jnp.int32),
-          'targets': jnp.ones((rows, config.packed_targets_length), jnp.int32)}
+  """A batch of the shapes the model takes (keyword arguments of its __call__): a language model has no inputs."""
+  targets = {'targets': jnp.ones((rows, config.packed_targets_length), jnp.int32)}
+  if config.model.get('kind', 'encoder_decoder') == 'decoder':
+    return targets
+  return {'inputs': jnp.ones((rows, config.packed_inputs_length), jnp.int32), **targets}
 
 
-def init_boxed_state(model: Transformer, tx, config, rng) -> TrainState:
+def init_boxed_state(model: nn.Module, tx, config, rng) -> TrainState:
   """Parameters still wrapped in their logical-axis boxes; optax's moments inherit the boxes (same names)."""
   batch = dummy_batch(config)
-  params = model.init({'params': rng}, batch['inputs'], batch['targets'])['params']
+  params = model.init({'params': rng}, **batch)['params']
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def state_logical_specs(model: Transformer, tx, config):
+def state_logical_specs(model: nn.Module, tx, config):
   """PartitionSpecs over logical axis names for every leaf of the TrainState, without allocating anything."""
   abstract = jax.eval_shape(functools.partial(init_boxed_state, model, tx, config), jax.random.key(0))
   return nn.get_partition_spec(abstract)
 
 
-def create_sharded_state(model: Transformer, tx, config, mesh, rng) -> tuple[TrainState, Any]:
+def create_sharded_state(model: nn.Module, tx, config, mesh, rng) -> tuple[TrainState, Any]:
   """The state is born sharded (jit with out_shardings): never whole on one device or host."""
   shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
   init = jax.jit(lambda r: nn.meta.unbox(init_boxed_state(model, tx, config, r)), out_shardings=shardings)
   return init(rng), shardings
 
 
-def abstract_state(model: Transformer, tx, config, shardings) -> TrainState:
+def abstract_state(model: nn.Module, tx, config, shardings) -> TrainState:
   unboxed = jax.eval_shape(lambda: nn.meta.unbox(init_boxed_state(model, tx, config, jax.random.key(0))))
   return checkpoint_lib.abstract_with_shardings(unboxed, shardings)
 

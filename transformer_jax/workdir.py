@@ -31,7 +31,7 @@ from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train_state
 from transformer_jax.data import tokenizer as tokenizer_lib
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax.model import ModelConfig, build_model
 
 TOKENIZER_NAME = 'spm.model'
 
@@ -125,7 +125,7 @@ class Workdir:
     opt_state: the optimizer state to store (default: a fresh one, tx.init(params)). data_state: the input
     position (default: the start of the data). Shapes are checked against the model the config builds first.
     """
-    model = Transformer(train_state.model_config(config))
+    model = build_model(train_state.model_config(config))
     tx = optim.make_optimizer(config)
     mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
@@ -148,11 +148,11 @@ def abstract_params(cfg: ModelConfig, config, mesh):
   """jax.ShapeDtypeStructs of the model's parameters with their NamedShardings on `mesh` (nothing allocated).
 
   Call under nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES)."""
-  model = Transformer(cfg)
+  model = build_model(cfg)
 
   def init(rng):  # the dummy batch is made inside the trace, as the trainer's init does
     batch = train_state.dummy_batch(config)
-    return model.init({'params': rng}, batch['inputs'], batch['targets'])['params']
+    return model.init({'params': rng}, **batch)['params']
 
   boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = parallel.logical_shardings(nn.get_partition_spec(boxed), mesh)
@@ -163,7 +163,7 @@ def abstract_params(cfg: ModelConfig, config, mesh):
 def trainer_abstract_state(config, devices=None):
   """The trainer's abstract TrainState for config on config.mesh over `devices` (default: all), and that mesh."""
   mesh = parallel.make_mesh(config.mesh, devices=devices)
-  model = Transformer(train_state.model_config(config))
+  model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     shardings = parallel.logical_shardings(train_state.state_logical_specs(model, tx, config), mesh)

@@ -25,6 +25,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from transformer_jax.data import lm
 from transformer_jax.data import packing
 from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tokenizer_lib
@@ -288,6 +289,8 @@ def build_datasets(config, workdir: str, *, process_index: int = 0,
                    process_count: int = 1) -> Datasets:
   """Prepares (once) and streams the training split; loads, tokenizes and packs the held-out split."""
   hide_gpus_from_tensorflow()
+  if config.model.get("kind", "encoder_decoder") == "decoder":  # a language model: documents, not pairs
+    return lm.build_datasets(config, workdir, process_index=process_index, process_count=process_count)
   start = time.time()
   if config.batch_size % process_count:
     raise ValueError(f"batch_size {config.batch_size} (global packed rows) is not divisible by "

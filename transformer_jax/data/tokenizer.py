@@ -119,8 +119,12 @@ class Tokenizer:
 
 
 def train_tokenizer_proto(sentences: Iterable[str], vocab_size: int, *,
-                          max_sentences: int = 1_000_000, seed: int = 0) -> bytes:
-  """Trains a unigram SentencePiece model on `sentences` and returns its serialized proto."""
+                          max_sentences: int = 1_000_000, seed: int = 0, options: dict | None = None) -> bytes:
+  """Trains a unigram SentencePiece model on `sentences` and returns its serialized proto.
+
+  `options` are extra SentencePieceTrainer options that replace the defaults below (the language model's text
+  uses byte_fallback, identity normalization and no whitespace folding, so any input round-trips).
+  """
   spm.set_random_generator_seed(seed)
   # Empty lines carry nothing to learn and SentencePiece rejects an all-empty corpus.
   it = (s for s in sentences if s and s.strip())
@@ -128,9 +132,7 @@ def train_tokenizer_proto(sentences: Iterable[str], vocab_size: int, *,
   if not first:
     raise ValueError("cannot train a SentencePiece model: the training text has no non-empty sentence")
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=itertools.islice(itertools.chain(first, it), max_sentences),
-      model_writer=model,
+  kwargs = dict(
       model_type="unigram",
       vocab_size=vocab_size,
       # A soft limit: a corpus too small for `vocab_size` pieces gives a smaller vocabulary
@@ -144,12 +146,16 @@ def train_tokenizer_proto(sentences: Iterable[str], vocab_size: int, *,
       num_threads=max(1, min(8, os.cpu_count() or 1)),
       minloglevel=2,
   )
+  kwargs.update(options or {})
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=itertools.islice(itertools.chain(first, it), max_sentences), model_writer=model, **kwargs)
   return model.getvalue()
 
 
 def load_or_train_tokenizer(model_path: str, sentences: Callable[[], Iterable[str]], vocab_size: int,
                             *, is_chief: bool = True, timeout_s: float = 600,
-                            max_sentences: int = 1_000_000, poll_s: float = 1.0) -> Tokenizer:
+                            max_sentences: int = 1_000_000, poll_s: float = 1.0,
+                            train_options: dict | None = None) -> Tokenizer:
   """Loads `model_path`, or trains it (chief only) from `sentences()` and writes it atomically.
 
   Non-chief processes never train: they wait (polling) until the chief's file appears and raise
@@ -160,7 +166,7 @@ def load_or_train_tokenizer(model_path: str, sentences: Callable[[], Iterable[st
     return Tokenizer.load(model_path)
   if is_chief:
     start = time.time()
-    proto = train_tokenizer_proto(sentences(), vocab_size, max_sentences=max_sentences)
+    proto = train_tokenizer_proto(sentences(), vocab_size, max_sentences=max_sentences, options=train_options)
     _write_bytes_atomic(model_path, proto)
     tok = Tokenizer(proto, model_path)
     logging.info("Trained SentencePiece model %s (%d pieces, asked %d) in %.1f s",

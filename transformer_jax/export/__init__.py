@@ -7,6 +7,7 @@ FORMATS below is the registry the CLI lists formats from:
   safetensors.py  one file of flat tensors (the `safetensors` package writes and reads it)
   msgpack.py      flax.serialization msgpack of {'params', 'metadata'}
   hf_marian.py    a transformers MarianMTModel directory, and `import --format=hf-marian`
+  hf_gpt2.py      a transformers GPT2LMHeadModel directory (language models), and `import --format=hf-gpt2`
   stablehlo.py    jax.export of greedy translation with the parameters baked in
 files.py holds what they share (Exportable, ExportError, target checks, atomic writes).
 
@@ -28,6 +29,7 @@ import numpy as np
 from transformer_jax import parallel
 from transformer_jax import train_state
 from transformer_jax import workdir as workdir_lib
+from transformer_jax.export import hf_gpt2
 from transformer_jax.export import hf_marian
 from transformer_jax.export import msgpack as msgpack_format
 from transformer_jax.export import safetensors as safetensors_format
@@ -39,7 +41,7 @@ from transformer_jax.export.hf_marian import (from_marian_state_dict, import_hf_
 from transformer_jax.export.safetensors import read_safetensors, write_safetensors
 from transformer_jax.export.stablehlo import load_stablehlo, serving_function, stablehlo_bytes, stablehlo_export
 
-FORMATS = {module.NAME: module for module in (safetensors_format, msgpack_format, hf_marian, stablehlo)}
+FORMATS = {module.NAME: module for module in (safetensors_format, msgpack_format, hf_marian, stablehlo, hf_gpt2)}
 
 __all__ = ['DTYPES', 'FORMATS', 'FORMAT_TAG', 'TOKENIZER_NAME', 'ExportError', 'Exportable', 'cast', 'check_target',
            'export', 'flatten', 'from_marian_state_dict', 'import_hf_marian', 'load_checkpoint', 'load_export',
