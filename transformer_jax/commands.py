@@ -88,16 +88,58 @@ def _workdir() -> str:
 def run(command: str, args) -> None:
   if len(args) > 1:
     _fail(f'unexpected arguments {args[1:]}; flags take the form --name=value')
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  _check_inputs(command)  # bad config values and paths: before anything is read or written
+  from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+  faults.divert_library_errors()
   try:
     if command in ('train', 'evaluate', 'translate'):
       from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
       parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    globals()[f'_{command}']()
-  except (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
-          train_lib.NonFiniteLossError, train_lib.TrainingStalledError, NotImplementedError) as e:
-    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    with _writer_lock(command):  # before the slow imports: a second writer is refused at once
+      globals()[f'_{command}']()
+  except Exception as e:  # pylint: disable=broad-except
+    from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    if isinstance(e, (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
+                      train_lib.NonFiniteLossError, train_lib.TrainingStalledError, NotImplementedError,
+                      workdir_lock.WorkdirLockedError, checkpoint_lib.CheckpointSaveError)):
+      _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if isinstance(e, OSError) and faults.is_disk_full(e):
+      _fail(f'no space left on device writing {e.filename or "the workdir"} ({e.strerror}); free space and rerun '
+            '(training resumes from the newest checkpoint)')
+    raise
+
+
+WRITERS = ('train', 'import', 'average')  # the commands that write a workdir take its lock (workdir_lock.py)
+
+
+def _writer_lock(command: str):
+  import contextlib  # pylint: disable=g-import-not-at-top
+  if command not in WRITERS:
+    return contextlib.nullcontext()
+  import jax  # pylint: disable=g-import-not-at-top
+  from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  path = {'train': _workdir, 'import': lambda: FLAGS.workdir, 'average': lambda: FLAGS.out}[command]()
+  return workdir_lock.lock_workdir(path, 'transformer-jax ' + ' '.join(sys.argv[1:]), process_index=jax.process_index())
+
+
+def _check_inputs(command: str) -> None:
+  """One `error:` line per bad config value or path, exit 2 (config_checks.py)."""
+  from transformer_jax import config_checks  # pylint: disable=g-import-not-at-top
+  errors = config_checks.config_errors(FLAGS.config) if FLAGS.config is not None else []
+  if command != 'info':
+    errors.append(config_checks.directory_error(_workdir() if command == 'train' else FLAGS.workdir, '--workdir'))
+  if command == 'average':
+    errors.append(config_checks.directory_error(FLAGS.out, '--out'))
+  if command == 'translate':
+    errors.append(config_checks.file_error(FLAGS.input, '--input'))
+  errors = [e for e in errors if e]
+  for e in errors:
+    print(f'error: {e}', file=sys.stderr)
+  if errors:
+    sys.stderr.flush()
+    sys.exit(2)
 
 
 def _train() -> None:
@@ -141,6 +183,9 @@ def _export() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   export.check_target(FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                       tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
+  if os.path.isfile(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME)):  # damaged: one line, before any work
+    from transformer_jax import inference  # pylint: disable=g-import-not-at-top
+    inference.load_workdir_tokenizer(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
   source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
   written = export.export(source, FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                           platforms=tuple(FLAGS.platforms))

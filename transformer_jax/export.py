@@ -357,6 +357,16 @@ def _is_safetensors(path: str) -> bool:
 def load_params(path: str) -> tuple[dict, dict[str, Any]]:
   """(parameter tree, metadata) of a safetensors or msgpack export; metadata['config'] is a ConfigDict and
   metadata['tokenizer'] the path of the SentencePiece model beside the file. Arrays keep the stored dtype."""
+  try:
+    return _load_params(path)
+  except (ExportError, FileNotFoundError, IsADirectoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (msgpack, json, numpy raise many types on damage)
+    raise ExportError(f'{path} is damaged or not a transformer_jax export ({type(e).__name__}: '
+                      f'{str(e).splitlines()[0][:120] if str(e) else "unreadable"}); export it again') from None
+
+
+def _load_params(path: str) -> tuple[dict, dict[str, Any]]:
   if not _is_safetensors(path):
     from flax import serialization  # pylint: disable=g-import-not-at-top
     restored = serialization.msgpack_restore(_read(path))

@@ -42,7 +42,7 @@ def load_workdir(workdir: str, config=None) -> Loaded:
   tokenizer_path = os.path.join(workdir, 'spm.model')
   if not os.path.exists(tokenizer_path):
     raise FileNotFoundError(f'no tokenizer at {tokenizer_path}')
-  tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  tokenizer = load_workdir_tokenizer(tokenizer_path)
   mesh = parallel.make_mesh(config.mesh)
   cfg = train_lib.model_config(config)
   model = Transformer(cfg)
@@ -52,6 +52,16 @@ def load_workdir(workdir: str, config=None) -> Loaded:
     state, _, step = checkpointer.restore(train_lib.abstract_state(model, tx, config, shardings))
   checkpointer.close()
   return Loaded(config=config, cfg=cfg, params=state.params, tokenizer=tokenizer, mesh=mesh, step=step)
+
+
+def load_workdir_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
+  """A workdir's spm.model; a damaged one is one line saying so (readers never retrain it)."""
+  try:
+    return tokenizer_lib.Tokenizer.load(path)
+  except tokenizer_lib.DamagedTokenizerError as e:
+    raise tokenizer_lib.DamagedTokenizerError(
+        f"the workdir's tokenizer is damaged: {e}; its checkpoints need the spm.model they were trained with (copy "
+        'it back from a backup, or retrain in a new workdir)') from None
 
 
 def decode_length(loaded: Loaded, longest_source: int) -> int:
