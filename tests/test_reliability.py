@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from test_checkpoint import Run, committed_steps, env, error_lines, load_state, seed_workdir  # pylint: disable=unused-import
+from test_checkpoint import (Run, committed_steps, env, error_lines, load_state,  # pylint: disable=unused-import
+                             seed_workdir)
 from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import config_checks
 from transformer_jax import workdir_lock
@@ -190,7 +191,8 @@ def test_object_store_lock_heartbeat_timeout_and_takeover(capfd):
   second = workdir_lock.ObjectStoreLock('gs://b/run', 'second', store=store, timeout_s=60, heartbeat_s=10,
                                         clock=clock)
   now[0] += 50
-  with pytest.raises(workdir_lock.WorkdirLockedError, match=r'\(first\), last heartbeat 50 s ago \(taken over after 60'):
+  with pytest.raises(workdir_lock.WorkdirLockedError,
+                     match=r'\(first\), last heartbeat 50 s ago \(taken over after 60'):
     second.acquire(start_heartbeat=False)
   assert first.heartbeat()  # the holder is alive: its heartbeat resets the age
   now[0] += 50
@@ -225,7 +227,7 @@ def _damage_config(workdir):
       f.write('{"model": {"d_model": 3')
 
 
-def test_bad_inputs_are_one_line_and_leave_the_workdir_unchanged(tmp_path, env, config_path, trained):
+def test_bad_inputs_are_one_line_each_and_change_nothing(tmp_path, env, config_path, trained):
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a directory')
   damaged_spm, damaged_config = str(tmp_path / 'damaged_spm'), str(tmp_path / 'damaged_config')
@@ -259,7 +261,15 @@ def test_bad_inputs_are_one_line_and_leave_the_workdir_unchanged(tmp_path, env, 
   before = {name: tree_hash(case[0]) for name, case in cases.items()}
   runs = {name: Run(workdir, env, *args, command=command, config=config, log=str(tmp_path / name))
           for name, (workdir, args, command, config, _) in cases.items()}
+  # Beside them, not a bad input: rerunning the finished run reports its held-out metrics and writes nothing.
+  rerun = Run(trained, env, config=config_path, log=str(tmp_path / 'rerun'))
   codes = {name: run.wait() for name, run in runs.items()}  # all ended before any workdir is compared
+  assert rerun.wait() == 0, rerun.describe()
+  assert f'the run is already complete at step {NUM_STEPS} (num_train_steps={NUM_STEPS})' in rerun.stdout
+  last = rerun.stdout.strip().splitlines()[-1]
+  assert re.fullmatch(rf'final: step={NUM_STEPS}( \w+=-?\d+\.\d+)+', last), last
+  keys = [kv.split('=')[0] for kv in last.split()[1:]]
+  assert 'loss' not in keys and {'eval_loss', 'bleu', 'chrf', 'exact_match'} <= set(keys)
   for name, (workdir, _, _, _, expected) in cases.items():
     run = runs[name]
     assert codes[name] != 0, (name, run.describe())
@@ -270,19 +280,6 @@ def test_bad_inputs_are_one_line_and_leave_the_workdir_unchanged(tmp_path, env, 
     assert 'Traceback' not in run.stderr, (name, run.describe())
     assert tree_hash(workdir) == before[name], name
   assert not os.path.exists(tmp_path / 'hf')
-
-
-def test_a_finished_run_rerun_reports_its_held_out_metrics_and_writes_nothing(tmp_path, env, config_path, trained):
-  before = tree_hash(trained)
-  run = Run(trained, env, config=config_path, log=str(tmp_path / 'rerun'))
-  assert run.wait() == 0, run.describe()
-  assert f'the run is already complete at step {NUM_STEPS} (num_train_steps={NUM_STEPS})' in run.stdout
-  last = run.stdout.strip().splitlines()[-1]
-  assert re.fullmatch(rf'final: step={NUM_STEPS}( \w+=-?\d+\.\d+)+', last), last
-  keys = [kv.split('=')[0] for kv in last.split()[1:]]
-  assert 'loss' not in keys and {'eval_loss', 'bleu', 'chrf', 'exact_match'} <= set(keys)
-  assert 'nan' not in last
-  assert tree_hash(trained) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -354,7 +351,8 @@ def test_disk_full_during_a_background_save_is_one_line_and_the_last_checkpoint_
   shutil.copytree(trained, workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', str(NUM_STEPS)))  # resume from EVERY, save NUM_STEPS
   state_bytes = checkpoint_lib.tree_nbytes(load_state(workdir, EVERY)[0])
-  on_disk = checkpoint_lib._disk_usage(os.path.join(workdir, 'checkpoints', str(EVERY)))  # pylint: disable=protected-access
+  on_disk = checkpoint_lib._disk_usage(  # pylint: disable=protected-access
+      os.path.join(workdir, 'checkpoints', str(EVERY)))
   assert on_disk > 2 * state_bytes  # blocks and metadata: room for the arrays alone is not room for a checkpoint
   _fill(small_disk, (state_bytes + on_disk) // 2)  # passes the up-front check, fails while writing
   run = Run(workdir, env, config=config_path, log=str(tmp_path / 'full'))
@@ -414,7 +412,8 @@ def test_sigterm_during_the_final_evaluation_commits_the_final_checkpoint(tmp_pa
   run.proc.send_signal(signal.SIGTERM)
   assert run.wait() == 0, run.describe()
   assert (f'preempted: during the final evaluation; checkpoint step {NUM_STEPS} is committed in '
-          f'{os.path.join(os.path.abspath(workdir), "checkpoints")} (rerun to evaluate it)') in run.stdout, run.describe()
+          f'{os.path.join(os.path.abspath(workdir), "checkpoints")} (rerun to evaluate it)') in run.stdout, \
+      run.describe()
   assert 'final:' not in run.stdout and 'Traceback' not in run.stderr
   assert committed_steps(workdir) == [EVERY, NUM_STEPS] and not tmp_dirs(workdir)
   assert load_state(workdir)[2] == NUM_STEPS
@@ -424,3 +423,34 @@ def test_train_help_documents_the_signal_convention(env):
   out = subprocess.run([os.sys.executable, '-m', 'transformer_jax.cli', 'train', '--help'], capture_output=True,
                        text=True, env=env, check=True).stdout
   assert 'SIGTERM or SIGINT (Ctrl-C) at any phase end the run with exit 0' in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damaged artifacts read in-process
+
+
+def test_a_garbage_generated_data_cache_is_ignored_not_a_traceback(tmp_path, caplog):
+  from transformer_jax.data import sources  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'cache.tsv')
+  sources._write_tsv_cache(path, [('one', 'eins'), ('two', 'zwei')])  # pylint: disable=protected-access
+  assert sources._read_tsv_cache(path) == [('one', 'eins'), ('two', 'zwei')]  # pylint: disable=protected-access
+  for damaged in (open(path, 'rb').read()[:-3], b'\xff\xfe\x00garbage\x80\n\x81'):
+    with open(path, 'wb') as f:
+      f.write(damaged)
+    assert sources._read_tsv_cache(path) is None  # pylint: disable=protected-access
+  assert 'damaged cache file' in caplog.text
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage', 'empty'])
+def test_a_damaged_export_file_is_one_exporterror(tmp_path, damage):
+  from transformer_jax import export  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'model.safetensors')
+  export.write_safetensors(path, {'a.b': np.arange(1000, dtype=np.float32)}, {'step': '3'})
+  params, metadata = export.load_params(path)
+  assert metadata['step'] == '3' and params['a']['b'].shape == (1000,)
+  data = open(path, 'rb').read()
+  data = {'truncate': data[:len(data) // 2], 'garbage': bytes(range(256)) * 8, 'empty': b''}[damage]
+  with open(path, 'wb') as f:
+    f.write(data)
+  with pytest.raises(export.ExportError, match=r'model\.safetensors is (damaged or not a transformer_jax export|not a)'):
+    export.load_params(path)

@@ -133,7 +133,8 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
     committed = [int(n) for n in (os.listdir(self.directory) if os.path.isdir(self.directory) else [])
                  if n.isdigit() and int(n) != step]
-    resume = f'training resumes from checkpoint step {max(committed)}' if committed else 'no checkpoint was committed yet'
+    resume = (f'training resumes from checkpoint step {max(committed)}' if committed
+              else 'no checkpoint was committed yet')
     if faults.is_disk_full(e):
       free = faults.free_bytes(self.directory) if free is None else free
       if committed:  # what the newest checkpoint takes on this disk (blocks, metadata) beats the arrays' bytes

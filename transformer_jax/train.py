@@ -422,21 +422,33 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   with _Preemption() as preemption:
     try:
       return _train_and_evaluate(config, workdir, preemption)
+    except Exception as e:  # pylint: disable=broad-except
+      # Preempted raised inside a C++ callback (e.g. SentencePiece's trainer reading its sentences) comes back
+      # wrapped in the library's RuntimeError: after a signal in these phases, any exception is the preemption.
+      if not (preemption.requested and preemption.phase in ('setup', 'final_eval')):
+        raise
+      logging.info('stopping after a signal; the exception it became: %r', e)
+      return _stop_preempted(preemption)
     except Preempted:
-      checkpointer = preemption.checkpointer
-      if checkpointer is not None:
-        checkpointer.wait()  # the final checkpoint (or any save in flight) commits before we go
-      step = checkpointer.latest_step() if checkpointer is not None else None
-      if jax.process_index() == 0:
-        if preemption.phase == 'final_eval':
-          print(f'preempted: during the final evaluation; checkpoint step {step} is committed in '
-                f'{checkpointer.directory} (rerun to evaluate it)', flush=True)
-        else:
-          print('preempted: before the first training step; nothing new to save (newest checkpoint: '
-                f'{"none" if step is None else f"step {step}"})', flush=True)
-      if checkpointer is not None:
-        checkpointer.close()
-      return {'step': step or 0, 'preempted': 1.0}
+      return _stop_preempted(preemption)
+
+
+def _stop_preempted(preemption: _Preemption) -> dict[str, float]:
+  """Waits for any save in flight (the final checkpoint), says where the run stopped, returns the preempted result."""
+  checkpointer = preemption.checkpointer
+  if checkpointer is not None:
+    checkpointer.wait()  # the final checkpoint (or any save in flight) commits before we go
+  step = checkpointer.latest_step() if checkpointer is not None else None
+  if jax.process_index() == 0:
+    if preemption.phase == 'final_eval':
+      print(f'preempted: during the final evaluation; checkpoint step {step} is committed in '
+            f'{checkpointer.directory} (rerun to evaluate it)', flush=True)
+    else:
+      print('preempted: before the first training step; nothing new to save (newest checkpoint: '
+            f'{"none" if step is None else f"step {step}"})', flush=True)
+  if checkpointer is not None:
+    checkpointer.close()
+  return {'step': step or 0, 'preempted': 1.0}
 
 
 def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[str, float]:
