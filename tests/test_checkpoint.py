@@ -32,6 +32,7 @@ from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train as train_lib
+from transformer_jax import workdir as workdir_lib
 from transformer_jax.model import Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +136,7 @@ def load_state(workdir: str, step: int | None = None):
   """(state as numpy, data item, step) of a workdir checkpoint, restored onto this process's 8-device mesh."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-  abstract, mesh = checkpoint_lib._trainer_abstract_state(config)  # pylint: disable=protected-access
+  abstract, mesh = workdir_lib.trainer_abstract_state(config)
   with jax.set_mesh(mesh):
     state, data_state, restored = checkpointer.restore(abstract, step=step)
   checkpointer.close()
@@ -311,7 +312,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, stra
   capfd.readouterr()
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=3, async_save=False)
   config = ml_collections.ConfigDict(checkpointer.restore_config())
-  abstract, mesh = checkpoint_lib._trainer_abstract_state(config)  # pylint: disable=protected-access
+  abstract, mesh = workdir_lib.trainer_abstract_state(config)
   with jax.set_mesh(mesh):
     state, data_state, step = checkpointer.restore(abstract)
     err = capfd.readouterr().err
@@ -347,7 +348,7 @@ def test_non_finite_update_stops_with_the_step_and_saves_nothing(tmp_path, env, 
   shutil.copytree(straight, workdir)
   state, data_state, _ = load_state(workdir, NUM_STEPS)
   config = small_config()
-  abstract, mesh = checkpoint_lib._trainer_abstract_state(config)  # pylint: disable=protected-access
+  abstract, mesh = workdir_lib.trainer_abstract_state(config)
 
   def poison(path, x):
     name = jax.tree_util.keystr(path)
@@ -503,9 +504,9 @@ def test_average_command_writes_a_workdir_that_inference_loads(tmp_path, env, st
   assert bitwise_equal(jax.device_get(loaded.params), want)
 
   with pytest.raises(ValueError, match='already holds checkpoints'):
-    checkpoint_lib.average_workdir(straight, out, last=3)
+    workdir_lib.average_workdir(straight, out, last=3)
   with pytest.raises(ValueError, match=r'--last=4 but .* holds 3 checkpoints'):
-    checkpoint_lib.average_workdir(straight, str(tmp_path / 'other'), last=4)
+    workdir_lib.average_workdir(straight, str(tmp_path / 'other'), last=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

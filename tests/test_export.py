@@ -317,7 +317,7 @@ def test_import_of_an_hf_marian_model_gives_its_logits(source, rows, tmp_path):
 def test_hf_marian_without_the_permutation_would_differ(source, rows, tmp_path, monkeypatch):
   """The check above can fail: exporting without reordering the model dimension changes HF's logits."""
   torch, transformers = _torch_modules()
-  monkeypatch.setattr(export, '_marian_permutation', lambda d: np.arange(d))
+  monkeypatch.setattr(export.hf_marian, '_marian_permutation', lambda d: np.arange(d))
   out = str(tmp_path / 'marian')
   export.export(source, 'hf-marian', out)
   model = transformers.MarianMTModel.from_pretrained(out, local_files_only=True).eval()

@@ -14,6 +14,10 @@ when async, see benchmarks/checkpoint_blocking.py), writes <step>.orbax-checkpoi
 renames it to <step> when complete, so a kill at any moment leaves either the whole checkpoint or none; leftover
 tmp directories are removed when the next trainer starts. The newest `keep` checkpoints are kept.
 
+`restore` reads the whole TrainState (training, resume); `restore_params` only the parameters (an Orbax partial
+restore, for inference and export: the optimizer's moments are never read). Opening a trained run for those lives in
+workdir.py.
+
 Restore falls back on damage: an unreadable newest checkpoint is reported, moved to WORKDIR/checkpoints_damaged/
 (a writable Checkpointer only; so the step can be saved again), and the previous one is restored. A checkpoint of
 another architecture or vocabulary is refused, naming the first mismatching parameter and both shapes.
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 ITEMS = ('state', 'data', 'config')
 DAMAGED_DIR = 'checkpoints_damaged'
@@ -52,6 +57,13 @@ class CheckpointSaveError(RuntimeError):
   bytes needed. The failed step's temporary directory is removed; earlier checkpoints are untouched."""
 
 
+class _Params:
+  """An object with .params, so check_compatible reads a bare parameter tree as it reads a TrainState."""
+
+  def __init__(self, params):
+    self.params = params
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
@@ -61,6 +73,7 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   registry.add('state', ocp.args.StandardSave)
   registry.add('state', ocp.args.StandardRestore)
+  registry.add('state', ocp.args.PyTreeRestore)  # parameters only (partial restore) for inference
   for item in ('data', 'config'):
     registry.add(item, ocp.args.JsonSave)
     registry.add(item, ocp.args.JsonRestore)
@@ -218,18 +231,38 @@ class Checkpointer:
     Returns (state, data_state, step). A damaged checkpoint is reported and skipped (and, when writable, moved to
     WORKDIR/checkpoints_damaged/); an architecture mismatch is raised, never skipped.
     """
+    def read(s):
+      self.check_compatible(s, abstract_state)
+      restored = self.manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      if not isinstance(restored['data'], dict):
+        raise ValueError(f'data item is {type(restored["data"]).__name__}, not a dict')
+      return restored['state'], dict(restored['data'])
+
+    (state, data_state), s = self._restore_newest_good(read, step)
+    return state, data_state, s
+
+  def restore_params(self, abstract_params, step: int | None = None) -> tuple[Any, int]:
+    """Only the parameters of the newest good checkpoint (or exactly `step`): an Orbax partial restore, so the
+    optimizer state is never read. abstract_params: ShapeDtypeStructs with the shardings wanted now.
+    Returns (params, step); damage and architecture mismatches are handled as in restore()."""
+    def read(s):
+      self.check_compatible(s, _Params(abstract_params))
+      target = {'params': abstract_params}
+      restored = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+      return restored['state']['params']
+
+    return self._restore_newest_good(read, step)
+
+  def _restore_newest_good(self, read: Callable[[int], Any], step: int | None) -> tuple[Any, int]:
     steps = [step] if step is not None else list(reversed(self.all_steps()))
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
     damaged: list[tuple[int, str]] = []
     for s in steps:
       try:
-        self.check_compatible(s, abstract_state)
-        restored = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        data_state = restored['data']
-        if not isinstance(data_state, dict):
-          raise ValueError(f'data item is {type(data_state).__name__}, not a dict')
+        result = read(s)
       except ArchitectureMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many types on damage)
@@ -242,10 +275,9 @@ class Checkpointer:
       if damaged and not self.read_only:
         self._quarantine([d for d, _ in damaged])
       if jax.process_count() > 1:  # every host restored; the quarantine (process 0) is done before anyone saves
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         multihost_utils.sync_global_devices('transformer_jax.checkpoint.restore')
         self.manager.reload()
-      return restored['state'], dict(data_state), s
+      return result, s
     raise NoReadableCheckpointError(
         f'no readable checkpoint in {self.directory}: ' + '; '.join(f'step {s}: {r}' for s, r in damaged))
 
@@ -323,85 +355,3 @@ def average_trees(trees: list) -> Any:
   for t in trees[1:]:
     total = jax.tree.map(lambda a, x: a + np.asarray(x, dtype=np.float64), total, t)
   return jax.tree.map(lambda a, x: (a / len(trees)).astype(np.asarray(x).dtype), total, trees[0])
-
-
-def average_workdir(workdir: str, out: str, *, last: int, config=None,
-                    build_abstract_state: Callable[[Any], Any] | None = None) -> dict:
-  """Writes OUT, a workdir whose one checkpoint holds the element-wise mean of workdir's last `last` parameters.
-
-  OUT gets checkpoints/<newest step>/ (state: step and optimizer state copied from the newest checkpoint, params the
-  mean; data and config items copied from the newest), spm.model, and averaged.json saying what was averaged.
-  Every checkpoint averaged must restore: a damaged one is an error here, not skipped. OUT must not hold
-  checkpoints already. `build_abstract_state(config) -> (abstract TrainState with shardings, mesh)` defaults to the
-  trainer's on one local device (config: the newest checkpoint's unless given). OUT's config item is the newest
-  checkpoint's, mesh included.
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  if last < 1:
-    raise ValueError(f'--last must be >= 1, got {last}')
-  if os.path.abspath(out) == os.path.abspath(workdir):
-    raise ValueError('--out must be another directory than --workdir')
-  source = Checkpointer(workdir, read_only=True)
-  steps = source.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {source.directory}: train first')
-  if len(steps) < last:
-    raise ValueError(f'--last={last} but {source.directory} holds {len(steps)} checkpoints (steps '
-                     f'{", ".join(map(str, steps))}); raise keep_checkpoints when training or ask for fewer')
-  if os.path.isdir(checkpoint_dir(out)) and os.listdir(checkpoint_dir(out)):
-    raise ValueError(f'{checkpoint_dir(out)} already holds checkpoints; --out must be a new or empty directory')
-  tokenizer = os.path.join(workdir, 'spm.model')
-  if not os.path.exists(tokenizer):
-    raise FileNotFoundError(f'no tokenizer at {tokenizer}')
-  chosen = steps[-last:]
-  newest = chosen[-1]
-  config_json = source.restore_config(newest)
-  config = ml_collections.ConfigDict(config_json if config is None else config.to_dict())
-  if build_abstract_state is None:  # one device whatever mesh trained it: averaging needs no parallelism
-    config.mesh.update(data=1, fsdp=1, tensor=1, dcn_data=1)
-    abstract, mesh = _trainer_abstract_state(config, devices=jax.local_devices()[:1])
-  else:
-    abstract, mesh = build_abstract_state(config)
-  with jax.set_mesh(mesh):
-    params_on_host = []
-    newest_state = newest_data = None
-    for s in chosen:
-      state, data_state, _ = source.restore(abstract, step=s)
-      params_on_host.append(jax.device_get(state.params))
-      if s == newest:
-        newest_state, newest_data = state, data_state
-      del state
-    averaged = average_trees(params_on_host)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract.params)
-    params = jax.tree.map(lambda x, sh: jax.device_put(x, sh), averaged, shardings)
-    state = newest_state.replace(params=params)
-    os.makedirs(out, exist_ok=True)
-    target = Checkpointer(out, keep=1, async_save=False)
-    target.save(newest, state, newest_data, config_json)
-    target.wait()
-    target.close()
-  source.close()
-  if jax.process_index() == 0:
-    shutil.copy2(tokenizer, os.path.join(out, 'spm.model'))
-    summary = {'source': os.path.abspath(workdir), 'steps': chosen, 'params': 'element-wise mean (float64 sum)',
-               'optimizer_state': f'copied from step {newest}', 'step': newest}
-    with open(os.path.join(out, 'averaged.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
-  return {'steps': chosen, 'step': newest, 'out': os.path.abspath(out)}
-
-
-def _trainer_abstract_state(config, devices=None):
-  """The trainer's abstract TrainState for config on config.mesh over `devices` (default: all), and that mesh.
-
-  (Imported late: train imports this module.)
-  """
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh(config.mesh, devices=devices)
-  model = Transformer(train_lib.model_config(config))
-  tx = optim.make_optimizer(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)
-    return train_lib.abstract_state(model, tx, config, shardings), mesh

@@ -1,4 +1,4 @@
-"""`transformer-jax <command> [--flags]`: train, evaluate, translate, export, import, average, info.
+"""`transformer-jax <command> [--flags]`: the commands are the table in commands.py.
 
 Every command takes --config=configs/X.py (a Python file with get_config()) with --config.key=value overrides,
 and --workdir=DIR. Run `transformer-jax <command> --help` for the command's flags.
@@ -9,49 +9,37 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = """usage: transformer-jax <command> [--config=configs/X.py] [--config.key=value ...] [--workdir=DIR]
+from absl import app
+from absl import flags
+from absl import logging
 
-commands:
-  train      train (resumes from WORKDIR's newest good checkpoint); default config configs/tiny.py,
-             default workdir runs/<config name>. Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...
-  evaluate   held-out metrics of WORKDIR's newest checkpoint; last line bleu=<float> chrf=<float> ...
-  translate  sentences from stdin (or --input=FILE) -> one translation per line
-  export     --format={safetensors,msgpack,hf-marian,stablehlo} --out=PATH
-  import     --format=hf-marian --path=DIR: a Marian checkpoint on disk -> WORKDIR
-  average    --last=N --out=DIR: element-wise mean of the last N checkpoints' parameters
-  info       architecture, parameter count, mesh and per-device memory plan; last line params=<int>
-
-Run `transformer-jax <command> --help` for every flag.
-"""
-
-COMMANDS = ('train', 'evaluate', 'translate', 'export', 'import', 'average', 'info')
+from transformer_jax import commands
 
 
-def _repo_root() -> str:
-  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def default_config_path() -> str:
-  """configs/tiny.py relative to the working directory, else beside the installed (editable) package."""
-  local = os.path.join('configs', 'tiny.py')
-  return local if os.path.exists(local) else os.path.join(_repo_root(), 'configs', 'tiny.py')
+def usage() -> str:
+  lines = ['usage: transformer-jax <command> [--config=configs/X.py] [--config.key=value ...] [--workdir=DIR]', '',
+           'commands:']
+  for name, command in commands.COMMANDS.items():
+    first, *rest = command.summary.split('\n')
+    lines.append(f'  {name:<10} {first}')
+    lines.extend(f'  {"":<10} {line}' for line in rest)
+  lines += ['', 'Run `transformer-jax <command> --help` for every flag.']
+  return '\n'.join(lines) + '\n'
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
-    print(USAGE)
+    print(usage())
     sys.exit(0 if len(argv) >= 2 else 2)
   command = argv[1]
-  if command not in COMMANDS:
-    print(f'error: unknown command {command!r}; expected one of {", ".join(COMMANDS)}', file=sys.stderr)
+  if command not in commands.COMMANDS:
+    print(f'error: unknown command {command!r}; expected one of {", ".join(commands.COMMANDS)}', file=sys.stderr)
     sys.exit(2)
-  if _repo_root() not in sys.path:
-    sys.path.insert(0, _repo_root())  # lets configs/*.py import each other (`from configs import tiny`)
+  if commands.repo_root() not in sys.path:
+    sys.path.insert(0, commands.repo_root())  # lets configs/*.py import each other (`from configs import tiny`)
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here: keep its banners quiet
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from transformer_jax import commands  # pylint: disable=g-import-not-at-top
   try:
     commands.define_flags(command)  # config_flags reads --config.* overrides from sys.argv right here
   except (AttributeError, KeyError, ValueError, TypeError) as e:
@@ -62,8 +50,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a bad flag or config key is one line and exit 2, not a traceback."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
   if any(a in ('-h', '--help', '-help', '--helpshort') for a in argv[1:]):
     # absl's --help lists only the main module's flags; this command's live in commands.py.
     print(f'usage: {argv[0]} [flags]\n\n{flags.FLAGS.module_help("transformer_jax.commands")}')

@@ -1,10 +1,15 @@
-"""The CLI's commands (flags + bodies). cli.py picks one; each body is a few lines over the library modules."""
+"""The CLI's commands: a table (COMMANDS) of name -> summary, flags, body. cli.py parses argv and runs one.
+
+Adding a command is one entry: a function that defines its flags and one that runs it (a few lines over the library
+modules, which are imported inside the body so that `--help` and flag errors stay fast).
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import sys
+from typing import Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -12,9 +17,17 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 
 
-def define_flags(command: str) -> None:
-  from transformer_jax import cli  # pylint: disable=g-import-not-at-top
-  config_default = cli.default_config_path() if command in ('train', 'info') else None
+def repo_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_config_path() -> str:
+  """configs/tiny.py relative to the working directory, else beside the installed (editable) package."""
+  local = os.path.join('configs', 'tiny.py')
+  return local if os.path.exists(local) else os.path.join(repo_root(), 'configs', 'tiny.py')
+
+
+def _common_flags(config_default: str | None) -> None:
   config_flags.DEFINE_config_file(
       'config', config_default,
       'Python config file with get_config() -> ConfigDict; override keys with --config.key=value.'
@@ -22,54 +35,71 @@ def define_flags(command: str) -> None:
       lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, tokenizer, TensorBoard, curves.png). '
                       'Default for train: runs/<config file name>.')
-  if command in ('train', 'evaluate', 'translate'):
-    flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-process runs; auto-detected '
-                        'on Cloud TPU VMs and SLURM.')
-    flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
-    flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
-  if command in ('evaluate', 'translate'):
-    flags.DEFINE_integer('beam_size', 4, 'Beam width (the paper: 4); 1 = greedy decoding.'
-                         + (' With a beam > 1, greedy metrics are reported too (keys *_greedy, after the beam '
-                            'search\'s bleu= chrf= exact_match=).' if command == 'evaluate' else ''))
-    flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search: a hypothesis scores '
-                       'log P / ((5+len)/6)^alpha (the paper: 0.6). Outputs are at most source length + 50 tokens, '
-                       'capped at the config\'s max_length.')
-    flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
-  if command == 'evaluate':
-    flags.DEFINE_string('split', None, 'Held-out split to score (default: the config\'s eval_split).')
-  if command == 'translate':
-    flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin); writes one translation '
-                        'per line, in input order (a progress bar on stderr for files). Empty lines give empty '
-                        'translations; inputs longer than the config\'s max_length tokens are truncated; '
-                        'characters outside the vocabulary become <unk>.')
-  if command == 'average':
-    flags.DEFINE_integer('last', 5, 'Average the parameters of the newest N checkpoints (the paper: 5 for base, '
-                         '20 for big).')
-    flags.DEFINE_string('out', None, 'New workdir to write: checkpoints/<newest step> with the mean parameters '
-                        '(optimizer state and step copied from the newest checkpoint), spm.model, averaged.json.')
-    flags.mark_flag_as_required('out')
-  if command == 'export':
-    flags.DEFINE_enum('format', None, ['safetensors', 'msgpack', 'hf-marian', 'stablehlo'],
-                      'safetensors / msgpack: one file of parameters (+ spm.model beside it); hf-marian: a directory '
-                      'transformers.MarianMTModel / MarianTokenizer load; stablehlo: jax.export of greedy '
-                      'translation with the parameters baked in.')
-    flags.DEFINE_string('out', None, 'File to write (a directory for hf-marian).')
-    flags.DEFINE_string('checkpoint', None, 'Step number or step directory (WORKDIR/checkpoints/STEP) to export '
-                        '(default: the newest good checkpoint).')
-    flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Stored parameter dtype (not for stablehlo).')
-    flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'stablehlo: platforms to lower for.')
-    flags.DEFINE_boolean('overwrite', False, 'Replace existing files (for hf-marian: write into a non-empty '
-                         'directory).')
-    flags.mark_flags_as_required(['format', 'out'])
-  if command == 'import':
-    flags.DEFINE_enum('format', 'hf-marian', ['hf-marian'], 'Format of --path.')
-    flags.DEFINE_string('path', None, 'HF Marian directory (config.json, model.safetensors, source.spm, '
-                        'vocab.json) to convert into a checkpoint in --workdir.')
-    flags.DEFINE_boolean('overwrite', False, 'Replace checkpoints already in --workdir.')
-    flags.mark_flag_as_required('path')
-  if command == 'info':
-    flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
-  flags.mark_flags_as_required([] if command in ('train', 'info') else ['workdir'])
+
+
+def _distributed_flags() -> None:
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-process runs; auto-detected '
+                      'on Cloud TPU VMs and SLURM.')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+  flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
+
+
+def _decoding_flags(evaluate: bool) -> None:
+  flags.DEFINE_integer('beam_size', 4, 'Beam width (the paper: 4); 1 = greedy decoding.'
+                       + (' With a beam > 1, greedy metrics are reported too (keys *_greedy, after the beam '
+                          'search\'s bleu= chrf= exact_match=).' if evaluate else ''))
+  flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search: a hypothesis scores '
+                     'log P / ((5+len)/6)^alpha (the paper: 0.6). Outputs are at most source length + 50 tokens, '
+                     'capped at the config\'s max_length.')
+  flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
+
+
+def _evaluate_flags() -> None:
+  _decoding_flags(evaluate=True)
+  flags.DEFINE_string('split', None, 'Held-out split to score (default: the config\'s eval_split).')
+
+
+def _translate_flags() -> None:
+  _decoding_flags(evaluate=False)
+  flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin); writes one translation '
+                      'per line, in input order (a progress bar on stderr for files). Empty lines give empty '
+                      'translations; inputs longer than the config\'s max_length tokens are truncated; '
+                      'characters outside the vocabulary become <unk>.')
+
+
+def _average_flags() -> None:
+  flags.DEFINE_integer('last', 5, 'Average the parameters of the newest N checkpoints (the paper: 5 for base, '
+                       '20 for big).')
+  flags.DEFINE_string('out', None, 'New workdir to write: checkpoints/<newest step> with the mean parameters '
+                      '(optimizer state and step copied from the newest checkpoint), spm.model, averaged.json.')
+  flags.mark_flag_as_required('out')
+
+
+def _export_flags() -> None:
+  from transformer_jax import export  # pylint: disable=g-import-not-at-top  (jax/flax: only for this command)
+  flags.DEFINE_enum('format', None, list(export.FORMATS),
+                    '; '.join(f'{name}: {module.SUMMARY}' for name, module in export.FORMATS.items()) + '.')
+  flags.DEFINE_string('out', None, 'File to write (a directory for the formats that write one: '
+                      + ', '.join(n for n, m in export.FORMATS.items() if m.WRITES_DIRECTORY) + ').')
+  flags.DEFINE_string('checkpoint', None, 'Step number or step directory (WORKDIR/checkpoints/STEP) to export '
+                      '(default: the newest good checkpoint).')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Stored parameter dtype (not for stablehlo).')
+  flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'stablehlo: platforms to lower for.')
+  flags.DEFINE_boolean('overwrite', False, 'Replace existing files (for directory formats: write into a non-empty '
+                       'directory).')
+  flags.mark_flags_as_required(['format', 'out'])
+
+
+def _import_flags() -> None:
+  flags.DEFINE_enum('format', 'hf-marian', ['hf-marian'], 'Format of --path.')
+  flags.DEFINE_string('path', None, 'HF Marian directory (config.json, model.safetensors, source.spm, '
+                      'vocab.json) to convert into a checkpoint in --workdir.')
+  flags.DEFINE_boolean('overwrite', False, 'Replace checkpoints already in --workdir.')
+  flags.mark_flag_as_required('path')
+
+
+def _info_flags() -> None:
+  flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
 
 
 def _fail(message: str) -> None:
@@ -85,18 +115,30 @@ def _workdir() -> str:
   return os.path.join('runs', name)
 
 
+def define_flags(command: str) -> None:
+  """The flags of `command`: the shared ones (--config, --workdir), then the command's own."""
+  spec = COMMANDS[command]
+  _common_flags(default_config_path() if spec.default_config else None)
+  if spec.distributed:
+    _distributed_flags()
+  if spec.define_flags is not None:
+    spec.define_flags()
+  flags.mark_flags_as_required(['workdir'] if spec.requires_workdir else [])
+
+
 def run(command: str, args) -> None:
   if len(args) > 1:
     _fail(f'unexpected arguments {args[1:]}; flags take the form --name=value')
   _check_inputs(command)  # bad config values and paths: before anything is read or written
   from transformer_jax import faults  # pylint: disable=g-import-not-at-top
   faults.divert_library_errors()
+  spec = COMMANDS[command]
   try:
-    if command in ('train', 'evaluate', 'translate'):
-      from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
+    if spec.distributed:
+      from transformer_jax import parallel  # pylint: disable=g-import-not-at-top  (jax)
       parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     with _writer_lock(command):  # before the slow imports: a second writer is refused at once
-      globals()[f'_{command}']()
+      spec.run()
   except Exception as e:  # pylint: disable=broad-except
     from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
     from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -184,8 +226,8 @@ def _export() -> None:
   export.check_target(FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                       tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
   if os.path.isfile(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME)):  # damaged: one line, before any work
-    from transformer_jax import inference  # pylint: disable=g-import-not-at-top
-    inference.load_workdir_tokenizer(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
+    from transformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    workdir_lib.Workdir(FLAGS.workdir).tokenizer()
   source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
   written = export.export(source, FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                           platforms=tuple(FLAGS.platforms))
@@ -194,14 +236,55 @@ def _export() -> None:
 
 def _import() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
-  count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=FLAGS.config, overwrite=FLAGS.overwrite)
+  config = FLAGS.config
+  if config is None and not os.path.exists(os.path.join(FLAGS.path or '', 'transformer_jax_config.json')):
+    config = _load_config_file(default_config_path())  # data, lengths and optimizer HF does not describe
+  count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=config, overwrite=FLAGS.overwrite)
   print(f'imported {FLAGS.path} ({count} parameters) -> {FLAGS.workdir} (step 0)', flush=True)
 
 
 def _average() -> None:
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  result = checkpoint_lib.average_workdir(FLAGS.workdir, FLAGS.out, last=FLAGS.last, config=FLAGS.config)
+  from transformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  result = workdir_lib.average_workdir(FLAGS.workdir, FLAGS.out, last=FLAGS.last, config=FLAGS.config)
   if jax.process_index() == 0:
     print(f"averaged steps {','.join(map(str, result['steps']))} -> {result['out']} (step {result['step']}; "
           f"optimizer state copied from step {result['step']})", flush=True)
+
+
+def _load_config_file(path: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('default_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  name: str
+  summary: str  # the usage line(s) cli.py prints
+  run: Callable[[], None]
+  define_flags: Callable[[], None] | None = None  # the command's own flags (after --config and --workdir)
+  default_config: bool = False  # --config defaults to configs/tiny.py (else: the workdir's stored config)
+  requires_workdir: bool = True
+  distributed: bool = False  # joins jax.distributed (multi-process) before running
+
+
+COMMANDS = {c.name: c for c in (
+    Command('train', 'train (resumes from WORKDIR\'s newest good checkpoint); default config configs/tiny.py,\n'
+            'default workdir runs/<config name>.\n'
+            'Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...',
+            _train, default_config=True, requires_workdir=False, distributed=True),
+    Command('evaluate', 'held-out metrics of WORKDIR\'s newest checkpoint; last line bleu=<float> chrf=<float> ...',
+            _evaluate, _evaluate_flags, distributed=True),
+    Command('translate', 'sentences from stdin (or --input=FILE) -> one translation per line', _translate,
+            _translate_flags, distributed=True),
+    Command('export', '--format={safetensors,msgpack,hf-marian,stablehlo} --out=PATH', _export, _export_flags),
+    Command('import', '--format=hf-marian --path=DIR: a Marian checkpoint on disk -> WORKDIR', _import,
+            _import_flags),
+    Command('average', '--last=N --out=DIR: element-wise mean of the last N checkpoints\' parameters', _average,
+            _average_flags),
+    Command('info', 'architecture, parameter count, mesh and per-device memory plan; last line params=<int>', _info,
+            _info_flags, default_config=True, requires_workdir=False),
+)}

@@ -23,9 +23,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer_jax.model import ModelConfig, Transformer
 from transformer_jax.parallel import BATCH_AXES as _BATCH_AXES
+from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 P = jax.sharding.PartitionSpec
 
@@ -46,7 +46,7 @@ def init_cache(model: Transformer, params, encoded, inputs_segmentation, max_dec
   is dead code that XLA removes.
   """
   batch = encoded.shape[0]
-  dummy = jnp.full((batch, max_decode_len), BOS_ID, jnp.int32)
+  dummy = jnp.full((batch, max_decode_len), model.cfg.special_ids.bos, jnp.int32)
   _, variables = model.apply({'params': params}, encoded, inputs_segmentation, dummy, method=Transformer.decode,
                              mutable=['cache'])
   return variables['cache']
@@ -64,10 +64,11 @@ def length_penalty(length, alpha):
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0)**alpha
 
 
-def output_limits(inputs, max_decode_len: int, extra_length: int | None = MAX_LENGTH_MARGIN):
+def output_limits(inputs, max_decode_len: int, extra_length: int | None = MAX_LENGTH_MARGIN, *,
+                  pad_id: int = DEFAULT_SPECIAL_IDS.pad):
   """[B] longest output per example: source length (non-PAD tokens, EOS included) + extra_length, capped at
   max_decode_len. A row without source tokens is batch padding: one step."""
-  source_length = jnp.sum(inputs != PAD_ID, axis=1).astype(jnp.int32)
+  source_length = jnp.sum(inputs != pad_id, axis=1).astype(jnp.int32)
   limits = jnp.full_like(source_length, max_decode_len) if extra_length is None else jnp.minimum(
       source_length + extra_length, max_decode_len)
   return jnp.where(source_length == 0, 1, limits)
@@ -77,18 +78,18 @@ def _encode_and_cache(params, inputs, cfg: ModelConfig, max_decode_len: int):
   if max_decode_len > cfg.max_len:
     raise ValueError(f'max_decode_len={max_decode_len} exceeds the model\'s max_len={cfg.max_len} (positions)')
   model = decoding_model(cfg)
-  inputs_segmentation = (inputs != PAD_ID).astype(jnp.int32)
+  inputs_segmentation = (inputs != cfg.special_ids.pad).astype(jnp.int32)
   encoded = model.apply({'params': params}, inputs, inputs_segmentation, method=Transformer.encode)
   cache = init_cache(model, params, encoded, inputs_segmentation, max_decode_len)
   return model, encoded, inputs_segmentation, cache
 
 
-def _forbid(log_probs, step, min_decode_len: int):
+def _forbid(log_probs, step, min_decode_len: int, ids: SpecialIds):
   """log_probs [..., V] with PAD and BOS (and EOS before min_decode_len tokens) made impossible."""
-  log_probs = log_probs.at[..., PAD_ID].set(NEG_INF).at[..., BOS_ID].set(NEG_INF)
+  log_probs = log_probs.at[..., ids.pad].set(NEG_INF).at[..., ids.bos].set(NEG_INF)
   if not min_decode_len:
     return log_probs
-  return log_probs.at[..., EOS_ID].add(jnp.where(step < min_decode_len, NEG_INF, 0.0))
+  return log_probs.at[..., ids.eos].add(jnp.where(step < min_decode_len, NEG_INF, 0.0))
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_decode_len', 'min_decode_len', 'extra_length'))
@@ -96,7 +97,8 @@ def greedy_decode(params, inputs, *, cfg: ModelConfig, max_decode_len: int, min_
                   extra_length: int | None = MAX_LENGTH_MARGIN):
   """inputs [B, S] (EOS-terminated, PAD-padded) -> tokens [B, max_decode_len], PAD after the first EOS."""
   model, encoded, inputs_segmentation, cache = _encode_and_cache(params, inputs, cfg, max_decode_len)
-  limits = output_limits(inputs, max_decode_len, extra_length)
+  ids = cfg.special_ids
+  limits = output_limits(inputs, max_decode_len, extra_length, pad_id=ids.pad)
   batch = inputs.shape[0]
 
   def cond(carry):
@@ -106,13 +108,13 @@ def greedy_decode(params, inputs, *, cfg: ModelConfig, max_decode_len: int, min_
   def body(carry):
     i, cache, out, previous, finished = carry
     log_probs, cache = decode_step(model, params, cache, encoded, inputs_segmentation, previous)
-    log_probs = _forbid(log_probs, i, min_decode_len)
-    token = jnp.where(finished, PAD_ID, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
+    log_probs = _forbid(log_probs, i, min_decode_len, ids)
+    token = jnp.where(finished, ids.pad, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
     out = out.at[:, i].set(token)
-    return i + 1, cache, out, token, finished | (token == EOS_ID) | (i + 1 >= limits)
+    return i + 1, cache, out, token, finished | (token == ids.eos) | (i + 1 >= limits)
 
-  init = (jnp.array(0), cache, jnp.full((batch, max_decode_len), PAD_ID, jnp.int32),
-          jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool))
+  init = (jnp.array(0), cache, jnp.full((batch, max_decode_len), ids.pad, jnp.int32),
+          jnp.full((batch,), ids.bos, jnp.int32), jnp.zeros((batch,), bool))
   return jax.lax.while_loop(cond, body, init)[2]
 
 
@@ -211,7 +213,8 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
   """
   batch, beams, length = inputs.shape[0], beam_size, max_decode_len
   model, encoded, inputs_segmentation, cache = _encode_and_cache(params, inputs, cfg, max_decode_len)
-  limits = output_limits(inputs, max_decode_len, extra_length)  # [B]
+  ids = cfg.special_ids
+  limits = output_limits(inputs, max_decode_len, extra_length, pad_id=ids.pad)  # [B]
   cache = expand_cache_to_beams(cache, beams)
   encoded = jnp.repeat(encoded, beams, axis=0)  # [B*W, S, D] (unused past the cache: cross keys are cached)
   inputs_segmentation = jnp.repeat(inputs_segmentation, beams, axis=0)
@@ -236,7 +239,7 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
     log_probs, cache = decode_step(model, params, state['cache'], encoded, inputs_segmentation,
                                    state['last_tokens'].reshape(batch * beams))
     vocab = log_probs.shape[-1]
-    log_probs = _forbid(log_probs.reshape(batch, beams, vocab), i, min_decode_len)
+    log_probs = _forbid(log_probs.reshape(batch, beams, vocab), i, min_decode_len, ids)
     candidates = (alive_log_probs[:, :, None] + log_probs).reshape(batch, beams * vocab)
     # At most W extensions end in EOS (one per beam), so the best 2W always hold W that do not.
     top_log_probs, top_index = _top_k(candidates, 2 * beams)  # [B, 2W]
@@ -244,7 +247,7 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
     top_seqs = _take(state['alive_seqs'], top_beam)  # [B, 2W, L]
     top_seqs = jax.lax.dynamic_update_slice_in_dim(top_seqs, top_token[:, :, None], i, axis=2)
     real = top_log_probs > NEG_INF / 2
-    is_eos = top_token == EOS_ID
+    is_eos = top_token == ids.eos
     at_limit = (i + 1 >= limits)[:, None]  # [B, 1]
 
     ends = real & ((is_eos & (jnp.arange(2 * beams) < beams)) | (~is_eos & at_limit))
@@ -262,11 +265,11 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
   init = dict(
       i=jnp.array(0, jnp.int32),
       cache=cache,
-      alive_seqs=jnp.full((batch, beams, length), PAD_ID, jnp.int32),
+      alive_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
       # Only beam 0 is alive at first: the W copies of the start would otherwise fill the beam with duplicates.
       alive_log_probs=jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, NEG_INF).astype(jnp.float32), (batch, 1)),
-      last_tokens=jnp.full((batch, beams), BOS_ID, jnp.int32),
-      finished_seqs=jnp.full((batch, beams, length), PAD_ID, jnp.int32),
+      last_tokens=jnp.full((batch, beams), ids.bos, jnp.int32),
+      finished_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
       finished_scores=jnp.full((batch, beams), NEG_INF, jnp.float32),
   )
   state = jax.lax.while_loop(cond, body, init)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import sacrebleu
 
-from transformer_jax.data.tokenizer import EOS_ID, PAD_ID
 
 
 def text_metrics(hypotheses: list[str], references: list[str], bleu_tokenize: str = '13a') -> dict[str, float]:
@@ -27,10 +26,13 @@ def text_metrics(hypotheses: list[str], references: list[str], bleu_tokenize: st
 
 
 def encode_sources(tokenizer, sources: list[str], max_length: int) -> np.ndarray:
-  """Sentences -> [N, max_length] ids with EOS; longer inputs are truncated (EOS kept last)."""
-  rows = np.full((len(sources), max_length), PAD_ID, np.int32)
+  """Sentences -> [N, max_length] ids with EOS; longer inputs are truncated (EOS kept last).
+
+  The pad and eos ids are the tokenizer's own (`tokenizer.special_ids`)."""
+  special = tokenizer.special_ids
+  rows = np.full((len(sources), max_length), special.pad, np.int32)
   for i, ids in enumerate(tokenizer.encode_batch(list(sources))):
-    ids = list(ids)[:max_length - 1] + [EOS_ID]
+    ids = list(ids)[:max_length - 1] + [special.eos]
     rows[i, :len(ids)] = ids
   return rows
 

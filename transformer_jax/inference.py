@@ -1,67 +1,27 @@
-"""Loading a trained workdir for inference, and the evaluate / translate commands built on it."""
+"""translate / evaluate over a trained workdir (opened through workdir.py: parameters only)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import decode as decode_lib
 from transformer_jax import evaluate as evaluate_lib
-from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train as train_lib
-from transformer_jax.data import tokenizer as tokenizer_lib
-from transformer_jax.data.tokenizer import PAD_ID
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax.data import sources
+from transformer_jax.workdir import Trained, Workdir
+
+Loaded = Trained  # the name callers knew
 
 
-@dataclasses.dataclass
-class Loaded:
-  config: ml_collections.ConfigDict
-  cfg: ModelConfig
-  params: Any
-  tokenizer: tokenizer_lib.Tokenizer
-  mesh: Any
-  step: int
-
-
-def load_workdir(workdir: str, config=None) -> Loaded:
-  """Newest good checkpoint of workdir, onto this machine's mesh; config from the checkpoint unless given."""
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}: train first')
-  if config is None:
-    config = ml_collections.ConfigDict(checkpointer.restore_config())
-  tokenizer_path = os.path.join(workdir, 'spm.model')
-  if not os.path.exists(tokenizer_path):
-    raise FileNotFoundError(f'no tokenizer at {tokenizer_path}')
-  tokenizer = load_workdir_tokenizer(tokenizer_path)
-  mesh = parallel.make_mesh(config.mesh)
-  cfg = train_lib.model_config(config)
-  model = Transformer(cfg)
-  tx = optim.make_optimizer(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)
-    state, _, step = checkpointer.restore(train_lib.abstract_state(model, tx, config, shardings))
-  checkpointer.close()
-  return Loaded(config=config, cfg=cfg, params=state.params, tokenizer=tokenizer, mesh=mesh, step=step)
-
-
-def load_workdir_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
-  """A workdir's spm.model; a damaged one is one line saying so (readers never retrain it)."""
-  try:
-    return tokenizer_lib.Tokenizer.load(path)
-  except tokenizer_lib.DamagedTokenizerError as e:
-    raise tokenizer_lib.DamagedTokenizerError(
-        f"the workdir's tokenizer is damaged: {e}; its checkpoints need the spm.model they were trained with (copy "
-        'it back from a backup, or retrain in a new workdir)') from None
+def load_workdir(workdir: str, config=None) -> Trained:
+  """Newest good checkpoint of workdir (parameters only), onto this machine's mesh; config from the checkpoint
+  unless given."""
+  return Workdir(workdir).load(config)
 
 
 def decode_length(loaded: Loaded, longest_source: int) -> int:
@@ -86,7 +46,7 @@ def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int 
   if not keep:
     return out
   rows = evaluate_lib.encode_sources(loaded.tokenizer, [sentences[i] for i in keep], config.max_length)
-  lengths = np.sum(rows != PAD_ID, axis=1)
+  lengths = np.sum(rows != loaded.tokenizer.special_ids.pad, axis=1)
   order = np.argsort(-lengths, kind='stable')
   rows = rows[order, :int(lengths.max())]  # no all-PAD columns: the encoder runs over real lengths only
   divisor = _batch_divisor(loaded.mesh)
@@ -115,7 +75,6 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_siz
   references), with beam search (keys bleu, chrf, exact_match) and, when beam_size > 1, greedy decoding too
   (keys bleu_greedy, ...). Hypotheses are written beside the checkpoints: WORKDIR/hypotheses_<split>_step<N>.txt
   (beam) and ..._greedy.txt."""
-  from transformer_jax.data import sources  # pylint: disable=g-import-not-at-top
   loaded = load_workdir(workdir, config)
   config = loaded.config
   split = split or config.eval_split

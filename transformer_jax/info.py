@@ -15,7 +15,7 @@ from flax import linen as nn
 
 from transformer_jax import optim
 from transformer_jax import parallel
-from transformer_jax import train as train_lib
+from transformer_jax import train_state
 from transformer_jax.model import Transformer
 
 
@@ -36,11 +36,11 @@ def _per_device_bytes(leaf, mesh_axes, sizes: dict[str, int]) -> int:
 
 def memory_plan(config, num_devices: int):
   """(abstract state, {leaf path: (logical spec, mesh spec)}, total bytes, per-device bytes) for params+optimizer."""
-  model = Transformer(train_lib.model_config(config))
+  model = Transformer(train_state.model_config(config))
   tx = optim.make_optimizer(config)
-  logical = train_lib.state_logical_specs(model, tx, config)
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(train_lib._init_boxed_state(  # pylint: disable=protected-access
-      model, tx, config, jax.random.key(0))))
+  logical = train_state.state_logical_specs(model, tx, config)
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(train_state.init_boxed_state(model, tx, config,
+                                                                               jax.random.key(0))))
   sizes = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, num_devices)))
   leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
   specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
@@ -56,7 +56,7 @@ def memory_plan(config, num_devices: int):
 def print_info(config, num_devices: int | None = None) -> int:
   num_devices = num_devices or jax.device_count()
   abstract, rows, sizes, total, per_device = memory_plan(config, num_devices)
-  params = train_lib.count_params(abstract.params)
+  params = train_state.count_params(abstract.params)
   m = config.model
   print(f'architecture: encoder-decoder Transformer, N={m.num_layers} layers each side, d_model={m.d_model}, '
         f'd_ff={m.d_ff}, h={m.num_heads}, vocab={m.vocab_size}, shared embeddings={m.share_embeddings}, '

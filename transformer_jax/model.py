@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax.data.tokenizer import BOS_ID, PAD_ID
+from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 # torch's nn.LayerNorm default: one constant so exported HF Marian models compute the same function.
 LAYER_NORM_EPSILON = 1e-5
@@ -42,6 +42,7 @@ class ModelConfig:
   remat: str = 'none'  # 'none' | 'full' | 'dots_saveable'
   scan_layers: bool = False  # nn.scan over identical layers: compile time flat in depth
   decode: bool = False  # incremental decoding over a key/value cache (set by decode.py)
+  special_ids: SpecialIds = DEFAULT_SPECIAL_IDS  # the vocabulary's pad/eos/unk/bos (from its tokenizer)
 
   @classmethod
   def from_config(cls, model_config, **overrides) -> 'ModelConfig':
@@ -52,6 +53,8 @@ class ModelConfig:
       values['attention_impl'] = None
     if isinstance(values.get('dtype'), str):
       values['dtype'] = jnp.dtype(values['dtype'])
+    if values.get('special_ids') is not None and not isinstance(values['special_ids'], SpecialIds):
+      values['special_ids'] = SpecialIds.from_dict(values['special_ids'])
     cfg = cls(**values)
     if cfg.d_model % cfg.num_heads:
       raise ValueError(f'model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}')
@@ -279,15 +282,16 @@ def attention_mask(query_segmentation, key_segmentation, causal: bool = False):
   return mask[:, None]
 
 
-def shift_right(targets, targets_position):
+def shift_right(targets, targets_position, *, bos_id: int = DEFAULT_SPECIAL_IDS.bos,
+                pad_id: int = DEFAULT_SPECIAL_IDS.pad):
   """Decoder inputs: BOS at the start of EVERY packed example (not the previous example's EOS), then targets[:-1]."""
-  shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-  shifted = jnp.where(targets_position == 0, BOS_ID, shifted)
-  return jnp.where(targets == PAD_ID, PAD_ID, shifted)
+  shifted = jnp.pad(targets, ((0, 0), (1, 0)), constant_values=pad_id)[:, :-1]
+  shifted = jnp.where(targets_position == 0, bos_id, shifted)
+  return jnp.where(targets == pad_id, pad_id, shifted)
 
 
-def _default_segmentation(tokens):
-  return (tokens != PAD_ID).astype(jnp.int32)
+def _default_segmentation(tokens, pad_id: int):
+  return (tokens != pad_id).astype(jnp.int32)
 
 
 def _default_positions(tokens):
@@ -379,7 +383,7 @@ class Transformer(nn.Module):
 
   def encode(self, inputs, inputs_segmentation=None, inputs_position=None, deterministic: bool = True):
     if inputs_segmentation is None:
-      inputs_segmentation = _default_segmentation(inputs)
+      inputs_segmentation = _default_segmentation(inputs, self.cfg.special_ids.pad)
     if inputs_position is None:
       inputs_position = _default_positions(inputs)
     return self.encoder(inputs, inputs_segmentation, inputs_position, deterministic)
@@ -389,7 +393,7 @@ class Transformer(nn.Module):
     """Teacher-forced (full length) or, with cfg.decode, one position over the cache."""
     if targets_segmentation is None:
       targets_segmentation = jnp.ones_like(decoder_inputs) if self.cfg.decode else _default_segmentation(
-          decoder_inputs)
+          decoder_inputs, self.cfg.special_ids.pad)
     if targets_position is None:
       targets_position = _default_positions(decoder_inputs)
     if self.cfg.decode:
@@ -402,13 +406,14 @@ class Transformer(nn.Module):
 
   def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None, inputs_position=None,
                targets_position=None, deterministic: bool = True):
+    pad_id = self.cfg.special_ids.pad
     if inputs_segmentation is None:
-      inputs_segmentation = _default_segmentation(inputs)
+      inputs_segmentation = _default_segmentation(inputs, pad_id)
     if targets_segmentation is None:
-      targets_segmentation = _default_segmentation(targets)
+      targets_segmentation = _default_segmentation(targets, pad_id)
     if targets_position is None:
       targets_position = _default_positions(targets)
     encoded = self.encode(inputs, inputs_segmentation, inputs_position, deterministic)
-    decoder_inputs = shift_right(targets, targets_position)
+    decoder_inputs = shift_right(targets, targets_position, bos_id=self.cfg.special_ids.bos, pad_id=pad_id)
     return self.decode(encoded, inputs_segmentation, decoder_inputs, targets_segmentation, targets_position,
                        deterministic)

@@ -6,13 +6,11 @@ NamedShardings in and out, the batch sharded over the mesh's batch axes, and the
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax import linen as nn
-from flax import struct
 from jax.experimental import multihost_utils
 
 from transformer_jax import checkpoint as checkpoint_lib
@@ -28,65 +25,26 @@ from transformer_jax import decode as decode_lib
 from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import optim
 from transformer_jax import parallel
-from transformer_jax.data.tokenizer import PAD_ID
+from transformer_jax import train_state
+from transformer_jax import workdir as workdir_lib
 from transformer_jax.model import ModelConfig, Transformer
 
 BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position',
               'targets_position')
 
 
-@struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
 class NonFiniteLossError(RuntimeError):
   pass
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Model, state and shardings
-
-
-def model_config(config, **overrides) -> ModelConfig:
-  return ModelConfig.from_config(config.model, max_len=max(config.max_length, config.packed_inputs_length,
-                                                           config.packed_targets_length), **overrides)
-
-
-def _dummy_batch(config, rows: int = 1):
-  return {'inputs': jnp.ones((rows, config.packed_inputs_length), jnp.int32),
-          'targets': jnp.ones((rows, config.packed_targets_length), jnp.int32)}
-
-
-def _init_boxed_state(model: Transformer, tx, config, rng) -> TrainState:
-  """Parameters still wrapped in their logical-axis boxes; optax's moments inherit the boxes (same names)."""
-  batch = _dummy_batch(config)
-  params = model.init({'params': rng}, batch['inputs'], batch['targets'])['params']
-  return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def state_logical_specs(model: Transformer, tx, config):
-  """PartitionSpecs over logical axis names for every leaf of the TrainState, without allocating anything."""
-  abstract = jax.eval_shape(functools.partial(_init_boxed_state, model, tx, config), jax.random.key(0))
-  return nn.get_partition_spec(abstract)
-
-
-def create_sharded_state(model: Transformer, tx, config, mesh, rng) -> tuple[TrainState, Any]:
-  """The state is born sharded (jit with out_shardings): never whole on one device or host."""
-  shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
-  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed_state(model, tx, config, r)), out_shardings=shardings)
-  return init(rng), shardings
-
-
-def abstract_state(model: Transformer, tx, config, shardings) -> TrainState:
-  unboxed = jax.eval_shape(lambda: nn.meta.unbox(_init_boxed_state(model, tx, config, jax.random.key(0))))
-  return checkpoint_lib.abstract_with_shardings(unboxed, shardings)
-
-
-def count_params(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+# The state and its construction live in train_state.py (workdir.py uses them too); these names are the trainer's API.
+TrainState = train_state.TrainState
+model_config = train_state.model_config
+dummy_batch = train_state.dummy_batch
+state_logical_specs = train_state.state_logical_specs
+create_sharded_state = train_state.create_sharded_state
+abstract_state = train_state.abstract_state
+count_params = train_state.count_params
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,8 +77,8 @@ def _apply(model, params, batch, *, deterministic: bool, rngs=None):
                      deterministic=deterministic, rngs=rngs)
 
 
-def _weights(batch):
-  return (batch['targets'] != PAD_ID).astype(jnp.float32)
+def _weights(batch, pad_id: int):
+  return (batch['targets'] != pad_id).astype(jnp.float32)
 
 
 def make_train_step(model: Transformer, tx, config):
@@ -130,10 +88,11 @@ def make_train_step(model: Transformer, tx, config):
   label_smoothing = float(config.label_smoothing)
   accum = int(config.get('grad_accum_steps', 1))
   schedule = optim.make_schedule(config)
+  pad_id = model.cfg.special_ids.pad
 
   def micro_sums(params, micro, rng):
     logits = _apply(model, params, micro, deterministic=False, rngs={'dropout': rng})
-    sums = cross_entropy_sums(logits, micro['targets'], _weights(micro), label_smoothing)
+    sums = cross_entropy_sums(logits, micro['targets'], _weights(micro, pad_id), label_smoothing)
     return sums['loss_sum'], sums
 
   grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
@@ -178,7 +137,7 @@ def make_eval_step(model: Transformer, config):
 
   def eval_step(params, batch):
     logits = _apply(model, params, batch, deterministic=True)
-    return cross_entropy_sums(logits, batch['targets'], _weights(batch), label_smoothing)
+    return cross_entropy_sums(logits, batch['targets'], _weights(batch, model.cfg.special_ids.pad), label_smoothing)
 
   return eval_step
 
@@ -469,7 +428,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     raise ValueError(f'the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size is '
                      f'{config.model.vocab_size}')
 
-  cfg = model_config(config)
+  cfg = model_config(config, special_ids=data.tokenizer.special_ids)
   model = Transformer(cfg)
   tx = optim.make_optimizer(config)
   rng = jax.random.key(config.seed)
@@ -477,8 +436,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                               async_save=config.get('async_checkpointing', True))
+    checkpointer = workdir_lib.Workdir(workdir).checkpointer(keep=config.keep_checkpoints,
+                                                             async_save=config.get('async_checkpointing', True))
     preemption.checkpointer = checkpointer
     if checkpointer.latest_step() is not None:
       state, data_state, restored_step = checkpointer.restore(abstract_state(model, tx, config, shardings))

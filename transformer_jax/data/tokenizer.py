@@ -1,11 +1,9 @@
 """SentencePiece tokenizer: train once (process 0), write atomically, everyone else loads.
 
-The special ids are declared here and nowhere else:
-
-  PAD_ID = 0   padding (masked out of the loss and attention)
-  EOS_ID = 1   end of sentence, appended to every source and target
-  UNK_ID = 2   unknown piece (distinct from PAD so unknown tokens are *not* masked as padding)
-  BOS_ID = 3   decoder start token (targets are shifted right per segment with this id)
+The special ids belong to the vocabulary (`transformer_jax.vocab.SpecialIds`): a Tokenizer reads them from its
+SentencePiece model (`Tokenizer.special_ids`) and the trainer hands them to the model as configuration. Models this
+project trains use the defaults, PAD 0, EOS 1, UNK 2, BOS 3 (the names below are those defaults, kept for callers
+that build batches by hand).
 """
 
 from __future__ import annotations
@@ -19,11 +17,12 @@ from collections.abc import Callable, Iterable, Sequence
 from absl import logging
 import sentencepiece as spm
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
-BOS_ID = 3
-_SPECIAL_IDS = frozenset((PAD_ID, EOS_ID, UNK_ID, BOS_ID))
+from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
+
+PAD_ID = DEFAULT_SPECIAL_IDS.pad
+EOS_ID = DEFAULT_SPECIAL_IDS.eos
+UNK_ID = DEFAULT_SPECIAL_IDS.unk
+BOS_ID = DEFAULT_SPECIAL_IDS.bos
 
 
 def _is_remote(path: str) -> bool:
@@ -84,6 +83,7 @@ class Tokenizer:
       raise ValueError(
           f"SentencePiece model {model_path!r} has (pad, eos, unk, bos) ids {ids}; this project "
           f"needs {(PAD_ID, EOS_ID, UNK_ID, BOS_ID)}. Delete the file to retrain it.")
+    self.special_ids = SpecialIds(pad=ids[0], eos=ids[1], unk=ids[2], bos=ids[3])
 
   @classmethod
   def load(cls, model_path: str) -> "Tokenizer":
@@ -113,11 +113,12 @@ class Tokenizer:
     """
     keep = []
     n = self.vocab_size
+    special = self.special_ids
     for i in ids:
       i = int(i)
-      if i == EOS_ID:
+      if i == special.eos:
         break
-      if i in (PAD_ID, BOS_ID) or i < 0 or i >= n:
+      if i in (special.pad, special.bos) or i < 0 or i >= n:
         continue
       keep.append(i)
     return self._sp.decode(keep)

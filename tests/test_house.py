@@ -1,0 +1,139 @@
+"""The house rules: no import cycles in transformer_jax/, the model knows nothing of files, and an old workdir (written
+by the code before special ids moved into the vocabulary and loading moved into workdir.py) still loads unchanged."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, 'transformer_jax')
+DATA = os.path.join(REPO, 'tests', 'data')
+
+
+def _modules() -> dict[str, str]:
+  out = {}
+  for root, _, names in os.walk(PACKAGE):
+    for name in names:
+      if name.endswith('.py'):
+        rel = os.path.relpath(os.path.join(root, name), REPO)[:-3].replace(os.sep, '.')
+        out[rel[:-len('.__init__')] if rel.endswith('.__init__') else rel] = os.path.join(root, name)
+  return out
+
+
+def import_graph() -> dict[str, set[str]]:
+  """module -> project modules it imports (at any level: a function-level import is still an edge)."""
+  modules = _modules()
+  graph = {m: set() for m in modules}
+  for module, path in modules.items():
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        # `from pkg import sub` depends on pkg.sub when that is a module, else on pkg itself.
+        names = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in modules else node.module
+                 for a in node.names]
+      else:
+        continue
+      for name in names:
+        while name and name not in modules:
+          name = name.rpartition('.')[0]
+        # A package's __init__ importing its own submodules is how packages work, not a cycle.
+        if name and name != module and not name.startswith(module + '.'):
+          graph[module].add(name)
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  state: dict[str, int] = {}
+  stack: list[str] = []
+
+  def visit(node):
+    state[node] = 1
+    stack.append(node)
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == 1:
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt)
+        if found:
+          return found
+    stack.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_cycle_finder_has_teeth():
+  assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+  assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': set()}) is None
+
+
+def test_no_import_cycles():
+  graph = import_graph()
+  assert 'transformer_jax.workdir' in graph and graph['transformer_jax.commands']  # the graph was really read
+  assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
+
+
+def test_model_does_not_import_the_data_package():
+  graph = import_graph()
+  for module in ('transformer_jax.model', 'transformer_jax.decode', 'transformer_jax.vocab'):
+    assert not {m for m in graph[module] if m.startswith('transformer_jax.data')}, (module, graph[module])
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+  """Each module imports on its own (dependency order is Python's): a cycle hidden behind import order fails here."""
+  script = ('import importlib, sys\n'
+            f'for name in {sorted(_modules())!r}:\n'
+            '  for m in [k for k in sys.modules if k.startswith("transformer_jax")]:\n'
+            '    del sys.modules[m]\n'
+            '  importlib.import_module(name)\n'
+            'print("ok")\n')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
+
+
+def test_old_workdir_loads_unchanged(tmp_path):
+  """tests/data/workdir_v1 was trained (2 steps) by the code before this change, which also exported its parameters
+  (workdir_v1_params.safetensors) and translated two sentences greedily (workdir_v1_greedy.txt). Today's
+  parameters-only restore gives the same parameters bit for bit, and the same translations."""
+  from transformer_jax import export, inference
+  from transformer_jax.workdir import Workdir
+  trained = Workdir(os.path.join(DATA, 'workdir_v1')).load()
+  assert trained.tokenizer.special_ids.to_dict() == {'pad': 0, 'eos': 1, 'unk': 2, 'bos': 3}
+  assert trained.cfg.special_ids == trained.tokenizer.special_ids
+  old, _ = export.load_params(os.path.join(DATA, 'workdir_v1_params.safetensors'))
+  new = export.flatten(inference.as_numpy(trained.params))
+  old = export.flatten(old)
+  assert sorted(new) == sorted(old)
+  for name in old:
+    np.testing.assert_array_equal(new[name], old[name], err_msg=name)
+  expected = open(os.path.join(DATA, 'workdir_v1_greedy.txt')).read().splitlines()
+  assert inference.translate_sentences(trained, ['one hundred and five', 'twenty-one'], beam_size=1) == expected
+
+
+def test_params_only_restore_reads_no_optimizer_state(monkeypatch):
+  """Workdir.load restores a tree of parameters only: Adam's moments are never asked for."""
+  import orbax.checkpoint as ocp
+  from transformer_jax.workdir import Workdir
+  asked = []
+  original = ocp.CheckpointManager.restore
+
+  def spy(self, step, *args, **kwargs):
+    composite = kwargs.get('args')
+    if composite is not None and 'state' in composite:
+      asked.append(composite['state'])
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', spy)
+  trained = Workdir(os.path.join(DATA, 'workdir_v1')).load()
+  assert asked and all(set(a.item) == {'params'} and a.partial_restore for a in asked)
+  assert 'opt_state' not in trained.params and 'encoder' in trained.params

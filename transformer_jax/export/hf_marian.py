@@ -1,0 +1,406 @@
+"""hf-marian: a directory `transformers.MarianMTModel` / `MarianTokenizer` load offline, and its import.
+
+Export writes config.json, generation_config.json, model.safetensors, source.spm, target.spm, vocab.json,
+tokenizer_config.json (+ transformer_jax_config.json, the run's config, used by import). The conversion is exact
+(same logits up to float rounding): see `_marian_permutation`.
+
+`transformer-jax import --format=hf-marian --path=HF_DIR --workdir=DIR` is the inverse: it writes an Orbax
+checkpoint (step 0, fresh optimizer state), its config and spm.model into DIR, so evaluate / translate / export /
+train (fine-tuning) work on it. It refuses what this model cannot represent: non-zero attention or final-logits
+biases, non-shared embeddings, activations other than relu, unscaled embeddings, and vocabularies whose vocab.json
+ids differ from the SentencePiece ids (the PAD 0, EOS 1, UNK 2, decoder start 3 convention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from transformer_jax import train_state
+from transformer_jax import workdir as workdir_lib
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.export import files
+from transformer_jax.export.files import ExportError, Exportable, flatten, unflatten
+from transformer_jax.export.safetensors import read_safetensors, write_safetensors
+from transformer_jax.vocab import DEFAULT_SPECIAL_IDS
+
+# This format keeps the SentencePiece ids as the model's ids: the project's defaults (pad 0, eos 1, unk 2, bos 3).
+IDS = DEFAULT_SPECIAL_IDS
+
+NAME = 'hf-marian'
+SUMMARY = 'a directory transformers.MarianMTModel / MarianTokenizer load'
+WRITES_DIRECTORY = True
+
+
+def check_target(out: str, *, dtype: str, overwrite: bool, tokenizer_path: str | None) -> None:
+  del dtype, tokenizer_path
+  files.check_dir_target(out, overwrite)
+
+
+def write(source: Exportable, out: str, *, dtype: str, overwrite: bool, **unused) -> list[str]:
+  del unused
+  return _export_hf_marian(source, out, dtype=dtype, overwrite=overwrite)
+
+
+# HF Marian
+#
+# HF's MarianSinusoidalPositionalEmbedding puts sin(pos * w_i) in features [0, D/2) and cos(pos * w_i) in [D/2, D),
+# where this model interleaves them (sin at 2i, cos at 2i+1; the same frequencies w_i). Every operation of a
+# post-norm Transformer is equivariant under one fixed permutation of the model dimension, so exporting every
+# d_model-indexed axis permuted (embeddings, layer-norm scales and biases, the d_model side of each projection and
+# the FFN output bias) makes HF compute exactly our function in a permuted basis; logits (indexed by vocabulary)
+# are unchanged. Attention projections are permuted on the d_model axis only; heads and head dims keep their order.
+
+
+def _marian_permutation(d_model: int) -> np.ndarray:
+  """hf_vector = our_vector[perm]: HF feature i < D/2 is our 2i (sin), HF feature D/2 + i is our 2i + 1 (cos)."""
+  return np.concatenate([np.arange(0, d_model, 2), np.arange(1, d_model, 2)])
+
+
+def _unscan(params, num_layers: int):
+  """scan_layers params (a 'layers' subtree with a leading [N] axis) -> layers_0..N-1."""
+  out = {}
+  for key, value in params.items():
+    if key == 'layers' and isinstance(value, dict):
+      for i in range(num_layers):
+        out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], value)
+    elif isinstance(value, dict):
+      out[key] = _unscan(value, num_layers)
+    else:
+      out[key] = value
+  return out
+
+
+def _layer_map(side: str, i: int) -> list[tuple[str, str, str]]:
+  """(our flat name, HF name, kind) for one layer; `side` is 'encoder' or 'decoder'."""
+  ours, hf = f'{side}.layers_{i}', f'model.{side}.layers.{i}'
+  attentions = [('self_attention', 'self_attn', 'self_attention_norm', 'self_attn_layer_norm')]
+  if side == 'decoder':
+    attentions.append(('cross_attention', 'encoder_attn', 'cross_attention_norm', 'encoder_attn_layer_norm'))
+  rows = []
+  for our_attn, hf_attn, our_norm, hf_norm in attentions:
+    for our_proj, hf_proj in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj')):
+      rows.append((f'{ours}.{our_attn}.{our_proj}.kernel', f'{hf}.{hf_attn}.{hf_proj}', 'qkv'))
+    rows.append((f'{ours}.{our_attn}.out.kernel', f'{hf}.{hf_attn}.out_proj', 'out'))
+    rows.append((f'{ours}.{our_norm}', f'{hf}.{hf_norm}', 'norm'))
+  rows.append((f'{ours}.feed_forward.wi', f'{hf}.fc1', 'fc1'))
+  rows.append((f'{ours}.feed_forward.wo', f'{hf}.fc2', 'fc2'))
+  rows.append((f'{ours}.feed_forward_norm', f'{hf}.final_layer_norm', 'norm'))
+  return rows
+
+
+def to_marian_state_dict(params, cfg) -> dict[str, np.ndarray]:
+  """Our parameter tree -> HF MarianMTModel tensors (torch layout: Linear weights [out, in]), permuted."""
+  if cfg.pre_norm:
+    raise ExportError('hf-marian needs a post-norm model (HF Marian has no pre-norm option); this one has '
+                      'model.pre_norm=True')
+  if cfg.positional != 'sinusoidal':
+    raise ExportError(f'hf-marian needs sinusoidal positions; this model has model.positional={cfg.positional!r}')
+  if not cfg.share_embeddings:
+    raise ExportError('hf-marian export needs model.share_embeddings=True (one matrix for source, target and '
+                      'output, as Marian ties them)')
+  if cfg.d_model % 2:
+    raise ExportError(f'hf-marian needs an even d_model, got {cfg.d_model}')
+  flat = flatten(_unscan(params, cfg.num_layers) if cfg.scan_layers else params)
+  perm = _marian_permutation(cfg.d_model)
+  d, h, k = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
+  f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
+  state = {}
+  embedding = flat.pop('shared_embedding.embedding')
+  state['model.shared.weight'] = f32(embedding[:, perm])
+  state['final_logits_bias'] = np.zeros((1, cfg.vocab_size), np.float32)
+  for side in ('encoder', 'decoder'):
+    for i in range(cfg.num_layers):
+      for ours, hf, kind in _layer_map(side, i):
+        if kind == 'qkv':
+          state[f'{hf}.weight'] = f32(flat.pop(ours)[perm].reshape(d, h * k).T)
+          state[f'{hf}.bias'] = np.zeros((h * k,), np.float32)
+        elif kind == 'out':
+          state[f'{hf}.weight'] = f32(flat.pop(ours).reshape(h * k, d)[:, perm].T)
+          state[f'{hf}.bias'] = np.zeros((d,), np.float32)
+        elif kind == 'norm':
+          state[f'{hf}.weight'] = f32(flat.pop(f'{ours}.scale')[perm])
+          state[f'{hf}.bias'] = f32(flat.pop(f'{ours}.bias')[perm])
+        elif kind == 'fc1':
+          state[f'{hf}.weight'] = f32(flat.pop(f'{ours}.kernel')[perm].T)
+          state[f'{hf}.bias'] = f32(flat.pop(f'{ours}.bias'))
+        else:  # fc2
+          state[f'{hf}.weight'] = f32(flat.pop(f'{ours}.kernel')[:, perm].T)
+          state[f'{hf}.bias'] = f32(flat.pop(f'{ours}.bias')[perm])
+  if flat:
+    raise ExportError(f'hf-marian has no place for parameters {sorted(flat)[:3]}')
+  return state
+
+
+def from_marian_state_dict(state: dict[str, np.ndarray], cfg) -> dict:
+  """HF MarianMTModel tensors -> our parameter tree (inverse permutation). Refuses what we cannot represent."""
+  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  d, h, k = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
+  inverse = np.argsort(_marian_permutation(d))
+  embeddings = [n for n in ('model.shared.weight', 'model.encoder.embed_tokens.weight',
+                            'model.decoder.embed_tokens.weight', 'lm_head.weight') if n in state]
+  if not embeddings:
+    raise ExportError('the HF checkpoint has no token embedding (model.shared.weight)')
+  embedding = state[embeddings[0]]
+  for other in embeddings[1:]:
+    if state[other].shape != embedding.shape or not np.array_equal(state[other], embedding):
+      raise ExportError(f'{other} differs from {embeddings[0]}: non-shared embeddings cannot be imported '
+                        '(this model ties source, target and output embeddings)')
+  if embedding.shape != (cfg.vocab_size, d):
+    raise ExportError(f'{embeddings[0]} has shape {embedding.shape}, expected {(cfg.vocab_size, d)}')
+  bias = state.get('final_logits_bias')
+  if bias is not None and np.any(bias != 0):
+    raise ExportError('final_logits_bias is non-zero: this model has no output bias')
+  flat = {'shared_embedding.embedding': embedding[:, inverse]}
+
+  def take(name, shape):
+    if name not in state:
+      raise ExportError(f'the HF checkpoint has no {name}')
+    if state[name].shape != shape:
+      raise ExportError(f'{name} has shape {state[name].shape}, expected {shape}')
+    return state[name]
+
+  def zero_bias(name, size):
+    b = state.get(name)
+    if b is not None and (b.shape != (size,) or np.any(b != 0)):
+      raise ExportError(f'{name} is non-zero: this model\'s attention projections have no biases')
+
+  for side in ('encoder', 'decoder'):
+    for i in range(cfg.num_layers):
+      for ours, hf, kind in _layer_map(side, i):
+        if kind == 'qkv':
+          flat[ours] = take(f'{hf}.weight', (h * k, d)).T[inverse].reshape(d, h, k)
+          zero_bias(f'{hf}.bias', h * k)
+        elif kind == 'out':
+          flat[ours] = take(f'{hf}.weight', (d, h * k)).T[:, inverse].reshape(h, k, d)
+          zero_bias(f'{hf}.bias', d)
+        elif kind == 'norm':
+          flat[f'{ours}.scale'] = take(f'{hf}.weight', (d,))[inverse]
+          flat[f'{ours}.bias'] = take(f'{hf}.bias', (d,))[inverse]
+        elif kind == 'fc1':
+          flat[f'{ours}.kernel'] = take(f'{hf}.weight', (cfg.d_ff, d)).T[inverse]
+          flat[f'{ours}.bias'] = take(f'{hf}.bias', (cfg.d_ff,))
+        else:
+          flat[f'{ours}.kernel'] = take(f'{hf}.weight', (d, cfg.d_ff)).T[:, inverse]
+          flat[f'{ours}.bias'] = take(f'{hf}.bias', (d,))[inverse]
+  return unflatten({n: np.ascontiguousarray(v, np.float32) for n, v in flat.items()})
+
+
+def marian_vocab(tokenizer_path: str, vocab_size: int) -> dict[str, int]:
+  """vocab.json: every SentencePiece piece -> its id (our ids ARE the SentencePiece ids: <pad> 0, </s> 1, <unk> 2,
+  <s> 3); embedding rows beyond the SentencePiece vocabulary get placeholder names so ids decode."""
+  sp = tokenizer_lib.Tokenizer.load(tokenizer_path).processor
+  vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+  for i in range(sp.get_piece_size(), vocab_size):
+    vocab[f'<unused_{i}>'] = i
+  return vocab
+
+
+def marian_config(source: Exportable, dtype: str = 'float32') -> dict:
+  cfg, config = source.cfg, source.config
+  return {
+      'architectures': ['MarianMTModel'],
+      'model_type': 'marian',
+      'vocab_size': cfg.vocab_size,
+      'decoder_vocab_size': cfg.vocab_size,
+      'd_model': cfg.d_model,
+      'encoder_layers': cfg.num_layers,
+      'decoder_layers': cfg.num_layers,
+      'encoder_attention_heads': cfg.num_heads,
+      'decoder_attention_heads': cfg.num_heads,
+      'encoder_ffn_dim': cfg.d_ff,
+      'decoder_ffn_dim': cfg.d_ff,
+      'activation_function': 'relu',
+      'max_position_embeddings': cfg.max_len,
+      'scale_embedding': True,
+      # Marian's own flags for this layout (HF's MarianConfig has them fixed: post-norm, static sinusoids).
+      'normalize_before': False,
+      'normalize_embedding': False,
+      'static_position_embeddings': True,
+      'add_final_layer_norm': False,
+      'share_encoder_decoder_embeddings': True,
+      'tie_word_embeddings': True,
+      'pad_token_id': IDS.pad,
+      'eos_token_id': IDS.eos,
+      'bos_token_id': IDS.bos,
+      'decoder_start_token_id': IDS.bos,
+      'forced_eos_token_id': None,
+      'dropout': float(cfg.dropout_rate),
+      'attention_dropout': 0.0,
+      'activation_dropout': 0.0,
+      'encoder_layerdrop': 0.0,
+      'decoder_layerdrop': 0.0,
+      'init_std': 0.02,
+      'is_encoder_decoder': True,
+      'use_cache': True,
+      'dtype': dtype,
+      'max_length': int(config.max_length) + 1,
+      'num_beams': 1,
+  }
+
+
+def _export_hf_marian(source: Exportable, out: str, *, dtype: str, overwrite: bool) -> list[str]:
+  del overwrite  # checked by check_target; files of the same names are replaced, others left alone
+  state = to_marian_state_dict(source.params, source.cfg)
+  if dtype == 'bfloat16':
+    state = {k: v.astype(np.dtype(jnp.bfloat16)) for k, v in state.items()}
+  config = source.config
+  # Our greedy search as HF generation defaults: never generate PAD or BOS (decode.py), at most max_length tokens
+  # (HF counts the decoder start token too). decode.py also stops at source length + 50, which HF cannot express.
+  generation = {'decoder_start_token_id': IDS.bos, 'bos_token_id': IDS.bos, 'eos_token_id': IDS.eos,
+                'pad_token_id': IDS.pad, 'forced_eos_token_id': None, 'max_length': int(config.max_length) + 1,
+                'num_beams': 1, 'do_sample': False, 'bad_words_ids': [[IDS.pad], [IDS.bos]]}
+  tokenizer_config = {'tokenizer_class': 'MarianTokenizer', 'source_lang': config.get('source_lang'),
+                      'target_lang': config.get('target_lang'), 'model_max_length': int(config.max_length),
+                      'separate_vocabs': False, 'unk_token': '<unk>', 'eos_token': '</s>', 'pad_token': '<pad>',
+                      'bos_token': '<s>'}
+  vocab = marian_vocab(source.tokenizer_path, source.cfg.vocab_size)
+  unused = [piece for piece in vocab if piece.startswith('<unused_')]
+  if unused:  # embedding rows without a SentencePiece piece: special, so skip_special_tokens drops them as we do
+    tokenizer_config['extra_special_tokens'] = unused
+  tokenizer_bytes = files.read(source.tokenizer_path)
+  os.makedirs(out, exist_ok=True)
+  written = []
+
+  def put(name, writer, *args):
+    path = os.path.join(out, name)
+    writer(path, *args)
+    written.append(path)
+
+  put('model.safetensors', write_safetensors, state, {'format': 'pt'})
+  put('config.json', files.write_json, marian_config(source, dtype))
+  put('generation_config.json', files.write_json, generation)
+  put('source.spm', files.write_bytes, tokenizer_bytes)
+  put('target.spm', files.write_bytes, tokenizer_bytes)
+  put('vocab.json', files.write_json, vocab)
+  put('tokenizer_config.json', files.write_json, tokenizer_config)
+  put('transformer_jax_config.json', files.write_json, json.loads(config.to_json_best_effort()) | {'step': source.step})
+  return written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Import
+
+
+def _read_hf_weights(path: str) -> dict[str, np.ndarray]:
+  single = os.path.join(path, 'model.safetensors')
+  index = os.path.join(path, 'model.safetensors.index.json')
+  if os.path.exists(single):
+    return read_safetensors(single)[0]
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)['weight_map'].values()))
+    state = {}
+    for name in files:
+      state.update(read_safetensors(os.path.join(path, name))[0])
+    return state
+  if any(os.path.exists(os.path.join(path, n)) for n in ('pytorch_model.bin', 'model.bin')):
+    raise ExportError(f'{path} has only pickled torch weights, which are never loaded here: re-save it with '
+                      'save_pretrained(..., safe_serialization=True) to get model.safetensors')
+  raise FileNotFoundError(f'no model.safetensors in {path}')
+
+
+def _check_marian_config(hf: dict) -> None:
+  def need(key, want, default=None, why=''):
+    have = hf.get(key, default)
+    if have != want:
+      raise ExportError(f'cannot import: config.json has {key}={have!r}, this model needs {want!r}{why}')
+
+  if hf.get('model_type') not in ('marian', None):
+    raise ExportError(f'cannot import model_type={hf.get("model_type")!r}: only marian')
+  need('activation_function', 'relu', 'gelu', ' (the FFN is max(0, xW1+b1)W2+b2)')
+  need('scale_embedding', True, False, ' (embeddings are scaled by sqrt(d_model))')
+  need('normalize_before', False, False, ' (post-norm only)')
+  need('add_final_layer_norm', False, False)
+  need('normalize_embedding', False, False)
+  need('static_position_embeddings', True, True, ' (sinusoidal positions)')
+  need('share_encoder_decoder_embeddings', True, True, ' (shared embeddings)')
+  need('tie_word_embeddings', True, True, ' (output projection tied to the embedding)')
+  if hf.get('encoder_layers') != hf.get('decoder_layers'):
+    raise ExportError(f'cannot import {hf.get("encoder_layers")} encoder and {hf.get("decoder_layers")} decoder '
+                      'layers: this model has as many of each')
+  for a, b in (('encoder_attention_heads', 'decoder_attention_heads'), ('encoder_ffn_dim', 'decoder_ffn_dim')):
+    if hf.get(a) != hf.get(b):
+      raise ExportError(f'cannot import {a}={hf.get(a)} != {b}={hf.get(b)}: this model uses one value for both')
+  if hf.get('decoder_vocab_size') not in (None, hf.get('vocab_size')):
+    raise ExportError('cannot import a decoder vocabulary of another size (non-shared embeddings)')
+  need('pad_token_id', IDS.pad, None, ' (PAD 0, EOS 1, UNK 2, decoder start 3)')
+  need('eos_token_id', IDS.eos, None, ' (PAD 0, EOS 1, UNK 2, decoder start 3)')
+  need('decoder_start_token_id', IDS.bos, None, ' (PAD 0, EOS 1, UNK 2, decoder start 3)')
+  if hf.get('d_model', 1) % 2:
+    raise ExportError(f'cannot import an odd d_model={hf.get("d_model")}')
+
+
+def _check_marian_vocab(path: str) -> str:
+  """source.spm must be a SentencePiece model with our special ids whose pieces vocab.json maps to the same ids."""
+  source, target, vocab_path = (os.path.join(path, n) for n in ('source.spm', 'target.spm', 'vocab.json'))
+  for p in (source, vocab_path):
+    if not os.path.exists(p):
+      raise FileNotFoundError(f'no {os.path.basename(p)} in {path}')
+  if os.path.exists(target) and files.read(target) != files.read(source):
+    raise ExportError('source.spm and target.spm differ: this model has one shared vocabulary')
+  tok = tokenizer_lib.Tokenizer.load(source)  # raises on other special ids
+  with open(vocab_path, encoding='utf-8') as f:
+    vocab = json.load(f)
+  sp = tok.processor
+  for i in range(sp.get_piece_size()):
+    if vocab.get(sp.id_to_piece(i)) != i:
+      raise ExportError(f'vocab.json maps {sp.id_to_piece(i)!r} to {vocab.get(sp.id_to_piece(i))} but source.spm '
+                        f'gives it id {i}: only vocabularies whose ids are the SentencePiece ids can be imported '
+                        f'(remapping a Helsinki-NLP vocabulary is not implemented)')
+  if vocab.get('<unk>') != IDS.unk:
+    raise ExportError(f'vocab.json maps <unk> to {vocab.get("<unk>")}, expected {IDS.unk}')
+  return source
+
+
+def import_hf_marian(path: str, workdir: str, *, config=None, overwrite: bool = False) -> int:
+  """Converts the HF Marian directory `path` into an orbax checkpoint (step 0) + config + spm.model in workdir.
+
+  `config` (a ConfigDict) supplies everything HF does not describe (data, lengths, optimizer, mesh); default: the
+  transformer_jax_config.json an hf-marian export wrote (the CLI passes its default config otherwise). Returns the
+  number of parameters."""
+  if not path or not os.path.isdir(path):
+    raise FileNotFoundError(f'--path={path} is not a directory')
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'no config.json in {path}')
+  with open(config_path) as f:
+    hf = json.load(f)
+  _check_marian_config(hf)
+  spm_path = _check_marian_vocab(path)
+  run = workdir_lib.Workdir(workdir)
+  checkpoints = run.checkpoint_dir
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    if not overwrite:
+      raise ExportError(f'{workdir} already has checkpoints; pass --overwrite to replace them')
+    shutil.rmtree(checkpoints)
+  target_spm = run.tokenizer_path
+  if os.path.exists(target_spm) and files.read(target_spm) != files.read(spm_path) and not overwrite:
+    raise ExportError(f'{target_spm} exists with another vocabulary; pass --overwrite to replace it')
+
+  if config is None:
+    saved = os.path.join(path, 'transformer_jax_config.json')
+    if os.path.exists(saved):
+      with open(saved) as f:
+        config = ml_collections.ConfigDict({k: v for k, v in json.load(f).items() if k != 'step'})
+    else:
+      raise ExportError(f'{path} has no transformer_jax_config.json: pass --config=configs/X.py for the data, '
+                        'lengths and optimizer to fine-tune with')
+  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+  config.model.update(vocab_size=int(hf['vocab_size']), num_layers=int(hf['encoder_layers']),
+                      d_model=int(hf['d_model']), num_heads=int(hf['encoder_attention_heads']),
+                      d_ff=int(hf['encoder_ffn_dim']), dropout_rate=float(hf.get('dropout', 0.1)),
+                      share_embeddings=True, pre_norm=False, positional='sinusoidal', scan_layers=False)
+  cfg = train_state.model_config(config)
+  params = from_marian_state_dict(_read_hf_weights(path), cfg)
+
+  os.makedirs(workdir, exist_ok=True)
+  run.write_checkpoint(config, params, step=0)
+  files.write_bytes(target_spm, files.read(spm_path))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
