@@ -25,6 +25,7 @@ another architecture or vocabulary is refused, naming the first mismatching para
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -48,6 +49,11 @@ class ArchitectureMismatchError(ValueError):
 
 class NoReadableCheckpointError(FileNotFoundError):
   """Every checkpoint in the directory failed to restore."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save failed (full disk, quota, I/O error): one line naming the step, the directory and, for a full disk, the
+  bytes needed. The failed step's temporary directory is removed; earlier checkpoints are untouched."""
 
 
 class _Params:
@@ -85,6 +91,8 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     self.read_only = read_only
     self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
+    self._saving: tuple[int, int] | None = None  # (step, bytes) of the newest save started
+    self._failed: CheckpointSaveError | None = None
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -94,19 +102,71 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict, config_json: dict, *, force: bool = True) -> bool:
     """Starts saving (returns once the arrays are on the host when async; after the commit when not)."""
+    from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+    self.check_for_errors()  # the previous save's outcome first
+    need = tree_nbytes(state)
+    free = faults.free_bytes(self.directory) if jax.process_index() == 0 else None
+    if free is not None and free < need:  # certain to fail: refuse before anything is written
+      raise self._failure(OSError(28, 'No space left on device'), step, need, free)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               config=ocp.args.JsonSave(config_json))
-    return self.manager.save(step, args=args, force=force)
+    self._saving = (step, need)
+    try:
+      return self.manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+      raise self._failure(e, step, need) from None
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointSaveError if the save in flight has failed; cheap, so the trainer asks every step and stops
+    at the step after the failure. (One process only: hosts could see the end of a save at different steps; with
+    several, the failure surfaces at the next save, which waits for the previous one on every host.)"""
+    if self._failed is not None:
+      raise self._failed
+    if self._saving is not None and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+      self.wait()  # the save has ended: this returns at once, raising its failure if it failed
 
   def wait(self) -> None:
-    """Blocks until every started save is committed (renamed into place)."""
-    self.manager.wait_until_finished()
+    """Blocks until every started save is committed (renamed into place); CheckpointSaveError if one failed."""
+    if self._failed is not None:
+      raise self._failed
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failure(e, *(self._saving or (-1, 0))) from None
+    self._saving = None
+
+  def _failure(self, e: BaseException, step: int, need: int, free: int | None = None) -> CheckpointSaveError:
+    """The one-line error of a failed save; the traceback goes to the detail log, the half-written step is removed."""
+    from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+    log = faults.log_exception(e, f'saving checkpoint step {step} to {self.directory} failed')
+    if jax.process_index() == 0:
+      for tmp in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):  # no save is in flight now
+        shutil.rmtree(tmp, ignore_errors=True)
+    committed = [int(n) for n in (os.listdir(self.directory) if os.path.isdir(self.directory) else [])
+                 if n.isdigit() and int(n) != step]
+    resume = (f'training resumes from checkpoint step {max(committed)}' if committed
+              else 'no checkpoint was committed yet')
+    if faults.is_disk_full(e):
+      free = faults.free_bytes(self.directory) if free is None else free
+      if committed:  # what the newest checkpoint takes on this disk (blocks, metadata) beats the arrays' bytes
+        need = max(need, _disk_usage(os.path.join(self.directory, str(max(committed)))))
+      message = (f'no space left in {self.directory} to save checkpoint step {step}: it needs about {need} bytes '
+                 f'({faults.human_bytes(need)}), {free if free is not None else "unknown"} bytes are free; free '
+                 f'space or use another --workdir, then rerun ({resume}; details in {log})')
+    else:
+      message = (f'saving checkpoint step {step} to {self.directory} failed ({_reason(e)}); details in {log}; '
+                 f'rerun ({resume})')
+    self._failed = CheckpointSaveError(message)
+    return self._failed
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host: True on every host at the same step once any host got SIGTERM (JAX's preemption sync point)."""
     return self.manager.reached_preemption(step)
 
   def close(self) -> None:
+    if self._failed is None:
+      self.wait()
     self.manager.close()
 
   def restore_config(self, step: int | None = None) -> dict:
@@ -119,11 +179,16 @@ class Checkpointer:
         config = self.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
         if not isinstance(config, dict):
           raise ValueError(f'config item is {type(config).__name__}, not a dict')
+        from transformer_jax import config_checks  # pylint: disable=g-import-not-at-top
+        problems = config_checks.stored_config_errors(config)
+        if problems:
+          raise ValueError(f'not a trainer config: {problems[0]}')
         return config
       except Exception as e:  # pylint: disable=broad-except
         if i == len(steps) - 1:
-          raise NoReadableCheckpointError(f'no readable config in {self.directory} (step {s}: '
-                                          f'{_reason(e)})') from e
+          raise NoReadableCheckpointError(f'no readable config in {self.directory} (step {s}: {_reason(e)}); pass '
+                                          '--config=FILE (the config it was trained with) to use its checkpoints '
+                                          'anyway') from e
         _warn(f'the config of checkpoint step {s} in {self.directory} is unreadable ({_reason(e)}); '
               'trying the previous one')
     raise AssertionError('unreachable')
@@ -232,6 +297,19 @@ class Checkpointer:
     self.manager.reload()
 
 
+def _disk_usage(path: str) -> int:
+  """Bytes a directory takes on its disk (allocated blocks, as du counts them)."""
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        st = os.lstat(os.path.join(root, name))
+        total += max(st.st_size, getattr(st, 'st_blocks', 0) * 512)
+      except OSError:
+        pass
+  return total
+
+
 def _reason(e: BaseException) -> str:
   first_line = str(e).splitlines()[0] if str(e) else ''
   return f'{type(e).__name__}: {first_line}'[:240]
@@ -251,6 +329,12 @@ def abstract_with_shardings(tree, shardings):
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def tree_nbytes(tree) -> int:
+  """Bytes of the array data of a (global) tree: what a checkpoint of it takes at least."""
+  return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+                 if hasattr(x, 'shape') and hasattr(x, 'dtype')))
 
 
 def tree_all_finite(tree) -> bool:

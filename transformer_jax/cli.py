@@ -53,6 +53,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   if any(a in ('-h', '--help', '-help', '--helpshort') for a in argv[1:]):
     # absl's --help lists only the main module's flags; this command's live in commands.py.
     print(f'usage: {argv[0]} [flags]\n\n{flags.FLAGS.module_help("transformer_jax.commands")}')
+    if argv[0].endswith(' train'):
+      from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+      print(f'\n{faults.SIGNALS_HELP}')
     sys.exit(0)
   try:
     rest = flags.FLAGS(argv)

@@ -129,18 +129,58 @@ def define_flags(command: str) -> None:
 def run(command: str, args) -> None:
   if len(args) > 1:
     _fail(f'unexpected arguments {args[1:]}; flags take the form --name=value')
-  # Late: these import jax/flax/orbax (seconds), which --help and flag errors never need.
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  _check_inputs(command)  # bad config values and paths: before anything is read or written
+  from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+  faults.divert_library_errors()
   spec = COMMANDS[command]
   try:
     if spec.distributed:
       from transformer_jax import parallel  # pylint: disable=g-import-not-at-top  (jax)
       parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    spec.run()
-  except (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
-          train_lib.NonFiniteLossError, train_lib.TrainingStalledError, NotImplementedError) as e:
-    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    with _writer_lock(command):  # before the slow imports: a second writer is refused at once
+      spec.run()
+  except Exception as e:  # pylint: disable=broad-except
+    from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    if isinstance(e, (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
+                      train_lib.NonFiniteLossError, train_lib.TrainingStalledError, NotImplementedError,
+                      workdir_lock.WorkdirLockedError, checkpoint_lib.CheckpointSaveError)):
+      _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if isinstance(e, OSError) and faults.is_disk_full(e):
+      _fail(f'no space left on device writing {e.filename or "the workdir"} ({e.strerror}); free space and rerun '
+            '(training resumes from the newest checkpoint)')
+    raise
+
+
+def _writer_lock(command: str):
+  """The commands that write a workdir (Command.writes) take its lock (workdir_lock.py); readers take none."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  if COMMANDS[command].writes is None:
+    return contextlib.nullcontext()
+  import jax  # pylint: disable=g-import-not-at-top
+  from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  path = COMMANDS[command].writes()
+  return workdir_lock.lock_workdir(path, 'transformer-jax ' + ' '.join(sys.argv[1:]), process_index=jax.process_index())
+
+
+def _check_inputs(command: str) -> None:
+  """One `error:` line per bad config value or path, exit 2 (config_checks.py)."""
+  from transformer_jax import config_checks  # pylint: disable=g-import-not-at-top
+  errors = config_checks.config_errors(FLAGS.config) if FLAGS.config is not None else []
+  if command != 'info':
+    errors.append(config_checks.directory_error(_workdir() if command in ('train', 'prepare') else FLAGS.workdir,
+                                                '--workdir'))
+  if command == 'average':
+    errors.append(config_checks.directory_error(FLAGS.out, '--out'))
+  if command == 'translate':
+    errors.append(config_checks.file_error(FLAGS.input, '--input'))
+  errors = [e for e in errors if e]
+  for e in errors:
+    print(f'error: {e}', file=sys.stderr)
+  if errors:
+    sys.stderr.flush()
+    sys.exit(2)
 
 
 def _train() -> None:
@@ -190,6 +230,9 @@ def _export() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   export.check_target(FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                       tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
+  if os.path.isfile(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME)):  # damaged: one line, before any work
+    from transformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    workdir_lib.Workdir(FLAGS.workdir).tokenizer()
   source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
   written = export.export(source, FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                           platforms=tuple(FLAGS.platforms))
@@ -266,16 +309,17 @@ class Command:
   default_config: bool = False  # --config defaults to configs/tiny.py (else: the workdir's stored config)
   requires_workdir: bool = True
   distributed: bool = False  # joins jax.distributed (multi-process) before running
+  writes: Callable[[], str] | None = None  # the directory this command writes (locked for its life); None: a reader
 
 
 COMMANDS = {c.name: c for c in (
     Command('train', 'train (resumes from WORKDIR\'s newest good checkpoint); default config configs/tiny.py,\n'
             'default workdir runs/<config name>.\n'
             'Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...',
-            _train, default_config=True, requires_workdir=False, distributed=True),
+            _train, default_config=True, requires_workdir=False, distributed=True, writes=lambda: _workdir()),
     Command('prepare', 'tokenize the training split once into token-id shards (WORKDIR/data; train does it when '
             'missing).\nLast line: prepared: examples=<int> ...', _prepare, _prepare_flags, default_config=True,
-            requires_workdir=False),
+            requires_workdir=False, writes=lambda: _workdir()),
     Command('evaluate', 'held-out metrics of WORKDIR\'s newest checkpoint; last line bleu=<float> chrf=<float> ...\n'
             '(a language model: perplexity=<float> bits_per_byte=<float>)',
             _evaluate, _evaluate_flags, distributed=True),
@@ -285,9 +329,9 @@ COMMANDS = {c.name: c for c in (
             _generate_flags),
     Command('export', '--format={safetensors,msgpack,hf-marian,stablehlo,hf-gpt2} --out=PATH', _export, _export_flags),
     Command('import', '--format={hf-marian,hf-gpt2} --path=DIR: an HF checkpoint on disk -> WORKDIR', _import,
-            _import_flags),
+            _import_flags, writes=lambda: FLAGS.workdir),
     Command('average', '--last=N --out=DIR: element-wise mean of the last N checkpoints\' parameters', _average,
-            _average_flags),
+            _average_flags, writes=lambda: FLAGS.out),
     Command('info', 'architecture, parameter count, mesh and per-device memory plan; last line params=<int>', _info,
             _info_flags, default_config=True, requires_workdir=False),
     Command('attention', '--text=\'...\' --out=attention.png: translate, then draw the attention weights (one PNG, '

@@ -197,22 +197,32 @@ def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
 # The loop
 
 
-class _Preemption:
-  """SIGTERM/SIGINT -> finish the current step, save, exit 0.
+class Preempted(BaseException):
+  """Raised by the signal handler where there is nothing left to save. A BaseException, like KeyboardInterrupt, so
+  that no `except Exception` on its way (e.g. the damaged-checkpoint fallback of a restore) mistakes it for damage."""
 
-  One process: our own handler sets a flag. Several processes (jax.distributed initialised): JAX's preemption service
-  catches SIGTERM on any host and names one step for all (multihost_utils.reached_preemption_sync_point, asked every
-  step), so no Python handler is installed there (it would replace JAX's).
+
+class _Preemption:
+  """SIGTERM/SIGINT -> exit 0 at any phase of train_and_evaluate (faults.SIGNALS_HELP, in `train --help`).
+
+  phase 'setup' (data, tokenizer, restore) and 'final_eval': the handler raises Preempted (nothing new to save, or
+  the final save is already running); 'train' (and 'commit'): it sets a flag and the loop finishes the current
+  step, saves and stops.
+
+  Several processes (jax.distributed initialised): JAX's preemption service catches SIGTERM on any host and names
+  one step for all (multihost_utils.reached_preemption_sync_point, asked every step), so no Python handler is
+  installed there (it would replace JAX's).
   """
 
-  def __init__(self, checkpointer):
+  def __init__(self, checkpointer=None):
     self.requested = False
+    self.phase = 'setup'
+    self.checkpointer = checkpointer
     self._previous = {}
-    self._checkpointer = checkpointer
     self._multihost = jax.process_count() > 1
 
   def should_stop(self, step: int) -> bool:
-    return self._checkpointer.reached_preemption(step) if self._multihost else self.requested
+    return self.checkpointer.reached_preemption(step) if self._multihost else self.requested
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT) if not self._multihost else ():
@@ -224,7 +234,10 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
+    first = not self.requested
     self.requested = True
+    if first and self.phase in ('setup', 'final_eval'):
+      raise Preempted(signum)
     logging.warning('received signal %d: saving after this step', signum)
 
   def __exit__(self, *exc):
@@ -367,7 +380,43 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains config in workdir (resuming from its newest good checkpoint) and returns the final metrics."""
+  """Trains config in workdir (resuming from its newest good checkpoint) and returns the final metrics.
+
+  SIGTERM/SIGINT at any phase: see faults.SIGNALS_HELP; the result then holds 'preempted'. A run already at (or past)
+  num_train_steps trains nothing and writes nothing: it returns the step and the held-out metrics only."""
+  with _Preemption() as preemption:
+    try:
+      return _train_and_evaluate(config, workdir, preemption)
+    except Exception as e:  # pylint: disable=broad-except
+      # Preempted raised inside a C++ callback (e.g. SentencePiece's trainer reading its sentences) comes back
+      # wrapped in the library's RuntimeError: after a signal in these phases, any exception is the preemption.
+      if not (preemption.requested and preemption.phase in ('setup', 'final_eval')):
+        raise
+      logging.info('stopping after a signal; the exception it became: %r', e)
+      return _stop_preempted(preemption)
+    except Preempted:
+      return _stop_preempted(preemption)
+
+
+def _stop_preempted(preemption: _Preemption) -> dict[str, float]:
+  """Waits for any save in flight (the final checkpoint), says where the run stopped, returns the preempted result."""
+  checkpointer = preemption.checkpointer
+  if checkpointer is not None:
+    checkpointer.wait()  # the final checkpoint (or any save in flight) commits before we go
+  step = checkpointer.latest_step() if checkpointer is not None else None
+  if jax.process_index() == 0:
+    if preemption.phase == 'final_eval':
+      print(f'preempted: during the final evaluation; checkpoint step {step} is committed in '
+            f'{checkpointer.directory} (rerun to evaluate it)', flush=True)
+    else:
+      print('preempted: before the first training step; nothing new to save (newest checkpoint: '
+            f'{"none" if step is None else f"step {step}"})', flush=True)
+  if checkpointer is not None:
+    checkpointer.close()
+  return {'step': step or 0, 'preempted': 1.0}
+
+
+def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[str, float]:
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -395,6 +444,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
     checkpointer = workdir_lib.Workdir(workdir).checkpointer(keep=config.keep_checkpoints,
                                                              async_save=config.get('async_checkpointing', True))
+    preemption.checkpointer = checkpointer
     if checkpointer.latest_step() is not None:
       state, data_state, restored_step = checkpointer.restore(abstract_state(model, tx, config, shardings))
       data.train.set_state(data_state)
@@ -424,7 +474,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                                config.max_length)
     bleu_references = [t for _, t in eval_pairs[:num_bleu]]
 
-    def run_eval(params, step) -> dict[str, float]:
+    def run_eval(params, step, write: bool = True) -> dict[str, float]:
       results = evaluate_loss(eval_step, params, eval_batches, mesh)
       if is_lm:  # perplexity, bits per byte, and samples in the run's output
         results.update(evaluate_lib.lm_metrics(results['eval_nll'], data.eval_tokens, data.eval_bytes))
@@ -442,13 +492,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                max_decode_len=config.max_length)
         hypotheses = evaluate_lib.decode_outputs(data.tokenizer, tokens)
         results.update(evaluate_lib.text_metrics(hypotheses, bleu_references, config.get('bleu_tokenize', '13a')))
-        if is_chief:
+        if is_chief and write:
           with open(os.path.join(workdir, f'eval_hypotheses_{step}.txt'), 'w') as f:
             f.write('\n'.join(hypotheses) + '\n')
       return results
 
-    writer = MetricsWriter(workdir, enabled=is_chief)
     num_steps = int(config.num_train_steps)
+    if start_step >= num_steps:  # a finished run: no step to run and no loss to report; the workdir is not written
+      if is_chief:
+        print(f'the run is already complete at step {start_step} (num_train_steps={num_steps}); held-out metrics '
+              'of that checkpoint follow (raise --config.num_train_steps to train on)', flush=True)
+      final = {'step': start_step, **run_eval(state.params, start_step, write=False)}
+      checkpointer.close()
+      return final
+    writer = MetricsWriter(workdir, enabled=is_chief)
     log_every = int(config.get('log_every_steps', 50))
     last_eval: dict[str, float] = {}
     last_train: dict[str, float] = {}
@@ -457,8 +514,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     step = start_step
     pending = None
     stall = StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
-    with progress, _Preemption(checkpointer) as preemption, Profiler(config.get('profile_steps', ''),
-                                                                      workdir) as profiler:
+    preemption.phase = 'train'
+    with progress, Profiler(config.get('profile_steps', ''), workdir) as profiler:
       while step < num_steps:
         profiler.before_step(step)
         batch = parallel.global_batch(next(data.train), mesh)
@@ -486,6 +543,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           writer.write(step, last_eval)
           if is_chief:  # tqdm.write prints even where the bar is disabled
             progress.write(f'eval step={step} {_fmt(last_eval)}')
+        checkpointer.check_for_errors()  # a background save that failed stops the run at the next step
         stop = preemption.should_stop(step)
         if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
           last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -500,8 +558,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           return {'step': step, 'preempted': 1.0}
     progress.close()
     final = {'step': step, 'loss': last_train.get('loss', float('nan'))}
+    preemption.phase = 'final_eval'  # the final checkpoint is saving in the background meanwhile
     final.update(run_eval(state.params, step))
     writer.write(step, {k: v for k, v in final.items() if k not in ('step', 'loss')})  # loss was logged already
+    preemption.phase = 'commit'
     checkpointer.wait()
     checkpointer.close()
   if is_chief:

@@ -91,7 +91,12 @@ class Workdir:
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
     if not os.path.exists(self.tokenizer_path):
       raise FileNotFoundError(f'no tokenizer at {self.tokenizer_path}')
-    return tokenizer_lib.Tokenizer.load(self.tokenizer_path)
+    try:
+      return tokenizer_lib.Tokenizer.load(self.tokenizer_path)
+    except tokenizer_lib.DamagedTokenizerError as e:  # readers never retrain it: say what is wrong and what to do
+      raise tokenizer_lib.DamagedTokenizerError(
+          f"the workdir's tokenizer is damaged: {e}; its checkpoints need the spm.model they were trained with (copy "
+          'it back from a backup, or retrain in a new workdir)') from None
 
   def load(self, config=None, *, step: int | None = None, devices=None, mesh=None) -> Trained:
     """Parameters of the newest good checkpoint (or exactly `step`) restored onto a mesh, with config and tokenizer.

@@ -141,7 +141,7 @@ def _read_tsv_cache(path: str) -> list[tuple[str, str]] | None:
   if not tf.io.gfile.exists(path):
     return None
   with tf.io.gfile.GFile(path, "rb") as f:
-    data = f.read().decode("utf-8")
+    data = f.read().decode("utf-8", errors="replace")  # garbage fails the sha1 check below, not here
   header, _, body = data.partition("\n")
   lines = body.split("\n")[:-1] if body else []
   m = re.fullmatch(r"# pairs=(\d+) sha1=([0-9a-f]+)", header)

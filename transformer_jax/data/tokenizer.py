@@ -63,11 +63,20 @@ def _write_bytes_atomic(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
+class DamagedTokenizerError(ValueError):
+  """The SentencePiece model file does not parse (truncated, garbage); the message names the file."""
+
+
 class Tokenizer:
   """A thin wrapper around a SentencePiece processor with the project's special ids."""
 
   def __init__(self, model_proto: bytes, model_path: str = ""):
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except Exception as e:  # pylint: disable=broad-except  (sentencepiece raises RuntimeError/OSError on bad protos)
+      logging.info("SentencePiece could not parse %s: %s", model_path, e)
+      raise DamagedTokenizerError(f"the SentencePiece model {model_path or '(in memory)'} is damaged "
+                                  f"({len(model_proto)} bytes that do not parse as a model)") from None
     self.model_path = model_path
     ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
     if ids != (PAD_ID, EOS_ID, UNK_ID, BOS_ID):
@@ -163,7 +172,10 @@ def load_or_train_tokenizer(model_path: str, sentences: Callable[[], Iterable[st
   """
   if _exists(model_path):
     logging.info("Loading SentencePiece model %s", model_path)
-    return Tokenizer.load(model_path)
+    try:
+      return Tokenizer.load(model_path)
+    except DamagedTokenizerError as e:
+      raise DamagedTokenizerError(f"{e}; delete it and rerun to retrain the tokenizer") from None
   if is_chief:
     start = time.time()
     proto = train_tokenizer_proto(sentences(), vocab_size, max_sentences=max_sentences, options=train_options)

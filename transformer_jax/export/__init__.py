@@ -107,6 +107,16 @@ def load_params(path: str) -> tuple[dict, dict[str, Any]]:
   metadata['tokenizer'] the path of the SentencePiece model beside the file. Arrays keep the stored dtype."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} is not a file')
+  try:
+    return _load_params(path)
+  except ExportError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (safetensors, msgpack, json, numpy raise many types on damage)
+    raise ExportError(f'{path} is damaged or not a transformer_jax export ({type(e).__name__}: '
+                      f'{str(e).splitlines()[0][:120] if str(e) else "unreadable"}); export it again') from None
+
+
+def _load_params(path: str) -> tuple[dict, dict[str, Any]]:
   if safetensors_format.is_safetensors(path):
     tensors, metadata = read_safetensors(path)
     params = unflatten(tensors)

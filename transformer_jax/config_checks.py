@@ -1,0 +1,164 @@
+"""Range checks of every numeric config value, and of paths, before anything is read or written.
+
+`config_errors(config)` returns one line per bad key (empty: all good). The CLI prints each as `error: ...` and exits
+2 with the workdir untouched, so `--config.num_train_steps=-5` or `--config.learning_rate=nan` never start a run.
+Keys a config lacks are not checked (configs may leave optional keys out); None is accepted where the base config
+declares a placeholder (max_train_examples, max_eval_examples).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+# (key, check, what it must be). A check takes the value and returns True when it is good.
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: _is_int(v) and v >= low), f'an integer >= {low}'
+
+
+def _optional_int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v is None or (_is_int(v) and v >= low)), f'an integer >= {low} (or None)'
+
+
+def _positive() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: _is_real(v) and math.isfinite(v) and v > 0), 'a finite number > 0'
+
+
+def _non_negative() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: _is_real(v) and math.isfinite(v) and v >= 0), 'a finite number >= 0'
+
+
+def _fraction() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: _is_real(v) and math.isfinite(v) and 0 <= v < 1), 'a number in [0, 1)'
+
+
+def _mesh_size() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: _is_int(v) and (v == -1 or v >= 1)), 'an integer >= 1, or -1 (all remaining devices)'
+
+
+RULES: tuple[tuple[str, tuple[Callable[[Any], bool], str]], ...] = (
+    ('num_train_steps', _int_at_least(1)),
+    ('batch_size', _int_at_least(1)),
+    ('grad_accum_steps', _int_at_least(1)),
+    ('max_length', _int_at_least(2)),  # EOS plus at least one token
+    ('packed_inputs_length', _int_at_least(2)),
+    ('packed_targets_length', _int_at_least(2)),
+    ('max_train_examples', _optional_int_at_least(1)),
+    ('max_eval_examples', _optional_int_at_least(1)),
+    ('tokenizer_train_sentences', _int_at_least(1)),
+    ('learning_rate', _positive()),
+    ('warmup_steps', _int_at_least(0)),
+    ('adam_beta1', _fraction()),
+    ('adam_beta2', _fraction()),
+    ('adam_eps', _positive()),
+    ('grad_clip_norm', _non_negative()),  # 0: no clipping
+    ('label_smoothing', _fraction()),
+    ('stall_patience_steps', _int_at_least(0)),  # 0: off
+    ('seed', _int_at_least(0)),
+    ('log_every_steps', _int_at_least(1)),
+    ('eval_every_steps', _int_at_least(1)),
+    ('eval_translate_examples', _int_at_least(0)),
+    ('eval_translate_batch_size', _int_at_least(1)),
+    ('checkpoint_every_steps', _int_at_least(1)),
+    ('keep_checkpoints', _int_at_least(1)),
+    ('model.vocab_size', _int_at_least(5)),  # the 4 special ids and at least one piece
+    ('model.num_layers', _int_at_least(1)),
+    ('model.d_model', _int_at_least(1)),
+    ('model.num_heads', _int_at_least(1)),
+    ('model.d_ff', _int_at_least(1)),
+    ('model.dropout_rate', _fraction()),
+    ('mesh.data', _mesh_size()),
+    ('mesh.fsdp', _mesh_size()),
+    ('mesh.tensor', _mesh_size()),
+    ('mesh.dcn_data', _int_at_least(1)),
+    ('mesh.num_devices', _int_at_least(0)),  # 0: all
+)
+
+_MISSING = object()
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split('.'):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      return _MISSING
+  return node
+
+
+def config_errors(config) -> list[str]:
+  """One message per bad key: `config KEY=VALUE: must be ...`. Cross-key rules follow the per-key ones."""
+  errors = []
+  for key, (good, what) in RULES:
+    value = _get(config, key)
+    if value is not _MISSING and not good(value):
+      errors.append(f'config {key}={value!r}: must be {what}')
+  bad = {e.split('=', 1)[0].removeprefix('config ') for e in errors}
+
+  def ok(*keys):
+    return all(k not in bad and _get(config, k) is not _MISSING and _get(config, k) is not None for k in keys)
+
+  if ok('model.d_model', 'model.num_heads') and _get(config, 'model.d_model') % _get(config, 'model.num_heads'):
+    errors.append(f"config model.d_model={_get(config, 'model.d_model')}: must be divisible by "
+                  f"model.num_heads={_get(config, 'model.num_heads')}")
+  for key in ('packed_inputs_length', 'packed_targets_length'):
+    if ok(key, 'max_length') and _get(config, key) < _get(config, 'max_length'):
+      errors.append(f'config {key}={_get(config, key)}: must be >= max_length={_get(config, "max_length")} (a '
+                    'packed row holds at least one whole example)')
+  if ok('batch_size', 'grad_accum_steps') and _get(config, 'batch_size') % _get(config, 'grad_accum_steps'):
+    errors.append(f"config grad_accum_steps={_get(config, 'grad_accum_steps')}: must divide "
+                  f"batch_size={_get(config, 'batch_size')} (each micro-batch takes batch_size/grad_accum_steps rows)")
+  return errors
+
+
+# What loading a workdir needs of a stored config (checkpoint config item): without these it is not a trainer config.
+REQUIRED = ('dataset', 'source_lang', 'target_lang', 'max_length', 'lr_schedule', 'learning_rate', 'warmup_steps',
+            'adam_beta1', 'adam_beta2', 'adam_eps', 'model.vocab_size', 'model.num_layers', 'model.d_model',
+            'model.num_heads', 'model.d_ff', 'mesh.data', 'mesh.fsdp', 'mesh.tensor')
+
+
+def stored_config_errors(config: dict) -> list[str]:
+  """Problems of a config read back from a checkpoint: missing keys first, then the range checks."""
+  missing = [k for k in REQUIRED if _get(config, k) is _MISSING]
+  return ([f'no key {", ".join(missing)}'] if missing else []) + config_errors(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paths
+
+
+def directory_error(path: str | None, flag: str) -> str | None:
+  """Why `path` cannot be (or become) a directory: it is a file, or one of its parents is. None when fine."""
+  if not path or '://' in path:
+    return None
+  probe = os.path.abspath(path)
+  while True:
+    if os.path.exists(probe):
+      if os.path.isdir(probe):
+        return None
+      if probe == os.path.abspath(path):
+        return f'{flag}={path} is a file, not a directory'
+      return f'{flag}={path}: {probe} is a file, not a directory'
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      return None
+    probe = parent
+
+
+def file_error(path: str | None, flag: str) -> str | None:
+  """Why `path` cannot be read as a file: it is a directory. None when fine (absence is the caller's to report)."""
+  if path and '://' not in path and os.path.isdir(path):
+    return f'{flag}={path} is a directory, not a file'
+  return None

@@ -1,0 +1,117 @@
+"""Machine faults as one line: a full disk (or quota) during a save, and library tracebacks kept off the terminal.
+
+Orbax writes checkpoints in background threads and logs each failure there with a traceback (at ERROR, which the
+CLI's WARNING verbosity shows): a full disk printed some 200 tracebacks before the one error line. The CLI diverts
+those records (`divert_library_errors`) to a detail log in the temporary directory (never the workdir, which may be
+the full disk) and names that file in its error line.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging as py_logging
+import os
+import tempfile
+import threading
+import traceback
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ('no space left on device', 'disk quota exceeded', "os_error_code='28'", "os_error_code='122'")
+_DIVERTED_LIBRARIES = ('orbax', 'tensorstore')
+
+SIGNALS_HELP = """Signals: SIGTERM or SIGINT (Ctrl-C) at any phase end the run with exit 0 and keep all committed work:
+  while preparing data, restoring or compiling (before the first step): stop at once (nothing new to save);
+  while training (steps, evaluations, saves): finish the current step, save a checkpoint, print
+    'preempted: saved checkpoint at step N in DIR';
+  during the final evaluation: wait for the final checkpoint (already being saved) to commit, print
+    'preempted: ...', and stop (rerun to evaluate it: an already complete run only evaluates).
+  Either way a rerun resumes from the newest committed checkpoint. kill -9 is safe too (saves are atomic)."""
+
+_lock = threading.Lock()
+_detail_file = None
+
+
+def detail_log_path() -> str:
+  return os.path.join(tempfile.gettempdir(), f'transformer_jax.{os.getpid()}.log')
+
+
+def _detail_stream():
+  global _detail_file
+  with _lock:
+    if _detail_file is None:
+      _detail_file = open(detail_log_path(), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    return _detail_file
+
+
+def log_detail(text: str) -> str:
+  """Appends text to the detail log; returns the log's path."""
+  try:
+    stream = _detail_stream()
+    stream.write(text.rstrip('\n') + '\n')
+    stream.flush()
+  except OSError:
+    pass
+  return detail_log_path()
+
+
+def log_exception(e: BaseException, what: str) -> str:
+  return log_detail(f'{what}\n' + ''.join(traceback.format_exception(type(e), e, e.__traceback__)))
+
+
+class _DivertLibraryErrors(py_logging.Filter):
+  """Drops orbax/tensorstore ERROR records (with their tracebacks) from the terminal, writing them to the detail log."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    path = (record.pathname or '').replace('\\', '/')
+    if record.levelno >= py_logging.ERROR and any(f'/{lib}/' in path for lib in _DIVERTED_LIBRARIES):
+      try:
+        text = record.getMessage()
+      except Exception:  # pylint: disable=broad-except
+        text = str(record.msg)
+      if record.exc_info:
+        text += '\n' + ''.join(traceback.format_exception(*record.exc_info))
+      log_detail(f'{record.levelname} {record.pathname}:{record.lineno} {text}')
+      return False
+    return True
+
+
+def divert_library_errors() -> None:
+  """Installs the filter on absl's handler (idempotent)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DivertLibraryErrors) for f in handler.filters):
+    handler.addFilter(_DivertLibraryErrors())
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+  """An OSError ENOSPC/EDQUOT anywhere in the exception's chain, or tensorstore's text for one."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+      return True
+    if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def free_bytes(directory: str) -> int | None:
+  """Free bytes on the file system of directory (or its nearest existing parent); None for URLs."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if '://' in directory:
+    return None
+  probe = os.path.abspath(directory)
+  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  try:
+    return shutil.disk_usage(probe).free
+  except OSError:
+    return None
+
+
+def human_bytes(n: int) -> str:
+  for unit, size in (('GB', 1 << 30), ('MB', 1 << 20), ('KB', 1 << 10)):
+    if n >= size:
+      return f'{n / size:.1f} {unit}'
+  return f'{n} bytes'
