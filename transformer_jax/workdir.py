@@ -80,10 +80,7 @@ class Workdir:
     """The config saved with `step` (default: the newest checkpoint whose config reads)."""
     reader = self._reader()
     try:
-      if not reader.all_steps():
-        raise FileNotFoundError(f'no checkpoint in {reader.directory}: train first')
-      if step is not None and step not in reader.all_steps():
-        raise FileNotFoundError(f'no checkpoint step {step} in {reader.directory} (have {reader.all_steps()})')
+      _check_step(reader, step)
       return ml_collections.ConfigDict(reader.restore_config(step))
     finally:
       reader.close()
@@ -106,10 +103,7 @@ class Workdir:
     """
     reader = self._reader()
     try:
-      if not reader.all_steps():
-        raise FileNotFoundError(f'no checkpoint in {reader.directory}: train first')
-      if step is not None and step not in reader.all_steps():
-        raise FileNotFoundError(f'no checkpoint step {step} in {reader.directory} (have {reader.all_steps()})')
+      _check_step(reader, step)
       if config is None:
         config = ml_collections.ConfigDict(reader.restore_config(step))
       tokenizer = self.tokenizer()
@@ -173,6 +167,13 @@ def trainer_abstract_state(config, devices=None):
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     shardings = parallel.logical_shardings(train_state.state_logical_specs(model, tx, config), mesh)
     return train_state.abstract_state(model, tx, config, shardings), mesh
+
+
+def _check_step(reader: checkpoint_lib.Checkpointer, step: int | None) -> None:
+  if not reader.all_steps():
+    raise FileNotFoundError(f'no checkpoint in {reader.directory}: train first')
+  if step is not None and step not in reader.all_steps():
+    raise FileNotFoundError(f'no checkpoint step {step} in {reader.directory} (have {reader.all_steps()})')
 
 
 class ShapeMismatchError(ValueError):

@@ -124,6 +124,19 @@ def check_dir_target(path: str, overwrite: bool) -> None:
     raise ExportError(f'{path} exists and is not empty; pass --overwrite to write into it')
 
 
+def config_for_import(path: str, config, what: str) -> ml_collections.ConfigDict:
+  """An unlocked copy of `config`, else of the transformer_jax_config.json our export wrote into `path` (the data,
+  lengths and optimizer an HF directory does not describe); refused in one line when neither is there."""
+  if config is None:
+    saved = os.path.join(path, 'transformer_jax_config.json')
+    if not os.path.exists(saved):
+      raise ExportError(f'{path} has no transformer_jax_config.json: pass --config=configs/X.py for the data, '
+                        f'lengths and optimizer to {what} with')
+    with open(saved) as f:
+      config = ml_collections.ConfigDict({k: v for k, v in json.load(f).items() if k != 'step'})
+  return ml_collections.ConfigDict(config.to_dict())
+
+
 def tokenizer_beside(out: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(out)), TOKENIZER_NAME)
 

@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 
-import ml_collections
 import numpy as np
 
 from transformer_jax import workdir as workdir_lib
@@ -203,15 +202,7 @@ def import_gpt2(path: str, workdir: str, *, config=None, overwrite: bool = False
     if not overwrite:
       raise ExportError(f'{workdir} already has checkpoints; pass --overwrite to replace them')
     shutil.rmtree(checkpoints)
-  if config is None:
-    saved = os.path.join(path, 'transformer_jax_config.json')
-    if os.path.exists(saved):
-      with open(saved) as f:
-        config = ml_collections.ConfigDict({k: v for k, v in json.load(f).items() if k != 'step'})
-    else:
-      raise ExportError(f'{path} has no transformer_jax_config.json: pass --config=configs/X.py for the data, '
-                        'lengths and optimizer to train with')
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = files.config_for_import(path, config, 'train')
   n_positions, d = int(hf.get('n_positions', 1024)), int(hf['n_embd'])
   config.model.update(kind='decoder', vocab_size=int(hf['vocab_size']), num_layers=int(hf['n_layer']), d_model=d,
                       num_heads=int(hf['n_head']), d_ff=int(hf.get('n_inner') or 4 * d), pre_norm=True,

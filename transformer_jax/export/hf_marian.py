@@ -19,7 +19,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from transformer_jax import train_state
@@ -384,15 +383,7 @@ def import_hf_marian(path: str, workdir: str, *, config=None, overwrite: bool = 
   if os.path.exists(target_spm) and files.read(target_spm) != files.read(spm_path) and not overwrite:
     raise ExportError(f'{target_spm} exists with another vocabulary; pass --overwrite to replace it')
 
-  if config is None:
-    saved = os.path.join(path, 'transformer_jax_config.json')
-    if os.path.exists(saved):
-      with open(saved) as f:
-        config = ml_collections.ConfigDict({k: v for k, v in json.load(f).items() if k != 'step'})
-    else:
-      raise ExportError(f'{path} has no transformer_jax_config.json: pass --config=configs/X.py for the data, '
-                        'lengths and optimizer to fine-tune with')
-  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+  config = files.config_for_import(path, config, 'fine-tune')
   config.model.update(vocab_size=int(hf['vocab_size']), num_layers=int(hf['encoder_layers']),
                       d_model=int(hf['d_model']), num_heads=int(hf['encoder_attention_heads']),
                       d_ff=int(hf['encoder_ffn_dim']), dropout_rate=float(hf.get('dropout', 0.1)),
