@@ -254,7 +254,8 @@ def main(argv=None):
     first = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
     diverged = [i for i in first if i is not None]
     print(f'greedy outputs equal: {"yes" if a == b else "NO"} ({differ} of {new} tokens differ'
-          + (f'; first divergence at new token {min(diverged)}' if diverged else '') + ')')
+          + (f'; first divergence at new token {min(diverged)}' if diverged else '')
+          + f'; {len({t for row in a for t in row})} distinct token ids in ours)')
   print()
   columns = [f'{r["name"]}: new tok/s median (best); CPU s/run' for r in results]
   header = '| generation | ' + ' | '.join(columns) + (' | ours / HF: median (best); CPU |' if len(results) == 2 else ' |')
