@@ -236,6 +236,20 @@ def test_throughput_benchmark_runs_for_the_language_model():
   assert compiled is not None
 
 
+def test_generation_benchmark_runs_and_both_sides_agree():
+  """benchmarks/generate_throughput.py at a tiny size: the same exported weights give HF GPT-2 and us the same greedy
+  tokens, exactly --new_tokens of them (its workers fail otherwise), and it prints the ratio row."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  proc = subprocess.run([sys.executable, os.path.join(_REPO, 'benchmarks', 'generate_throughput.py'), '--num_layers=1',
+                         '--d_model=32', '--d_ff=64', '--vocab=64', '--context=16', '--batch=2', '--prompt_len=3',
+                         '--new_tokens=5', '--repeats=1', '--threads=1'], capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'greedy outputs equal: yes (0 of 10 tokens differ' in proc.stdout
+  assert '| greedy, batch 2, 3 + 5 tokens |' in proc.stdout and 'x (' in proc.stdout.splitlines()[-3]
+
+
 def test_closed_form_loss_what_if_equals_the_train_loss():
   """The benchmark's `bench_loss=closed_form` what-if computes the same sums as train.cross_entropy_sums."""
   rng = np.random.default_rng(0)
