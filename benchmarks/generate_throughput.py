@@ -21,9 +21,8 @@ Both see the same --batch random prompts of --prompt_len tokens (after BOS, in o
     c is chosen to put EOS's below all of them (EOS never appears as an input, so its embedding is never read).
   * HF: suppress_tokens=[PAD, BOS, EOS] (ours never samples PAD or BOS either: generate.filter_logits), so
     generate() never stops early; its outputs are checked to be exactly --new_tokens long.
-Differences in the work that remain: ours feeds the prompt through the cache one token per step (generate_ids has
-no prefill), HF runs the prompt in one forward pass; our greedy path also runs the top-p filter (a sort over the
-vocabulary per step) that temperature > 0 needs. Both are what a user of each gets.
+A difference in the work that remains: ours feeds the prompt through the cache one token per step (generate_ids has
+no prefill), HF runs the prompt in one forward pass. That is what a user of each gets.
 
 Each system runs in its own process (XLA's and PyTorch's thread pools would otherwise fight over the cores), one after
 the other: HF with torch.set_num_threads(--threads), XLA with its default thread pool (one per core). One untimed
