@@ -2,6 +2,7 @@ r"""Training throughput: step time, target tokens/s, model FLOPs, and MFU agains
 
     python benchmarks/train_throughput.py --config=configs/base.py \
         --config.batch_size=8 --config.packed_inputs_length=256 --config.packed_targets_length=256
+    python benchmarks/train_throughput.py --config=configs/lm_tiny.py      # the decoder-only language model
 
 One process, one compile per variant, then `--warmup` untimed steps and `--steps` timed ones (each ended by
 block_until_ready; the median is reported). Variants (`--variants`, separated by ';', each a comma-separated list of
@@ -32,6 +33,8 @@ V vocabulary. Per row, forward:
                     + 4 T S D                              cross-attention Q K^T and A V
     output          2 T D V                                pre-softmax projection over the vocabulary
     forward         N * (encoder layer + decoder layer) + output       (embeddings are gathers: 0 FLOPs)
+    language model  N * (T * (8 D^2 + 4 D F) + 4 T^2 D) + 2 T D V     (model.kind='decoder': masked self-attention
+                                                           and FFN only, T = packed_targets_length; no inputs)
 
     model FLOPs / step = 3 * B * forward                   backward = 2 x forward (grads w.r.t. activations and weights)
 
@@ -132,10 +135,23 @@ def forward_flops_per_row(d_model: int, d_ff: int, num_layers: int, vocab_size: 
   return N * (encoder_layer + decoder_layer) + 2 * T * D * V
 
 
+def lm_forward_flops_per_row(d_model: int, d_ff: int, num_layers: int, vocab_size: int, targets_length: int) -> int:
+  """Matmul FLOPs of one packed row's forward pass through the decoder-only language model (docstring)."""
+  D, F, N, V, T = d_model, d_ff, num_layers, vocab_size, targets_length
+  return N * (T * (8 * D * D + 4 * D * F) + 4 * T * T * D) + 2 * T * D * V
+
+
+def is_lm(config) -> bool:
+  return config.model.get('kind', 'encoder_decoder') == 'decoder'
+
+
 def train_flops_per_step(config, rows: int | None = None) -> int:
   """Model FLOPs of one training step (forward + backward = 3 x forward) for config's global batch."""
   m = config.model
   rows = int(config.batch_size) if rows is None else rows
+  if is_lm(config):
+    return 3 * rows * lm_forward_flops_per_row(m.d_model, m.d_ff, m.num_layers, m.vocab_size,
+                                               int(config.packed_targets_length))
   return 3 * rows * forward_flops_per_row(m.d_model, m.d_ff, m.num_layers, m.vocab_size,
                                           int(config.packed_inputs_length), int(config.packed_targets_length))
 
@@ -385,8 +401,11 @@ def make_batch(config, *, data: str = 'synthetic', fill: float = 0.97, segments:
     workdir = workdir or os.path.join(_REPO, 'runs', 'bench_pipeline')
     return next(pipeline.build_datasets(config, workdir).train)
   segments = segments or max(1, int(config.packed_targets_length) // max(1, int(config.max_length) // 2))
-  return synthetic_batch(int(config.batch_size), int(config.packed_inputs_length), int(config.packed_targets_length),
-                         int(config.model.vocab_size), fill=fill, segments=segments, seed=seed)
+  batch = synthetic_batch(int(config.batch_size), int(config.packed_inputs_length), int(config.packed_targets_length),
+                          int(config.model.vocab_size), fill=fill, segments=segments, seed=seed)
+  if is_lm(config):  # a language model's batch is its packed documents only
+    batch = {k: v for k, v in batch.items() if k.startswith('targets')}
+  return batch
 
 
 class _Variant:
@@ -398,7 +417,7 @@ class _Variant:
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
     from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
     from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-    from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+    from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
 
     self.name, self.config, self.mesh = name, config, mesh
     self.devices = list(mesh.devices.flat)
@@ -410,12 +429,12 @@ class _Variant:
     self.groups = [self.peak.sample(peak_reps)]  # peak samples before the first step, then after every step
     self.times: list[float] = []
     self.cpu_times: list[float] = []
-    self.rows = int(batch_np['inputs'].shape[0])
+    self.rows = int(batch_np['targets'].shape[0])
 
     loss_what_if = config.get('bench_loss', 'train')
     if loss_what_if not in ('train', 'closed_form'):
       raise ValueError(f"bench_loss must be 'train' or 'closed_form', got {loss_what_if!r}")
-    model = Transformer(self.cfg)
+    model = build_model(self.cfg)
     tx = optim.make_optimizer(config)
     self.rng = jax.random.key(int(config.seed))
     train_sums = train_lib.cross_entropy_sums
@@ -508,9 +527,9 @@ def compile_time(config, mesh=None) -> tuple[float, float, Any]:
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
   from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-  model = Transformer(train_lib.model_config(config))
+  model = build_model(train_lib.model_config(config))
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)
@@ -520,7 +539,8 @@ def compile_time(config, mesh=None) -> tuple[float, float, Any]:
                                      sharding=bs)
              for k, side in (('inputs', 'inputs'), ('targets', 'targets'), ('inputs_segmentation', 'inputs'),
                              ('targets_segmentation', 'targets'), ('inputs_position', 'inputs'),
-                             ('targets_position', 'targets'))}
+                             ('targets_position', 'targets'))
+             if not is_lm(config) or side == 'targets'}
     step_fn = train_lib.jit_train_step(model, tx, config, mesh, shardings)
     start = time.perf_counter()
     lowered = step_fn.lower(state, batch, jax.random.key(0))
@@ -598,8 +618,10 @@ def main(argv):
         f'mesh {dict(mesh.shape)}, jax {jax.__version__}, {time.strftime("%Y-%m-%d %H:%M")}, '
         f'os.cpu_count()={os.cpu_count()}')
   m = config.model
+  lengths = (f'{config.packed_targets_length} tokens (decoder-only LM)' if is_lm(config) else
+             f'{config.packed_inputs_length}/{config.packed_targets_length} tokens')
   print(f'# model: N={m.num_layers} D={m.d_model} F={m.d_ff} h={m.num_heads} V={m.vocab_size}; batch '
-        f'{config.batch_size} rows x {config.packed_inputs_length}/{config.packed_targets_length} tokens; '
+        f'{config.batch_size} rows x {lengths}; '
         f'data={FLAGS.data}; peak: {peak_size or "fastest of " + "/".join(map(str, PEAK_SIZES))}^3 matmul '
         f'x{FLAGS.peak_reps} before the steps and after each', flush=True)
 
@@ -619,8 +641,9 @@ def main(argv):
     batch_np = make_batch(config, data=FLAGS.data, fill=FLAGS.fill, segments=FLAGS.segments,
                           workdir=FLAGS.workdir, seed=int(config.seed))
     real_targets = float((batch_np['targets'] != 0).sum()) / batch_np['targets'].size
-    real_inputs = float((batch_np['inputs'] != 0).sum()) / batch_np['inputs'].size
-    print(f'# batch: real target slots {real_targets:.3f}, real input slots {real_inputs:.3f}, '
+    real_inputs = (f'{float((batch_np["inputs"] != 0).sum()) / batch_np["inputs"].size:.3f}' if 'inputs' in batch_np
+                   else 'none (LM)')
+    print(f'# batch: real target slots {real_targets:.3f}, real input slots {real_inputs}, '
           f'{int(batch_np["targets_segmentation"].max())} examples max per row', flush=True)
     variants = [(spec.strip() or 'base', apply_overrides(config, parse_overrides(spec)))
                 for spec in FLAGS.variants.split(';')]

@@ -20,10 +20,11 @@ if _REPO not in sys.path:
 
 from benchmarks import pipeline_throughput  # noqa: E402
 from benchmarks import train_throughput  # noqa: E402
+from configs import lm_tiny  # noqa: E402
 from configs import tiny  # noqa: E402
 from transformer_jax import parallel  # noqa: E402
 from transformer_jax import train as train_lib  # noqa: E402
-from transformer_jax.model import ModelConfig, Transformer  # noqa: E402
+from transformer_jax.model import LanguageModel, ModelConfig, Transformer  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0, max_len=32)
 BF16_LOSS_RTOL = 5e-3  # bfloat16 compute (float32 parameters, float32 logits/loss): loss within 0.5% of float32
@@ -204,6 +205,49 @@ def test_flops_formula_matches_xla_count():
   config = _train_config()
   assert train_throughput.train_flops_per_step(config) == 3 * 16 * train_throughput.forward_flops_per_row(
       32, 64, 2, 64, 16, 12)
+
+
+def test_lm_flops_formula_matches_xla_count():
+  """The decoder-only language model's count (no encoder, no cross-attention) against XLA's, as above."""
+  d, f, v, n, t = 64, 256, 256, 2, 32
+  cfg = ModelConfig(vocab_size=v, num_layers=n, d_model=d, num_heads=4, d_ff=f, dropout_rate=0.0, max_len=64,
+                    kind='decoder')
+  model = LanguageModel(cfg)
+  targets = jnp.ones((2, t), jnp.int32)
+  params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), targets))['params'])
+  forward = jax.jit(lambda p: model.apply({'params': p}, targets)).lower(params).compile()
+  backward = jax.jit(jax.grad(lambda p: model.apply({'params': p}, targets).sum())).lower(params).compile()
+  ours = 2 * train_throughput.lm_forward_flops_per_row(d, f, n, v, t)
+  assert 0.99 <= train_throughput.xla_flops(forward) / ours <= 1.06
+  assert 0.95 <= train_throughput.xla_flops(backward) / (3 * ours) <= 1.06
+
+
+def test_throughput_benchmark_runs_for_the_language_model():
+  config = lm_tiny.get_config()
+  config.model.update(vocab_size=64, num_layers=1, d_model=32, num_heads=4, d_ff=64)
+  config.update(batch_size=8, max_length=16, packed_inputs_length=16, packed_targets_length=16)
+  batch = train_throughput.make_batch(config)
+  assert sorted(batch) == ['targets', 'targets_position', 'targets_segmentation']
+  result = train_throughput.run_variant('lm', config, batch, steps=1, warmup=0, peak_size=128, peak_reps=1,
+                                        mesh=parallel.make_mesh(config.mesh), pause=0.0)
+  assert result.tokens == float((batch['targets'] != 0).sum()) and result.mfu > 0
+  assert result.model_flops == 3 * 8 * train_throughput.lm_forward_flops_per_row(32, 64, 1, 64, 16)
+  _, _, compiled = train_throughput.compile_time(config, parallel.make_mesh(config.mesh))
+  assert compiled is not None
+
+
+def test_generation_benchmark_runs_and_both_sides_agree():
+  """benchmarks/generate_throughput.py at a tiny size: the same exported weights give HF GPT-2 and us the same greedy
+  tokens, exactly --new_tokens of them (its workers fail otherwise), and it prints the ratio row."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  proc = subprocess.run([sys.executable, os.path.join(_REPO, 'benchmarks', 'generate_throughput.py'), '--num_layers=1',
+                         '--d_model=32', '--d_ff=64', '--vocab=64', '--context=16', '--batch=2', '--prompt_len=3',
+                         '--new_tokens=5', '--repeats=1', '--threads=1'], capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'greedy outputs equal: yes (0 of 10 tokens differ' in proc.stdout
+  assert '| greedy, batch 2, 3 + 5 tokens |' in proc.stdout and 'x (' in proc.stdout.splitlines()[-3]
 
 
 def test_closed_form_loss_what_if_equals_the_train_loss():

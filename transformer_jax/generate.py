@@ -62,10 +62,17 @@ def filter_logits(logits, top_k: int = 0, top_p=1.0):
 
 def sample(logits, rng, temperature, top_k: int = 0, top_p=1.0):
   """One token per row: argmax where temperature == 0, else a draw from the filtered, tempered distribution."""
-  filtered = filter_logits(logits, top_k, top_p)
-  greedy = jnp.argmax(filtered, axis=-1)
-  drawn = jax.random.categorical(rng, filtered / jnp.maximum(temperature, 1e-6), axis=-1)
-  return jnp.where(temperature == 0, greedy, drawn).astype(jnp.int32)
+
+  def greedy():  # the argmax always survives top-k and the nucleus: only PAD/BOS need forbidding (no sort)
+    return jnp.argmax(logits.astype(jnp.float32).at[..., PAD_ID].set(NEG_INF).at[..., BOS_ID].set(NEG_INF), axis=-1)
+
+  def draw():
+    filtered = filter_logits(logits, top_k, top_p)
+    drawn = jax.random.categorical(rng, filtered / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature == 0, jnp.argmax(filtered, axis=-1), drawn)  # rows of a per-row temperature
+
+  # A cond, not a where of both: the nucleus's sorts over the vocabulary were ~90% of a greedy step on CPU.
+  return jax.lax.cond(jnp.all(temperature == 0), greedy, draw).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'top_k'))
