@@ -17,7 +17,8 @@ import traceback
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = ('no space left on device', 'disk quota exceeded', "os_error_code='28'", "os_error_code='122'")
-_DIVERTED_LIBRARIES = ('orbax', 'tensorstore')
+# asyncio: orbax writes through asyncio tasks, whose unretrieved failures asyncio itself logs (with the traceback).
+_DIVERTED_LIBRARIES = ('orbax', 'tensorstore', 'asyncio')
 
 SIGNALS_HELP = """Signals: SIGTERM or SIGINT (Ctrl-C) at any phase end the run with exit 0 and keep all committed work:
   while preparing data, restoring or compiling (before the first step): stop at once (nothing new to save);
@@ -59,7 +60,8 @@ def log_exception(e: BaseException, what: str) -> str:
 
 
 class _DivertLibraryErrors(py_logging.Filter):
-  """Drops orbax/tensorstore ERROR records (with their tracebacks) from the terminal, writing them to the detail log."""
+  """Drops orbax/tensorstore (and asyncio) ERROR records, tracebacks included, from the terminal; writes them to the
+  detail log."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     path = (record.pathname or '').replace('\\', '/')
