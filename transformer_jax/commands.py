@@ -143,6 +143,11 @@ def run(command: str, args) -> None:
     from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
     from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
     from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    if isinstance(e, checkpoint_lib.CheckpointSaveError):
+      print(f'error: {str(e).splitlines()[0]}', file=sys.stderr, flush=True)
+      # orbax's failed background writers report again while the interpreter shuts down: to the log, not here
+      faults.send_stderr_to_detail_log()
+      sys.exit(1)
     if isinstance(e, (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
                       train_lib.NonFiniteLossError, train_lib.TrainingStalledError, NotImplementedError,
                       workdir_lock.WorkdirLockedError, checkpoint_lib.CheckpointSaveError)):

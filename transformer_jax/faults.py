@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging as py_logging
 import os
+import sys
 import tempfile
 import threading
 import traceback
@@ -55,6 +56,17 @@ def log_detail(text: str) -> str:
   return detail_log_path()
 
 
+def send_stderr_to_detail_log() -> None:
+  """From now on this process's stderr (fd 2, so C++ and thread output too) goes to the detail log."""
+  try:
+    sys.stderr.flush()
+    fd = os.open(detail_log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+  except OSError:
+    pass
+
+
 def log_exception(e: BaseException, what: str) -> str:
   return log_detail(f'{what}\n' + ''.join(traceback.format_exception(type(e), e, e.__traceback__)))
 
@@ -83,6 +95,17 @@ def divert_library_errors() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DivertLibraryErrors) for f in handler.filters):
     handler.addFilter(_DivertLibraryErrors())
+  default_hook = threading.excepthook
+
+  def thread_excepthook(args):  # orbax's writer threads after a failed save: details to the log
+    if '/orbax/' in ''.join(traceback.format_tb(args.exc_traceback)) or isinstance(args.exc_value, RuntimeError):
+      log_detail(f'exception in thread {getattr(args.thread, "name", "?")}\n' + ''.join(
+          traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+      return
+    default_hook(args)
+
+  if getattr(threading.excepthook, '__name__', '') != 'thread_excepthook':
+    threading.excepthook = thread_excepthook
 
 
 def is_disk_full(e: BaseException | None) -> bool:
