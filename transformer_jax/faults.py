@@ -107,6 +107,36 @@ def divert_library_errors() -> None:
   if getattr(threading.excepthook, '__name__', '') != 'thread_excepthook':
     threading.excepthook = thread_excepthook
 
+  # After a failed save orbax closes its writer thread's event loop while tensorstore still holds callbacks for the
+  # other in-flight writes; each then fails in `call_soon_threadsafe` and is printed from C++ through sys.excepthook
+  # (or sys.unraisablehook), at any moment, before or after the error line. Those go to the log; the rest as usual.
+  default_excepthook, default_unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc_value, exc_traceback):
+    if _is_closed_loop_callback(exc_value, exc_traceback):
+      log_detail('callback on a closed event loop\n' + ''.join(
+          traceback.format_exception(exc_type, exc_value, exc_traceback)))
+      return
+    default_excepthook(exc_type, exc_value, exc_traceback)
+
+  def unraisablehook(unraisable):
+    if _is_closed_loop_callback(unraisable.exc_value, unraisable.exc_traceback):
+      log_detail('callback on a closed event loop (unraisable)\n' + ''.join(traceback.format_exception(
+          unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
+      return
+    default_unraisablehook(unraisable)
+
+  if not getattr(sys.excepthook, 'transformer_jax', False):
+    excepthook.transformer_jax = unraisablehook.transformer_jax = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def _is_closed_loop_callback(exc_value, exc_traceback) -> bool:
+  """asyncio's 'Event loop is closed' raised from `call_soon_threadsafe` (a library callback after the loop ended)."""
+  if not isinstance(exc_value, RuntimeError) or 'Event loop is closed' not in str(exc_value):
+    return False
+  return any(frame.name in ('call_soon_threadsafe', '_check_closed') for frame in traceback.extract_tb(exc_traceback))
+
 
 def is_disk_full(e: BaseException | None) -> bool:
   """An OSError ENOSPC/EDQUOT anywhere in the exception's chain, or tensorstore's text for one."""
