@@ -1,4 +1,11 @@
-"""Tests run on CPU with 8 simulated devices (multi-device code paths without a GPU or TPU)."""
+"""Tests run on CPU with 8 simulated devices (multi-device code paths without a GPU or TPU).
+
+Every `transformer-jax` subprocess a test starts inherits this environment, including one persistent JAX
+compilation cache for the whole session (and for every pytest-xdist worker): the many small end-to-end runs share a
+handful of programs, so only the first run of each compiles it. The cache is keyed by program, flags and jax version,
+lives in .pytest_cache (git-ignored) and is set only for subprocesses: this process's jax is imported first, so
+in-process tests compile as they always did.
+"""
 
 import os
 
@@ -6,3 +13,11 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position,unused-import  (reads its JAX_* variables now, before those below)
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(_REPO, '.pytest_cache', 'd', 'transformer_jax_compilation_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')

@@ -151,17 +151,10 @@ def bitwise_equal(a, b) -> bool:
 
 
 @pytest.fixture(scope='module')
-def env(pytestconfig, tmp_path_factory):
-  """The subprocesses' environment: conftest's 8 CPU devices plus a JAX compilation cache kept in .pytest_cache
-  (keyed by program, flags and jax version), so only the first run compiles the train step."""
-  if getattr(pytestconfig, 'cache', None) is not None:
-    cache = pytestconfig.cache.mkdir('transformer_jax_compilation_cache')
-  else:  # -p no:cacheprovider
-    cache = tmp_path_factory.mktemp('jax_compilation_cache')
-  out = dict(os.environ)
-  out.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', PYTHONPATH=REPO)
-  return out
+def env():
+  """The subprocesses' environment: conftest's (8 CPU devices, the session's JAX compilation cache, so only the first
+  run compiles the train step), with this checkout first on the path."""
+  return dict(os.environ, PYTHONPATH=REPO)
 
 
 @pytest.fixture(scope='module')

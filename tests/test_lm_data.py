@@ -113,7 +113,7 @@ def get_config():
 '''
 
 
-def test_lm_kill_9_and_resume_is_bitwise_equal_to_a_straight_run(tmp_path, pytestconfig):
+def test_lm_kill_9_and_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
   import test_checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   text = tmp_path / 'text'
@@ -122,9 +122,7 @@ def test_lm_kill_9_and_resume_is_bitwise_equal_to_a_straight_run(tmp_path, pytes
     (text / rel.replace(os.sep, '_')).write_text(open(path, encoding='utf-8').read())
   config_path = tmp_path / 'lm_small.py'
   config_path.write_text(LM_CONFIG_FILE.format(text=text))
-  env = dict(os.environ, PYTHONPATH=ckpt.REPO, JAX_COMPILATION_CACHE_DIR=str(
-      pytestconfig.cache.mkdir('transformer_jax_compilation_cache')), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env = dict(os.environ, PYTHONPATH=ckpt.REPO)  # conftest's, with the session's compilation cache
   straight = str(tmp_path / 'straight')
   run = ckpt.Run(straight, env, config=str(config_path))
   assert run.wait() == 0, run.describe()

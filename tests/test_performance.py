@@ -330,3 +330,35 @@ def test_profile_steps_writes_a_trace(tmp_path):
     train_lib.Profiler('5', str(tmp_path))
   with pytest.raises(ValueError):
     train_lib.Profiler('3,3', str(tmp_path))
+
+
+_SHOW_TUNABLES = ('import os, sys; from transformer_jax import hugepages; hugepages.reexec_if_wanted(); '
+                  'print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])')
+
+
+def test_programs_reexecute_once_with_the_huge_page_tunable_and_keep_pid_argv_and_other_tunables():
+  """hugepages.py: the CLI's first act puts XLA's step buffers on transparent huge pages (glibc reads tunables only at
+  start-up): the same process (pid, argv) comes back with the tunable added, once, other tunables kept; =0 opts out."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
+  base = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  base['PYTHONPATH'] = _REPO
+  with pytest.MonkeyPatch.context() as patch:
+    patch.delenv('GLIBC_TUNABLES', raising=False)
+    if not hugepages.wanted():
+      pytest.skip('this machine would not use the tunable (not Linux/glibc >= 2.35, or THP is not "madvise")')
+
+  def run(**env):
+    proc = subprocess.Popen([sys.executable, '-c', _SHOW_TUNABLES, 'a b', '--c'], stdout=subprocess.PIPE, text=True,
+                            env={**base, **env})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.startswith(f'{proc.pid} '), out  # the same process, exec'd in place
+    return out.strip().splitlines()
+
+  lines = run()
+  assert len(lines) == 1, lines  # exec replaces the process: one output, no second re-exec
+  assert lines[0].endswith(f" {hugepages.TUNABLE} ['a b', '--c']"), lines
+  other = 'glibc.malloc.arena_max=2'
+  assert run(GLIBC_TUNABLES=other)[0].endswith(f" {other}:{hugepages.TUNABLE} ['a b', '--c']")
+  assert run(TRANSFORMER_JAX_HUGEPAGES='0')[0].endswith(" ['a b', '--c']")
+  assert hugepages.TUNABLE not in run(TRANSFORMER_JAX_HUGEPAGES='0')[0]

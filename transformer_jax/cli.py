@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 
 from transformer_jax import commands
+from transformer_jax import hugepages
 
 
 def usage() -> str:
@@ -28,6 +29,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+  if argv is None:  # the program's entry point, not a caller's: huge pages for XLA's buffers (hugepages.py)
+    hugepages.reexec_if_wanted()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print(usage())
