@@ -83,6 +83,9 @@ def _apply(model, params, batch, *, deterministic: bool, rngs=None):
 
 
 def _weights(batch, pad_id: int):
+  # Packed rows pad with 0, which is a real token (EOS) in a Marian vocabulary: the segmentation says what is real.
+  if batch.get('targets_segmentation') is not None:
+    return (batch['targets_segmentation'] > 0).astype(jnp.float32)
   return (batch['targets'] != pad_id).astype(jnp.float32)
 
 
@@ -170,7 +173,7 @@ def translate_ids(params, source_rows: np.ndarray, *, cfg: ModelConfig, mesh, ba
   starts = range(0, len(source_rows), batch_size)
   for start in tqdm(starts, disable=not progress or jax.process_index() != 0, unit='batch', desc='translating'):
     chunk = source_rows[start:start + batch_size]
-    padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)
+    padded = np.full((batch_size,) + chunk.shape[1:], cfg.special_ids.pad, np.int32)  # batch-padding rows: all PAD
     padded[:len(chunk)] = chunk
     inputs = jax.make_array_from_callback(padded.shape, sharding, lambda idx, p=padded: p[idx])
     if beam_size > 1:
