@@ -78,13 +78,15 @@ def released(tmp_path_factory):
       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
       activation_function='swish', scale_embedding=True, max_position_embeddings=64, pad_token_id=size - 1,
       eos_token_id=0, decoder_start_token_id=size - 1, forced_eos_token_id=0, dropout=0.0,
-      share_encoder_decoder_embeddings=True, bad_words_ids=[[size - 1]], num_beams=4, max_length=64)
+      share_encoder_decoder_embeddings=True, bad_words_ids=[[size - 1]], num_beams=4, max_length=64,
+      init_std=0.2)  # larger than HF's 0.02: outputs depend on the input
   model = transformers.MarianMTModel(config).eval()
   with torch.no_grad():  # every bias, layer norm and the final_logits_bias random (HF initialises them to 0 / 1)
     for name, p in model.named_parameters():
       if name.endswith('bias') or 'layer_norm' in name:
         p.add_(torch.randn_like(p) * 0.3)
-    model.final_logits_bias.copy_(torch.randn_like(model.final_logits_bias))
+    model.final_logits_bias.copy_(torch.randn_like(model.final_logits_bias) * 0.5)
+    model.final_logits_bias[0, 0] = 5.0  # EOS competes: searches end at different lengths
   model.save_pretrained(str(root))
   tok = transformers.MarianTokenizer(source_spm=str(root / 'source.spm'), target_spm=str(root / 'target.spm'),
                                      vocab=str(root / 'vocab.json'), source_lang='en', target_lang='de')
@@ -176,6 +178,24 @@ def test_greedy_and_beam_equal_generate(released, imported):
     got = row.tolist()[:len(want)]
     assert got == want, (got, want)
   assert tok.batch_decode(hf_greedy, skip_special_tokens=True) == [loaded.tokenizer.decode(r) for r in ours]
+
+  # beam 4 with transformers' length penalty len^alpha (its default alpha 1.0) and stopping heuristic
+  results = {}
+  for alpha in (1.0, 0.6):
+    with torch.no_grad():
+      hf_beam = model.generate(input_ids=torch.tensor(inputs, dtype=torch.long), attention_mask=attention,
+                               num_beams=4, do_sample=False, max_length=max_len + 1, forced_eos_token_id=None,
+                               length_penalty=alpha, early_stopping=False).numpy()
+    ours, _ = decode.beam_search(loaded.params, jnp.asarray(inputs), cfg=loaded.cfg, beam_size=4, alpha=alpha,
+                                 max_decode_len=max_len, extra_length=None, penalty='hf')
+    ours = np.asarray(ours)
+    for row, want in zip(ours, hf_beam):
+      want = want[1:].tolist()
+      assert row.tolist()[:len(want)] == want, (alpha, row.tolist(), want)
+    results[alpha] = ours.tolist()
+  # outputs of several lengths, EOS and limit alike, and the penalty changes them: the comparison can fail
+  assert results[1.0] != results[0.6]
+  assert len({0 in r for r in results[1.0]}) == 2, results[1.0]
 
 
 def test_fine_tuning_lowers_the_loss_and_export_round_trips(released, imported, tmp_path):

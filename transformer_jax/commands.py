@@ -51,6 +51,9 @@ def _decoding_flags(evaluate: bool) -> None:
   flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search: a hypothesis scores '
                      'log P / ((5+len)/6)^alpha (the paper: 0.6). Outputs are at most source length + 50 tokens, '
                      'capped at the config\'s max_length.')
+  flags.DEFINE_enum('length_penalty', 'gnmt', ['gnmt', 'hf'], 'Beam search length penalty: gnmt ((5+len)/6)^alpha, '
+                    'or hf: len^alpha with transformers\' stopping heuristic (generate(num_beams=W, length_penalty='
+                    'alpha) of a released model: pass --alpha=1.0, its default).')
   flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
 
 
@@ -211,7 +214,8 @@ def _evaluate() -> None:
     print(f"perplexity={results['perplexity']:.4f} bits_per_byte={results['bits_per_byte']:.4f}", flush=True)
     return
   results = inference.evaluate_workdir(FLAGS.workdir, FLAGS.config, split=FLAGS.split, beam_size=FLAGS.beam_size,
-                                       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
+                                       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
+                                       length_penalty=FLAGS.length_penalty)
   print(' '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
 
 
@@ -226,7 +230,7 @@ def _translate() -> None:
     lines = sys.stdin.read().splitlines()
   for line in inference.translate_workdir(FLAGS.workdir, FLAGS.config, lines, beam_size=FLAGS.beam_size,
                                           alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
-                                          progress=bool(FLAGS.input)):
+                                          progress=bool(FLAGS.input), length_penalty=FLAGS.length_penalty):
     sys.stdout.write(line + '\n')
   sys.stdout.flush()
 

@@ -161,7 +161,7 @@ def jit_train_step(model, tx, config, mesh, state_shardings):
 
 
 def translate_ids(params, source_rows: np.ndarray, *, cfg: ModelConfig, mesh, batch_size: int, max_decode_len: int,
-                  progress: bool = False, beam_size: int = 1, alpha: float = 0.6):
+                  progress: bool = False, beam_size: int = 1, alpha: float = 0.6, penalty: str = 'gnmt'):
   """Translations of [N, S] source ids in batches (padded to batch_size, sharded over the batch axes): greedy, or
   beam search with beam_size > 1 and length penalty alpha.
 
@@ -177,7 +177,7 @@ def translate_ids(params, source_rows: np.ndarray, *, cfg: ModelConfig, mesh, ba
     padded[:len(chunk)] = chunk
     inputs = jax.make_array_from_callback(padded.shape, sharding, lambda idx, p=padded: p[idx])
     if beam_size > 1:
-      tokens, _ = decode_lib.beam_search(params, inputs, cfg=cfg, beam_size=beam_size, alpha=alpha,
+      tokens, _ = decode_lib.beam_search(params, inputs, cfg=cfg, beam_size=beam_size, alpha=alpha, penalty=penalty,
                                          max_decode_len=max_decode_len)
     else:
       tokens = decode_lib.greedy_decode(params, inputs, cfg=cfg, max_decode_len=max_decode_len)
