@@ -25,6 +25,7 @@ from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from transformer_jax import decode  # pylint: disable=wrong-import-position
 from transformer_jax import export  # pylint: disable=wrong-import-position
 from transformer_jax import inference  # pylint: disable=wrong-import-position
+from transformer_jax import run_config  # pylint: disable=wrong-import-position
 from transformer_jax import train as train_lib  # pylint: disable=wrong-import-position
 from transformer_jax.data import marian_vocab  # pylint: disable=wrong-import-position
 from transformer_jax.model import Transformer, shift_right  # pylint: disable=wrong-import-position
@@ -205,10 +206,14 @@ def test_fine_tuning_lowers_the_loss_and_export_round_trips(released, imported, 
   for split in ('train', 'validation'):
     (data / f'{split}.en').write_text('\n'.join(EN * 4) + '\n')
     (data / f'{split}.de').write_text('\n'.join(DE * 4) + '\n')
-  run = inference.Workdir(imported)
-  config = run.stored_config()
-  assert config.vocabulary == 'marian'
-  config.update(dataset=f'text:{data}', num_train_steps=30)
+  # what `train --workdir=DIR --config.dataset=... --config.num_train_steps=30` (no --config) runs with
+  config = run_config.resolve(imported, tiny.get_config(), explicit=False,
+                              overrides={'dataset': f'text:{data}', 'num_train_steps': 30, 'model.d_model': 32})
+  assert config.vocabulary == 'marian' and config.model.activation == 'silu' and config.batch_size == 8
+  with pytest.raises(run_config.ArchitectureOverrideError, match='model.d_ff'):
+    run_config.resolve(imported, tiny.get_config(), explicit=False, overrides={'model.d_ff': 128})
+  with pytest.raises(run_config.ArchitectureOverrideError, match='vocabulary'):
+    run_config.resolve(imported, tiny.get_config(), explicit=False, overrides={'vocabulary': 'sentencepiece'})
   before = train_lib.train_and_evaluate(config, imported)
   assert not os.path.exists(os.path.join(imported, 'spm.model'))  # no SentencePiece model was trained
   rows = [json.loads(line) for line in open(os.path.join(imported, 'metrics.jsonl')) if '"loss"' in line]
