@@ -237,3 +237,27 @@ def test_fine_tuning_lowers_the_loss_and_export_round_trips(released, imported, 
   assert diff < 1e-4, diff
   # and it is the fine-tuned model, not the released one
   assert np.max(np.abs(_hf_logits(model, inputs, decoder_inputs) - _hf_logits(back, inputs, decoder_inputs))) > 1e-2
+
+
+@pytest.mark.parametrize('change, field', [
+    ({'normalize_before': True}, 'normalize_before'),
+    ({'decoder_layers': 1}, 'decoder_layers'),
+    ({'decoder_vocab_size': 7}, 'decoder_vocab_size'),
+    ({'tie_word_embeddings': False}, 'tie_word_embeddings'),
+    ({'share_encoder_decoder_embeddings': False}, 'share_encoder_decoder_embeddings'),
+    ({'activation_function': 'tanh'}, 'activation_function'),
+    ({'add_final_layer_norm': True}, 'add_final_layer_norm'),
+    ({'eos_token_id': 3}, 'eos_token_id'),
+])
+def test_what_cannot_be_represented_is_refused_naming_the_field(released, tmp_path, change, field):
+  path, model, _ = released
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  for name in os.listdir(path):
+    (bad / name).write_bytes(open(os.path.join(path, name), 'rb').read())
+  config = json.loads((bad / 'config.json').read_text())
+  (bad / 'config.json').write_text(json.dumps(config | change))
+  workdir = tmp_path / 'w'
+  with pytest.raises(export.ExportError, match=field):
+    export.import_hf_marian(str(bad), str(workdir), config=small_config(model.config.vocab_size))
+  assert not workdir.exists()
