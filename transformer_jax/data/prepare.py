@@ -461,9 +461,10 @@ def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief:
   split = split or config.train_split
   reader = PairReader(config, split, workdir)
   max_sentences = int(config.get("tokenizer_train_sentences", 200_000))
-  if config.get("vocabulary", "sentencepiece") == "marian":  # an imported model's own vocabulary: never trained
-    from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
-    tokenizer = marian_vocab.MarianVocab.load(os.path.join(workdir, marian_vocab.DIRECTORY))
+  from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+  marian_dir = os.path.join(workdir, marian_vocab.DIRECTORY)
+  if config.get("vocabulary", "sentencepiece") == "marian" or marian_vocab.is_marian_dir(marian_dir):
+    tokenizer = marian_vocab.MarianVocab.load(marian_dir)  # an imported model's own vocabulary: never trained
   else:
     tokenizer = tokenizer_lib.load_or_train_tokenizer(
         os.path.join(workdir, "spm.model"), lambda: sample_sentences(reader, max_sentences),
