@@ -115,7 +115,7 @@ def compute(loaded, sentences: list[str], *, beam_size: int = 1, alpha: float = 
     _, weights = jax.jit(lambda p, x, y: attention_weights(p, cfg, x, y))(loaded.params, sources, targets)
     weights = {k: np.asarray(jax.device_get(v), np.float32) for k, v in weights.items()}
 
-  piece = tokenizer.processor.id_to_piece
+  piece = tokenizer.id_to_piece
   size = tokenizer.vocab_size
   name = lambda i: piece(i) if 0 <= i < size else f'<{i}>'
   out = []

@@ -31,7 +31,9 @@ def _common_flags(config_default: str | None) -> None:
   config_flags.DEFINE_config_file(
       'config', config_default,
       'Python config file with get_config() -> ConfigDict; override keys with --config.key=value.'
-      + ('' if config_default else ' Default: the config stored in the workdir\'s checkpoint.'),
+      + (' On a workdir that holds a checkpoint, the default is the config stored with it, the overrides applied on '
+         'top (architecture changes refused).' if config_default else
+         ' Default: the config stored in the workdir\'s checkpoint.'),
       lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, tokenizer, TensorBoard, curves.png). '
                       'Default for train: runs/<config file name>.')
@@ -51,6 +53,9 @@ def _decoding_flags(evaluate: bool) -> None:
   flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search: a hypothesis scores '
                      'log P / ((5+len)/6)^alpha (the paper: 0.6). Outputs are at most source length + 50 tokens, '
                      'capped at the config\'s max_length.')
+  flags.DEFINE_enum('length_penalty', 'gnmt', ['gnmt', 'hf'], 'Beam search length penalty: gnmt ((5+len)/6)^alpha, '
+                    'or hf: len^alpha with transformers\' stopping heuristic (generate(num_beams=W, length_penalty='
+                    'alpha) of a released model: pass --alpha=1.0, its default).')
   flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
 
 
@@ -188,11 +193,20 @@ def _check_inputs(command: str) -> None:
     sys.exit(2)
 
 
+def _run_config(workdir: str | None):
+  """--config=FILE when given; else, on a workdir with a checkpoint, its stored config + the --config.key=value
+  overrides (run_config.py); else the default config."""
+  from transformer_jax import run_config  # pylint: disable=g-import-not-at-top
+  flag = FLAGS['config']
+  return run_config.resolve(workdir, FLAGS.config, explicit=bool(flag.present),
+                            overrides=config_flags.get_override_values(flag))
+
+
 def _train() -> None:
   from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   workdir = _workdir()
-  final = train_lib.train_and_evaluate(FLAGS.config, workdir)
+  final = train_lib.train_and_evaluate(_run_config(workdir), workdir)
   if jax.process_index() == 0 and 'preempted' not in final:
     print('final: ' + ' '.join(f'{k}={v}' if k == 'step' else f'{k}={v:.4f}' for k, v in final.items()), flush=True)
 
@@ -205,13 +219,15 @@ def _info() -> None:
 def _evaluate() -> None:
   from transformer_jax import inference  # pylint: disable=g-import-not-at-top
   from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top
-  if lm_inference.is_language_model_workdir(FLAGS.workdir, FLAGS.config):
-    results = lm_inference.evaluate_workdir(FLAGS.workdir, FLAGS.config, split=FLAGS.split)
+  config = _run_config(FLAGS.workdir)
+  if lm_inference.is_language_model_workdir(FLAGS.workdir, config):
+    results = lm_inference.evaluate_workdir(FLAGS.workdir, config, split=FLAGS.split)
     print(f"eval_nll={results['eval_nll']:.4f} eval_accuracy={results['eval_accuracy']:.4f}")
     print(f"perplexity={results['perplexity']:.4f} bits_per_byte={results['bits_per_byte']:.4f}", flush=True)
     return
-  results = inference.evaluate_workdir(FLAGS.workdir, FLAGS.config, split=FLAGS.split, beam_size=FLAGS.beam_size,
-                                       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
+  results = inference.evaluate_workdir(FLAGS.workdir, config, split=FLAGS.split, beam_size=FLAGS.beam_size,
+                                       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
+                                       length_penalty=FLAGS.length_penalty)
   print(' '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
 
 
@@ -224,9 +240,9 @@ def _translate() -> None:
       lines = f.read().splitlines()
   else:
     lines = sys.stdin.read().splitlines()
-  for line in inference.translate_workdir(FLAGS.workdir, FLAGS.config, lines, beam_size=FLAGS.beam_size,
+  for line in inference.translate_workdir(FLAGS.workdir, _run_config(FLAGS.workdir), lines, beam_size=FLAGS.beam_size,
                                           alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
-                                          progress=bool(FLAGS.input)):
+                                          progress=bool(FLAGS.input), length_penalty=FLAGS.length_penalty):
     sys.stdout.write(line + '\n')
   sys.stdout.flush()
 
@@ -327,9 +343,9 @@ COMMANDS = {c.name: c for c in (
             requires_workdir=False, writes=lambda: _workdir()),
     Command('evaluate', 'held-out metrics of WORKDIR\'s newest checkpoint; last line bleu=<float> chrf=<float> ...\n'
             '(a language model: perplexity=<float> bits_per_byte=<float>)',
-            _evaluate, _evaluate_flags, distributed=True),
+            _evaluate, _evaluate_flags, default_config=True, distributed=True),
     Command('translate', 'sentences from stdin (or --input=FILE) -> one translation per line', _translate,
-            _translate_flags, distributed=True),
+            _translate_flags, default_config=True, distributed=True),
     Command('generate', 'language models: continue --prompt (or each line of stdin) over the KV cache', _generate,
             _generate_flags),
     Command('export', '--format={safetensors,msgpack,hf-marian,stablehlo,hf-gpt2} --out=PATH', _export, _export_flags),

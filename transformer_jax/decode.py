@@ -59,9 +59,14 @@ def decode_step(model: Transformer, params, cache, encoded, inputs_segmentation,
   return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), variables['cache']
 
 
-def length_penalty(length, alpha):
-  """GNMT (Wu et al. 2016): lp(Y) = ((5 + |Y|) / 6)^alpha; a hypothesis scores log P(Y) / lp(Y)."""
-  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0)**alpha
+PENALTIES = ('gnmt', 'hf')
+
+
+def length_penalty(length, alpha, penalty: str = 'gnmt'):
+  """A hypothesis scores log P(Y) / lp(Y). 'gnmt' (Wu et al. 2016): lp(Y) = ((5 + |Y|) / 6)^alpha; 'hf':
+  lp(Y) = |Y|^alpha, transformers' beam search (its `length_penalty` is alpha, default 1.0)."""
+  length = jnp.asarray(length, jnp.float32)
+  return length**alpha if penalty == 'hf' else ((5.0 + length) / 6.0)**alpha
 
 
 def output_limits(inputs, max_decode_len: int, extra_length: int | None = MAX_LENGTH_MARGIN, *,
@@ -197,9 +202,10 @@ def _take(x, index):
   return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'beam_size', 'max_decode_len', 'min_decode_len', 'extra_length'))
+@functools.partial(jax.jit, static_argnames=('cfg', 'beam_size', 'max_decode_len', 'min_decode_len', 'extra_length',
+                                             'penalty'))
 def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: float = 0.6, max_decode_len: int,
-                min_decode_len: int = 0, extra_length: int | None = MAX_LENGTH_MARGIN):
+                min_decode_len: int = 0, extra_length: int | None = MAX_LENGTH_MARGIN, penalty: str = 'gnmt'):
   """inputs [B, S] -> (tokens [B, max_decode_len] best hypothesis, PAD after EOS; scores [B] = log P / lp).
 
   Each step extends the W alive hypotheses by every token and takes the best 2W extensions:
@@ -210,7 +216,12 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
   The W best finished hypotheses by length-penalised score are kept. An example is done when no alive hypothesis
   can beat the worst of W finished ones: log-probabilities only fall, so log P(alive) / max lp over the lengths
   it can still reach bounds every score it can get. The loop stops when every example is done.
+  penalty='hf' is transformers' beam search (generate(num_beams=W, length_penalty=alpha), early_stopping=False):
+  lp = |Y|^alpha, and its stopping heuristic, which bounds an alive hypothesis by its score at its current length.
   """
+  if penalty not in PENALTIES:
+    raise ValueError(f'penalty must be one of {PENALTIES}, got {penalty!r}')
+  lp = functools.partial(length_penalty, alpha=alpha, penalty=penalty)
   batch, beams, length = inputs.shape[0], beam_size, max_decode_len
   model, encoded, inputs_segmentation, cache = _encode_and_cache(params, inputs, cfg, max_decode_len)
   ids = cfg.special_ids
@@ -218,13 +229,16 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
   cache = expand_cache_to_beams(cache, beams)
   encoded = jnp.repeat(encoded, beams, axis=0)  # [B*W, S, D] (unused past the cache: cross keys are cached)
   inputs_segmentation = jnp.repeat(inputs_segmentation, beams, axis=0)
-  limit_penalty = length_penalty(limits, alpha)  # [B]
+  limit_penalty = lp(limits)  # [B]
 
   def done(state):
     """[B]: no alive hypothesis can still enter the W best finished ones."""
     i, alive_log_probs, finished_scores = state['i'], state['alive_log_probs'], state['finished_scores']
     best_alive = jnp.max(alive_log_probs, axis=1)  # [B]
-    bound = best_alive / jnp.maximum(length_penalty(i + 1, alpha), limit_penalty)
+    if penalty == 'hf':  # HF's heuristic: the alive hypothesis scored at its current length i
+      bound = best_alive / lp(jnp.maximum(i, 1))
+    else:
+      bound = best_alive / jnp.maximum(lp(i + 1), limit_penalty)
     worst_finished = jnp.min(finished_scores, axis=1)
     return (best_alive <= NEG_INF / 2) | ((worst_finished > NEG_INF / 2) & (worst_finished >= bound))
 
@@ -251,7 +265,7 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
     at_limit = (i + 1 >= limits)[:, None]  # [B, 1]
 
     ends = real & ((is_eos & (jnp.arange(2 * beams) < beams)) | (~is_eos & at_limit))
-    new_scores = jnp.where(ends, top_log_probs / length_penalty(i + 1, alpha), NEG_INF)
+    new_scores = jnp.where(ends, top_log_probs / lp(i + 1), NEG_INF)
     scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)  # [B, 3W]
     finished_scores, keep = _top_k(scores, beams)
     finished_seqs = _take(jnp.concatenate([state['finished_seqs'], top_seqs], axis=1), keep)

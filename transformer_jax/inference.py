@@ -31,7 +31,7 @@ def decode_length(loaded: Loaded, longest_source: int) -> int:
 
 
 def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int = 4, alpha: float = 0.6,
-                        batch_size: int = 64, progress: bool = False) -> list[str]:
+                        batch_size: int = 64, progress: bool = False, length_penalty: str = 'gnmt') -> list[str]:
   """One translation per sentence, in order: greedy (beam_size=1) or beam search with GNMT length penalty alpha.
 
   Empty (or blank) sentences give empty translations; sentences longer than config max_length tokens are
@@ -55,7 +55,7 @@ def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int 
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     tokens = train_lib.translate_ids(loaded.params, rows, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=batch_size,
                                      max_decode_len=decode_length(loaded, int(lengths.max())), progress=progress,
-                                     beam_size=beam_size, alpha=alpha)
+                                     beam_size=beam_size, alpha=alpha, penalty=length_penalty)
   for j, text in zip(order, evaluate_lib.decode_outputs(loaded.tokenizer, tokens)):
     out[keep[j]] = text
   return out

@@ -48,9 +48,12 @@ class ModelConfig:
   attention_weights: bool = False
   # 'encoder_decoder' (the paper) or 'decoder': a decoder-only language model (LanguageModel below).
   kind: str = 'encoder_decoder'
-  activation: str = 'relu'  # feed-forward non-linearity: 'relu' (the paper) or 'gelu' (GPT-2's tanh approximation)
+  # feed-forward non-linearity: 'relu' (the paper), 'gelu' (GPT-2's tanh approximation), 'gelu_exact' (erf; HF's
+  # 'gelu') or 'silu' (x * sigmoid(x); HF's 'swish', the OPUS-MT models)
+  activation: str = 'relu'
   use_bias: bool = False  # biases on the attention projections (GPT-2); the feed-forward always has them
   scale_embeddings: bool = True  # embeddings * sqrt(D) (section 3.4); GPT-2 does not scale
+  final_logits_bias: bool = False  # a [V] bias added to the logits (HF Marian's final_logits_bias)
 
   @classmethod
   def from_config(cls, model_config, **overrides) -> 'ModelConfig':
@@ -59,6 +62,8 @@ class ModelConfig:
     values.update(overrides)
     if values.get('attention_impl') in ('auto', ''):
       values['attention_impl'] = None
+    if values.get('activation') == 'swish':  # HF's name for the same function
+      values['activation'] = 'silu'
     if isinstance(values.get('dtype'), str):
       values['dtype'] = jnp.dtype(values['dtype'])
     if values.get('special_ids') is not None and not isinstance(values['special_ids'], SpecialIds):
@@ -70,11 +75,19 @@ class ModelConfig:
       raise ValueError(f"model.positional must be 'sinusoidal' or 'learned', got {cfg.positional!r}")
     if cfg.kind not in ('encoder_decoder', 'decoder'):
       raise ValueError(f"model.kind must be 'encoder_decoder' or 'decoder', got {cfg.kind!r}")
-    if cfg.activation not in ('relu', 'gelu'):
-      raise ValueError(f"model.activation must be 'relu' or 'gelu', got {cfg.activation!r}")
+    if cfg.activation not in ACTIVATIONS:
+      raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
     if cfg.remat not in ('none', 'full', 'dots_saveable'):
       raise ValueError(f"model.remat must be 'none', 'full' or 'dots_saveable', got {cfg.remat!r}")
     return cfg
+
+
+ACTIVATIONS = {
+    'relu': nn.relu,
+    'gelu': lambda x: nn.gelu(x, approximate=True),
+    'gelu_exact': lambda x: nn.gelu(x, approximate=False),
+    'silu': nn.silu,
+}
 
 
 def _param_init(init: Callable, names: tuple[str | None, ...]):
@@ -237,7 +250,7 @@ class FeedForward(nn.Module):
     h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, param_dtype=jnp.float32,
                  kernel_init=_param_init(nn.initializers.xavier_uniform(), ('embed', 'mlp')),
                  bias_init=_param_init(nn.initializers.zeros, ('mlp',)), name='wi')(x)
-    h = nn.relu(h) if cfg.activation == 'relu' else nn.gelu(h, approximate=True)
+    h = ACTIVATIONS[cfg.activation](h)
     h = constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))  # [B, L, F]
     return nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32,
                     kernel_init=_param_init(nn.initializers.xavier_uniform(), ('mlp', 'embed')),
@@ -408,6 +421,10 @@ class Decoder(nn.Module):
       logits = self.embedder.attend(y)
     else:
       logits = self.output_projection(y)
+    if cfg.final_logits_bias:
+      bias = self.param('final_logits_bias', _param_init(nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,),
+                        jnp.float32)
+      logits = logits + bias.astype(logits.dtype)
     return constrain(logits.astype(jnp.float32), ('activation_batch', 'activation_length', 'activation_vocab'))
 
 

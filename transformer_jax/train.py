@@ -83,6 +83,9 @@ def _apply(model, params, batch, *, deterministic: bool, rngs=None):
 
 
 def _weights(batch, pad_id: int):
+  # Packed rows pad with 0, which is a real token (EOS) in a Marian vocabulary: the segmentation says what is real.
+  if batch.get('targets_segmentation') is not None:
+    return (batch['targets_segmentation'] > 0).astype(jnp.float32)
   return (batch['targets'] != pad_id).astype(jnp.float32)
 
 
@@ -158,7 +161,7 @@ def jit_train_step(model, tx, config, mesh, state_shardings):
 
 
 def translate_ids(params, source_rows: np.ndarray, *, cfg: ModelConfig, mesh, batch_size: int, max_decode_len: int,
-                  progress: bool = False, beam_size: int = 1, alpha: float = 0.6):
+                  progress: bool = False, beam_size: int = 1, alpha: float = 0.6, penalty: str = 'gnmt'):
   """Translations of [N, S] source ids in batches (padded to batch_size, sharded over the batch axes): greedy, or
   beam search with beam_size > 1 and length penalty alpha.
 
@@ -170,11 +173,11 @@ def translate_ids(params, source_rows: np.ndarray, *, cfg: ModelConfig, mesh, ba
   starts = range(0, len(source_rows), batch_size)
   for start in tqdm(starts, disable=not progress or jax.process_index() != 0, unit='batch', desc='translating'):
     chunk = source_rows[start:start + batch_size]
-    padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)
+    padded = np.full((batch_size,) + chunk.shape[1:], cfg.special_ids.pad, np.int32)  # batch-padding rows: all PAD
     padded[:len(chunk)] = chunk
     inputs = jax.make_array_from_callback(padded.shape, sharding, lambda idx, p=padded: p[idx])
     if beam_size > 1:
-      tokens, _ = decode_lib.beam_search(params, inputs, cfg=cfg, beam_size=beam_size, alpha=alpha,
+      tokens, _ = decode_lib.beam_search(params, inputs, cfg=cfg, beam_size=beam_size, alpha=alpha, penalty=penalty,
                                          max_decode_len=max_decode_len)
     else:
       tokens = decode_lib.greedy_decode(params, inputs, cfg=cfg, max_decode_len=max_decode_len)

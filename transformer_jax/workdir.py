@@ -85,7 +85,16 @@ class Workdir:
     finally:
       reader.close()
 
+  @property
+  def marian_dir(self) -> str:
+    """An imported Marian model's vocabulary (data/marian_vocab.py), used instead of spm.model when present."""
+    from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+    return os.path.join(self.path, marian_vocab.DIRECTORY)
+
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+    if marian_vocab.is_marian_dir(self.marian_dir):
+      return marian_vocab.MarianVocab.load(self.marian_dir)
     if not os.path.exists(self.tokenizer_path):
       raise FileNotFoundError(f'no tokenizer at {self.tokenizer_path}')
     try:

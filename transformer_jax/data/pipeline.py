@@ -38,14 +38,14 @@ ExampleIds = tuple[list[int], list[int]]
 # ---------------------------------------------------------------------------------------------
 # Tokenization.
 # ---------------------------------------------------------------------------------------------
-def _finish(ids: list[int], max_length: int, truncate: bool) -> list[int] | None:
+def _finish(ids: list[int], max_length: int, truncate: bool, eos_id: int = EOS_ID) -> list[int] | None:
   if not ids:
     return None
   if len(ids) + 1 > max_length:
     if not truncate:
       return None
     ids = ids[:max_length - 1]
-  return ids + [EOS_ID]
+  return ids + [eos_id]
 
 
 def _tokenize_aligned(tokenizer: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[str, str]],
@@ -56,11 +56,12 @@ def _tokenize_aligned(tokenizer: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[
   if not pairs:
     return []
   src = tokenizer.encode_batch([s for s, _ in pairs])
-  tgt = tokenizer.encode_batch([t for _, t in pairs])
+  tgt = tokenizer.encode_batch([t for _, t in pairs], target=True)
+  eos = tokenizer.special_ids.eos
   out: list[ExampleIds | None] = []
   for s, t in zip(src, tgt):
-    s = _finish(s, max_length, truncate)
-    t = _finish(t, max_length, truncate)
+    s = _finish(s, max_length, truncate, eos)
+    t = _finish(t, max_length, truncate, eos)
     out.append(None if s is None or t is None else (s, t))
   return out
 

@@ -269,7 +269,7 @@ def _save_npy(directory: str, name: str, array: np.ndarray) -> dict:
 
 
 def tokenizer_sha256(tokenizer: tokenizer_lib.Tokenizer) -> str:
-  return hashlib.sha256(tokenizer.processor.serialized_model_proto()).hexdigest()
+  return hashlib.sha256(tokenizer.fingerprint()).hexdigest()
 
 
 def shard_directory(root: str, split: str, key_fields: dict) -> str:
@@ -311,9 +311,10 @@ def _token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
 
-def _tokenize(tokenizer: tokenizer_lib.Tokenizer, texts: list[str], num_threads: int):
-  """(flat ids with EOS after each text, lengths incl. EOS); texts are non-empty."""
-  arrays = tokenizer.processor.encode(texts, out_type="numpy", num_threads=num_threads)
+def _tokenize(tokenizer: tokenizer_lib.Tokenizer, texts: list[str], num_threads: int, target: bool = False):
+  """(flat ids with EOS after each text, lengths incl. EOS); texts are non-empty. `target`: target-side text (a
+  Marian vocabulary has its own SentencePiece model per side)."""
+  arrays = tokenizer.encode_arrays(texts, target=target, num_threads=num_threads)
   lens = np.fromiter((a.size for a in arrays), np.int64, count=len(arrays))
   flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
   out = np.full(flat.size + len(arrays), tokenizer.special_ids.eos, np.int32)
@@ -389,7 +390,8 @@ def prepare_split(reader: PairReader, tokenizer: tokenizer_lib.Tokenizer, direct
       skipped["empty"] += int(empty.sum())
       toks, lens = {}, {}
       for side, texts in (("inputs", src), ("targets", tgt)):
-        toks[side], lens[side] = _tokenize(tokenizer, [texts[i] for i in keep.tolist()], threads)
+        toks[side], lens[side] = _tokenize(tokenizer, [texts[i] for i in keep.tolist()], threads,
+                                           target=side == "targets")
       fits = (lens["inputs"] <= max_length) & (lens["targets"] <= max_length)
       skipped["too_long"] += int((~fits).sum())
       if not fits.all():
@@ -459,9 +461,14 @@ def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief:
   split = split or config.train_split
   reader = PairReader(config, split, workdir)
   max_sentences = int(config.get("tokenizer_train_sentences", 200_000))
-  tokenizer = tokenizer_lib.load_or_train_tokenizer(
-      os.path.join(workdir, "spm.model"), lambda: sample_sentences(reader, max_sentences),
-      int(config.model.vocab_size), is_chief=is_chief, max_sentences=max_sentences)
+  from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+  marian_dir = os.path.join(workdir, marian_vocab.DIRECTORY)
+  if config.get("vocabulary", "sentencepiece") == "marian" or marian_vocab.is_marian_dir(marian_dir):
+    tokenizer = marian_vocab.MarianVocab.load(marian_dir)  # an imported model's own vocabulary: never trained
+  else:
+    tokenizer = tokenizer_lib.load_or_train_tokenizer(
+        os.path.join(workdir, "spm.model"), lambda: sample_sentences(reader, max_sentences),
+        int(config.model.vocab_size), is_chief=is_chief, max_sentences=max_sentences)
   root = config.get("prepared_data_dir") or os.path.join(workdir, "data")
   max_length = int(config.max_length)
   key = {"format": FORMAT, "source": reader.description(), "tokenizer_sha256": tokenizer_sha256(tokenizer),

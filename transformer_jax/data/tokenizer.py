@@ -98,12 +98,27 @@ class Tokenizer:
   def processor(self) -> spm.SentencePieceProcessor:
     return self._sp
 
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without EOS."""
+  kind = "sentencepiece"
+
+  def encode(self, text: str, target: bool = False) -> list[int]:
+    """Token ids of `text`, without EOS (one shared model: `target` changes nothing; see marian_vocab.py)."""
+    del target
     return self._sp.encode(text, out_type=int)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+  def encode_batch(self, texts: Sequence[str], target: bool = False) -> list[list[int]]:
+    del target
     return self._sp.encode(list(texts), out_type=int)
+
+  def encode_arrays(self, texts: Sequence[str], target: bool = False, num_threads: int = 1) -> list:
+    """encode_batch as int32 numpy arrays, on `num_threads` threads."""
+    del target
+    return self._sp.encode(list(texts), out_type="numpy", num_threads=num_threads)
+
+  def fingerprint(self) -> bytes:
+    return self._sp.serialized_model_proto()
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids` up to (not including) the first EOS; PAD, BOS and out-of-vocabulary ids are dropped.

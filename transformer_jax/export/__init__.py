@@ -93,6 +93,8 @@ def load_checkpoint(workdir: str, checkpoint: str | int | None = None, config=No
   run = workdir_lib.Workdir(root)
   if not os.path.exists(run.tokenizer_path) and os.path.exists(os.path.join(workdir, TOKENIZER_NAME)):
     run.tokenizer_path = os.path.join(workdir, TOKENIZER_NAME)
+  if os.path.isdir(run.marian_dir):  # an imported Marian vocabulary (data/marian_vocab.py)
+    run.tokenizer_path = run.marian_dir
   if config is None:
     config = run.stored_config(step)
   one_device = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, dcn_data=1, num_devices=0))

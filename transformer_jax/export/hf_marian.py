@@ -5,10 +5,13 @@ tokenizer_config.json (+ transformer_jax_config.json, the run's config, used by 
 (same logits up to float rounding): see `_marian_permutation`.
 
 `transformer-jax import --format=hf-marian --path=HF_DIR --workdir=DIR` is the inverse: it writes an Orbax
-checkpoint (step 0, fresh optimizer state), its config and spm.model into DIR, so evaluate / translate / export /
-train (fine-tuning) work on it. It refuses what this model cannot represent: non-zero attention or final-logits
-biases, non-shared embeddings, activations other than relu, unscaled embeddings, and vocabularies whose vocab.json
-ids differ from the SentencePiece ids (the PAD 0, EOS 1, UNK 2, decoder start 3 convention).
+checkpoint (step 0, fresh optimizer state) and its config into DIR, with the vocabulary: our own spm.model when the
+directory's ids are ours (an export of this project), else the released model's own (OPUS-MT: source.spm and
+target.spm through vocab.json, EOS 0, UNK 1, PAD = decoder start = the last id) in WORKDIR/marian/
+(data/marian_vocab.py), so evaluate / translate / export / train (fine-tuning) work on it. Model options follow the
+checkpoint: relu / gelu / gelu_new / swish feed-forward, attention biases, final_logits_bias, scaled or unscaled
+embeddings. It refuses, in one line naming the field, what this model cannot represent: pre-norm or extra layer
+norms, non-shared or untied embeddings, encoder and decoder of different depth, widths or vocabularies.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.export import files
 from transformer_jax.export.files import ExportError, Exportable, flatten, unflatten
 from transformer_jax.export.safetensors import read_safetensors, write_safetensors
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS
+from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 # This format keeps the SentencePiece ids as the model's ids: the project's defaults (pad 0, eos 1, unk 2, bos 3).
 IDS = DEFAULT_SPECIAL_IDS
@@ -113,16 +116,19 @@ def to_marian_state_dict(params, cfg) -> dict[str, np.ndarray]:
   state = {}
   embedding = flat.pop('shared_embedding.embedding')
   state['model.shared.weight'] = f32(embedding[:, perm])
-  state['final_logits_bias'] = np.zeros((1, cfg.vocab_size), np.float32)
+  logits_bias = flat.pop('decoder.final_logits_bias', None)
+  state['final_logits_bias'] = (np.zeros((1, cfg.vocab_size), np.float32) if logits_bias is None
+                                else f32(logits_bias).reshape(1, cfg.vocab_size))
   for side in ('encoder', 'decoder'):
     for i in range(cfg.num_layers):
       for ours, hf, kind in _layer_map(side, i):
-        if kind == 'qkv':
+        bias = flat.pop(ours[:-len('kernel')] + 'bias', None) if kind in ('qkv', 'out') else None
+        if kind == 'qkv':  # the key has no bias here (softmax ignores it): HF gets zeros
           state[f'{hf}.weight'] = f32(flat.pop(ours)[perm].reshape(d, h * k).T)
-          state[f'{hf}.bias'] = np.zeros((h * k,), np.float32)
+          state[f'{hf}.bias'] = np.zeros((h * k,), np.float32) if bias is None else f32(bias.reshape(h * k))
         elif kind == 'out':
           state[f'{hf}.weight'] = f32(flat.pop(ours).reshape(h * k, d)[:, perm].T)
-          state[f'{hf}.bias'] = np.zeros((d,), np.float32)
+          state[f'{hf}.bias'] = np.zeros((d,), np.float32) if bias is None else f32(bias[perm])
         elif kind == 'norm':
           state[f'{hf}.weight'] = f32(flat.pop(f'{ours}.scale')[perm])
           state[f'{hf}.bias'] = f32(flat.pop(f'{ours}.bias')[perm])
@@ -154,9 +160,12 @@ def from_marian_state_dict(state: dict[str, np.ndarray], cfg) -> dict:
   if embedding.shape != (cfg.vocab_size, d):
     raise ExportError(f'{embeddings[0]} has shape {embedding.shape}, expected {(cfg.vocab_size, d)}')
   bias = state.get('final_logits_bias')
-  if bias is not None and np.any(bias != 0):
-    raise ExportError('final_logits_bias is non-zero: this model has no output bias')
   flat = {'shared_embedding.embedding': embedding[:, inverse]}
+  if cfg.final_logits_bias:
+    flat['decoder.final_logits_bias'] = (np.zeros(cfg.vocab_size, np.float32) if bias is None
+                                         else np.asarray(bias, np.float32).reshape(cfg.vocab_size))
+  elif bias is not None and np.any(bias != 0):
+    raise ExportError('final_logits_bias is non-zero: this model has no output bias (model.final_logits_bias)')
 
   def take(name, shape):
     if name not in state:
@@ -170,15 +179,31 @@ def from_marian_state_dict(state: dict[str, np.ndarray], cfg) -> dict:
     if b is not None and (b.shape != (size,) or np.any(b != 0)):
       raise ExportError(f'{name} is non-zero: this model\'s attention projections have no biases')
 
+  def attention_bias(name, size):
+    """The bias when the model has them (model.use_bias), else it must be zero."""
+    if not cfg.use_bias:
+      zero_bias(name, size)
+      return None
+    return take(name, (size,)) if name in state else np.zeros(size, np.float32)
+
   for side in ('encoder', 'decoder'):
     for i in range(cfg.num_layers):
       for ours, hf, kind in _layer_map(side, i):
         if kind == 'qkv':
           flat[ours] = take(f'{hf}.weight', (h * k, d)).T[inverse].reshape(d, h, k)
-          zero_bias(f'{hf}.bias', h * k)
+          if hf.endswith('k_proj'):
+            # q.(k + b) adds q.b to every key's logit of a query: softmax cancels it exactly, so it is dropped
+            if f'{hf}.bias' in state:
+              take(f'{hf}.bias', (h * k,))
+          else:
+            b = attention_bias(f'{hf}.bias', h * k)
+            if b is not None:
+              flat[ours[:-len('kernel')] + 'bias'] = b.reshape(h, k)
         elif kind == 'out':
           flat[ours] = take(f'{hf}.weight', (d, h * k)).T[:, inverse].reshape(h, k, d)
-          zero_bias(f'{hf}.bias', d)
+          b = attention_bias(f'{hf}.bias', d)
+          if b is not None:
+            flat[ours[:-len('kernel')] + 'bias'] = b[inverse]
         elif kind == 'norm':
           flat[f'{ours}.scale'] = take(f'{hf}.weight', (d,))[inverse]
           flat[f'{ours}.bias'] = take(f'{hf}.bias', (d,))[inverse]
@@ -201,8 +226,25 @@ def marian_vocab(tokenizer_path: str, vocab_size: int) -> dict[str, int]:
   return vocab
 
 
+# Our activation names <-> HF's ACT2FN names (HF 'gelu' is the exact erf form; 'gelu_new' GPT-2's tanh form).
+_HF_ACTIVATION = {'relu': 'relu', 'gelu_exact': 'gelu', 'gelu': 'gelu_new', 'silu': 'swish'}
+_FROM_HF_ACTIVATION = {'relu': 'relu', 'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu',
+                       'swish': 'silu', 'silu': 'silu'}
+
+
+def _marian_source(source: Exportable) -> str | None:
+  """The workdir's Marian vocabulary directory (an imported released model), or None (our spm.model)."""
+  from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+  path = source.tokenizer_path or ''
+  for candidate in (path, os.path.join(os.path.dirname(path), marian_vocab.DIRECTORY)):
+    if candidate and os.path.isdir(candidate) and marian_vocab.is_marian_dir(candidate):
+      return candidate
+  return None
+
+
 def marian_config(source: Exportable, dtype: str = 'float32') -> dict:
   cfg, config = source.cfg, source.config
+  ids = cfg.special_ids
   return {
       'architectures': ['MarianMTModel'],
       'model_type': 'marian',
@@ -215,9 +257,9 @@ def marian_config(source: Exportable, dtype: str = 'float32') -> dict:
       'decoder_attention_heads': cfg.num_heads,
       'encoder_ffn_dim': cfg.d_ff,
       'decoder_ffn_dim': cfg.d_ff,
-      'activation_function': 'relu',
+      'activation_function': _HF_ACTIVATION[cfg.activation],
       'max_position_embeddings': cfg.max_len,
-      'scale_embedding': True,
+      'scale_embedding': bool(cfg.scale_embeddings),
       # Marian's own flags for this layout (HF's MarianConfig has them fixed: post-norm, static sinusoids).
       'normalize_before': False,
       'normalize_embedding': False,
@@ -225,10 +267,10 @@ def marian_config(source: Exportable, dtype: str = 'float32') -> dict:
       'add_final_layer_norm': False,
       'share_encoder_decoder_embeddings': True,
       'tie_word_embeddings': True,
-      'pad_token_id': IDS.pad,
-      'eos_token_id': IDS.eos,
-      'bos_token_id': IDS.bos,
-      'decoder_start_token_id': IDS.bos,
+      'pad_token_id': ids.pad,
+      'eos_token_id': ids.eos,
+      'bos_token_id': ids.bos,
+      'decoder_start_token_id': ids.bos,
       'forced_eos_token_id': None,
       'dropout': float(cfg.dropout_rate),
       'attention_dropout': 0.0,
@@ -246,24 +288,35 @@ def marian_config(source: Exportable, dtype: str = 'float32') -> dict:
 
 def _export_hf_marian(source: Exportable, out: str, *, dtype: str, overwrite: bool) -> list[str]:
   del overwrite  # checked by check_target; files of the same names are replaced, others left alone
+  if source.cfg.activation not in _HF_ACTIVATION:
+    raise ExportError(f'hf-marian has no activation for model.activation={source.cfg.activation!r}')
   state = to_marian_state_dict(source.params, source.cfg)
   if dtype == 'bfloat16':
     state = {k: v.astype(np.dtype(jnp.bfloat16)) for k, v in state.items()}
   config = source.config
+  ids = source.cfg.special_ids
   # Our greedy search as HF generation defaults: never generate PAD or BOS (decode.py), at most max_length tokens
   # (HF counts the decoder start token too). decode.py also stops at source length + 50, which HF cannot express.
-  generation = {'decoder_start_token_id': IDS.bos, 'bos_token_id': IDS.bos, 'eos_token_id': IDS.eos,
-                'pad_token_id': IDS.pad, 'forced_eos_token_id': None, 'max_length': int(config.max_length) + 1,
-                'num_beams': 1, 'do_sample': False, 'bad_words_ids': [[IDS.pad], [IDS.bos]]}
+  bad_words = [[ids.pad]] + ([[ids.bos]] if ids.bos != ids.pad else [])
+  generation = {'decoder_start_token_id': ids.bos, 'bos_token_id': ids.bos, 'eos_token_id': ids.eos,
+                'pad_token_id': ids.pad, 'forced_eos_token_id': None, 'max_length': int(config.max_length) + 1,
+                'num_beams': 1, 'do_sample': False, 'bad_words_ids': bad_words}
   tokenizer_config = {'tokenizer_class': 'MarianTokenizer', 'source_lang': config.get('source_lang'),
                       'target_lang': config.get('target_lang'), 'model_max_length': int(config.max_length),
-                      'separate_vocabs': False, 'unk_token': '<unk>', 'eos_token': '</s>', 'pad_token': '<pad>',
-                      'bos_token': '<s>'}
-  vocab = marian_vocab(source.tokenizer_path, source.cfg.vocab_size)
-  unused = [piece for piece in vocab if piece.startswith('<unused_')]
-  if unused:  # embedding rows without a SentencePiece piece: special, so skip_special_tokens drops them as we do
-    tokenizer_config['extra_special_tokens'] = unused
-  tokenizer_bytes = files.read(source.tokenizer_path)
+                      'separate_vocabs': False, 'unk_token': '<unk>', 'eos_token': '</s>', 'pad_token': '<pad>'}
+  marian_dir = _marian_source(source)
+  if marian_dir is None:  # our shared SentencePiece model: its ids are the model's
+    tokenizer_config['bos_token'] = '<s>'
+    vocab = marian_vocab(source.tokenizer_path, source.cfg.vocab_size)
+    unused = [piece for piece in vocab if piece.startswith('<unused_')]
+    if unused:  # embedding rows without a SentencePiece piece: special, so skip_special_tokens drops them as we do
+      tokenizer_config['extra_special_tokens'] = unused
+    source_bytes = target_bytes = files.read(source.tokenizer_path)
+  else:  # an imported Marian vocabulary goes back as it came
+    with open(os.path.join(marian_dir, 'vocab.json'), encoding='utf-8') as f:
+      vocab = json.load(f)
+    source_bytes = files.read(os.path.join(marian_dir, 'source.spm'))
+    target_bytes = files.read(os.path.join(marian_dir, 'target.spm'))
   os.makedirs(out, exist_ok=True)
   written = []
 
@@ -275,13 +328,12 @@ def _export_hf_marian(source: Exportable, out: str, *, dtype: str, overwrite: bo
   put('model.safetensors', write_safetensors, state, {'format': 'pt'})
   put('config.json', files.write_json, marian_config(source, dtype))
   put('generation_config.json', files.write_json, generation)
-  put('source.spm', files.write_bytes, tokenizer_bytes)
-  put('target.spm', files.write_bytes, tokenizer_bytes)
+  put('source.spm', files.write_bytes, source_bytes)
+  put('target.spm', files.write_bytes, target_bytes)
   put('vocab.json', files.write_json, vocab)
   put('tokenizer_config.json', files.write_json, tokenizer_config)
   put('transformer_jax_config.json', files.write_json, json.loads(config.to_json_best_effort()) | {'step': source.step})
   return written
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Import
@@ -305,7 +357,9 @@ def _read_hf_weights(path: str) -> dict[str, np.ndarray]:
   raise FileNotFoundError(f'no model.safetensors in {path}')
 
 
+
 def _check_marian_config(hf: dict) -> None:
+  """Refuses, in one line naming the field, what this model cannot represent."""
   def need(key, want, default=None, why=''):
     have = hf.get(key, default)
     if have != want:
@@ -313,8 +367,10 @@ def _check_marian_config(hf: dict) -> None:
 
   if hf.get('model_type') not in ('marian', None):
     raise ExportError(f'cannot import model_type={hf.get("model_type")!r}: only marian')
-  need('activation_function', 'relu', 'gelu', ' (the FFN is max(0, xW1+b1)W2+b2)')
-  need('scale_embedding', True, False, ' (embeddings are scaled by sqrt(d_model))')
+  activation = hf.get('activation_function', 'gelu')
+  if activation not in _FROM_HF_ACTIVATION:
+    raise ExportError(f'cannot import: config.json has activation_function={activation!r}; supported: '
+                      f'{", ".join(_FROM_HF_ACTIVATION)}')
   need('normalize_before', False, False, ' (post-norm only)')
   need('add_final_layer_norm', False, False)
   need('normalize_embedding', False, False)
@@ -322,48 +378,65 @@ def _check_marian_config(hf: dict) -> None:
   need('share_encoder_decoder_embeddings', True, True, ' (shared embeddings)')
   need('tie_word_embeddings', True, True, ' (output projection tied to the embedding)')
   if hf.get('encoder_layers') != hf.get('decoder_layers'):
-    raise ExportError(f'cannot import {hf.get("encoder_layers")} encoder and {hf.get("decoder_layers")} decoder '
-                      'layers: this model has as many of each')
+    raise ExportError(f'cannot import encoder_layers={hf.get("encoder_layers")} != decoder_layers='
+                      f'{hf.get("decoder_layers")}: this model has as many of each')
   for a, b in (('encoder_attention_heads', 'decoder_attention_heads'), ('encoder_ffn_dim', 'decoder_ffn_dim')):
     if hf.get(a) != hf.get(b):
       raise ExportError(f'cannot import {a}={hf.get(a)} != {b}={hf.get(b)}: this model uses one value for both')
   if hf.get('decoder_vocab_size') not in (None, hf.get('vocab_size')):
-    raise ExportError('cannot import a decoder vocabulary of another size (non-shared embeddings)')
-  need('pad_token_id', IDS.pad, None, ' (PAD 0, EOS 1, UNK 2, decoder start 3)')
-  need('eos_token_id', IDS.eos, None, ' (PAD 0, EOS 1, UNK 2, decoder start 3)')
-  need('decoder_start_token_id', IDS.bos, None, ' (PAD 0, EOS 1, UNK 2, decoder start 3)')
+    raise ExportError(f'cannot import decoder_vocab_size={hf.get("decoder_vocab_size")} != vocab_size='
+                      f'{hf.get("vocab_size")} (non-shared embeddings)')
   if hf.get('d_model', 1) % 2:
     raise ExportError(f'cannot import an odd d_model={hf.get("d_model")}')
+  for key in ('pad_token_id', 'eos_token_id', 'decoder_start_token_id'):
+    if not isinstance(hf.get(key), int) or not 0 <= hf[key] < int(hf.get('vocab_size', 0)):
+      raise ExportError(f'cannot import: config.json has {key}={hf.get(key)!r}, not an id of the vocabulary')
 
 
-def _check_marian_vocab(path: str) -> str:
-  """source.spm must be a SentencePiece model with our special ids whose pieces vocab.json maps to the same ids."""
+def _vocabulary(path: str, hf: dict):
+  """('sentencepiece', spm path, ids) when the directory's vocabulary is ours (one SentencePiece model whose ids ARE
+  the model's ids: PAD 0, EOS 1, UNK 2, decoder start 3, as our export writes it), else ('marian', None, ids) for a
+  released one (source.spm / target.spm through vocab.json, the checkpoint's special ids)."""
   source, target, vocab_path = (os.path.join(path, n) for n in ('source.spm', 'target.spm', 'vocab.json'))
-  for p in (source, vocab_path):
+  for p in (source, target if os.path.exists(target) else source, vocab_path):
     if not os.path.exists(p):
       raise FileNotFoundError(f'no {os.path.basename(p)} in {path}')
-  if os.path.exists(target) and files.read(target) != files.read(source):
-    raise ExportError('source.spm and target.spm differ: this model has one shared vocabulary')
-  tok = tokenizer_lib.Tokenizer.load(source)  # raises on other special ids
+  if hf.get('separate_vocabs') or os.path.exists(os.path.join(path, 'target_vocab.json')):
+    raise ExportError('cannot import separate_vocabs=True (a target_vocab.json): this model has one vocabulary')
   with open(vocab_path, encoding='utf-8') as f:
     vocab = json.load(f)
-  sp = tok.processor
-  for i in range(sp.get_piece_size()):
-    if vocab.get(sp.id_to_piece(i)) != i:
-      raise ExportError(f'vocab.json maps {sp.id_to_piece(i)!r} to {vocab.get(sp.id_to_piece(i))} but source.spm '
-                        f'gives it id {i}: only vocabularies whose ids are the SentencePiece ids can be imported '
-                        f'(remapping a Helsinki-NLP vocabulary is not implemented)')
-  if vocab.get('<unk>') != IDS.unk:
-    raise ExportError(f'vocab.json maps <unk> to {vocab.get("<unk>")}, expected {IDS.unk}')
-  return source
+  for piece in ('<unk>', '</s>'):
+    if piece not in vocab:
+      raise ExportError(f'vocab.json has no {piece}')
+  if max(vocab.values()) >= int(hf['vocab_size']) or min(vocab.values()) < 0:
+    raise ExportError(f'vocab.json has ids up to {max(vocab.values())}, beyond vocab_size={hf["vocab_size"]}')
+  if vocab['</s>'] != hf['eos_token_id']:
+    raise ExportError(f'vocab.json maps </s> to {vocab["</s>"]} but config.json has eos_token_id={hf["eos_token_id"]}')
+  if '<pad>' in vocab and vocab['<pad>'] != hf['pad_token_id']:
+    raise ExportError(f'vocab.json maps <pad> to {vocab["<pad>"]} but config.json has '
+                      f'pad_token_id={hf["pad_token_id"]}')
+  ids = SpecialIds(pad=int(hf['pad_token_id']), eos=int(hf['eos_token_id']), unk=int(vocab['<unk>']),
+                   bos=int(hf['decoder_start_token_id']))
+  same_spm = not os.path.exists(target) or files.read(target) == files.read(source)
+  if same_spm and ids == IDS:
+    try:
+      sp = tokenizer_lib.Tokenizer.load(source).processor
+    except ValueError:  # other SentencePiece special ids: a released vocabulary
+      sp = None
+    if sp is not None and all(vocab.get(sp.id_to_piece(i)) == i for i in range(sp.get_piece_size())):
+      return 'sentencepiece', source, ids
+  return 'marian', None, ids
 
 
 def import_hf_marian(path: str, workdir: str, *, config=None, overwrite: bool = False) -> int:
-  """Converts the HF Marian directory `path` into an orbax checkpoint (step 0) + config + spm.model in workdir.
+  """Converts the HF Marian directory `path` into an orbax checkpoint (step 0) + config + vocabulary in workdir.
 
+  The vocabulary: spm.model when the directory's is ours (see _vocabulary), else WORKDIR/marian/ (source.spm,
+  target.spm, vocab.json, special_ids.json: data/marian_vocab.py) and config.vocabulary='marian'.
   `config` (a ConfigDict) supplies everything HF does not describe (data, lengths, optimizer, mesh); default: the
   transformer_jax_config.json an hf-marian export wrote (the CLI passes its default config otherwise). Returns the
   number of parameters."""
+  from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
   if not path or not os.path.isdir(path):
     raise FileNotFoundError(f'--path={path} is not a directory')
   config_path = os.path.join(path, 'config.json')
@@ -372,26 +445,47 @@ def import_hf_marian(path: str, workdir: str, *, config=None, overwrite: bool = 
   with open(config_path) as f:
     hf = json.load(f)
   _check_marian_config(hf)
-  spm_path = _check_marian_vocab(path)
+  kind, spm_path, ids = _vocabulary(path, hf)
+  state = _read_hf_weights(path)
   run = workdir_lib.Workdir(workdir)
   checkpoints = run.checkpoint_dir
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     if not overwrite:
       raise ExportError(f'{workdir} already has checkpoints; pass --overwrite to replace them')
-    shutil.rmtree(checkpoints)
   target_spm = run.tokenizer_path
-  if os.path.exists(target_spm) and files.read(target_spm) != files.read(spm_path) and not overwrite:
+  if (kind == 'sentencepiece' and os.path.exists(target_spm) and files.read(target_spm) != files.read(spm_path)
+      and not overwrite):
     raise ExportError(f'{target_spm} exists with another vocabulary; pass --overwrite to replace it')
+
+  def nonzero(names):
+    return any(np.any(np.asarray(v) != 0) for n, v in state.items() if any(n.endswith(x) for x in names))
 
   config = files.config_for_import(path, config, 'fine-tune')
   config.model.update(vocab_size=int(hf['vocab_size']), num_layers=int(hf['encoder_layers']),
                       d_model=int(hf['d_model']), num_heads=int(hf['encoder_attention_heads']),
                       d_ff=int(hf['encoder_ffn_dim']), dropout_rate=float(hf.get('dropout', 0.1)),
-                      share_embeddings=True, pre_norm=False, positional='sinusoidal', scan_layers=False)
-  cfg = train_state.model_config(config)
-  params = from_marian_state_dict(_read_hf_weights(path), cfg)
+                      share_embeddings=True, pre_norm=False, positional='sinusoidal', scan_layers=False,
+                      activation=_FROM_HF_ACTIVATION[hf.get('activation_function', 'gelu')],
+                      scale_embeddings=bool(hf.get('scale_embedding', False)),
+                      # q/v/out biases (the key's is exactly redundant); on when the checkpoint has any
+                      use_bias=nonzero(('q_proj.bias', 'v_proj.bias', 'out_proj.bias')),
+                      final_logits_bias=nonzero(('final_logits_bias',)), special_ids=ids.to_dict())
+  config.vocabulary = kind
+  cfg = train_state.model_config(config, special_ids=ids)
+  params = from_marian_state_dict(state, cfg)
 
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    shutil.rmtree(checkpoints)  # overwrite, checked above
   os.makedirs(workdir, exist_ok=True)
+  if kind == 'marian':
+    source = files.read(os.path.join(path, 'source.spm'))
+    target_file = os.path.join(path, 'target.spm')
+    target = files.read(target_file) if os.path.exists(target_file) else source
+    with open(os.path.join(path, 'vocab.json'), encoding='utf-8') as f:
+      vocab = json.load(f)
+    marian_vocab.write_marian_dir(run.marian_dir, source, target, vocab, ids)
+    marian_vocab.MarianVocab.load(run.marian_dir)  # parses: both SentencePiece models load
   run.write_checkpoint(config, params, step=0)
-  files.write_bytes(target_spm, files.read(spm_path))
+  if kind == 'sentencepiece':
+    files.write_bytes(target_spm, files.read(spm_path))
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
