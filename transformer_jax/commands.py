@@ -167,8 +167,8 @@ def _check_buckets(command: str) -> None:
   from transformer_jax import paths  # pylint: disable=g-import-not-at-top
   spec = COMMANDS[command]
   written = spec.writes() if spec.writes is not None else None
-  if command == 'export':
-    written = FLAGS.out
+  if command == 'export':  # the probe object goes beside a one-file export, not under it
+    written = os.path.dirname(FLAGS.out.rstrip('/')) if paths.is_gcs(FLAGS.out) else FLAGS.out
   read = [p for p in (FLAGS.workdir if command not in ('train', 'prepare') else None,
                       getattr(FLAGS, 'input', None) if command == 'translate' else None,
                       FLAGS.path if command == 'import' else None) if paths.is_gcs(p)]

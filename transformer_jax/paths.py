@@ -91,7 +91,11 @@ def makedirs(path: str) -> None:
 
 def read_bytes(path: str) -> bytes:
   if is_gcs(path):
-    return _epath(path).read_bytes()
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    try:
+      return _blob(path).download_as_bytes(timeout=120)
+    except exceptions.NotFound:
+      raise FileNotFoundError(f'no object {path}') from None
   with open(path, 'rb') as f:
     return f.read()
 
@@ -103,7 +107,7 @@ def read_text(path: str) -> str:
 def write_bytes_atomic(path: str, data: bytes) -> None:
   """The whole of `data` at `path`, never a part: local temp file + fsync + rename; gs:// one upload."""
   if is_gcs(path):
-    _epath(path).write_bytes(data)
+    _blob(path).upload_from_string(bytes(data), timeout=120)  # one request (resumable above 8 MB): all or nothing
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp-{os.getpid()}-{time.time_ns()}'
@@ -175,6 +179,19 @@ def move_tree(source: str, target: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Buckets: fail with one line before any work
+
+
+_CLIENT = None
+
+
+def _blob(path: str):
+  """google-cloud-storage Blob of a gs:// URI (whole-object reads and writes go through it, not gcsfs: one request
+  each, and the same client the bucket checks and the lock use)."""
+  global _CLIENT
+  if _CLIENT is None:
+    _CLIENT = _storage_client()
+  bucket, _, name = str(path)[len('gs://'):].partition('/')
+  return _CLIENT.bucket(bucket).blob(name)
 
 
 def _storage_client():
