@@ -203,10 +203,11 @@ def _check_inputs(command: str) -> None:
     errors.append(config_checks.directory_error(FLAGS.out, '--out'))
   if command == 'translate':
     errors.append(config_checks.file_error(FLAGS.input, '--input'))
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
   if command == 'export':
-    errors.append(config_checks.directory_error(FLAGS.out, '--out'))
+    errors.append(paths.check(FLAGS.out, '--out'))  # a file or a directory, by format: the format checks the rest
   if command == 'import':
-    errors.append(config_checks.directory_error(FLAGS.path, '--path'))
+    errors.append(paths.check(FLAGS.path, '--path'))
   if FLAGS.config is not None:
     for key in ('data_dir', 'prepared_data_dir'):
       errors.append(config_checks.directory_error(FLAGS.config.get(key), f'--config.{key}'))
