@@ -34,7 +34,7 @@ def get_config():
   config.train_split = 'train[:2000]'
   config.tokenizer_train_sentences = 2000
   config.max_eval_examples = 16
-  config.eval_translate_examples = 8
+  config.eval_translate_examples = 0  # no decoding in training runs (evaluate decodes)
   config.batch_size = 8
   config.num_train_steps = {NUM_STEPS}
   config.checkpoint_every_steps = {EVERY}
@@ -95,10 +95,11 @@ def genv(env, server):
 
 
 def _client(genv):
-  os.environ.update({k: genv[k] for k in ('STORAGE_EMULATOR_HOST', 'GOOGLE_CLOUD_PROJECT')})
+  """A google-cloud-storage client of the server (this process's environment is left alone)."""
   from google.auth import credentials  # pylint: disable=g-import-not-at-top
   from google.cloud import storage  # pylint: disable=g-import-not-at-top
-  return storage.Client(project='test', credentials=credentials.AnonymousCredentials())
+  return storage.Client(project='test', credentials=credentials.AnonymousCredentials(),
+                        client_options={'api_endpoint': genv['STORAGE_EMULATOR_HOST']})
 
 
 def objects(genv, prefix: str) -> dict[str, bytes]:
@@ -156,33 +157,34 @@ def runs(tmp_path_factory, genv, bucket, config_path):
   return {'straight': straight, 'killed': killed, 'at_kill': at_kill, 'resumed': resumed, 'env': genv}
 
 
-def _load_params(genv, workdir: str):
-  """The parameters and optimizer state of the newest checkpoint of a gs:// workdir (in a subprocess: the env)."""
+def _load_states(genv, *workdirs: str) -> list[list[str]]:
+  """(step, data position, sha256 of every parameter and moment) of the newest checkpoint of each gs:// workdir,
+  restored in one subprocess (its environment points tensorstore at the server)."""
   code = f'''
 import jax, ml_collections, numpy as np, hashlib
 from transformer_jax import checkpoint as c, workdir as w
-ck = c.Checkpointer({workdir!r}, read_only=True)
-config = ml_collections.ConfigDict(ck.restore_config())
-abstract, mesh = w.trainer_abstract_state(config)
-with jax.set_mesh(mesh):
-  state, data, step = ck.restore(abstract)
-state = jax.device_get(state)
-h = hashlib.sha256()
-for x in jax.tree.leaves((state.params, state.opt_state)):
-  h.update(np.asarray(x).tobytes())
-print(step, data['step'], h.hexdigest())
+for workdir in {list(workdirs)!r}:
+  ck = c.Checkpointer(workdir, read_only=True)
+  config = ml_collections.ConfigDict(ck.restore_config())
+  abstract, mesh = w.trainer_abstract_state(config)
+  with jax.set_mesh(mesh):
+    state, data, step = ck.restore(abstract)
+  state = jax.device_get(state)
+  h = hashlib.sha256()
+  for x in jax.tree.leaves((state.params, state.opt_state)):
+    h.update(np.asarray(x).tobytes())
+  print(step, data['step'], h.hexdigest())
 '''
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=genv, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  return out.stdout.split()
+  return [line.split() for line in out.stdout.splitlines()]
 
 
 def test_kill_9_then_resume_from_the_bucket_is_bitwise_equal_to_a_straight_run(runs):
   assert runs['at_kill'] and max(runs['at_kill']) < NUM_STEPS
   assert _resumed(runs['resumed'].stdout) == [max(runs['at_kill'])], runs['resumed'].describe()
   assert f'final: step={NUM_STEPS}' in runs['resumed'].stdout
-  straight = _load_params(runs['env'], f'gs://{BUCKET}/straight')
-  resumed = _load_params(runs['env'], f'gs://{BUCKET}/run')
+  straight, resumed = _load_states(runs['env'], f'gs://{BUCKET}/straight', f'gs://{BUCKET}/run')
   assert straight[:2] == [str(NUM_STEPS), str(NUM_STEPS)]
   assert resumed == straight  # step, data position and the sha256 of every parameter and moment
 
@@ -203,7 +205,7 @@ def test_the_bucket_holds_the_whole_run(runs):
   first_resumed = max(runs['at_kill']) + 1
   losses = {r['step']: r['loss'] for r in rows if 'loss' in r}
   assert set(range(2, NUM_STEPS + 1)) - {first_resumed} <= set(losses)  # the killed run may have logged it
-  assert any('bleu' in r for r in rows)
+  assert any(r['step'] == 4 and 'eval_loss' in r for r in rows)
   straight = [json.loads(line) for n in sorted(objects(genv, 'straight')) if n.startswith('metrics/')
               for line in objects(genv, 'straight')[n].decode().splitlines()]
   straight_losses = {r['step']: r['loss'] for r in straight if 'loss' in r}
@@ -226,18 +228,24 @@ def test_evaluate_translate_export_and_average_read_the_bucket(runs, tmp_path):
   ex = _cli(genv, 'export', f'--workdir={workdir}', '--format=safetensors', f'--out=gs://{BUCKET}/exports/m.safetensors')
   assert ex.returncode == 0, ex.stderr[-3000:]
   exported = objects(genv, 'exports')
-  assert set(exported) == {'m.safetensors', 'spm.model'}
+  assert set(exported) == {'m.safetensors', 'spm.model'}  # and no probe object left behind
   assert exported['spm.model'] == objects(genv, 'run')['spm.model']
   local = tmp_path / 'm.safetensors'
   local.write_bytes(exported['m.safetensors'])
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   flat, _ = export.read_safetensors(str(local))
   assert len(flat) > 5
+  hf = _cli(genv, 'export', f'--workdir={workdir}', '--format=hf-marian', f'--out=gs://{BUCKET}/exports/hf')
+  assert hf.returncode == 0, hf.stderr[-3000:]
+  hf_files = {n[len('hf/'):]: data for n, data in objects(genv, 'exports').items() if n.startswith('hf/')}
+  assert {'config.json', 'model.safetensors', 'source.spm', 'vocab.json'} <= set(hf_files)
+  assert hf_files['source.spm'] == objects(genv, 'run')['spm.model']
+  assert json.loads(hf_files['transformer_jax_config.json'])['step'] == NUM_STEPS
   av = _cli(genv, 'average', f'--workdir={workdir}', '--last=2', f'--out=gs://{BUCKET}/averaged')
   assert av.returncode == 0, av.stderr[-3000:]
-  assert committed(genv, 'averaged') == [NUM_STEPS] and 'spm.model' in objects(genv, 'averaged')
-  ev2 = _cli(genv, 'evaluate', f'--workdir=gs://{BUCKET}/averaged', '--beam_size=1', '--batch_size=8')
-  assert ev2.returncode == 0, ev2.stderr[-3000:]
+  averaged = objects(genv, 'averaged')
+  assert committed(genv, 'averaged') == [NUM_STEPS] and averaged['spm.model'] == objects(genv, 'run')['spm.model']
+  assert json.loads(averaged['averaged.json'])['steps'] == [NUM_STEPS - EVERY, NUM_STEPS]
 
 
 def test_a_step_without_its_commit_marker_is_not_resumed_from(runs, config_path):
@@ -281,3 +289,32 @@ def test_bad_targets_give_one_line_and_a_non_zero_exit(genv, bucket, config_path
   assert out.returncode != 0 and len(errors) == 1 and want in errors[0], out.stdout + out.stderr
   assert 'Traceback' not in out.stderr
   assert time.time() - start < 60
+
+
+def test_the_gcs_lock_store_keeps_the_generation_preconditions(genv, bucket):
+  from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  store = workdir_lock.GCSStore.__new__(workdir_lock.GCSStore)
+  store._client, store._timeout = _client(genv), 30  # pylint: disable=protected-access
+  name = f'gs://{bucket}/locktest/.lock'
+  assert store.read(name) is None
+  g1 = store.write(name, b'a', if_generation=0)
+  assert g1 and store.write(name, b'b', if_generation=0) is None  # create only if absent
+  assert store.read(name) == (b'a', g1)
+  g2 = store.write(name, b'c', if_generation=g1)
+  assert g2 and g2 != g1 and store.write(name, b'd', if_generation=g1) is None  # rewrite only if unchanged
+  assert not store.delete(name, if_generation=g1) and store.delete(name, if_generation=g2)
+  now = [1000.0]
+  first = workdir_lock.ObjectStoreLock(f'gs://{bucket}/locktest', 'first', store=store, timeout_s=60, heartbeat_s=10,
+                                       clock=lambda: now[0])
+  first.acquire(start_heartbeat=False)
+  second = workdir_lock.ObjectStoreLock(f'gs://{bucket}/locktest', 'second', store=store, timeout_s=60,
+                                        heartbeat_s=10, clock=lambda: now[0])
+  with pytest.raises(workdir_lock.WorkdirLockedError, match='first'):
+    second.acquire(start_heartbeat=False)
+  now[0] += 61  # the holder's heartbeat is stale: taken over, and the old holder finds out
+  second.acquire(start_heartbeat=False)
+  assert not first.heartbeat()
+  with pytest.raises(workdir_lock.WorkdirLockedError, match='lost the lock'):
+    first.check()
+  second.release()
+  assert store.read(name) is None

@@ -259,6 +259,9 @@ class GCSStore(ObjectStore):
 
   def delete(self, name, *, if_generation):
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    current = self.read(name)  # GCS checks the precondition itself; this also covers servers that ignore it on
+    if current is None or current[1] != int(if_generation):  # deletes (fake-gcs-server does)
+      return False
     try:
       self._blob(name).delete(if_generation_match=int(if_generation), timeout=self._timeout)
     except (exceptions.PreconditionFailed, exceptions.NotFound):

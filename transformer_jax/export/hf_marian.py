@@ -264,7 +264,7 @@ def _export_hf_marian(source: Exportable, out: str, *, dtype: str, overwrite: bo
   if unused:  # embedding rows without a SentencePiece piece: special, so skip_special_tokens drops them as we do
     tokenizer_config['extra_special_tokens'] = unused
   tokenizer_bytes = files.read(source.tokenizer_path)
-  os.makedirs(out, exist_ok=True)
+  files.paths.makedirs(out)  # gs://: nothing to make; every file below is one whole-object upload
   written = []
 
   def put(name, writer, *args):
