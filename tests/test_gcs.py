@@ -248,18 +248,28 @@ def test_evaluate_translate_export_and_average_read_the_bucket(runs, tmp_path):
   assert json.loads(averaged['averaged.json'])['steps'] == [NUM_STEPS - EVERY, NUM_STEPS]
 
 
-def test_a_step_without_its_commit_marker_is_not_resumed_from(runs, config_path):
+def test_a_step_without_its_commit_marker_is_skipped_and_a_damaged_one_is_set_aside(runs, config_path):
+  """A copy of the straight run whose step 6 lost its commit marker and whose step 4 arrays are emptied: the
+  trainer ignores 6 (Orbax's commit protocol on gs://), finds 4 damaged, moves it to checkpoints_damaged/, resumes
+  from 2 and trains to the end."""
   genv = runs['env']
   bucket = _client(genv).bucket(BUCKET)
-  prefix = 'nomarker'
-  for name, data in objects(genv, 'straight').items():  # a copy whose newest step lost its marker
+  prefix = 'damaged'
+  for name, data in objects(genv, 'straight').items():
     if name.startswith(f'checkpoints/{NUM_STEPS}/commit_success') or name.startswith('metrics/'):
       continue
+    if name.startswith('checkpoints/4/state/'):
+      data = b''
     bucket.blob(f'{prefix}/{name}').upload_from_string(data)
   assert committed(genv, prefix) == [2, 4]
   out = _cli(genv, 'train', f'--config={config_path}', f'--workdir=gs://{BUCKET}/{prefix}')
   assert out.returncode == 0, out.stderr[-3000:]
-  assert _resumed(out.stdout) == [NUM_STEPS - EVERY], out.stdout
+  assert _resumed(out.stdout) == [2], out.stdout + out.stderr[-3000:]
+  assert re.search(r'warning: checkpoint step 4 in gs://\S+ is damaged', out.stderr), out.stderr[-3000:]
+  assert f'final: step={NUM_STEPS}' in out.stdout
+  names = objects(genv, prefix)
+  assert any(re.match(r'checkpoints_damaged/4-[^/]+/state/', n) for n in names), sorted(names)
+  assert committed(genv, prefix) == [2, 4, 6]
 
 
 @pytest.mark.parametrize('case', ['missing_bucket', 's3', 'read_only'])

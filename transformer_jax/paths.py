@@ -62,6 +62,16 @@ def join(path: str, *parts: str) -> str:
   return os.path.join(path, *parts)  # works on 'gs://bucket/x' strings too (no normalisation of the '//')
 
 
+def _invalidate_listings() -> None:
+  """Our writes go through google-cloud-storage; gcsfs (under epath, under Orbax) caches directory listings per
+  process, so after a change it must forget them (else Orbax sees a moved step as still there)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if 'gcsfs' in sys.modules:
+    import fsspec  # pylint: disable=g-import-not-at-top
+    for kwargs in ({}, {'finalize_on_close': True}):  # the latter is epath's instance
+      fsspec.filesystem('gs', **kwargs).invalidate_cache()
+
+
 def _epath(path: str):
   from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(path)
@@ -108,6 +118,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
   """The whole of `data` at `path`, never a part: local temp file + fsync + rename; gs:// one upload."""
   if is_gcs(path):
     _blob(path).upload_from_string(bytes(data), timeout=120)  # one request (resumable above 8 MB): all or nothing
+    _invalidate_listings()
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp-{os.getpid()}-{time.time_ns()}'
@@ -139,15 +150,23 @@ def upload_file(local: str, target: str) -> None:
 def remove(path: str) -> None:
   if is_gcs(path):
     _epath(path).unlink(missing_ok=True)
+    _invalidate_listings()
   elif os.path.exists(path):
     os.remove(path)
 
 
+def _blobs_under(path: str) -> list:
+  """The objects under gs://bucket/prefix/ (one listing request per page; no glob)."""
+  client = _blob(path).client
+  bucket, _, prefix = str(path)[len('gs://'):].partition('/')
+  return list(client.list_blobs(bucket, prefix=prefix.rstrip('/') + '/'))
+
+
 def rmtree(path: str) -> None:
   if is_gcs(path):
-    p = _epath(path)
-    if p.exists():
-      p.rmtree()
+    for blob in _blobs_under(path):
+      blob.delete(timeout=120)
+    _invalidate_listings()
     return
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(path, ignore_errors=True)
@@ -156,10 +175,14 @@ def rmtree(path: str) -> None:
 def copytree(source: str, target: str) -> None:
   """Every file under `source` copied to `target` (either may be gs://); objects written whole."""
   if is_gcs(source):
-    root = _epath(source)
-    for p in root.rglob('*'):
-      if not p.is_dir():
-        write_bytes_atomic(join(target, str(p.relative_to(root))), p.read_bytes())
+    prefix = len(str(source)[len('gs://'):].partition('/')[2].rstrip('/')) + 1
+    for blob in _blobs_under(source):
+      relative = blob.name[prefix:]
+      if is_gcs(target):  # a server-side copy: the bytes never travel here
+        target_blob = _blob(join(target, relative))
+        blob.bucket.copy_blob(blob, target_blob.bucket, target_blob.name, timeout=120)
+      else:
+        write_bytes_atomic(join(target, relative), blob.download_as_bytes(timeout=120))
     return
   for dirpath, _, files in os.walk(source):
     for name in files:
