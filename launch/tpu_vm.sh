@@ -12,14 +12,17 @@
 #   --runtime-version  default from the TPU generation: v4 and older tpu-ubuntu2204-base, v5e v2-alpha-tpuv5-lite,
 #                      v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
 #   --spot             a Spot TPU (cheaper, can be preempted: training saves a checkpoint on SIGTERM; run
-#                      again with the same shared --workdir to resume)
-#   --keep             with ACTION=all, do not delete the TPU at the end (or on failure)
+#                      again with the same gs:// --workdir to resume: it prints "resumed from step N")
+#   --keep             with ACTION=all, do not delete the TPU at the end (or on failure); also what lets `all`
+#                      train into a workdir that is not gs:// (it would be deleted with the TPU otherwise)
 #   --python           Python for the workers' virtualenv (default 3.11; installed with uv)
 #   --dry-run          print the gcloud commands instead of running them
 # Everything after the flags (or after --) goes to `transformer-jax train` on every worker, e.g.
 #   launch/tpu_vm.sh --zone=us-central2-b --accelerator-type=v4-32 -- --config=configs/big.py \
-#       --config.mesh.data=1 --config.mesh.fsdp=-1 --workdir=/mnt/shared/runs/big
-# A multi-host slice (v4-16 and up, v5litepod-16 and up, ...) needs a --workdir that all workers share.
+#       --config.mesh.data=1 --config.mesh.fsdp=-1 --workdir=gs://MY_BUCKET/runs/big
+# The workdir is a gs:// bucket path (the default way: checkpoints, tokenizer and metrics outlive the TPU, every
+# worker of a multi-host slice sees it, and a re-created Spot TPU resumes from it). A shared mount (NFS, Filestore)
+# works too, with --keep under ACTION=all.
 set -euo pipefail
 
 action=all
@@ -58,6 +61,15 @@ done
 
 if [[ -z "$zone" ]]; then
   echo "error: --zone is required (e.g. --zone=us-central2-b for v4, us-west4-a for v5e)" >&2
+  exit 2
+fi
+workdir=""
+for arg in ${train_args[@]+"${train_args[@]}"}; do
+  case "$arg" in --workdir=*) workdir="${arg#*=}" ;; esac
+done
+if [[ "$action" == all && "$keep" == 0 && "$workdir" != gs://* ]]; then
+  echo "error: --workdir=${workdir:-runs/<config name> (the default)} is not a gs:// path: \`all\` deletes the TPU at the end," \
+    "and its disk with the checkpoints; use --workdir=gs://BUCKET/runs/NAME (or --keep to keep the TPU)" >&2
   exit 2
 fi
 if [[ -z "$runtime_version" ]]; then
@@ -125,7 +137,7 @@ setup() {
 command -v uv > /dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
 export PATH=\$HOME/.local/bin:\$HOME/.cargo/bin:\$PATH
 uv venv --python ${python_version} ${remote_venv}
-uv pip install --python ${remote_venv}/bin/python -e ${remote_dir} 'jax[tpu]>=0.10.2,<0.13' \
+uv pip install --python ${remote_venv}/bin/python -e ${remote_dir}'[gcs]' 'jax[tpu]>=0.10.2,<0.13' \
   -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
 ${remote_venv}/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)'"
 }

@@ -36,7 +36,7 @@ def test_shellcheck(script):
 def test_tpu_vm_dry_run_prints_the_whole_lifecycle():
   out = _run(['launch/tpu_vm.sh', '--dry-run', '--zone=us-central2-b', '--project=my-project',
               '--accelerator-type=v4-32', '--name=tj', '--spot', '--', '--config=configs/big.py',
-              '--config.mesh.fsdp=-1', '--workdir=/mnt/shared/big']).stdout
+              '--config.mesh.fsdp=-1', '--workdir=gs://my-bucket/runs/big']).stdout
   lines = out.splitlines()
   create = next(l for l in lines if 'queued-resources create' in l)
   for piece in ('gcloud compute tpus queued-resources create tj-qr', '--node-id=tj', '--zone=us-central2-b',
@@ -50,12 +50,25 @@ def test_tpu_vm_dry_run_prints_the_whole_lifecycle():
   assert '--worker=all' in setup and 'jax[tpu]' in setup and '-e ~/transformer_jax' in setup
   train = next(l for l in lines if 'tpu-vm ssh' in l and 'transformer-jax' in l and 'train' in l)
   assert '--worker=all' in train
-  for piece in ('--config=configs/big.py', '--config.mesh.fsdp=-1', '--workdir=/mnt/shared/big'):
+  assert '[gcs]' in setup  # the bucket clients
+  for piece in ('--config=configs/big.py', '--config.mesh.fsdp=-1', '--workdir=gs://my-bucket/runs/big'):
     assert piece in train, (piece, train)
   delete = lines[-1]
   assert 'gcloud compute tpus queued-resources delete tj-qr' in delete and '--force' in delete
   # the order is the lifecycle
   assert lines.index(create) < lines.index(scp) < lines.index(setup) < lines.index(train) < lines.index(delete)
+
+
+@pytest.mark.parametrize('workdir', [None, '/mnt/shared/big', 'runs/big'])
+def test_tpu_vm_all_refuses_a_workdir_that_dies_with_the_tpu_unless_keep(workdir):
+  args = ['launch/tpu_vm.sh', '--dry-run', '--zone=z', '--name=tj', '--'] + ([f'--workdir={workdir}'] if workdir else [])
+  refused = _run(args, check=False)
+  assert refused.returncode == 2 and not refused.stdout
+  assert refused.stderr.startswith('error: ') and 'gs://BUCKET' in refused.stderr and len(refused.stderr.splitlines()) == 1
+  kept = _run(args[:1] + ['--keep'] + args[1:])
+  assert 'queued-resources create tj-qr' in kept.stdout and 'queued-resources delete' not in kept.stdout
+  run_only = _run(['launch/tpu_vm.sh', 'run', '--dry-run', '--zone=z', '--name=tj', '--'] + args[5:])
+  assert run_only.returncode == 0 and 'bin/transformer-jax' in run_only.stdout  # only `all` deletes the TPU
 
 
 @pytest.mark.parametrize('accelerator,runtime', [('v5litepod-16', 'v2-alpha-tpuv5-lite'), ('v5p-8', 'v2-alpha-tpuv5'),
@@ -84,6 +97,11 @@ def test_gpu_slurm_dry_run_one_process_per_gpu():
                 '--config=configs/big.py', '--workdir=/shared/big', 'JAX_LOCAL_DEVICE_IDS=0'):
     assert piece in srun, (piece, srun)
   assert '#SBATCH --nodes=' in open(os.path.join(ROOT, 'launch/gpu_slurm.sbatch')).read()
+
+
+def test_gpu_slurm_passes_a_gs_workdir_through():
+  out = _run(['launch/gpu_slurm.sbatch', '--workdir=gs://my-bucket/runs/big'], env={'DRY_RUN': '1', 'NODES': '2'}).stdout
+  assert '--workdir=gs://my-bucket/runs/big' in next(l for l in out.splitlines() if l.startswith('srun '))
 
 
 def test_gpu_slurm_dry_run_one_process_per_node():

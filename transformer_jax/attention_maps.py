@@ -253,7 +253,8 @@ def run(FLAGS) -> None:  # pylint: disable=invalid-name
     if not (FLAGS.text or '').strip():
       raise ValueError('--text is empty: give a sentence to translate (or --input=FILE)')
     sentences = [FLAGS.text]
-  if not os.path.isdir(FLAGS.workdir):
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  if not paths.isdir(FLAGS.workdir):  # a gs:// workdir too (the image --out is written locally)
     raise FileNotFoundError(f'--workdir={FLAGS.workdir} does not exist')
   out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
   if not os.path.isdir(out_dir):

@@ -39,6 +39,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from transformer_jax import paths
+
 ITEMS = ('state', 'data', 'config')
 DAMAGED_DIR = 'checkpoints_damaged'
 
@@ -64,7 +66,7 @@ class _Params:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return paths.join(paths.resolve(workdir), 'checkpoints')
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -87,7 +89,7 @@ class Checkpointer:
                                            save_interval_steps=0 if read_only else 1,
                                            enable_async_checkpointing=async_save, create=not read_only,
                                            read_only=read_only, cleanup_tmp_directories=not read_only)
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.resolve(workdir)
     self.directory = checkpoint_dir(workdir)
     self.read_only = read_only
     self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
@@ -140,11 +142,14 @@ class Checkpointer:
     """The one-line error of a failed save; the traceback goes to the detail log, the half-written step is removed."""
     from transformer_jax import faults  # pylint: disable=g-import-not-at-top
     log = faults.log_exception(e, f'saving checkpoint step {step} to {self.directory} failed')
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not paths.is_gcs(self.directory):  # gs://: no tmp dirs (commit markers)
       for tmp in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):  # no save is in flight now
         shutil.rmtree(tmp, ignore_errors=True)
-    committed = [int(n) for n in (os.listdir(self.directory) if os.path.isdir(self.directory) else [])
-                 if n.isdigit() and int(n) != step]
+    try:
+      committed = [s for s in self.manager.all_steps() if s != step] if paths.is_gcs(self.directory) else [
+          int(n) for n in paths.listdir(self.directory) if n.isdigit() and int(n) != step]
+    except Exception:  # pylint: disable=broad-except  (an unreachable bucket: the message stays one line)
+      committed = []
     resume = (f'training resumes from checkpoint step {max(committed)}' if committed
               else 'no checkpoint was committed yet')
     if faults.is_disk_full(e):
@@ -283,16 +288,16 @@ class Checkpointer:
   def _quarantine(self, steps: list[int]) -> None:
     """Moves damaged step directories out of the manager's way (kept for inspection, never deleted)."""
     if jax.process_index() == 0:
-      target_root = os.path.join(self.workdir, DAMAGED_DIR)
-      os.makedirs(target_root, exist_ok=True)
+      target_root = paths.join(self.workdir, DAMAGED_DIR)
+      paths.makedirs(target_root)
       for s in steps:
-        source = os.path.join(self.directory, str(s))
-        if not os.path.exists(source):
+        source = paths.join(self.directory, str(s))
+        if not paths.exists(source):
           continue
-        target = os.path.join(target_root, f'{s}-{time.strftime("%Y%m%d-%H%M%S")}')
-        while os.path.exists(target):
+        target = paths.join(target_root, f'{s}-{time.strftime("%Y%m%d-%H%M%S")}')
+        while paths.exists(target):
           target += '_'
-        shutil.move(source, target)
+        paths.move_tree(source, target)  # gs://: object by object (no directory rename there)
         _warn(f'moved damaged checkpoint step {s} to {target}')
     self.manager.reload()
 

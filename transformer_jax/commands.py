@@ -142,6 +142,7 @@ def run(command: str, args) -> None:
     if spec.distributed:
       from transformer_jax import parallel  # pylint: disable=g-import-not-at-top  (jax)
       parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    _check_buckets(command)  # a missing or unwritable bucket: one line before any data is loaded
     with _writer_lock(command):  # before the slow imports: a second writer is refused at once
       spec.run()
   except Exception as e:  # pylint: disable=broad-except
@@ -157,10 +158,32 @@ def run(command: str, args) -> None:
                       train_lib.NonFiniteLossError, train_lib.TrainingStalledError, NotImplementedError,
                       workdir_lock.WorkdirLockedError, checkpoint_lib.CheckpointSaveError)):
       _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if isinstance(e, OSError) and e.errno in (13, 30):  # EACCES, EROFS: a target this user cannot write
+      _fail(f'cannot write {e.filename or "the workdir"}: {e.strerror} ({"read-only file system" if e.errno == 30 else "permission denied"}); '
+            'use a writable --workdir / --out')
     if isinstance(e, OSError) and faults.is_disk_full(e):
       _fail(f'no space left on device writing {e.filename or "the workdir"} ({e.strerror}); free space and rerun '
             '(training resumes from the newest checkpoint)')
     raise
+
+
+def _check_buckets(command: str) -> None:
+  """gs:// paths: the bucket exists (readers) and takes a probe object (writers), else paths.BucketError."""
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  spec = COMMANDS[command]
+  written = spec.writes() if spec.writes is not None else None
+  if command == 'export':  # the probe object goes beside a one-file export, not under it
+    written = os.path.dirname(FLAGS.out.rstrip('/')) if paths.is_gcs(FLAGS.out) else FLAGS.out
+  read = [p for p in (FLAGS.workdir if command not in ('train', 'prepare') else None,
+                      getattr(FLAGS, 'input', None) if command == 'translate' else None,
+                      FLAGS.path if command == 'import' else None) if paths.is_gcs(p)]
+  if FLAGS.config is not None and paths.is_gcs(FLAGS.config.get('data_dir')):
+    read.append(FLAGS.config.data_dir)
+  for p in read:
+    if p != written:
+      paths.check_bucket(p)
+  if paths.is_gcs(written):
+    paths.check_bucket(written, writable=True)
 
 
 def _writer_lock(command: str):
@@ -185,6 +208,14 @@ def _check_inputs(command: str) -> None:
     errors.append(config_checks.directory_error(FLAGS.out, '--out'))
   if command == 'translate':
     errors.append(config_checks.file_error(FLAGS.input, '--input'))
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  if command == 'export':
+    errors.append(paths.check(FLAGS.out, '--out'))  # a file or a directory, by format: the format checks the rest
+  if command == 'import':
+    errors.append(paths.check(FLAGS.path, '--path'))
+  if FLAGS.config is not None:
+    for key in ('data_dir', 'prepared_data_dir'):
+      errors.append(config_checks.directory_error(FLAGS.config.get(key), f'--config.{key}'))
   errors = [e for e in errors if e]
   for e in errors:
     print(f'error: {e}', file=sys.stderr)
@@ -233,11 +264,11 @@ def _evaluate() -> None:
 
 def _translate() -> None:
   from transformer_jax import inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
   if FLAGS.input:
-    if not os.path.exists(FLAGS.input):
+    if not paths.exists(FLAGS.input):
       raise FileNotFoundError(f'--input={FLAGS.input} does not exist')
-    with open(FLAGS.input, encoding='utf-8', errors='replace') as f:
-      lines = f.read().splitlines()
+    lines = paths.read_text(FLAGS.input).splitlines()
   else:
     lines = sys.stdin.read().splitlines()
   for line in inference.translate_workdir(FLAGS.workdir, _run_config(FLAGS.workdir), lines, beam_size=FLAGS.beam_size,
@@ -251,7 +282,8 @@ def _export() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   export.check_target(FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                       tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
-  if os.path.isfile(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME)):  # damaged: one line, before any work
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  if paths.exists(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME)):  # damaged: one line, before any work
     from transformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     workdir_lib.Workdir(FLAGS.workdir).tokenizer()
   source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)

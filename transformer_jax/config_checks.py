@@ -140,9 +140,11 @@ def stored_config_errors(config: dict) -> list[str]:
 
 
 def directory_error(path: str | None, flag: str) -> str | None:
-  """Why `path` cannot be (or become) a directory: it is a file, or one of its parents is. None when fine."""
+  """Why `path` cannot be (or become) a directory: a scheme other than gs://, or it is a file, or one of its parents
+  is. None when fine."""
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
   if not path or '://' in path:
-    return None
+    return paths.check(path, flag)
   probe = os.path.abspath(path)
   while True:
     if os.path.exists(probe):
@@ -158,7 +160,11 @@ def directory_error(path: str | None, flag: str) -> str | None:
 
 
 def file_error(path: str | None, flag: str) -> str | None:
-  """Why `path` cannot be read as a file: it is a directory. None when fine (absence is the caller's to report)."""
+  """Why `path` cannot be read as a file: an unsupported scheme, or it is a directory. None when fine (absence is the
+  caller's to report)."""
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  if path and '://' in path:
+    return paths.check(path, flag)
   if path and '://' not in path and os.path.isdir(path):
     return f'{flag}={path} is a directory, not a file'
   return None

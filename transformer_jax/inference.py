@@ -91,8 +91,8 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_siz
         hypotheses, references, config.get('bleu_tokenize', '13a')).items()})
     if jax.process_index() == 0:
       path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{suffix}.txt')
-      with open(path, 'w') as f:
-        f.write('\n'.join(hypotheses) + '\n')
+      from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+      paths.write_text_atomic(path, '\n'.join(hypotheses) + '\n')
   return results
 
 

@@ -26,6 +26,7 @@ from transformer_jax import decode as decode_lib
 from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import optim
 from transformer_jax import parallel
+from transformer_jax import paths
 from transformer_jax import train_state
 from transformer_jax import workdir as workdir_lib
 from transformer_jax import generate
@@ -252,16 +253,38 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-class MetricsWriter:
-  """TensorBoard scalars + a JSON-lines copy (for curves.png and for people without TensorBoard)."""
+METRICS_NAME = 'metrics.jsonl'
+METRICS_PARTS = 'metrics'  # gs:// workdirs: WORKDIR/metrics/<part>.jsonl (an object store has no append)
+METRICS_PART_ROWS = 200  # rows per part: each write re-uploads only the current part
 
-  def __init__(self, workdir: str, enabled: bool):
+
+class MetricsWriter:
+  """TensorBoard scalars + a JSON-lines copy (for curves.png and for people without TensorBoard).
+
+  Local workdir: WORKDIR/metrics.jsonl, appended, and TensorBoard events written in WORKDIR/tensorboard.
+  gs:// workdir: nothing is appended (GCS has none; gcsfs would silently truncate): each run writes numbered parts
+  WORKDIR/metrics/<first step>-<run start>-<part>.jsonl, the current part re-uploaded whole at each write; the
+  events are written to a local staging directory (TensorFlow's own gs:// filesystem cannot be pointed at another
+  endpoint, and would be a second GCS client) and the event files uploaded whole at each write. read_metrics reads
+  both layouts.
+  """
+
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.workdir = workdir
+    self.remote = paths.is_gcs(workdir)
+    self.path = paths.join(workdir, METRICS_NAME)
+    self._rows: list[str] = []
+    self._part = 0
+    self._run = f'{start_step:010d}-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}-{os.getpid()}'
     if enabled:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
-      self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+      if self.remote:
+        import tempfile  # pylint: disable=g-import-not-at-top
+        self._staging = tempfile.mkdtemp(prefix='transformer_jax_tensorboard_')
+      self._writer = tf.summary.create_file_writer(self._staging if self.remote
+                                                   else os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -270,16 +293,42 @@ class MetricsWriter:
       for k, v in metrics.items():
         self._tf.summary.scalar(k, v, step=step)
     self._writer.flush()
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, **{k: float(v) for k, v in metrics.items()}}) + '\n')
+    line = json.dumps({'step': step, **{k: float(v) for k, v in metrics.items()}}) + '\n'
+    if not self.remote:
+      with open(self.path, 'a') as f:
+        f.write(line)
+      return
+    if len(self._rows) >= METRICS_PART_ROWS:
+      self._rows, self._part = [], self._part + 1
+    self._rows.append(line)
+    paths.write_text_atomic(paths.join(self.workdir, METRICS_PARTS, f'{self._run}-{self._part:05d}.jsonl'),
+                            ''.join(self._rows))
+    self._upload_events()
+
+  def _upload_events(self) -> None:
+    for name in os.listdir(self._staging):
+      paths.upload_file(os.path.join(self._staging, name), paths.join(self.workdir, 'tensorboard', name))
 
 
-def plot_curves(metrics_path: str, out_path: str) -> None:
-  """curves.png: training loss and held-out metrics against step."""
+def read_metrics(workdir: str) -> list[dict]:
+  """Every metrics row of a workdir in the order written: metrics.jsonl, then the numbered parts (gs://)."""
+  texts = []
+  local = paths.join(workdir, METRICS_NAME)
+  if paths.exists(local):
+    texts.append(paths.read_text(local))
+  parts_dir = paths.join(workdir, METRICS_PARTS)
+  for name in paths.listdir(parts_dir):
+    if name.endswith('.jsonl'):
+      texts.append(paths.read_text(paths.join(parts_dir, name)))
+  return [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
+
+
+def plot_curves(workdir: str, out_path: str) -> None:
+  """curves.png (at out_path, local or gs://): training loss and held-out metrics of workdir against step."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+  rows = read_metrics(workdir)
   fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
   for key, ax in (('loss', ax_loss), ('eval_loss', ax_loss)):
     pts = [(r['step'], r[key]) for r in rows if key in r]
@@ -295,8 +344,11 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
   if ax_eval.lines:  # a language model has no BLEU
     ax_eval.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=90)
+  import io  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=90)
   plt.close(fig)
+  paths.write_bytes_atomic(out_path, buffer.getvalue())
 
 
 def _stop_if_not_finite(metrics: dict[str, float], step: int, checkpointer, state=None) -> None:
@@ -425,7 +477,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
 
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)
+  paths.makedirs(workdir)
   mesh = parallel.make_mesh(config.mesh)
   if config.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes '
@@ -496,8 +549,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
         hypotheses = evaluate_lib.decode_outputs(data.tokenizer, tokens)
         results.update(evaluate_lib.text_metrics(hypotheses, bleu_references, config.get('bleu_tokenize', '13a')))
         if is_chief and write:
-          with open(os.path.join(workdir, f'eval_hypotheses_{step}.txt'), 'w') as f:
-            f.write('\n'.join(hypotheses) + '\n')
+          paths.write_text_atomic(paths.join(workdir, f'eval_hypotheses_{step}.txt'), '\n'.join(hypotheses) + '\n')
       return results
 
     num_steps = int(config.num_train_steps)
@@ -508,7 +560,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
       final = {'step': start_step, **run_eval(state.params, start_step, write=False)}
       checkpointer.close()
       return final
-    writer = MetricsWriter(workdir, enabled=is_chief)
+    writer = MetricsWriter(workdir, enabled=is_chief, start_step=start_step)
     log_every = int(config.get('log_every_steps', 50))
     last_eval: dict[str, float] = {}
     last_train: dict[str, float] = {}
@@ -568,5 +620,5 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     checkpointer.wait()
     checkpointer.close()
   if is_chief:
-    plot_curves(writer.path, os.path.join(workdir, 'curves.png'))
+    plot_curves(workdir, paths.join(workdir, 'curves.png'))
   return final

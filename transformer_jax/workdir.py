@@ -4,6 +4,8 @@ WORKDIR/
   checkpoints/<step>/   Orbax: state (TrainState), data (input position), config (the run's ConfigDict)
   spm.model             the SentencePiece tokenizer (its special ids are the vocabulary's, see vocab.py)
   metrics.jsonl, tensorboard/, curves.png, eval_hypotheses_<step>.txt   written by the trainer
+  (WORKDIR may be gs://bucket/path: paths.py. There metrics are numbered parts metrics/*.jsonl, not one appended
+  file, and a step counts only with Orbax's commit_success.txt; train.read_metrics reads both layouts.)
 
 Who uses what:
   evaluate / translate / export   `Workdir(path).load()`: config + tokenizer + PARAMETERS ONLY (an Orbax partial
@@ -17,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -29,6 +29,7 @@ from flax import linen as nn
 from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import optim
 from transformer_jax import parallel
+from transformer_jax import paths
 from transformer_jax import train_state
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.model import ModelConfig, build_model
@@ -52,8 +53,8 @@ class Workdir:
   """WORKDIR on disk. Reading never writes (read-only Orbax managers); writing goes through write_checkpoint."""
 
   def __init__(self, path: str):
-    self.path = path
-    self.tokenizer_path = os.path.join(path, TOKENIZER_NAME)
+    self.path = paths.resolve(path)  # a local path (made absolute) or gs://bucket/path
+    self.tokenizer_path = paths.join(self.path, TOKENIZER_NAME)
 
   @property
   def checkpoint_dir(self) -> str:
@@ -63,12 +64,12 @@ class Workdir:
     return checkpoint_lib.Checkpointer(self.path, **kwargs)
 
   def _reader(self) -> checkpoint_lib.Checkpointer:
-    if not os.path.isdir(self.checkpoint_dir):
+    if not paths.isdir(self.checkpoint_dir):
       raise FileNotFoundError(f'no checkpoint in {self.checkpoint_dir}: train first')
     return self.checkpointer(read_only=True)
 
   def steps(self) -> list[int]:
-    if not os.path.isdir(self.checkpoint_dir):
+    if not paths.isdir(self.checkpoint_dir):
       return []
     reader = self._reader()
     try:
@@ -95,7 +96,7 @@ class Workdir:
     from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
     if marian_vocab.is_marian_dir(self.marian_dir):
       return marian_vocab.MarianVocab.load(self.marian_dir)
-    if not os.path.exists(self.tokenizer_path):
+    if not paths.exists(self.tokenizer_path):
       raise FileNotFoundError(f'no tokenizer at {self.tokenizer_path}')
     try:
       return tokenizer_lib.Tokenizer.load(self.tokenizer_path)
@@ -211,7 +212,8 @@ def average_workdir(workdir: str, out: str, *, last: int, config=None,
   """
   if last < 1:
     raise ValueError(f'--last must be >= 1, got {last}')
-  if os.path.abspath(out) == os.path.abspath(workdir):
+  workdir, out = paths.resolve(workdir), paths.resolve(out)
+  if out == workdir:
     raise ValueError('--out must be another directory than --workdir')
   source = checkpoint_lib.Checkpointer(workdir, read_only=True)
   steps = source.all_steps()
@@ -221,10 +223,10 @@ def average_workdir(workdir: str, out: str, *, last: int, config=None,
     raise ValueError(f'--last={last} but {source.directory} holds {len(steps)} checkpoints (steps '
                      f'{", ".join(map(str, steps))}); raise keep_checkpoints when training or ask for fewer')
   out_checkpoints = checkpoint_lib.checkpoint_dir(out)
-  if os.path.isdir(out_checkpoints) and os.listdir(out_checkpoints):
+  if paths.listdir(out_checkpoints):
     raise ValueError(f'{out_checkpoints} already holds checkpoints; --out must be a new or empty directory')
-  tokenizer = os.path.join(workdir, TOKENIZER_NAME)
-  if not os.path.exists(tokenizer):
+  tokenizer = paths.join(workdir, TOKENIZER_NAME)
+  if not paths.exists(tokenizer):
     raise FileNotFoundError(f'no tokenizer at {tokenizer}')
   chosen = steps[-last:]
   newest = chosen[-1]
@@ -248,16 +250,15 @@ def average_workdir(workdir: str, out: str, *, last: int, config=None,
     shardings = jax.tree.map(lambda a: a.sharding, abstract.params)
     params = jax.tree.map(lambda x, sh: jax.device_put(x, sh), averaged, shardings)
     state = newest_state.replace(params=params)
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     target = checkpoint_lib.Checkpointer(out, keep=1, async_save=False)
     target.save(newest, state, newest_data, config_json)
     target.wait()
     target.close()
   source.close()
   if jax.process_index() == 0:
-    shutil.copy2(tokenizer, os.path.join(out, TOKENIZER_NAME))
-    summary = {'source': os.path.abspath(workdir), 'steps': chosen, 'params': 'element-wise mean (float64 sum)',
+    paths.copy_file(tokenizer, paths.join(out, TOKENIZER_NAME))
+    summary = {'source': workdir, 'steps': chosen, 'params': 'element-wise mean (float64 sum)',
                'optimizer_state': f'copied from step {newest}', 'step': newest}
-    with open(os.path.join(out, 'averaged.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
-  return {'steps': chosen, 'step': newest, 'out': os.path.abspath(out)}
+    paths.write_text_atomic(paths.join(out, 'averaged.json'), json.dumps(summary, indent=1))
+  return {'steps': chosen, 'step': newest, 'out': out}

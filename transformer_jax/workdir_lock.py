@@ -14,8 +14,8 @@ Object stores (ObjectStoreLock, over the small ObjectStore interface): no proces
 is an object holding the holder and a heartbeat time, created only if absent and rewritten only if unchanged since
 we wrote it (generation preconditions, as GCS offers). The holder rewrites it every `heartbeat_s`; a lock whose
 heartbeat is older than `timeout_s` belongs to a dead holder and is taken over (with a warning). A holder that finds
-its lock taken over stops at its next check (`check()`), before it writes again. No gs:// adapter is wired in yet
-(gs:// workdirs are another issue): `lock_workdir` warns and takes no lock for URLs.
+its lock taken over stops at its next check (`check()`), before it writes again. gs:// workdirs use GCSStore
+(google-cloud-storage generation preconditions: `if_generation_match=0` creates only if absent).
 
 Multi-host runs: process 0 alone takes the lock (every process writes the same workdir as one writer).
 """
@@ -227,6 +227,61 @@ class MemoryStore(ObjectStore):
       return True
 
 
+class GCSStore(ObjectStore):
+  """ObjectStore over a GCS bucket: names are gs:// URIs; writes and deletes carry if_generation_match."""
+
+  def __init__(self, timeout_s: float = 30.0):
+    from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+    self._client = paths._storage_client()  # pylint: disable=protected-access
+    self._timeout = timeout_s
+
+  def _blob(self, name: str):
+    bucket, _, key = name[len('gs://'):].partition('/')
+    return self._client.bucket(bucket).blob(key)
+
+  def read(self, name):
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    blob = self._blob(name)
+    try:
+      data = blob.download_as_bytes(timeout=self._timeout)  # also fills blob.generation (of the bytes read)
+    except exceptions.NotFound:
+      return None
+    return data, int(blob.generation)
+
+  def write(self, name, data, *, if_generation):
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    blob = self._blob(name)
+    try:
+      blob.upload_from_string(bytes(data), if_generation_match=int(if_generation), timeout=self._timeout)
+    except exceptions.PreconditionFailed:
+      return None
+    return int(blob.generation)
+
+  def delete(self, name, *, if_generation):
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    current = self.read(name)  # GCS checks the precondition itself; this also covers servers that ignore it on
+    if current is None or current[1] != int(if_generation):  # deletes (fake-gcs-server does)
+      return False
+    try:
+      self._blob(name).delete(if_generation_match=int(if_generation), timeout=self._timeout)
+    except (exceptions.PreconditionFailed, exceptions.NotFound):
+      return False
+    return True
+
+
+def _dead_here(info: dict) -> bool:
+  """The holder ran on this host and its pid is gone (killed, crashed): its lock can be taken at once."""
+  if info.get('host') != socket.gethostname() or not isinstance(info.get('pid'), int):
+    return False
+  try:
+    os.kill(info['pid'], 0)
+  except ProcessLookupError:
+    return True
+  except OSError:
+    return False
+  return False
+
+
 class ObjectStoreLock(WorkdirLock):
   """A lock object WORKDIR/.lock with the holder and a heartbeat; taken over once the heartbeat is `timeout_s` old."""
 
@@ -253,13 +308,15 @@ class ObjectStoreLock(WorkdirLock):
       data, seen = current
       info = _parse(data) or {}
       age = self._clock() - float(info.get('heartbeat', 0.0))
-      if age < self.timeout_s:
+      if age < self.timeout_s and not _dead_here(info):
         raise _refusal(self.workdir, info, f', last heartbeat {age:.0f} s ago (taken over after {self.timeout_s:.0f} '
                                            's without one)')
       generation = self.store.write(self.name, self._payload(), if_generation=seen)
       if generation is not None:
-        print(f'warning: took over the lock of {self.workdir} from {describe_holder(info)}: no heartbeat for '
-              f'{age:.0f} s (timeout {self.timeout_s:.0f} s)', file=sys.stderr, flush=True)
+        why = ('its process is gone from this host' if age < self.timeout_s
+               else f'no heartbeat for {age:.0f} s (timeout {self.timeout_s:.0f} s)')
+        print(f'warning: took over the lock of {self.workdir} from {describe_holder(info)}: {why}', file=sys.stderr,
+              flush=True)
     if generation is None:  # someone else wrote it between our read and write
       current = self.store.read(self.name)
       raise _refusal(self.workdir, _parse(current[0]) if current else None)
@@ -305,10 +362,12 @@ def lock_workdir(workdir: str, command: str = '', *, process_index: int = 0) -> 
   """The writer's lock for workdir, not yet acquired (use it as a context manager); process 0 alone locks."""
   if process_index != 0:
     lock: WorkdirLock = NoLock(workdir, command)
-  elif '://' in workdir:
-    print(f'warning: no workdir lock for {workdir}: object-store workdirs are not locked yet, so a second writer '
-          'would not be refused', file=sys.stderr, flush=True)
-    lock = NoLock(workdir, command)
+  elif workdir.startswith('gs://'):
+    timeout_s = float(os.environ.get('TRANSFORMER_JAX_LOCK_TIMEOUT_S', DEFAULT_TIMEOUT_S))
+    lock = ObjectStoreLock(workdir.rstrip('/'), command, store=GCSStore(), timeout_s=timeout_s,
+                           heartbeat_s=min(DEFAULT_HEARTBEAT_S, timeout_s / 4))
+  elif '://' in workdir:  # refused earlier by the path checks; never silently unlocked
+    raise ValueError(f'no workdir lock for {workdir}: only local paths and gs:// are supported')
   else:
     lock = PosixLock(workdir, command)
   return lock

@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from absl import logging
 import numpy as np
 
+from transformer_jax import paths
 from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tokenizer_lib
 
@@ -452,6 +453,17 @@ class Prepared:
     self.directory, self.manifest, self.tokenizer, self.reused = directory, manifest, tokenizer, reused
 
 
+def default_prepared_root(workdir: str) -> str:
+  """WORKDIR/data for a local workdir. A gs:// workdir: a local cache directory, because the stream memory-maps the
+  shards (random access at disk speed; an object store has no mmap). The shard directory's name is a key of what
+  they are made from (source, tokenizer hash, lengths), so one cache serves every workdir, and a recreated machine
+  (a new TPU VM) simply prepares them again from the dataset."""
+  if not paths.is_gcs(workdir):
+    return os.path.join(workdir, "data")
+  base = os.environ.get("TRANSFORMER_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "transformer_jax")
+  return os.path.join(base, "prepared")
+
+
 def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief: bool = True,
                     progress: bool = True, timeout_s: float | None = None, poll_s: float = 1.0) -> Prepared:
   """The tokenizer (trained on a sample when missing) and the split's shards (prepared when missing or damaged).
@@ -469,7 +481,10 @@ def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief:
     tokenizer = tokenizer_lib.load_or_train_tokenizer(
         os.path.join(workdir, "spm.model"), lambda: sample_sentences(reader, max_sentences),
         int(config.model.vocab_size), is_chief=is_chief, max_sentences=max_sentences)
-  root = config.get("prepared_data_dir") or os.path.join(workdir, "data")
+  root = config.get("prepared_data_dir") or default_prepared_root(workdir)
+  if paths.is_gcs(root):
+    raise ValueError(f"prepared_data_dir={root}: the token-id shards are memory-mapped, so they must be on a local "
+                     "disk; leave it unset (a gs:// workdir prepares into a local cache) or give a local directory")
   max_length = int(config.max_length)
   key = {"format": FORMAT, "source": reader.description(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
          "max_length": max_length, "shard_examples": SHARD_EXAMPLES}
@@ -505,7 +520,7 @@ def define_flags(flags) -> None:
 
 def run(config, workdir: str, split: str | None = None) -> None:
   """The command's body; commands.py passes the workdir (the same default as train's)."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   start = time.time()
   prepared = ensure_prepared(config, workdir, split=split)
   m = prepared.manifest

@@ -137,11 +137,10 @@ def _load_generated(task: str, split: str, *, source_lang: str, target_lang: str
 
 
 def _read_tsv_cache(path: str) -> list[tuple[str, str]] | None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not tf.io.gfile.exists(path):
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  if not paths.exists(path):
     return None
-  with tf.io.gfile.GFile(path, "rb") as f:
-    data = f.read().decode("utf-8", errors="replace")  # garbage fails the sha1 check below, not here
+  data = paths.read_text(path)  # garbage fails the sha1 check below, not here
   header, _, body = data.partition("\n")
   lines = body.split("\n")[:-1] if body else []
   m = re.fullmatch(r"# pairs=(\d+) sha1=([0-9a-f]+)", header)
@@ -152,15 +151,11 @@ def _read_tsv_cache(path: str) -> list[tuple[str, str]] | None:
 
 
 def _write_tsv_cache(path: str, pairs: list[tuple[str, str]]) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
   body = "".join(f"{s}\t{t}\n" for s, t in pairs)
   data = f"# pairs={len(pairs)} sha1={hashlib.sha1(body.encode()).hexdigest()}\n{body}"
-  tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
   try:
-    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      f.write(data.encode("utf-8"))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    paths.write_text_atomic(path, data)  # gs:// too (TensorFlow's gs:// filesystem cannot be pointed elsewhere)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("Could not write the cache file %s: %s", path, e)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from absl import logging
 import sentencepiece as spm
 
+from transformer_jax import paths
 from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 PAD_ID = DEFAULT_SPECIAL_IDS.pad
@@ -25,42 +26,17 @@ UNK_ID = DEFAULT_SPECIAL_IDS.unk
 BOS_ID = DEFAULT_SPECIAL_IDS.bos
 
 
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
 def _exists(path: str) -> bool:
-  if _is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.io.gfile.exists(path)
-  return os.path.exists(path)
+  return paths.exists(path)
 
 
 def _read_bytes(path: str) -> bytes:
-  if _is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    with tf.io.gfile.GFile(path, "rb") as f:
-      return f.read()
-  with open(path, "rb") as f:
-    return f.read()
+  return paths.read_bytes(path)
 
 
 def _write_bytes_atomic(path: str, data: bytes) -> None:
-  """Writes to a temporary file beside `path`, then renames it into place."""
-  tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
-  if _is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """The whole model or nothing: a local temp file renamed into place; on gs:// one upload (atomic there)."""
+  paths.write_bytes_atomic(path, data)
 
 
 class DamagedTokenizerError(ValueError):

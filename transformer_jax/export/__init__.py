@@ -29,6 +29,7 @@ import numpy as np
 from transformer_jax import parallel
 from transformer_jax import train_state
 from transformer_jax import workdir as workdir_lib
+from transformer_jax.export import files
 from transformer_jax.export import hf_gpt2
 from transformer_jax.export import hf_marian
 from transformer_jax.export import msgpack as msgpack_format
@@ -91,7 +92,7 @@ def load_checkpoint(workdir: str, checkpoint: str | int | None = None, config=No
     else:
       raise ExportError(f'--checkpoint={checkpoint} is neither a step number nor a checkpoint step directory')
   run = workdir_lib.Workdir(root)
-  if not os.path.exists(run.tokenizer_path) and os.path.exists(os.path.join(workdir, TOKENIZER_NAME)):
+  if not files.paths.exists(run.tokenizer_path) and files.paths.exists(os.path.join(workdir, TOKENIZER_NAME)):
     run.tokenizer_path = os.path.join(workdir, TOKENIZER_NAME)
   if os.path.isdir(run.marian_dir):  # an imported Marian vocabulary (data/marian_vocab.py)
     run.tokenizer_path = run.marian_dir

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from transformer_jax import paths
+
 DTYPES = ('float32', 'bfloat16')
 TOKENIZER_NAME = 'spm.model'
 FORMAT_TAG = 'transformer_jax'
@@ -90,11 +92,13 @@ class atomic_open:  # pylint: disable=invalid-name
 
 
 def read(path: str) -> bytes:
-  with open(path, 'rb') as f:
-    return f.read()
+  return paths.read_bytes(path)
 
 
 def write_bytes(path: str, data: bytes) -> None:
+  if paths.is_gcs(path):  # one upload: atomic on GCS
+    paths.write_bytes_atomic(path, data)
+    return
   with atomic_open(path) as f:
     f.write(data)
 
@@ -106,6 +110,10 @@ def write_json(path: str, obj) -> None:
 def check_file_targets(paths_and_bytes: list[tuple[str, bytes | None]], overwrite: bool) -> None:
   """Each target must be absent, identical (for known bytes), or overwrite must be given; never a directory."""
   for path, data in paths_and_bytes:
+    if paths.is_gcs(path):
+      if paths.exists(path) and not overwrite and (data is None or read(path) != data):
+        raise ExportError(f'{path} exists; pass --overwrite to replace it')
+      continue
     if os.path.isdir(path):
       raise ExportError(f'{path} is a directory; give a file path')
     if os.path.exists(path) and not overwrite:
@@ -118,6 +126,10 @@ def check_file_targets(paths_and_bytes: list[tuple[str, bytes | None]], overwrit
 
 
 def check_dir_target(path: str, overwrite: bool) -> None:
+  if paths.is_gcs(path):
+    if paths.listdir(path) and not overwrite:
+      raise ExportError(f'{path} exists and is not empty; pass --overwrite to write into it')
+    return
   if os.path.exists(path) and not os.path.isdir(path):
     raise ExportError(f'{path} exists and is not a directory')
   if os.path.isdir(path) and os.listdir(path) and not overwrite:
@@ -138,19 +150,19 @@ def config_for_import(path: str, config, what: str) -> ml_collections.ConfigDict
 
 
 def tokenizer_beside(out: str) -> str:
-  return os.path.join(os.path.dirname(os.path.abspath(out)), TOKENIZER_NAME)
+  return os.path.join(os.path.dirname(paths.resolve(out)), TOKENIZER_NAME)
 
 
 def check_file_target(out: str, overwrite: bool, tokenizer_path: str | None) -> None:
   """A one-file format: `out` and the tokenizer copied beside it must be absent (or identical) unless overwrite."""
-  tokenizer_bytes = read(tokenizer_path) if tokenizer_path and os.path.exists(tokenizer_path) else None
+  tokenizer_bytes = read(tokenizer_path) if tokenizer_path and paths.exists(tokenizer_path) else None
   check_file_targets([(out, None), (tokenizer_beside(out), tokenizer_bytes)], overwrite)
 
 
 def write_with_tokenizer(source: Exportable, out: str, payload: bytes) -> list[str]:
   """Writes payload to out and the run's SentencePiece model beside it (both atomically)."""
   tokenizer_bytes = read(source.tokenizer_path)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  paths.makedirs(os.path.dirname(paths.resolve(out)))
   write_bytes(out, payload)
   write_bytes(tokenizer_beside(out), tokenizer_bytes)
   return [out, tokenizer_beside(out)]

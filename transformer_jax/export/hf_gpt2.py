@@ -146,6 +146,9 @@ def fast_tokenizer(spm_proto: bytes):
 
 def check_target(out: str, *, dtype: str, overwrite: bool, tokenizer_path: str | None) -> None:
   del dtype, tokenizer_path
+  if files.paths.is_gcs(out):  # transformers' save_pretrained writes local files only
+    raise files.ExportError(f'--format=hf-gpt2 writes a local directory; export to a local --out, then copy it '
+                            f'(gcloud storage cp -r DIR {out})')
   files.check_dir_target(out, overwrite)
 
 

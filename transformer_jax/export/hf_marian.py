@@ -317,7 +317,7 @@ def _export_hf_marian(source: Exportable, out: str, *, dtype: str, overwrite: bo
       vocab = json.load(f)
     source_bytes = files.read(os.path.join(marian_dir, 'source.spm'))
     target_bytes = files.read(os.path.join(marian_dir, 'target.spm'))
-  os.makedirs(out, exist_ok=True)
+  files.paths.makedirs(out)  # gs://: nothing to make; every file below is one whole-object upload
   written = []
 
   def put(name, writer, *args):

@@ -72,7 +72,7 @@ def check_target(out: str, *, dtype: str, overwrite: bool, tokenizer_path: str |
 def write(source: files.Exportable, out: str, *, dtype: str, overwrite: bool, **unused) -> list[str]:
   del overwrite, unused
   params = files.cast(source.params, dtype)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  files.paths.makedirs(os.path.dirname(files.paths.resolve(out)))
   write_safetensors(out, files.flatten(params), files.metadata(source, dtype))
   files.write_bytes(files.tokenizer_beside(out), files.read(source.tokenizer_path))
   return [out, files.tokenizer_beside(out)]
