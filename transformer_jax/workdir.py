@@ -90,7 +90,7 @@ class Workdir:
   def marian_dir(self) -> str:
     """An imported Marian model's vocabulary (data/marian_vocab.py), used instead of spm.model when present."""
     from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
-    return os.path.join(self.path, marian_vocab.DIRECTORY)
+    return paths.join(self.path, marian_vocab.DIRECTORY)
 
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
     from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
