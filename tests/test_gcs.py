@@ -241,11 +241,42 @@ def test_evaluate_translate_export_and_average_read_the_bucket(runs, tmp_path):
   assert {'config.json', 'model.safetensors', 'source.spm', 'vocab.json'} <= set(hf_files)
   assert hf_files['source.spm'] == objects(genv, 'run')['spm.model']
   assert json.loads(hf_files['transformer_jax_config.json'])['step'] == NUM_STEPS
+  imported = tmp_path / 'imported'  # import --path=gs://: the HF export just written, downloaded once
+  im = _cli(genv, 'import', '--format=hf-marian', f'--path=gs://{BUCKET}/exports/hf', f'--workdir={imported}')
+  assert im.returncode == 0, im.stderr[-3000:]
+  assert (imported / 'spm.model').read_bytes() == objects(genv, 'run')['spm.model']
+  assert '0' in os.listdir(imported / 'checkpoints')
   av = _cli(genv, 'average', f'--workdir={workdir}', '--last=2', f'--out=gs://{BUCKET}/averaged')
   assert av.returncode == 0, av.stderr[-3000:]
   averaged = objects(genv, 'averaged')
   assert committed(genv, 'averaged') == [NUM_STEPS] and averaged['spm.model'] == objects(genv, 'run')['spm.model']
   assert json.loads(averaged['averaged.json'])['steps'] == [NUM_STEPS - EVERY, NUM_STEPS]
+
+
+def test_a_text_dataset_in_the_bucket_prepares_like_the_same_files_on_disk(genv, bucket, config_path, tmp_path):
+  """text:gs://...: the two files are downloaded once (per object version) and prepared as local files are."""
+  lines = {lang: ''.join(f'{lang} sentence {i} {"x" * (i % 7)}\n' for i in range(300)) for lang in ('en', 'de')}
+  local = tmp_path / 'text'
+  local.mkdir()
+  for lang, text in lines.items():
+    (local / f'train.{lang}').write_text(text)
+    _client(genv).bucket(BUCKET).blob(f'text/train.{lang}').upload_from_string(text)
+  env = dict(genv, TRANSFORMER_JAX_CACHE=str(tmp_path / 'cache'))
+  summaries = []
+  for dataset in (f'text:gs://{BUCKET}/text', f'text:{local}'):
+    workdir = tmp_path / dataset.replace('/', '_').replace(':', '_')
+    run = subprocess.run([sys.executable, '-m', 'transformer_jax.cli', 'prepare', f'--config={config_path}',
+                          f'--config.dataset={dataset}', '--config.train_split=train', f'--workdir={workdir}'],
+                         cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summaries.append(re.sub(r'dir=\S+|seconds=\S+', '', run.stdout.strip().splitlines()[-1]))
+    assert (workdir / 'spm.model').exists()
+  assert summaries[0] == summaries[1] and 'pairs_read=300 ' in summaries[0], summaries
+  missing = subprocess.run([sys.executable, '-m', 'transformer_jax.cli', 'prepare', f'--config={config_path}',
+                            f'--config.dataset=text:gs://{BUCKET}/nothing', f'--workdir={tmp_path / "m"}'],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and 'error: text dataset: file gs://' in missing.stderr, missing.stderr[-2000:]
 
 
 def test_a_step_without_its_commit_marker_is_skipped_and_a_damaged_one_is_set_aside(runs, config_path):

@@ -295,14 +295,16 @@ def _export() -> None:
 def _import() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
   gpt2 = FLAGS.format == 'hf-gpt2'
-  if config is None and not os.path.exists(os.path.join(FLAGS.path or '', 'transformer_jax_config.json')):
+  source = paths.local_copy(FLAGS.path)  # gs://: downloaded once (the HF loaders read local files)
+  if config is None and not os.path.exists(os.path.join(source, 'transformer_jax_config.json')):
     # data, lengths and optimizer HF does not describe: the default job of this kind
     config = _load_config_file(default_config_path('lm_tiny.py' if gpt2 else 'tiny.py'))
   if gpt2:
-    count = export.hf_gpt2.import_gpt2(FLAGS.path, FLAGS.workdir, config=config, overwrite=FLAGS.overwrite)
+    count = export.hf_gpt2.import_gpt2(source, FLAGS.workdir, config=config, overwrite=FLAGS.overwrite)
   else:
-    count = export.import_hf_marian(FLAGS.path, FLAGS.workdir, config=config, overwrite=FLAGS.overwrite)
+    count = export.import_hf_marian(source, FLAGS.workdir, config=config, overwrite=FLAGS.overwrite)
   print(f'imported {FLAGS.path} ({count} parameters) -> {FLAGS.workdir} (step 0)', flush=True)
 
 

@@ -204,6 +204,46 @@ def move_tree(source: str, target: str) -> None:
 # Buckets: fail with one line before any work
 
 
+def cache_root() -> str:
+  """The local cache for what must be on a local disk (memory-mapped shards, downloaded text and models)."""
+  base = os.environ.get('TRANSFORMER_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'transformer_jax')
+  return base
+
+
+def local_copy(path: str) -> str:
+  """A local file or directory for `path`: itself when local; for gs:// a copy in the cache, downloaded once per
+  object version (the key holds each object's generation, so a changed object is fetched again). Readers that need
+  a file (line counting by block reads, SentencePiece, transformers' loaders) use it; nothing is written back."""
+  if not is_gcs(path):
+    return path
+  import hashlib  # pylint: disable=g-import-not-at-top
+  blob = _blob(path)
+  from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+  try:
+    blob.reload(timeout=60)
+    objects = [(blob.name, blob)]  # a single object
+    prefix = None
+  except exceptions.NotFound:
+    prefix = blob.name.rstrip('/') + '/'
+    objects = [(b.name, b) for b in blob.client.list_blobs(blob.bucket, prefix=prefix, timeout=60)]
+    if not objects:
+      raise FileNotFoundError(f'no object or folder {path}') from None
+  key = hashlib.sha256(repr(sorted((name, b.generation, b.size) for name, b in objects)).encode()).hexdigest()[:16]
+  root = os.path.join(cache_root(), 'downloads', f'{bucket_of(path)}-{key}')
+  local = os.path.join(root, os.path.basename(blob.name.rstrip('/')))
+  if os.path.exists(os.path.join(root, '.complete')):
+    return local
+  os.makedirs(root, exist_ok=True)
+  for name, b in objects:
+    target = local if prefix is None else os.path.join(local, name[len(prefix):])
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f'{target}.tmp-{os.getpid()}'
+    b.download_to_filename(tmp, timeout=600)
+    os.replace(tmp, target)
+  open(os.path.join(root, '.complete'), 'w').close()  # only a whole copy is reused
+  return local
+
+
 _CLIENT = None
 
 

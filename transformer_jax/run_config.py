@@ -9,7 +9,6 @@ before; on a workdir without checkpoints, the default config file.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
@@ -53,8 +52,9 @@ def _has_checkpoint(workdir: str | None) -> bool:
   from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   if not workdir:
     return False
+  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
   directory = checkpoint_lib.checkpoint_dir(workdir)
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return paths.isdir(directory) and any(name.isdigit() for name in paths.listdir(directory))  # gs:// too
 
 
 def stored_with_overrides(stored, overrides: dict[str, Any], workdir: str) -> ml_collections.ConfigDict:

@@ -116,6 +116,12 @@ class PairReader:
     self._paths: list[str] = []
     if kind == "text":
       self._paths = [os.path.join(rest, f"{split}.{lang}") for lang in (self.source_lang, self.target_lang)]
+      if paths.is_gcs(rest):  # block reads of a local file (one download per object version, paths.local_copy)
+        for path in self._paths:
+          if not paths.exists(path):
+            raise ValueError(f"text dataset: file {path} does not exist (expected parallel files {self._paths[0]} "
+                             f"and {self._paths[1]}, one sentence per line)")
+        self._paths = [paths.local_copy(path) for path in self._paths]
       counts = []
       for path in self._paths:
         if not os.path.exists(path):
@@ -460,8 +466,7 @@ def default_prepared_root(workdir: str) -> str:
   (a new TPU VM) simply prepares them again from the dataset."""
   if not paths.is_gcs(workdir):
     return os.path.join(workdir, "data")
-  base = os.environ.get("TRANSFORMER_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "transformer_jax")
-  return os.path.join(base, "prepared")
+  return os.path.join(paths.cache_root(), "prepared")
 
 
 def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief: bool = True,
