@@ -36,6 +36,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from transformer_jax import hugepages  # noqa: E402  (no jax: workers import their system themselves)
+
 PAD, EOS, BOS = 0, 1, 3  # transformer_jax.data.tokenizer ids, also given to the HF config
 
 
@@ -151,13 +153,6 @@ def worker(args):
 
 
 
-def _worker_env() -> dict:
-  """Both systems' workers with glibc's huge-page tunable where the CLI would set it (transformer_jax/hugepages.py):
-  the same allocator for both sides."""
-  if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-  from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
-  return hugepages.environ() if hugepages.wanted() else dict(os.environ)
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
@@ -169,7 +164,7 @@ def main(argv=None):
   for system in args.systems.split(','):
     # Each system in its own process: XLA's and OpenMP's thread pools would otherwise compete for the 2 cores.
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--worker={system}', *argv],
-                          capture_output=True, text=True, env=_worker_env(), check=False)
+                          capture_output=True, text=True, env=hugepages.child_environ(), check=False)
     if proc.returncode:
       sys.exit(f'{system} failed:\n{proc.stderr[-3000:]}')
     results.append(json.loads(proc.stdout.strip().splitlines()[-1]))

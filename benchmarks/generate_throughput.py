@@ -47,6 +47,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from transformer_jax import hugepages  # noqa: E402  (no jax: workers import their system themselves)
+
 PAD, EOS, BOS = 0, 1, 3  # transformer_jax.vocab.DEFAULT_SPECIAL_IDS, also in the exported GPT-2 config
 
 
@@ -217,20 +219,13 @@ def cpu_model() -> str:
 
 def _subprocess(name: str, argv: list[str], directory: str) -> dict:
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--worker={name}', f'--dir={directory}', *argv],
-                        capture_output=True, text=True, env=_worker_env(), check=False)
+                        capture_output=True, text=True, env=hugepages.child_environ(), check=False)
   if proc.returncode:
     sys.exit(f'error: {name} failed:\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 
-def _worker_env() -> dict:
-  """Both systems' workers with glibc's huge-page tunable where the CLI would set it (transformer_jax/hugepages.py):
-  the same allocator for both sides."""
-  if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-  from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
-  return hugepages.environ() if hugepages.wanted() else dict(os.environ)
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv

@@ -41,6 +41,12 @@ def environ() -> dict[str, str]:
   return dict(os.environ, GLIBC_TUNABLES=f'{tunables}:{TUNABLE}' if tunables else TUNABLE)
 
 
+def child_environ() -> dict[str, str]:
+  """The environment for a child process: with the tunable where this machine would use it (benchmarks start their
+  workers with it, so both systems they compare run on the same allocator settings)."""
+  return environ() if wanted() else dict(os.environ)
+
+
 def reexec_if_wanted() -> None:
   """Replaces this process by itself (same argv, same pid) with the tunable set; returns if not wanted or failed.
 
