@@ -21,15 +21,3 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(_REPO, '.pytest_cache', 'd', 'transformer_jax_compilation_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-
-# The heaviest files first. pytest-xdist (`-n 2 --dist loadfile`, pyproject) hands whole files to whichever worker is
-# free, in collection order (with --no-loadscope-reorder; its default orders by test count, not time): longest first
-# keeps the last file short, so neither worker idles at the end. Seconds from `--durations` of a full run, 2026-12-01.
-_HEAVY_FIRST = ('test_reliability.py', 'test_checkpoint.py', 'test_performance.py', 'test_train.py', 'test_parallel.py',
-                'test_model.py', 'test_gcs.py', 'test_decode.py', 'test_marian_finetune.py', 'test_lm.py', 'test_cli.py',
-                'test_multiprocess.py', 'test_lm_data.py', 'test_inference.py', 'test_export.py')
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
-  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: file order kept
