@@ -121,10 +121,16 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     _invalidate_listings()
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_local_atomic(path, lambda f: f.write(data))
+
+
+def write_local_atomic(path: str, write) -> None:
+  """A local file written whole or not at all: `write(f)` into a temp file beside it, fsync, rename (streams large
+  files such as the token-id shards without holding them as bytes)."""
   tmp = f'{path}.tmp-{os.getpid()}-{time.time_ns()}'
   try:
     with open(tmp, 'wb') as f:
-      f.write(data)
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -256,22 +256,9 @@ def _sha256(path: str) -> str:
       h.update(block)
 
 
-def _write_atomic(path: str, write) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _save_npy(directory: str, name: str, array: np.ndarray) -> dict:
   path = os.path.join(directory, name)
-  _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+  paths.write_local_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
   return {"name": name, "bytes": os.path.getsize(path), "sha256": _sha256(path)}
 
 
@@ -429,7 +416,8 @@ def prepare_split(reader: PairReader, tokenizer: tokenizer_lib.Tokenizer, direct
     raise ValueError(f"{reader.dataset} split {reader.split!r}: no usable examples among {read} pairs "
                      f"(skipped: {skipped})")
   data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
-  _write_atomic(os.path.join(directory, MANIFEST), lambda f: f.write(data))  # last: the preparation is complete
+  # last: the preparation is complete
+  paths.write_local_atomic(os.path.join(directory, MANIFEST), lambda f: f.write(data))
   logging.info("Prepared %d examples of %s in %s (%d shards, %.1f s)", num_examples, reader.dataset, directory,
                len(writer.shards), time.time() - start)
   return manifest
