@@ -128,7 +128,7 @@ def greedy_decode(params, inputs, *, cfg: ModelConfig, max_decode_len: int, min_
 
 
 def _batch_axis(x) -> int:
-  return x.ndim - 4  # per-layer cache arrays are [B, L, H, K]; nn.scan (scan_layers) adds a leading layer axis
+  return x.ndim - 4  # per-layer cache arrays are [B, H, L, K]; nn.scan (scan_layers) adds a leading layer axis
 
 
 def _leaf_name(path) -> str:
@@ -174,7 +174,7 @@ def _per_batch_shard(fn, args, batch_dims, out_batch_dims, batch: int):
 def gather_beams(cache, beam_indices):
   """Reorders the self-attention cache so beam w of example b continues from beam beam_indices[b, w] of b.
 
-  Rows are gathered whole (row b*W + beam_indices[b, w] of [B*W, L, H, K]): contiguous copies, on each device's part
+  Rows are gathered whole (row b*W + beam_indices[b, w] of [B*W, H, L, K]): contiguous copies, on each device's part
   of the batch. Cross-attention keys/values are the same for all beams of an example and the counters are shared:
   untouched.
   """

@@ -152,14 +152,16 @@ class HeadProjection(nn.Module):
 
 
 def _single_query_attention(query, key, value, mask):
-  """One decoding step (T = 1) over a [B, L, H, K] cache as multiply + reduce: a batched matmul here makes XLA
-  transpose the whole cache every step on CPU, which cost as much as the rest of the step."""
-  q = query[:, 0].astype(jnp.float32) * query.shape[-1]**-0.5  # [B, H, K]
-  logits = jnp.sum(q[:, None] * key.astype(jnp.float32), axis=-1)  # [B, L, H]
-  logits = jnp.where(mask[:, 0, 0, :, None], logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=1)
-  x = jnp.sum(weights[..., None] * value.astype(jnp.float32), axis=1)  # [B, H, K]
-  return x[:, None].astype(query.dtype)
+  """One decoding step (T = 1) over a cache laid out [B, H, L, K] (heads before positions): both products are
+  then matrix products batched over (B, H) that XLA:CPU runs without copying the cache. (A [B, L, H, K] cache was
+  transposed whole every step for jax.nn.dot_product_attention; as multiply + reduce it cost 5x the batched
+  products: benchmarks/RESULTS.md.) query [B, 1, H, K]; mask [B, 1, 1, L]."""
+  q = query.astype(jnp.float32) * query.shape[-1]**-0.5  # [B, 1, H, K]
+  logits = jnp.einsum('bthk,bhlk->bhtl', q, key.astype(jnp.float32))  # [B, H, 1, L]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  x = jnp.einsum('bhtl,bhlk->bthk', weights, value.astype(jnp.float32))  # [B, 1, H, K]
+  return x.astype(query.dtype)
 
 
 def explicit_attention_weights(query, key, mask):
@@ -193,14 +195,16 @@ class MultiHeadAttention(nn.Module):
     query = projection('query')(inputs_q)  # [B, T, H, K]
 
     if cfg.decode and self.cross_attention_cache and self.has_variable('cache', 'cross_key'):
-      key = self.get_variable('cache', 'cross_key')
+      if query.shape[1] != 1:
+        raise ValueError(f'incremental decoding takes one position at a time, got {query.shape[1]}')
+      key = self.get_variable('cache', 'cross_key')  # [B, H, S, K]
       value = self.get_variable('cache', 'cross_value')
     else:
       key = projection('key')(inputs_kv)  # [B, S, H, K]
       value = projection('value')(inputs_kv)
       if cfg.decode and self.cross_attention_cache:
-        self.put_variable('cache', 'cross_key', key)
-        self.put_variable('cache', 'cross_value', value)
+        self.put_variable('cache', 'cross_key', jnp.swapaxes(key, 1, 2))  # [B, H, S, K]: see _single_query_attention
+        self.put_variable('cache', 'cross_value', jnp.swapaxes(value, 1, 2))
 
     if cfg.decode and self.self_attention_cache:
       key, value, mask = self._update_cache(key, value, mask)
@@ -221,20 +225,22 @@ class MultiHeadAttention(nn.Module):
   def _update_cache(self, key, value, mask):
     """Writes one step's key/value at cache_index; attends to positions <= cache_index.
 
-    The first call (cache creation, see decode.py) runs the full-length forward pass and only sizes the cache.
+    The cache is [B, H, max_len, K] (see _single_query_attention). The first call (cache creation, see decode.py)
+    runs the full-length forward pass and only sizes the cache.
     """
     initialized = self.has_variable('cache', 'cached_key')
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    batch, max_len, heads, head_dim = key.shape
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, (batch, heads, max_len, head_dim), key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, (batch, heads, max_len, head_dim), value.dtype)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, dtype=jnp.int32))
     if not initialized:
       return key, value, mask
-    batch, max_len, heads, head_dim = cached_key.value.shape
     if key.shape[1] != 1:
       raise ValueError(f'incremental decoding takes one position at a time, got {key.shape[1]}')
+    batch, _, max_len, _ = cached_key.value.shape
     index = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(key, 1, 2), (0, 0, index, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(value, 1, 2), (0, 0, index, 0))
     cache_index.value = index + 1
     step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]
     return cached_key.value, cached_value.value, jnp.broadcast_to(step_mask, (batch, 1, 1, max_len))
