@@ -33,6 +33,7 @@ import numpy as np
 
 from transformer_jax import evaluate as evaluate_lib
 from transformer_jax.data import packing
+from transformer_jax.data import tensorflow_cpu
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.data.tokenizer import EOS_ID
 
@@ -105,7 +106,7 @@ def _split_files(files: list[tuple[str, str]], split: str, eval_split: str, eval
 
 
 def _load_tfds(name: str, split: str, feature: str, data_dir: str | None, max_documents: int | None) -> list[str]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = tensorflow_cpu.tensorflow_datasets()
   ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
   if feature not in ds.element_spec:
     raise ValueError(f'tfds:{name} has features {sorted(ds.element_spec)}, no {feature!r} (config.text_feature)')

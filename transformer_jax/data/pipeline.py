@@ -277,19 +277,9 @@ class Datasets:
   eval_ids: list[ExampleIds]          # eval_ids[i] is eval_pairs[i] tokenized (truncated, + EOS)
 
 
-def hide_gpus_from_tensorflow() -> None:
-  """Keeps TensorFlow (used only for input) from grabbing accelerator memory."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError as e:  # devices already initialised; then they were hidden before
-    logging.warning("tf.config.set_visible_devices([], 'GPU') failed: %s", e)
-
-
 def build_datasets(config, workdir: str, *, process_index: int = 0,
                    process_count: int = 1) -> Datasets:
   """Prepares (once) and streams the training split; loads, tokenizes and packs the held-out split."""
-  hide_gpus_from_tensorflow()
   if config.model.get("kind", "encoder_decoder") == "decoder":  # a language model: documents, not pairs
     return lm.build_datasets(config, workdir, process_index=process_index, process_count=process_count)
   start = time.time()

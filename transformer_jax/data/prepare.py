@@ -44,6 +44,7 @@ import numpy as np
 
 from transformer_jax import paths
 from transformer_jax.data import sources
+from transformer_jax.data import tensorflow_cpu
 from transformer_jax.data import tokenizer as tokenizer_lib
 
 FORMAT = "transformer_jax.prepared/1"
@@ -186,8 +187,7 @@ class PairReader:
       yield src, tgt
 
   def _tfds_chunks(self, n: int):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tf, tfds = tensorflow_cpu.tensorflow(), tensorflow_cpu.tensorflow_datasets()
     ds = tfds.load(self.name, split=self.split, data_dir=self.data_dir, shuffle_files=False)
     spec = ds.element_spec
     for lang in (self.source_lang, self.target_lang):

@@ -14,6 +14,8 @@ import time
 from absl import logging
 import numpy as np
 
+from transformer_jax.data import tensorflow_cpu
+
 SUPPORTED_FORMS = (
     "tfds:NAME (e.g. tfds:wmt14_translate/de-en)",
     "text:DIR (parallel files DIR/{split}.{source_lang} and DIR/{split}.{target_lang})",
@@ -179,8 +181,7 @@ def _decode_pairs(rows, what: str) -> list[tuple[str, str]]:
 def _load_tfds(name: str, split: str, *, source_lang: str, target_lang: str, process_index: int,
                process_count: int, data_dir: str | None,
                max_examples: int | None) -> list[tuple[str, str]]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf, tfds = tensorflow_cpu.tensorflow(), tensorflow_cpu.tensorflow_datasets()
   ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
   spec = ds.element_spec
   for lang in (source_lang, target_lang):
@@ -197,7 +198,7 @@ def _load_tfds(name: str, split: str, *, source_lang: str, target_lang: str, pro
 def _load_text(directory: str, split: str, *, source_lang: str, target_lang: str,
                process_index: int, process_count: int,
                max_examples: int | None) -> list[tuple[str, str]]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tensorflow_cpu.tensorflow()
   paths = [os.path.join(directory, f"{split}.{lang}") for lang in (source_lang, target_lang)]
   counts = []
   for path in paths:

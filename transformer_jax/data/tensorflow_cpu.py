@@ -1,0 +1,30 @@
+"""TensorFlow, imported only where the input needs it (TFDS datasets, text files read through tf.data), with its view
+of accelerators hidden: it is an input library here and must not take GPU memory from JAX.
+
+Importing TensorFlow costs ~5 s of CPU on the 2-core machine, so the default job (the generated task) and every
+command that does not read TFDS or text files never import it (benchmarks/RESULTS.md, issue 15).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from absl import logging
+
+
+@functools.cache
+def tensorflow():
+  """The `tensorflow` module, GPUs hidden from it (once per process)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError as e:  # devices already initialised; then they were hidden before
+    logging.warning("tf.config.set_visible_devices([], 'GPU') failed: %s", e)
+  return tf
+
+
+def tensorflow_datasets():
+  """The `tensorflow_datasets` module, after tensorflow() (TFDS imports TensorFlow itself)."""
+  tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
