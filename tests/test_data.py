@@ -249,6 +249,22 @@ def test_text_source(tmp_path):
     sources.load_text_pairs(f"text:{d}", "uneven", **kw)
 
 
+@pytest.mark.parametrize("process_count,max_examples", [(1, None), (3, None), (2, 5)])
+def test_text_source_reads_what_tf_data_reads(tmp_path, process_count, max_examples):
+  """text:DIR is read without TensorFlow; its pairs are tf.data.TextLineDataset's (zip, take, shard), CRLF, blank
+  lines and a last line without a newline included."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path)
+  write(f"{d}/t.en", b"one\r\ntwo\n\n  four  \nf\xc3\xbcnf\nsix\nseven")
+  write(f"{d}/t.de", b"eins\nzwei\ndrei\n\nfuenf\nsechs\r\nsieben\n")
+  for index in range(process_count):
+    ds = tf.data.Dataset.zip((tf.data.TextLineDataset(f"{d}/t.en"), tf.data.TextLineDataset(f"{d}/t.de")))
+    ds = (ds.take(max_examples) if max_examples is not None else ds).shard(process_count, index)
+    expected = [(a.decode().strip(), b.decode().strip()) for a, b in ds.as_numpy_iterator()]
+    assert sources.load_text_pairs(f"text:{d}", "t", source_lang="en", target_lang="de", process_index=index,
+                                   process_count=process_count, max_examples=max_examples) == expected
+
+
 def test_tfds_source_offline_mock():
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=5):

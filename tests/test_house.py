@@ -140,8 +140,8 @@ def test_params_only_restore_reads_no_optimizer_state(monkeypatch):
 
 
 def test_the_default_task_and_its_metrics_never_import_tensorflow(tmp_path):
-  """TensorFlow is an input library here, imported only for TFDS and text files: the generated default task, its
-  tokenizer, prepared shards and the TensorBoard events never import it (~5 s of CPU per start on 2 cores)."""
+  """TensorFlow is an input library here, imported only for TFDS: the generated default task, its tokenizer,
+  prepared shards and the TensorBoard events never import it (~4-5 s of CPU per start on 2 cores)."""
   code = f'''
 import sys
 from configs import tiny

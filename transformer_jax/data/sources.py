@@ -7,6 +7,7 @@ TensorFlow is imported lazily so that importing this package stays cheap.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import time
@@ -195,27 +196,31 @@ def _load_tfds(name: str, split: str, *, source_lang: str, target_lang: str, pro
   return _decode_pairs(ds.as_numpy_iterator(), f"tfds:{name}[{split}]")
 
 
+def _lines(path: str):
+  """The file's lines as bytes without the newline (as tf.data.TextLineDataset gives them), read in big blocks."""
+  with open(path, "rb") as f:
+    for line in f:
+      yield line[:-1] if line.endswith(b"\n") else line
+
+
 def _load_text(directory: str, split: str, *, source_lang: str, target_lang: str,
                process_index: int, process_count: int,
                max_examples: int | None) -> list[tuple[str, str]]:
-  tf = tensorflow_cpu.tensorflow()
   paths = [os.path.join(directory, f"{split}.{lang}") for lang in (source_lang, target_lang)]
   counts = []
   for path in paths:
-    if not tf.io.gfile.exists(path):
+    if not os.path.isfile(path):
       raise ValueError(f"text dataset: file {path} does not exist (expected parallel files "
                        f"{paths[0]} and {paths[1]}, one sentence per line)")
-    if tf.io.gfile.stat(path).length == 0:
+    if os.path.getsize(path) == 0:
       raise ValueError(f"text dataset: file {path} is empty")
-    counts.append(int(tf.data.TextLineDataset(path).reduce(np.int64(0), lambda c, _: c + 1)))
+    counts.append(sum(1 for _ in _lines(path)))
   if counts[0] != counts[1]:
     raise ValueError(f"text dataset: {paths[0]} has {counts[0]} lines but {paths[1]} has "
                      f"{counts[1]}; parallel files need one sentence per line on both sides")
-  ds = tf.data.Dataset.zip((tf.data.TextLineDataset(paths[0]), tf.data.TextLineDataset(paths[1])))
-  if max_examples is not None:
-    ds = ds.take(max_examples)
-  ds = ds.shard(process_count, process_index)
-  return _decode_pairs(ds.as_numpy_iterator(), f"{paths[0]} / {paths[1]}")
+  pairs = itertools.islice(zip(_lines(paths[0]), _lines(paths[1])), max_examples)
+  mine = (pair for i, pair in enumerate(pairs) if i % process_count == process_index)
+  return _decode_pairs(mine, f"{paths[0]} / {paths[1]}")
 
 
 def load_text_pairs(dataset: str, split: str, *, source_lang: str, target_lang: str,
