@@ -119,8 +119,9 @@ def test_stall_detector_fails_loudly_on_a_plateau_and_not_on_progress():
 def test_default_config_peak_learning_rate_learns(tmp_path):
   """configs/tiny.py as shipped (model, schedule, peak lr, packing) drives the loss well down in 150 steps.
 
-  Post-norm is touchy about the peak learning rate (at 4x this peak the loss sticks near 3.0): this guards the
-  default against a change that would leave it stuck.
+  Post-norm is touchy about the peak learning rate: this guards the default against a change that would slow it.
+  Measured 2026-12-01 (2-core AMD EPYC): as shipped, step 150 has loss 2.00 and held-out token accuracy 0.79; with 4x
+  the peak learning rate, loss 2.27 and accuracy 0.61 (the old bound, loss < 3.0, passed both).
   """
   config = tiny.get_config()
   config.update(num_train_steps=150, max_train_examples=20000, max_eval_examples=64, eval_translate_examples=32,
@@ -128,5 +129,5 @@ def test_default_config_peak_learning_rate_learns(tmp_path):
   config.mesh.num_devices = 1  # the same math as 8-way data parallel (test_parallel), without 8 simulated devices
   final = train_lib.train_and_evaluate(config, str(tmp_path))
   assert final['step'] == 150
-  assert final['loss'] < 3.0, final  # starts near ln(512) ~ 6.2; stuck runs sit near 3.0
-  assert final['eval_accuracy'] > 0.5, final
+  assert final['loss'] < 2.15, final  # starts near ln(512) ~ 6.2
+  assert final['eval_accuracy'] > 0.7, final
