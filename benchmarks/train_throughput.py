@@ -670,6 +670,6 @@ def main(argv):
 
 if __name__ == '__main__':
   from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_if_wanted()  # as the CLI does: XLA's step buffers on transparent huge pages
+  hugepages.reexec_if_wanted(one_heap=True)  # as the CLI's `train` does: XLA's step buffers on one heap, huge pages
   define_flags()
   app.run(main)

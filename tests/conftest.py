@@ -13,6 +13,9 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# `train` subprocesses keep glibc's per-thread arenas: the tests' runs are a few compile-bound steps, where one heap
+# (hugepages.py, for long runs) costs more than it saves.
+os.environ.setdefault('TRANSFORMER_JAX_ONE_HEAP', '0')
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position,unused-import  (reads its JAX_* variables now, before those below)
 

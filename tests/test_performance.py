@@ -362,3 +362,29 @@ def test_programs_reexecute_once_with_the_huge_page_tunable_and_keep_pid_argv_an
   assert run(GLIBC_TUNABLES=other)[0].endswith(f" {other}:{hugepages.TUNABLE} ['a b', '--c']")
   assert run(TRANSFORMER_JAX_HUGEPAGES='0')[0].endswith(" ['a b', '--c']")
   assert hugepages.TUNABLE not in run(TRANSFORMER_JAX_HUGEPAGES='0')[0]
+
+
+def test_train_reexecutes_with_one_heap_and_the_tests_opt_out():
+  """`train` (a long run) also gets one malloc heap that is never handed back (no page faults per step);
+  TRANSFORMER_JAX_ONE_HEAP=0 (set by conftest for the tests' short runs) leaves only the huge pages."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
+  base = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'TRANSFORMER_JAX_ONE_HEAP')}
+  base['PYTHONPATH'] = _REPO
+  with pytest.MonkeyPatch.context() as patch:
+    patch.delenv('GLIBC_TUNABLES', raising=False)
+    patch.delenv('TRANSFORMER_JAX_ONE_HEAP', raising=False)
+    expected = hugepages.tunables(one_heap=True)
+  if not expected:
+    pytest.skip('this machine would not use the tunables (not Linux/glibc >= 2.35)')
+  show = _SHOW_TUNABLES.replace('reexec_if_wanted()', 'reexec_if_wanted(one_heap=True)')
+
+  def tunables(**env):
+    out = subprocess.run([sys.executable, '-c', show], capture_output=True, text=True, env={**base, **env},
+                         timeout=60, check=True).stdout.split()
+    return out[1].split(':') if len(out) > 2 else []
+
+  assert tunables() == expected and set(hugepages.ONE_HEAP) <= set(expected)
+  assert not set(hugepages.ONE_HEAP) & set(tunables(TRANSFORMER_JAX_ONE_HEAP='0'))
+  assert tunables(GLIBC_TUNABLES='glibc.malloc.arena_max=4')[:1] == ['glibc.malloc.arena_max=4']  # the user's wins
+  assert 'glibc.malloc.arena_max=1' not in tunables(GLIBC_TUNABLES='glibc.malloc.arena_max=4')

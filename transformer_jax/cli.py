@@ -29,8 +29,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  if argv is None:  # the program's entry point, not a caller's: huge pages for XLA's buffers (hugepages.py)
-    hugepages.reexec_if_wanted()
+  if argv is None:  # the program's entry point, not a caller's: malloc settings for XLA's buffers (hugepages.py)
+    hugepages.reexec_if_wanted(one_heap=sys.argv[1:2] == ['train'])
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print(usage())
