@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 
 import jax
@@ -551,6 +552,9 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     bleu_references = [t for _, t in eval_pairs[:num_bleu]]
 
     def run_eval(params, step, write: bool = True) -> dict[str, float]:
+      if is_chief:  # stderr, with the bars: stdout keeps the metrics lines
+        tqdm.write(f'evaluating step {step}: held-out loss over {num_eval_batches} batches'
+                   + (f', then greedy decoding of {num_bleu} sentences' if num_bleu else ''), file=sys.stderr)
       results = evaluate_loss(eval_step, params, eval_batches, mesh)
       if is_lm:  # perplexity, bits per byte, and samples in the run's output
         results.update(evaluate_lib.lm_metrics(results['eval_nll'], data.eval_tokens, data.eval_bytes))
@@ -565,7 +569,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
       if num_bleu:
         tokens = translate_ids(params, bleu_sources, cfg=cfg, mesh=mesh,
                                batch_size=int(config.get('eval_translate_batch_size', 256)),
-                               max_decode_len=config.max_length)
+                               max_decode_len=config.max_length, progress=is_chief)
         hypotheses = evaluate_lib.decode_outputs(data.tokenizer, tokens)
         results.update(evaluate_lib.text_metrics(hypotheses, bleu_references, config.get('bleu_tokenize', '13a')))
         if is_chief and write:
@@ -584,25 +588,36 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     log_every = int(config.get('log_every_steps', 50))
     last_eval: dict[str, float] = {}
     last_train: dict[str, float] = {}
-    progress = tqdm(total=num_steps, initial=start_step, disable=not is_chief, dynamic_ncols=True, unit='step')
+    # The bar starts after the first step, which compiles: its rate and ETA are then the steps' own from the start.
+    progress = tqdm(total=num_steps, initial=start_step, disable=True)
+    if is_chief:
+      print('compiling the train step (the first step waits for it) ...', file=sys.stderr, flush=True)
+    compile_start = time.time()
     window_tokens, window_start = 0.0, time.time()
     step = start_step
-    pending = None
+    pending, pending_counted = None, True
     stall = StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
     preemption.phase = 'train'
-    with progress, Profiler(config.get('profile_steps', ''), workdir) as profiler:
+    with Profiler(config.get('profile_steps', ''), workdir) as profiler:
       while step < num_steps:
         profiler.before_step(step)
         batch = parallel.global_batch(next(data.train), mesh)
         state, metrics = train_step(state, batch, step_rng)
         step += 1
         profiler.after_step(step, state)
+        first = progress.disable and is_chief
+        if first:
+          jax.block_until_ready(metrics)
+          print(f'compiled and ran the first step in {time.time() - compile_start:.1f} s', file=sys.stderr,
+                flush=True)
+          progress = tqdm(total=num_steps, initial=step - 1, dynamic_ncols=True, unit='step')
+          window_start = time.time()  # tokens/s from here: the first step's tokens are not counted
         # Read the previous step's metrics while this one runs: the host never waits on the device here.
         if pending is not None:
           last_train = {k: float(v) for k, v in jax.device_get(pending).items()}
           _stop_if_not_finite(last_train, step - 1, checkpointer)
-          window_tokens += last_train['tokens']
-        pending = metrics
+          window_tokens += last_train['tokens'] if pending_counted else 0.0
+        pending, pending_counted = metrics, not first
         progress.update(1)
         if step % log_every == 0 or step == num_steps:
           elapsed = time.time() - window_start
@@ -616,6 +631,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
         if step % config.eval_every_steps == 0 and step != num_steps:
           last_eval = run_eval(state.params, step)
           writer.write(step, last_eval)
+          window_tokens, window_start = 0.0, time.time()  # tokens/s counts training steps, not the evaluation
           if is_chief:  # tqdm.write prints even where the bar is disabled
             progress.write(f'eval step={step} {_fmt(last_eval)}')
         checkpointer.check_for_errors()  # a background save that failed stops the run at the next step
