@@ -275,8 +275,14 @@ class TensorBoardEvents:
     self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event) -> None:
-    self._records.write(event.SerializeToString())
-    self._records.flush()
+    if self._records is None:
+      return
+    try:
+      self._records.write(event.SerializeToString())
+      self._records.flush()
+    except OSError as e:  # a full disk, say: TensorBoard is a convenience copy, metrics.jsonl is the record
+      logging.warning('TensorBoard events are no longer written (%s); metrics.jsonl keeps every row', e)
+      self._records = None
 
   def scalars(self, step: int, metrics: dict[str, float]) -> None:
     from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
@@ -625,6 +631,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
           window_tokens, window_start = 0.0, time.time()
           progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.3f}",
                                tok_s=f"{last_train['tokens_per_s']:.0f}")
+          checkpointer.check_for_errors()  # a failed background save (a full disk) is reported as such, first
           writer.write(step, {k: v for k, v in last_train.items() if k != 'tokens'})
           if 'loss' in last_train:
             stall.update(step, last_train['loss'])
