@@ -270,8 +270,7 @@ class TensorBoardEvents:
     self._event_pb2 = event_pb2
     os.makedirs(logdir, exist_ok=True)
     name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.transformer_jax'
-    self._file = open(os.path.join(logdir, name), 'wb')  # pylint: disable=consider-using-with
-    self._records = record_writer.RecordWriter(self._file)
+    self._records = record_writer.RecordWriter(open(os.path.join(logdir, name), 'wb'))  # pylint: disable=consider-using-with
     self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event) -> None:

@@ -62,32 +62,6 @@ _SKIP_WORDS = {"not_utf8": "a side is not UTF-8", "empty": "a side is empty",
 # Reading text in chunks of pairs (raw bytes or str; decoded and checked in _clean)
 
 
-def _count_lines(path: str) -> int:
-  count, last = 0, b"\n"
-  with open(path, "rb") as f:
-    while True:
-      block = f.read(_BLOCK)
-      if not block:
-        break
-      count += block.count(b"\n")
-      last = block[-1:]
-  return count + (last != b"\n")
-
-
-def _file_lines(path: str) -> Iterator[list[bytes]]:
-  rest = b""
-  with open(path, "rb") as f:
-    while True:
-      block = f.read(_BLOCK)
-      if not block:
-        break
-      lines = (rest + block).split(b"\n")
-      rest = lines.pop()
-      yield lines
-  if rest:
-    yield [rest]
-
-
 def _rechunk(blocks: Iterator[list], n: int) -> Iterator[list]:
   buf: list = []
   for lines in blocks:
@@ -130,7 +104,7 @@ class PairReader:
                            f"and {self._paths[1]}, one sentence per line)")
         if os.path.getsize(path) == 0:
           raise ValueError(f"text dataset: file {path} is empty")
-        counts.append(_count_lines(path))
+        counts.append(sources.count_lines(path))
       if counts[0] != counts[1]:  # fail fast: before any tokenizer training or tokenizing
         raise ValueError(f"text dataset: {self._paths[0]} has {counts[0]} lines but {self._paths[1]} has "
                          f"{counts[1]}; parallel files need one sentence per line on both sides")
@@ -172,7 +146,7 @@ class PairReader:
       self._generated_pairs()  # sets the exact total (and raises for a bad task or split)
     left = self.total if self.total is not None else self.max_examples
     if self.kind == "text":
-      gen = zip(_rechunk(_file_lines(self._paths[0]), n), _rechunk(_file_lines(self._paths[1]), n))
+      gen = zip(_rechunk(sources.file_lines(self._paths[0]), n), _rechunk(sources.file_lines(self._paths[1]), n))
     elif self.kind == "generated":
       pairs = self._generated_pairs()
       gen = (([s for s, _ in pairs[i:i + n]], [t for _, t in pairs[i:i + n]]) for i in range(0, len(pairs), n))

@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Iterator
 
 from absl import logging
 import numpy as np
@@ -196,11 +197,35 @@ def _load_tfds(name: str, split: str, *, source_lang: str, target_lang: str, pro
   return _decode_pairs(ds.as_numpy_iterator(), f"tfds:{name}[{split}]")
 
 
-def _lines(path: str):
-  """The file's lines as bytes without the newline (as tf.data.TextLineDataset gives them), read in big blocks."""
+_BLOCK = 1 << 24  # bytes per read of a text file
+
+
+def count_lines(path: str) -> int:
+  """Lines in the file, a last line without a newline included (as tf.data.TextLineDataset counts them)."""
+  count, last = 0, b"\n"
   with open(path, "rb") as f:
-    for line in f:
-      yield line[:-1] if line.endswith(b"\n") else line
+    while True:
+      block = f.read(_BLOCK)
+      if not block:
+        break
+      count += block.count(b"\n")
+      last = block[-1:]
+  return count + (last != b"\n")
+
+
+def file_lines(path: str) -> Iterator[list[bytes]]:
+  """The file's lines as bytes without the newline, in lists of one big block read each."""
+  rest = b""
+  with open(path, "rb") as f:
+    while True:
+      block = f.read(_BLOCK)
+      if not block:
+        break
+      lines = (rest + block).split(b"\n")
+      rest = lines.pop()
+      yield lines
+  if rest:
+    yield [rest]
 
 
 def _load_text(directory: str, split: str, *, source_lang: str, target_lang: str,
@@ -214,11 +239,12 @@ def _load_text(directory: str, split: str, *, source_lang: str, target_lang: str
                        f"{paths[0]} and {paths[1]}, one sentence per line)")
     if os.path.getsize(path) == 0:
       raise ValueError(f"text dataset: file {path} is empty")
-    counts.append(sum(1 for _ in _lines(path)))
+    counts.append(count_lines(path))
   if counts[0] != counts[1]:
     raise ValueError(f"text dataset: {paths[0]} has {counts[0]} lines but {paths[1]} has "
                      f"{counts[1]}; parallel files need one sentence per line on both sides")
-  pairs = itertools.islice(zip(_lines(paths[0]), _lines(paths[1])), max_examples)
+  lines = [itertools.chain.from_iterable(file_lines(p)) for p in paths]
+  pairs = itertools.islice(zip(*lines), max_examples)
   mine = (pair for i, pair in enumerate(pairs) if i % process_count == process_index)
   return _decode_pairs(mine, f"{paths[0]} / {paths[1]}")
 
