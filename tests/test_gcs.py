@@ -141,7 +141,9 @@ def runs(tmp_path_factory, genv, bucket, config_path):
   logs = tmp_path_factory.mktemp('gcs_logs')
   cache = str(tmp_path_factory.mktemp('prepared_cache'))
   genv = dict(genv, TRANSFORMER_JAX_CACHE=cache)
-  straight = Run(f'gs://{bucket}/straight', genv, config=config_path, log=str(logs / 'straight'))
+  straight_tmp = tmp_path_factory.mktemp('straight_tmp')  # its TMPDIR: the run's local staging must not outlive it
+  straight = Run(f'gs://{bucket}/straight', dict(genv, TMPDIR=str(straight_tmp)), config=config_path,
+                 log=str(logs / 'straight'))
   assert straight.wait() == 0, straight.describe()
   killed = Run(f'gs://{bucket}/run', genv, config=config_path, log=str(logs / 'killed'))
   deadline = time.time() + 300
@@ -154,7 +156,8 @@ def runs(tmp_path_factory, genv, bucket, config_path):
   at_kill = committed(genv, 'run')
   resumed = Run(f'gs://{bucket}/run', genv, config=config_path, log=str(logs / 'resumed'))
   assert resumed.wait() == 0, resumed.describe()
-  return {'straight': straight, 'killed': killed, 'at_kill': at_kill, 'resumed': resumed, 'env': genv}
+  return {'straight': straight, 'killed': killed, 'at_kill': at_kill, 'resumed': resumed, 'env': genv,
+          'straight_tmp': straight_tmp}
 
 
 def _load_states(genv, *workdirs: str) -> list[list[str]]:
@@ -197,6 +200,8 @@ def test_the_bucket_holds_the_whole_run(runs):
   assert any(n.startswith('tensorboard/') and 'tfevents' in n for n in names), sorted(names)
   assert 'curves.png' in names and names['curves.png'][:4] == b'\x89PNG'
   assert not any(n.startswith('.lock') for n in names)  # released at the end
+  # the TensorBoard events were staged in a local directory under TMPDIR for upload: gone when the run ended
+  assert not list(runs['straight_tmp'].glob('transformer_jax_tensorboard_*'))
   rows = [json.loads(line) for n in sorted(names) if n.startswith('metrics/')
           for line in names[n].decode().splitlines()]
   # every logged step, the killed run's included (a run's first step has no loss row: the trainer reads a step's

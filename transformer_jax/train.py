@@ -6,13 +6,16 @@ NamedShardings in and out, the batch sharded over the mesh's batch axes, and the
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 import jax
@@ -311,8 +314,9 @@ class MetricsWriter:
     self._run = f'{start_step:010d}-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}-{os.getpid()}'
     if enabled:
       if self.remote:
-        import tempfile  # pylint: disable=g-import-not-at-top
         self._staging = tempfile.mkdtemp(prefix='transformer_jax_tensorboard_')
+        # uploaded at each write, so a local copy is not needed after the run: gone at exit, however it ends
+        atexit.register(shutil.rmtree, self._staging, ignore_errors=True)
       self._events = TensorBoardEvents(self._staging if self.remote else os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
