@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import decode as decode_lib
 from transformer_jax import evaluate as evaluate_lib
+from transformer_jax import faults
 from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import paths
@@ -476,6 +477,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       # Preempted raised inside a C++ callback (e.g. SentencePiece's trainer reading its sentences) comes back
       # wrapped in the library's RuntimeError: after a signal in these phases, any exception is the preemption.
       if not (preemption.requested and preemption.phase in ('setup', 'final_eval')):
+        if isinstance(e, OSError) and faults.is_disk_full(e) and preemption.checkpointer is not None:
+          # A full disk fails a save in flight too, and its error (what needs the space, where training resumes)
+          # says more than a metrics or hypotheses write's: wait for the save, which raises its failure.
+          preemption.checkpointer.wait()
         raise
       logging.info('stopping after a signal; the exception it became: %r', e)
       return _stop_preempted(preemption)
