@@ -12,7 +12,8 @@ import os
 # Backend optimization level 0: the tests' programs are tiny and mostly compiled once, so XLA:CPU's LLVM
 # optimization passes cost far more than they save (a cold 8-step `train` run: 35% less CPU). Same semantics; the
 # test that times 150 real steps (test_train's peak-lr test) runs its subprocess at the default level.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 '
+                                   '--xla_cpu_use_fusion_emitters=false')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
