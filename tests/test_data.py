@@ -197,6 +197,16 @@ def test_generated_held_out_disjoint_and_words():
       ("one million", "eine Million")]
 
 
+def test_number_words_from_worker_processes_equal_one_process(monkeypatch):
+  numbers = sources.generate_numbers("train", 3000)  # with repeats, in the stream's order
+  one_process = sources.numbers_to_pairs(numbers)
+  monkeypatch.setattr(sources, "_WORDS_IN_PARALLEL", 1)  # (the default task's train split takes this path)
+  monkeypatch.setattr(sources, "_WORDS_CHUNK", 256)
+  workers = sources.numbers_to_pairs(numbers)
+  assert workers == one_process and len(workers) == 3000
+  assert workers[:1] == sources.numbers_to_pairs(numbers[:1]) and len(set(workers)) < 3000
+
+
 def test_generated_load_shards_cache_and_errors(tmp_path):
   kw = dict(source_lang="en", target_lang="de")
   full = sources.load_text_pairs("generated:numbers_en_de", "validation", **kw)
