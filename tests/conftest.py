@@ -12,7 +12,7 @@ import os
 # The tests' programs are tiny and mostly run a few times, so compiling them costs far more than running them:
 # backend optimization level 0 (no LLVM optimization passes) and the legacy fusion emitters compile a cold 8-step
 # `train` run with 18.8 -> 12.3 s of CPU instead of 28.8 s. The same programs, but float results can differ in
-# their last bits from the default flags' (no FMA contraction at level 0, say), so tests compare runs made under
+# their last bits from the default flags' (configs/tiny.py's initial parameters do), so tests compare runs made under
 # the same flags or with tolerances. The test that runs 150 real steps (test_train's peak-lr test) runs its
 # subprocess with the default flags.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 '
