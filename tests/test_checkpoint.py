@@ -506,8 +506,6 @@ def test_average_command_writes_a_workdir_that_inference_loads(tmp_path, env, st
 # Several processes: SIGTERM to one host, every host saves the same step and exits 0
 
 
-@pytest.mark.skipif(not os.environ.get('TRANSFORMER_JAX_MULTIPROCESS_PREEMPTION'),
-                    reason='two extra training processes (~30 s of CPU); set TRANSFORMER_JAX_MULTIPROCESS_PREEMPTION=1')
 def test_sigterm_to_one_of_two_processes_saves_one_agreed_step(tmp_path, env, config_path, straight):
   import socket  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:

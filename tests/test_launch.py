@@ -137,8 +137,6 @@ def test_local_multiprocess_propagates_a_failure():
   assert result.returncode != 0
 
 
-@pytest.mark.skipif(os.environ.get('TRANSFORMER_JAX_SLOW_TESTS') != '1',
-                    reason='a few minutes on 2 cores; set TRANSFORMER_JAX_SLOW_TESTS=1')
 def test_local_multiprocess_trains_end_to_end(tmp_path):
   """`transformer-jax train` as 2 processes x 4 CPU devices: one final line (process 0), held-out BLEU over the
   whole (gathered) eval set."""
