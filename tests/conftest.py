@@ -38,7 +38,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # longest files go first (longest-processing-time scheduling); the rest keep their order. (Cold-cache suite in the
 # dev tree: 508 -> 499 s, within this host's noise.)
 _LONGEST_FIRST = ('test_train.py', 'test_checkpoint.py', 'test_multiprocess.py', 'test_gcs.py', 'test_reliability.py',
-                  'test_performance.py', 'test_launch.py')
+                  'test_performance.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -137,6 +137,9 @@ def test_local_multiprocess_propagates_a_failure():
   assert result.returncode != 0
 
 
+@pytest.mark.skipif(os.environ.get('TRANSFORMER_JAX_SLOW_TESTS') != '1',
+                    reason='~45 s on 2 cores (test_multiprocess trains two processes already); '
+                    'set TRANSFORMER_JAX_SLOW_TESTS=1')
 def test_local_multiprocess_trains_end_to_end(tmp_path):
   """`transformer-jax train` as 2 processes x 4 CPU devices: one final line (process 0), held-out BLEU over the
   whole (gathered) eval set."""
