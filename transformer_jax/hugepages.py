@@ -53,8 +53,12 @@ def tunables(one_heap: bool = False) -> list[str]:
   return wanted
 
 
+def _present() -> list[str]:
+  return [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':') if t]
+
+
 def _missing(one_heap: bool) -> list[str]:
-  present = {t.split('=')[0] for t in os.environ.get('GLIBC_TUNABLES', '').split(':') if t}
+  present = {t.split('=')[0] for t in _present()}
   return [t for t in tunables(one_heap) if t.split('=')[0] not in present]
 
 
@@ -65,8 +69,7 @@ def wanted(one_heap: bool = False) -> bool:
 
 def environ(one_heap: bool = False) -> dict[str, str]:
   """os.environ with the missing tunables added (other GLIBC_TUNABLES kept)."""
-  tunables_now = [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':') if t]
-  return dict(os.environ, GLIBC_TUNABLES=':'.join(tunables_now + _missing(one_heap)))
+  return dict(os.environ, GLIBC_TUNABLES=':'.join(_present() + _missing(one_heap)))
 
 
 def child_environ(one_heap: bool = False) -> dict[str, str]:

@@ -619,12 +619,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
         state, metrics = train_step(state, batch, step_rng)
         step += 1
         profiler.after_step(step, state)
-        first = progress.disable and is_chief
+        first = step == start_step + 1  # it compiled
         if first:
           jax.block_until_ready(metrics)
-          print(f'compiled and ran the first step in {time.time() - compile_start:.1f} s', file=sys.stderr,
-                flush=True)
-          progress = tqdm(total=num_steps, initial=step - 1, dynamic_ncols=True, unit='step')
+          if is_chief:
+            print(f'compiled and ran the first step in {time.time() - compile_start:.1f} s', file=sys.stderr,
+                  flush=True)
+            progress = tqdm(total=num_steps, initial=step - 1, dynamic_ncols=True, unit='step')
           window_start = time.time()  # tokens/s from here: the first step's tokens are not counted
         # Read the previous step's metrics while this one runs: the host never waits on the device here.
         if pending is not None:
@@ -639,7 +640,6 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
           window_tokens, window_start = 0.0, time.time()
           progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.3f}",
                                tok_s=f"{last_train['tokens_per_s']:.0f}")
-          checkpointer.check_for_errors()  # a failed background save (a full disk) is reported as such, first
           writer.write(step, {k: v for k, v in last_train.items() if k != 'tokens'})
           if 'loss' in last_train:
             stall.update(step, last_train['loss'])

@@ -112,7 +112,8 @@ def numbers_to_pairs(numbers, desc: str | None = None) -> list[tuple[str, str]]:
   split over worker processes, one per core (spawned: the parent may already run XLA's threads)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   numbers = np.asarray(numbers, np.int64)
-  distinct = np.unique(numbers).tolist()
+  distinct_array = np.unique(numbers)
+  distinct = distinct_array.tolist()
   chunks = [distinct[i:i + _WORDS_CHUNK] for i in range(0, len(distinct), _WORDS_CHUNK)]
   bar = tqdm(total=len(distinct), disable=desc is None, desc=desc, unit=" numbers", unit_scale=True,
              dynamic_ncols=True)
@@ -130,7 +131,7 @@ def numbers_to_pairs(numbers, desc: str | None = None) -> list[tuple[str, str]]:
       words.extend(_number_words(chunk))
       bar.update(len(chunk))
   bar.close()
-  index = np.searchsorted(np.asarray(distinct, np.int64), numbers)
+  index = np.searchsorted(distinct_array, numbers)
   return [words[i] for i in index.tolist()]
 
 
