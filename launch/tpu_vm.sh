@@ -3,10 +3,11 @@
 # worker, run `transformer-jax train` on all workers at once (--worker=all), stream the logs here, delete the TPU.
 #
 #   launch/tpu_vm.sh [ACTION] --zone=ZONE [--project=PROJECT] [--accelerator-type=v4-8] [--runtime-version=VERSION]
-#                    [--name=NAME] [--spot] [--keep] [--dry-run] [--] [transformer-jax train flags ...]
+#                    [--name=NAME] [--spot] [--keep] [--check] [--dry-run] [--] [transformer-jax train flags ...]
 #
 # ACTION: all (default: create, setup, run, delete), create, setup, run, ssh (worker 0), delete,
-#         exec (run the shell command given after -- on every worker, e.g. to mount a shared filesystem).
+#         exec (run the shell command given after -- on every worker, e.g. to mount a shared filesystem),
+#         check (only the local compile check below).
 #   --name             TPU node name (default transformer-jax-$USER); the queued resource is NAME-qr
 #   --accelerator-type v4-8, v4-32, v5litepod-8, v5p-8, v6e-8, ... (default v4-8)
 #   --runtime-version  default from the TPU generation: v4 and older tpu-ubuntu2204-base, v5e v2-alpha-tpuv5-lite,
@@ -16,6 +17,9 @@
 #   --keep             with ACTION=all, do not delete the TPU at the end (or on failure); also what lets `all`
 #                      train into a workdir that is not gs:// (it would be deleted with the TPU otherwise)
 #   --python           Python for the workers' virtualenv (default 3.11; installed with uv)
+#   --check            before creating anything, compile the run's programs for the accelerator type on this
+#                      machine (`transformer-jax compile`, libtpu: the [tpu] extra) with the --config flags given;
+#                      stop here if they do not fit the chips' HBM
 #   --dry-run          print the gcloud commands instead of running them
 # Everything after the flags (or after --) goes to `transformer-jax train` on every worker, e.g.
 #   launch/tpu_vm.sh --zone=us-central2-b --accelerator-type=v4-32 -- --config=configs/big.py \
@@ -33,6 +37,7 @@ accelerator_type=v4-8
 runtime_version=""
 spot=0
 keep=0
+check=0
 dry_run=0
 python_version=3.11
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,7 +47,7 @@ usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' 
 
 while (($#)); do
   case "$1" in
-    all|create|setup|run|ssh|exec|delete) action="$1" ;;
+    all|create|setup|run|ssh|exec|delete|check) action="$1" ;;
     --zone=*) zone="${1#*=}" ;;
     --project=*) project="${1#*=}" ;;
     --accelerator-type=*|--accelerator_type=*) accelerator_type="${1#*=}" ;;
@@ -51,6 +56,7 @@ while (($#)); do
     --python=*) python_version="${1#*=}" ;;
     --spot) spot=1 ;;
     --keep) keep=1 ;;
+    --check) check=1 ;;
     --dry-run|--dry_run) dry_run=1 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; train_args+=("$@"); break ;;
@@ -59,7 +65,7 @@ while (($#)); do
   shift
 done
 
-if [[ -z "$zone" ]]; then
+if [[ -z "$zone" && "$action" != check ]]; then
   echo "error: --zone is required (e.g. --zone=us-central2-b for v4, us-west4-a for v5e)" >&2
   exit 2
 fi
@@ -155,11 +161,23 @@ train() {
   fi
 }
 
+compile_check() {
+  # The run's config flags only (--config, --config.*): the TPU programs are compiled here, for this slice.
+  local config_args=()
+  for arg in ${train_args[@]+"${train_args[@]}"}; do
+    case "$arg" in --config=*|--config.*) config_args+=("$arg") ;; esac
+  done
+  run "${TRANSFORMER_JAX:-transformer-jax}" compile --topology="$accelerator_type" ${config_args[@]+"${config_args[@]}"}
+}
+
 delete() {
   run gcloud compute tpus queued-resources delete "$queued_resource" "${location[@]}" --force --quiet
 }
 
+if ((check)) && [[ "$action" == all || "$action" == create ]]; then compile_check; fi
+
 case "$action" in
+  check) compile_check ;;
   create) create ;;
   setup) setup ;;
   run) train ;;

@@ -89,6 +89,19 @@ def test_tpu_vm_exec_runs_a_command_on_every_worker():
   assert 'queued-resources' not in out
 
 
+def test_tpu_vm_check_compiles_for_the_slice_before_creating_it():
+  out = _run(['launch/tpu_vm.sh', '--dry-run', '--check', '--zone=z', '--name=tj', '--accelerator-type=v5litepod-16',
+              '--', '--config=configs/big.py', '--config.mesh.fsdp=-1', '--workdir=gs://b/r']).stdout.splitlines()
+  check = [i for i, line in enumerate(out) if ' compile ' in line]
+  create = [i for i, line in enumerate(out) if 'queued-resources create' in line]
+  assert len(check) == 1 and create and check[0] < create[0]
+  assert out[check[0]].split() == ['transformer-jax', 'compile', '--topology=v5litepod-16', '--config=configs/big.py',
+                                   '--config.mesh.fsdp=-1']  # the config flags only: no --workdir
+  only = _run(['launch/tpu_vm.sh', 'check', '--dry-run', '--accelerator-type=v4-8', '--', '--config=configs/base.py'],
+              env={'ZONE': ''}).stdout.splitlines()
+  assert only == ['transformer-jax compile --topology=v4-8 --config=configs/base.py ']
+
+
 def test_tpu_vm_needs_a_zone():
   result = _run(['launch/tpu_vm.sh', '--dry-run'], env={'ZONE': ''}, check=False)
   assert result.returncode == 2 and '--zone' in result.stderr

@@ -242,6 +242,19 @@ def _train() -> None:
     print('final: ' + ' '.join(f'{k}={v}' if k == 'step' else f'{k}={v:.4f}' for k, v in final.items()), flush=True)
 
 
+def _compile_flags() -> None:
+  # Compiling for TPU runs on the CPU: before any jax import picks a backend (with libtpu installed it would try
+  # to open a TPU).
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from transformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top  (no jax at import)
+  tpu_compile.define_flags(flags)
+
+
+def _compile() -> None:
+  from transformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top
+  tpu_compile.run(FLAGS)
+
+
 def _info() -> None:
   from transformer_jax import info  # pylint: disable=g-import-not-at-top
   info.print_info(FLAGS.config, num_devices=FLAGS.num_devices)
@@ -389,6 +402,9 @@ COMMANDS = {c.name: c for c in (
             _average_flags, writes=lambda: FLAGS.out),
     Command('info', 'architecture, parameter count, mesh and per-device memory plan; last line params=<int>', _info,
             _info_flags, default_config=True, requires_workdir=False),
+    Command('compile', '--topology=v5e-16 [--num_slices=N]: compile the train/eval/decoding steps for a TPU slice '
+            'on this machine\n(libtpu: the [tpu] extra); per-chip HBM, fits or not (exit 1), collectives, estimated '
+            'step time and MFU', _compile, _compile_flags, default_config=True, requires_workdir=False),
     Command('attention', '--text=\'...\' --out=attention.png: translate, then draw the attention weights (one PNG, '
             '--json raw)', _attention, _attention_flags),
 )}

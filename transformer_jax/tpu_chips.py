@@ -1,0 +1,100 @@
+"""Published per-chip TPU figures, the roofline every ESTIMATE in `transformer-jax compile` uses, and model FLOPs.
+
+Import these (not copies of the numbers) wherever a step time or an MFU is estimated, so all reports agree.
+Nothing here touches jax: it is arithmetic on figures the compiler reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  device_kind: str  # jax's Device.device_kind for this chip
+  peak_bf16_flops: float  # per chip, FLOP/s
+  hbm_bytes: int
+  hbm_bytes_per_s: float
+  ici_bytes_per_s: float  # bidirectional, per chip
+  cores_per_chip: int  # TensorCores: v4/v5p accelerator-type names count cores, v5e/v6e names count chips
+  dims: int  # torus dimensions of the slice topology (3 for v4/v5p, 2 for v5e/v6e)
+
+
+CHIPS = {
+    # Google Cloud TPU docs, "TPU v4" (System architecture): 275 TFLOPs bf16, HBM2 32 GiB at 1200 GBps, two
+    # TensorCores per chip. The page gives no per-chip ICI figure: 300 GB/s is 6 links x 50 GB/s from the TPU v4
+    # paper (Jouppi et al., ISCA 2023), an assumption to check.
+    'v4': Chip('v4', 'TPU v4', 275e12, 32 * GIB, 1200e9, 300e9, 2, 3),
+    # Google Cloud TPU docs, "TPU v5e" (System architecture): 197 TFLOPs bf16, HBM 16 GiB at 819 GBps,
+    # bidirectional ICI 400 GBps per chip, one TensorCore per chip.
+    'v5e': Chip('v5e', 'TPU v5 lite', 197e12, 16 * GIB, 819e9, 400e9, 1, 2),
+    # Google Cloud TPU docs, "TPU v5p" (System architecture): 459 TFLOPs bf16, HBM 95 GiB at 2765 GBps,
+    # bidirectional ICI 1200 GBps per chip, two TensorCores per chip.
+    'v5p': Chip('v5p', 'TPU v5', 459e12, 95 * GIB, 2765e9, 1200e9, 2, 3),
+    # Google Cloud TPU docs, "TPU v6e" (Trillium, System architecture): 918 TFLOPs bf16, HBM 32 GB at 1638 GBps,
+    # bidirectional ICI 800 GBps per chip, one TensorCore per chip. (32 GB taken as 32 GiB, as v5e's page says GiB.)
+    'v6e': Chip('v6e', 'TPU v6 lite', 918e12, 32 * GIB, 1638e9, 800e9, 1, 2),
+}
+
+
+def roofline(chip: Chip, flops_per_chip: float, hbm_bytes_per_chip: float, ici_bytes_per_chip: float) -> dict:
+  """ESTIMATED step time: t_step = max(flops / peak_bf16, hbm bytes / hbm_bw, ici bytes / ici_bw), per chip.
+
+  Optimistic: it assumes the three overlap perfectly, every FLOP runs at the bf16 peak (float32 matmuls do not),
+  and XLA's 'bytes accessed' is the HBM traffic (it counts every operand read and result written, so fusion
+  that keeps data in VMEM makes the real figure lower; no overlap makes the real time higher).
+  """
+  times = {'compute': flops_per_chip / chip.peak_bf16_flops, 'hbm': hbm_bytes_per_chip / chip.hbm_bytes_per_s,
+           'ici': ici_bytes_per_chip / chip.ici_bytes_per_s}
+  bound = max(times, key=times.get)
+  return {'t_compute_s': times['compute'], 't_hbm_s': times['hbm'], 't_ici_s': times['ici'],
+          't_step_s': times[bound], 'bound_by': bound}
+
+
+def mfu(model_flops_per_step: float, t_step_s: float, chip: Chip, chips: int) -> float:
+  """Model FLOPs utilisation of an (estimated) step time: model FLOPs / (t_step * bf16 peak * chips)."""
+  return model_flops_per_step / (t_step_s * chip.peak_bf16_flops * chips) if t_step_s > 0 else float('nan')
+
+
+def _is_matmul_kernel(path: str, shape) -> bool:
+  return len(shape) >= 2 and 'embedding' not in path
+
+
+def model_flops_per_step(param_shapes: dict[str, tuple], model_cfg, batch: int, source_length: int,
+                         target_length: int, training: bool = True) -> float:
+  """FLOPs a step of the model needs, independent of how it is compiled (the numerator of MFU).
+
+  Counted: 2 FLOPs per multiply-add of every matmul parameter (kernels of rank >= 2 except embedding tables)
+  per token it is applied to, times 3 for training (forward + backward) = the usual 6 * params * tokens:
+  - encoder kernels on source positions; decoder kernels on target positions, except the cross-attention key and
+    value projections, which run on the source positions;
+  - the output projection (vocab x d_model) on target positions, once, whether it is a separate kernel or the
+    shared embedding table (the embedding lookups themselves are gathers: not counted);
+  - attention: QK^T and AV, 2 * 2 * T_q * T_k * (heads * head_dim) per row per attention layer, counted dense
+    (every T_q x T_k pair, as dense attention computes it: no causal halving, no saving from packing), times 3
+    for training.
+  Positions are padded positions (batch x packed length): what the step processes. Not counted: softmax,
+  layer norms, biases, dropout, the loss and the optimizer (element-wise work, small next to the matmuls).
+  """
+  src, tgt = batch * source_length, batch * target_length
+  total = 0.0
+  has_projection = False
+  for path, shape in param_shapes.items():
+    if not _is_matmul_kernel(path, shape):
+      continue
+    has_projection |= 'output_projection' in path
+    on_source = 'encoder' in path or ('cross_attention' in path and ('key' in path or 'value' in path))
+    total += 2.0 * math.prod(shape) * (src if on_source else tgt)
+  if not has_projection:  # logits through the (shared) embedding table
+    total += 2.0 * model_cfg.vocab_size * model_cfg.d_model * tgt
+  d_attn = model_cfg.d_model  # heads * head_dim
+  layers = model_cfg.num_layers
+  pairs = layers * target_length * target_length  # decoder self-attention
+  if model_cfg.get('kind', 'encoder_decoder') != 'decoder':
+    pairs += layers * source_length * source_length + layers * target_length * source_length
+  total += 4.0 * batch * pairs * d_attn
+  return total * (3.0 if training else 1.0)

@@ -1,0 +1,326 @@
+"""`transformer-jax compile`: the programs a run executes, compiled ahead of time for a TPU slice on this machine.
+
+libtpu (the `[tpu]` extra) compiles for any TPU topology without owning one. The train step is lowered exactly as
+training runs it (train.py's jit_train_step, under jax.set_mesh and the logical-axis rules: without them the
+activation constraints are silently inactive and a different program compiles), then the eval step and the
+decoding loops (greedy and beam search for translation, sampling for language models). Nothing is allocated.
+
+Use it from code: compile_programs(config, 'v5e-16', num_slices=1, programs=('train',)) -> [ProgramReport].
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from transformer_jax import tpu_chips
+from transformer_jax import tpu_report
+
+PROGRAMS = ('train', 'eval', 'greedy', 'beam', 'sample')
+_BATCH_KEYS = {'encoder_decoder': ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation',
+                                   'inputs_position', 'targets_position'),
+               'decoder': ('targets', 'targets_segmentation', 'targets_position')}
+_GENERATIONS = {'v4': 'v4', 'v5p': 'v5p', 'v5e': 'v5e', 'v5litepod': 'v5e', 'v6e': 'v6e'}
+# Slice shapes by chip count (Cloud TPU docs' configuration tables): 2D torus for v5e/v6e, 3D for v4/v5p.
+_SHAPES = {2: {4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
+           3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+               256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}}
+
+
+class DoesNotFit(ValueError):
+  """Parameters and optimizer state alone exceed the chips' HBM: refused before compiling."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  chip: tpu_chips.Chip
+  name: str  # libtpu's topology string, e.g. 'v5e:2x4'
+  chips: int  # per slice
+
+  @property
+  def label(self) -> str:
+    return f'{self.name} ({self.chips} chip{"s" if self.chips > 1 else ""})'
+
+
+def parse_topology(text: str) -> Topology:
+  """'v4-8' (8 TensorCores = 4 chips), 'v5p-8' (4 chips), 'v5litepod-16' / 'v5e-16' / 'v6e-8' (chips), or a
+  topology string 'v5e:4x4' / 'v4:2x2x2'."""
+  m = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)(?:-(\d+)|:(\d+(?:x\d+)+))', text.strip().lower())
+  if not m:
+    raise ValueError(f'unknown TPU topology {text!r}: expected e.g. v4-8, v5p-8, v5litepod-16, v5e-16, v6e-8 or '
+                     'v5e:4x4')
+  chip = tpu_chips.CHIPS[_GENERATIONS[m.group(1)]]
+  if m.group(3):
+    dims = tuple(int(d) for d in m.group(3).split('x'))
+    if len(dims) != chip.dims:
+      raise ValueError(f'{chip.name} topologies have {chip.dims} dimensions, got {m.group(3)}')
+    return Topology(chip, f'{chip.name}:{m.group(3)}', math.prod(dims))
+  count = int(m.group(2))
+  if count % chip.cores_per_chip:
+    raise ValueError(f'{text}: {chip.name} accelerator types count TensorCores ({chip.cores_per_chip} per chip)')
+  chips = count // chip.cores_per_chip
+  if chips == 1 and chip.dims == 2:
+    return Topology(chip, f'{chip.name}:2x2', 1)  # libtpu refuses 1x1: one chip of a 2x2 host
+  if chips not in _SHAPES[chip.dims]:
+    raise ValueError(f'{text}: no known {chip.name} slice of {chips} chips (known: '
+                     f'{", ".join(str(n * chip.cores_per_chip) for n in _SHAPES[chip.dims])})')
+  return Topology(chip, f"{chip.name}:{'x'.join(map(str, _SHAPES[chip.dims][chips]))}", chips)
+
+
+def require_libtpu() -> None:
+  if importlib.util.find_spec('libtpu') is None:
+    raise RuntimeError("the TPU compiler (libtpu) is not installed: pip install -e '.[tpu]'")
+
+
+def topology_devices(topology: Topology, num_slices: int = 1) -> list:
+  """Compile-only TPU devices (one per chip, as JAX on a slice sees them: megacore on v4/v5p)."""
+  require_libtpu()
+  # Compiling touches no TPU: let several compiling processes (test workers, a second shell) load libtpu at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = {'chip_config_name': 'megacore'} if topology.chip.cores_per_chip > 1 else {}
+  if num_slices > 1:
+    if topology.chips == 1:
+      raise ValueError('--num_slices needs slices of more than one chip')
+    kwargs['num_slices'] = num_slices
+  devices = list(topologies.get_topology_desc(topology.name, 'tpu', **kwargs).devices)
+  return devices[:1] if topology.chips == 1 else devices
+
+
+def slice_config(config, num_slices: int, notes: list[str]):
+  """A copy of the config whose mesh spans `num_slices` slices over DCN (mesh.dcn_data)."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.mesh.num_devices = 0
+    config.mesh.dcn_data = num_slices
+    if num_slices > 1 and int(config.mesh.data) == 1:
+      config.mesh.data = num_slices
+      notes.append(f'mesh.data=1 -> {num_slices}: the data axis spans the {num_slices} slices (mesh.dcn_data)')
+  return config
+
+
+def build_mesh(config, devices):
+  """parallel.make_mesh's layout for these devices: hybrid (DCN x ICI) over slices, topology-aware within one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
+  shape = parallel.mesh_shape(config.mesh, len(devices))
+  dcn = int(config.mesh.get('dcn_data', 1))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(parallel.MESH_AXES)
+  if dcn > 1:
+    array = parallel.hybrid_device_array(shape, dcn, devices)
+  elif len(devices) > 1:  # what make_mesh does with all of a slice's devices
+    return jax.make_mesh(shape, parallel.MESH_AXES, axis_types=axis_types, devices=devices)
+  else:
+    array = np.asarray(devices, dtype=object).reshape(shape)
+  return jax.sharding.Mesh(array, parallel.MESH_AXES, axis_types=axis_types)
+
+
+def preflight(config, topology: Topology, num_slices: int) -> int:
+  """Per-chip bytes of parameters + optimizer state (info.memory_plan); DoesNotFit when they alone exceed HBM."""
+  from transformer_jax import info  # pylint: disable=g-import-not-at-top
+  chips = topology.chips * num_slices
+  per_chip = info.memory_plan(config, chips)[4]
+  if per_chip > topology.chip.hbm_bytes:
+    raise DoesNotFit(f'does not fit: parameters + optimizer state alone take {per_chip / tpu_chips.GIB:.2f} GiB per '
+                     f'chip on {chips} chips of {topology.chip.name} ({topology.chip.hbm_bytes / tpu_chips.GIB:.0f} '
+                     'GiB HBM each); not compiled. Use more chips or a larger mesh.fsdp')
+  return per_chip
+
+
+def _shard_bytes(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def default_programs(config) -> tuple[str, ...]:
+  lm = config.model.get('kind', 'encoder_decoder') == 'decoder'
+  return ('train', 'eval', 'sample') if lm else ('train', 'eval', 'greedy', 'beam')
+
+
+class _Setup:
+  """The model, the abstract sharded state and batch on the topology's mesh: everything eager happens here,
+  before the mesh context (an eager op inside jax.set_mesh of compile-only devices fails)."""
+
+  def __init__(self, config, devices):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from transformer_jax import optim, parallel, train_state  # pylint: disable=g-import-not-at-top
+    from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.mesh = build_mesh(config, devices)
+    if config.batch_size % (self.mesh.shape['data'] * self.mesh.shape['fsdp']):
+      raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes data*fsdp='
+                       f"{self.mesh.shape['data'] * self.mesh.shape['fsdp']}")
+    self.cfg = train_state.model_config(config)
+    self.model = build_model(self.cfg)
+    self.tx = optim.make_optimizer(config)
+    self.state_shardings = parallel.logical_shardings(
+        train_state.state_logical_specs(self.model, self.tx, config), self.mesh)
+    self.state = train_state.abstract_state(self.model, self.tx, config, self.state_shardings)
+    batch_sharding = parallel.batch_sharding(self.mesh)
+    self.kind = config.model.get('kind', 'encoder_decoder')
+    lengths = {'inputs': config.packed_inputs_length, 'targets': config.packed_targets_length}
+    self.batch = {k: jax.ShapeDtypeStruct((config.batch_size, lengths[k.split('_')[0]]), jnp.int32,
+                                          sharding=batch_sharding) for k in _BATCH_KEYS[self.kind]}
+    key = jax.random.key(0)
+    self.rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(self.mesh))
+    rows = int(config.get('eval_translate_batch_size', 256))
+    self.decode_inputs = jax.ShapeDtypeStruct((rows, config.max_length), jnp.int32, sharding=batch_sharding)
+    self.sample_args = (jax.ShapeDtypeStruct((8, self.cfg.max_len), jnp.int32),  # generate_texts: rows of 8
+                        jax.ShapeDtypeStruct((8,), jnp.int32), self.rng, jax.ShapeDtypeStruct((), jnp.float32),
+                        jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+
+  def lower(self, program: str):
+    """(lowered, state-like args, batch-like args) of one program, lowered under the mesh and the rules."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import linen as nn  # pylint: disable=g-import-not-at-top
+    from transformer_jax import decode, generate, parallel, train  # pylint: disable=g-import-not-at-top
+    params, config = self.state.params, self.config
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+      if program == 'train':
+        step = train.jit_train_step(self.model, self.tx, config, self.mesh, self.state_shardings)
+        return step.lower(self.state, self.batch, self.rng), self.state, self.batch
+      if program == 'eval':
+        return jax.jit(train.make_eval_step(self.model, config)).lower(params, self.batch), params, self.batch
+      if program == 'greedy':
+        return (decode.greedy_decode.lower(params, self.decode_inputs, cfg=self.cfg,
+                                           max_decode_len=config.max_length), params, self.decode_inputs)
+      if program == 'beam':
+        return (decode.beam_search.lower(params, self.decode_inputs, cfg=self.cfg, beam_size=4, alpha=0.6,
+                                         max_decode_len=config.max_length), params, self.decode_inputs)
+      if program == 'sample':
+        return generate.generate_ids.lower(params, *self.sample_args, cfg=self.cfg), params, self.sample_args[0]
+    raise ValueError(f'unknown program {program!r}; expected one of {", ".join(PROGRAMS)}')
+
+
+def _param_shapes(params) -> dict[str, tuple]:
+  import jax  # pylint: disable=g-import-not-at-top
+  return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slices: int, compile_s: float,
+            state, batch, notes: list[str]) -> tpu_report.ProgramReport:
+  """The per-chip figures of a compiled program (memory, cost, collectives) and their roofline estimate."""
+  import jax  # pylint: disable=g-import-not-at-top
+  config, chip, chips = setup.config, topology.chip, topology.chips * num_slices
+  stats = compiled.memory_analysis()
+  state_bytes, batch_bytes = _shard_bytes(state), _shard_bytes(batch)
+  outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
+  total = stats.argument_size_in_bytes + outputs + stats.temp_size_in_bytes
+  memory = {'state': state_bytes, 'batch': batch_bytes,
+            'other_args': stats.argument_size_in_bytes - state_bytes - batch_bytes,
+            'temporaries': stats.temp_size_in_bytes, 'outputs': outputs, 'total': total, 'hbm': chip.hbm_bytes}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+  devices = list(setup.mesh.devices.flat)
+  slice_of = [getattr(d, 'slice_index', None) or 0 for d in devices] if num_slices > 1 else None
+  found = tpu_report.collectives(compiled.as_text(), tuple(setup.mesh.devices.shape), setup.mesh.axis_names,
+                                 slice_of)
+  summary = tpu_report.summarize(found)
+  ici = sum(s['ici_bytes'] for s in summary.values())
+  tokens = config.batch_size * config.packed_targets_length
+  model_flops = tpu_chips.model_flops_per_step(_param_shapes(setup.state.params), config.model, config.batch_size,
+                                               config.packed_inputs_length if setup.kind != 'decoder' else 0,
+                                               config.packed_targets_length, training=program == 'train')
+  estimate = tpu_chips.roofline(chip, flops, accessed, ici)
+  if program in ('train', 'eval'):
+    estimate['tokens_per_s'] = tokens / estimate['t_step_s'] if estimate['t_step_s'] else float('nan')
+    estimate['mfu'] = tpu_chips.mfu(model_flops, estimate['t_step_s'], chip, chips)
+  else:
+    tokens, model_flops = 0, 0.0
+    estimate.update(tokens_per_s=float('nan'), mfu=float('nan'))
+    notes = notes + ['a decoding loop: XLA counts a while loop body once, so its FLOPs, bytes and times are per '
+                     'loop iteration plus set-up, not per sequence; collectives inside the loop run every step']
+  return tpu_report.ProgramReport(
+      program=program, topology=topology.name + (f' x {num_slices} slices' if num_slices > 1 else ''),
+      chips=chips, num_slices=num_slices, mesh=dict(setup.mesh.shape), chip=chip.name, compile_s=compile_s,
+      memory=memory, fits=total <= chip.hbm_bytes, flops_per_chip=flops, bytes_accessed_per_chip=accessed,
+      collectives=summary, model_flops=model_flops, tokens_per_step=tokens, estimate=estimate, notes=list(notes))
+
+
+def _print_now(line: str) -> None:
+  print(line, flush=True)
+
+
+def compile_programs(config, topology: str | Topology, num_slices: int = 1, programs=None,
+                     progress=_print_now, keep_compiled: bool = False) -> list[tpu_report.ProgramReport]:
+  """Compiles each program for the topology (x num_slices) and reports it. Raises DoesNotFit (before compiling)
+  when parameters and optimizer state alone exceed HBM. keep_compiled: the reports carry `.compiled` (tests)."""
+  topology = parse_topology(topology) if isinstance(topology, str) else topology
+  notes: list[str] = []
+  config = slice_config(config, num_slices, notes)
+  devices = topology_devices(topology, num_slices)
+  preflight(config, topology, num_slices)
+  setup = _Setup(config, devices)
+  reports = []
+  for program in programs or default_programs(config):
+    progress(f'compiling {program} step for {topology.label}'
+             + (f' x {num_slices} slices' if num_slices > 1 else '') + ' ...')
+    start = time.perf_counter()
+    lowered, state, batch = setup.lower(program)
+    compiled = lowered.compile()
+    report = analyse(program, compiled, setup, topology, num_slices, time.perf_counter() - start, state, batch,
+                     notes)
+    if keep_compiled:
+      report.compiled, report.lowered, report.setup, report.mesh_object = compiled, lowered, setup, setup.mesh
+    reports.append(report)
+  return reports
+
+
+def define_flags(flags) -> None:
+  flags.DEFINE_string('topology', None, 'TPU slice to compile for: an accelerator type as launch/tpu_vm.sh takes '
+                      'it (v4-8 = 4 chips, v5p-8 = 4 chips, v5litepod-16, v6e-8), the short v5e-16, or a topology '
+                      'string (v5e:4x4, v4:2x2x2).')
+  flags.DEFINE_integer('num_slices', 1, 'Slices joined over DCN (multislice): the mesh\'s data axis spans them '
+                       '(mesh.dcn_data; mesh.data=1 becomes num_slices).')
+  flags.DEFINE_list('programs', [], f'Programs to compile, of {", ".join(PROGRAMS)} (default: train, eval and the '
+                    'decoding the model does: greedy and beam for translation, sample for language models).')
+  flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+  flags.mark_flag_as_required('topology')
+
+
+def run(FLAGS) -> None:  # pylint: disable=invalid-name
+  """The command body: prints each program's report; exits 1 when something does not fit."""
+  try:
+    require_libtpu()
+  except RuntimeError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+  unknown = [p for p in FLAGS.programs if p not in PROGRAMS]
+  if unknown:
+    raise ValueError(f'unknown --programs {unknown}; expected some of {", ".join(PROGRAMS)}')
+  try:
+    reports = compile_programs(FLAGS.config, FLAGS.topology, FLAGS.num_slices, tuple(FLAGS.programs) or None)
+  except DoesNotFit as e:
+    if FLAGS.json:
+      _write_json(FLAGS.json, {'topology': FLAGS.topology, 'num_slices': FLAGS.num_slices, 'fits': False,
+                               'refused': str(e), 'programs': []})
+    print(str(e), flush=True)
+    sys.exit(1)
+  for report in reports:
+    print('\n'.join(tpu_report.format_report(report)), flush=True)
+  fits = all(r.fits for r in reports)
+  if FLAGS.json:
+    _write_json(FLAGS.json, {'topology': FLAGS.topology, 'num_slices': FLAGS.num_slices, 'fits': fits,
+                             'programs': [r.to_json() for r in reports]})
+  print(f"compile: {'fits' if fits else 'does not fit'}: "
+        + ' '.join(f'{r.program}={r.memory["total"] / tpu_chips.GIB:.2f}GiB' for r in reports)
+        + f' of {reports[0].memory["hbm"] / tpu_chips.GIB:.0f}GiB per chip', flush=True)
+  if not fits:
+    sys.exit(1)
+
+
+def _write_json(path: str, payload: dict) -> None:
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(payload, f, indent=1, default=float)
