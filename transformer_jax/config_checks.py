@@ -78,6 +78,8 @@ RULES: tuple[tuple[str, tuple[Callable[[Any], bool], str]], ...] = (
     ('model.num_heads', _int_at_least(1)),
     ('model.d_ff', _int_at_least(1)),
     ('model.dropout_rate', _fraction()),
+    ('model.attention_window', _int_at_least(0)),  # 0: full attention
+    ('model.attention_block_size', _int_at_least(1)),
     ('mesh.data', _mesh_size()),
     ('mesh.fsdp', _mesh_size()),
     ('mesh.tensor', _mesh_size()),
@@ -98,8 +100,9 @@ def _get(config, key: str):
   return node
 
 
-def config_errors(config) -> list[str]:
-  """One message per bad key: `config KEY=VALUE: must be ...`. Cross-key rules follow the per-key ones."""
+def config_errors(config, *, platform_checks: bool = True) -> list[str]:
+  """One message per bad key: `config KEY=VALUE: must be ...`. Cross-key rules follow the per-key ones.
+  platform_checks: also what this host cannot run (splash attention off TPU)."""
   errors = []
   for key, (good, what) in RULES:
     value = _get(config, key)
@@ -120,6 +123,29 @@ def config_errors(config) -> list[str]:
   if ok('batch_size', 'grad_accum_steps') and _get(config, 'batch_size') % _get(config, 'grad_accum_steps'):
     errors.append(f"config grad_accum_steps={_get(config, 'grad_accum_steps')}: must divide "
                   f"batch_size={_get(config, 'batch_size')} (each micro-batch takes batch_size/grad_accum_steps rows)")
+  return errors + _attention_errors(config, bad, platform_checks)
+
+
+def _attention_errors(config, bad: set[str], platform_checks: bool) -> list[str]:
+  """model.attention is a known kind; its block divides the trained lengths; splash runs on TPU (or interpreted)."""
+  from transformer_jax import attention  # pylint: disable=g-import-not-at-top  (jax only when a config has the key)
+  kind = _get(config, 'model.attention')
+  if kind is _MISSING or kind == 'dense':
+    return []
+  if kind not in attention.KINDS:
+    return [f"config model.attention={kind!r}: must be one of {', '.join(attention.KINDS)}"]
+  errors = []
+  block = _get(config, 'model.attention_block_size')
+  if block is not _MISSING and 'model.attention_block_size' not in bad:
+    for key in ('max_length', 'packed_inputs_length', 'packed_targets_length'):
+      length = _get(config, key)
+      if _is_int(length) and key not in bad and length % attention.block_for(length, block, kind):
+        errors.append(f'config model.attention_block_size={block}: must divide {key}={length} (or exceed it)')
+  if platform_checks and kind == 'splash' and not _get(config, 'model.attention_interpret') is True:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.default_backend() != 'tpu':
+      errors.append(f"config model.attention='splash': a TPU kernel, and this host runs {jax.default_backend()}; use "
+                    "'blockwise', or model.attention_interpret=True (slow: tests)")
   return errors
 
 
@@ -132,7 +158,8 @@ REQUIRED = ('dataset', 'source_lang', 'target_lang', 'max_length', 'lr_schedule'
 def stored_config_errors(config: dict) -> list[str]:
   """Problems of a config read back from a checkpoint: missing keys first, then the range checks."""
   missing = [k for k in REQUIRED if _get(config, k) is _MISSING]
-  return ([f'no key {", ".join(missing)}'] if missing else []) + config_errors(config)
+  # A splash-trained TPU run's config is still readable on a CPU host (export, inspection).
+  return ([f'no key {", ".join(missing)}'] if missing else []) + config_errors(config, platform_checks=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

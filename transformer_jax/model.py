@@ -19,10 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from transformer_jax import attention as attention_lib
+from transformer_jax.attention import MaskSpec
 from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 # torch's nn.LayerNorm default: one constant so exported HF Marian models compute the same function.
 LAYER_NORM_EPSILON = 1e-5
+
+
+# Platforms whose matrix units run bfloat16 at full rate; CPUs do not (XLA:CPU's bf16 matmuls are slow).
+_BFLOAT16_PLATFORMS = ('tpu', 'gpu', 'cuda', 'rocm')
+
+
+def compute_dtype(name: str, platform: str | None = None):
+  """model.dtype -> a numpy dtype: 'auto' is bfloat16 on TPU/GPU and float32 on CPU, for `platform` (default: the
+  backend of this process)."""
+  if name != 'auto':
+    return jnp.dtype(name)
+  platform = (platform or jax.default_backend()).lower()
+  return jnp.dtype(jnp.bfloat16 if platform in _BFLOAT16_PLATFORMS else jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +54,11 @@ class ModelConfig:
   max_len: int = 512  # longest position (learned table size; decode cache length)
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None (auto), 'xla', 'cudnn'
+  # attention.py: 'dense' | 'blockwise' (exact, memory linear in length) | 'splash' (TPU Pallas kernel)
+  attention: str = 'dense'
+  attention_block_size: int = 512  # blockwise/splash block (query and key); must divide the lengths
+  attention_window: int = 0  # local self-attention over W positions (0: full); the decode cache then holds W
+  attention_interpret: bool = False  # splash in Pallas interpret mode (runs off TPU, slowly: tests)
   remat: str = 'none'  # 'none' | 'full' | 'dots_saveable'
   scan_layers: bool = False  # nn.scan over identical layers: compile time flat in depth
   decode: bool = False  # incremental decoding over a key/value cache (set by decode.py)
@@ -56,7 +76,9 @@ class ModelConfig:
   final_logits_bias: bool = False  # a [V] bias added to the logits (HF Marian's final_logits_bias)
 
   @classmethod
-  def from_config(cls, model_config, **overrides) -> 'ModelConfig':
+  def from_config(cls, model_config, platform: str | None = None, **overrides) -> 'ModelConfig':
+    """`platform` resolves model.dtype='auto' for the chip the model will run on (default: this process's
+    backend; the TPU compile check, running on CPU, passes 'tpu')."""
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in dict(model_config).items() if k in fields}
     values.update(overrides)
@@ -65,7 +87,7 @@ class ModelConfig:
     if values.get('activation') == 'swish':  # HF's name for the same function
       values['activation'] = 'silu'
     if isinstance(values.get('dtype'), str):
-      values['dtype'] = jnp.dtype(values['dtype'])
+      values['dtype'] = compute_dtype(values['dtype'], platform)
     if values.get('special_ids') is not None and not isinstance(values['special_ids'], SpecialIds):
       values['special_ids'] = SpecialIds.from_dict(values['special_ids'])
     cfg = cls(**values)
@@ -79,6 +101,11 @@ class ModelConfig:
       raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
     if cfg.remat not in ('none', 'full', 'dots_saveable'):
       raise ValueError(f"model.remat must be 'none', 'full' or 'dots_saveable', got {cfg.remat!r}")
+    if cfg.attention not in attention_lib.KINDS:
+      raise ValueError(f"model.attention must be one of {', '.join(attention_lib.KINDS)}, got {cfg.attention!r}")
+    if cfg.attention_window < 0 or cfg.attention_block_size < 1:
+      raise ValueError(f'model.attention_window={cfg.attention_window} must be >= 0 (0: off) and '
+                       f'model.attention_block_size={cfg.attention_block_size} >= 1')
     return cfg
 
 
@@ -151,32 +178,6 @@ class HeadProjection(nn.Module):
     return y
 
 
-def _single_query_attention(query, key, value, mask):
-  """One decoding step (T = 1) over a cache laid out [B, H, L, K] (heads before positions): both products are
-  then matrix products batched over (B, H) that XLA:CPU runs without copying the cache. (A [B, L, H, K] cache was
-  transposed whole every step for jax.nn.dot_product_attention; as multiply + reduce it cost 5x the batched
-  products: benchmarks/RESULTS.md.) query [B, 1, H, K]; mask [B, 1, 1, L]."""
-  q = query.astype(jnp.float32) * query.shape[-1]**-0.5  # [B, 1, H, K]
-  logits = jnp.einsum('bthk,bhlk->bhtl', q, key.astype(jnp.float32))  # [B, H, 1, L]
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
-  x = jnp.einsum('bhtl,bhlk->bthk', weights, value.astype(jnp.float32))  # [B, 1, H, K]
-  return x.astype(query.dtype)
-
-
-def explicit_attention_weights(query, key, mask):
-  """softmax(Q K^T / sqrt(K)) [B, H, T, S] as jax.nn.dot_product_attention's XLA path computes it (float32
-  logits and softmax), with masked keys exactly 0 (also in fully masked padding rows, which the fused path fills
-  with uniform weights; those rows are never read)."""
-  logits = jnp.einsum('bthk,bshk->bhts', query, key, preferred_element_type=jnp.float32)
-  logits = logits * jnp.float32(query.shape[-1]**-0.5)
-  if mask is None:
-    return jax.nn.softmax(logits, axis=-1)
-  mask = jnp.broadcast_to(mask, logits.shape)
-  weights = jax.nn.softmax(jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max), axis=-1)
-  return jnp.where(mask, weights, 0.0)
-
-
 class MultiHeadAttention(nn.Module):
   """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
   cfg: ModelConfig
@@ -184,7 +185,8 @@ class MultiHeadAttention(nn.Module):
   cross_attention_cache: bool = False  # encoder-decoder attention: keys/values from the encoder, computed once
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, mask):  # inputs_q [B, T, D], inputs_kv [B, S, D], mask [B, 1, T, S]
+  def __call__(self, inputs_q, inputs_kv, mask):  # inputs_q [B, T, D], inputs_kv [B, S, D]
+    # mask: a MaskSpec (attention.py), or in decoding a boolean [B, 1, T, S] (or None at cache creation)
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.num_heads
     # No key bias even with use_bias: q.(k + b) adds the same q.b to every key's logit, which softmax ignores (its
@@ -203,7 +205,7 @@ class MultiHeadAttention(nn.Module):
       key = projection('key')(inputs_kv)  # [B, S, H, K]
       value = projection('value')(inputs_kv)
       if cfg.decode and self.cross_attention_cache:
-        self.put_variable('cache', 'cross_key', jnp.swapaxes(key, 1, 2))  # [B, H, S, K]: see _single_query_attention
+        self.put_variable('cache', 'cross_key', jnp.swapaxes(key, 1, 2))  # [B, H, S, K]: see single_query_attention
         self.put_variable('cache', 'cross_value', jnp.swapaxes(value, 1, 2))
 
     if cfg.decode and self.self_attention_cache:
@@ -211,13 +213,15 @@ class MultiHeadAttention(nn.Module):
 
     query = constrain(query, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
     if cfg.decode and query.shape[1] == 1 and mask is not None:
-      x = _single_query_attention(query, key, value, mask)
+      x = attention_lib.single_query_attention(query, key, value, mask)
     elif cfg.attention_weights and not cfg.decode:
-      weights = explicit_attention_weights(query, key, mask)  # [B, H, T, S]
+      dense_mask = mask.dense() if isinstance(mask, MaskSpec) else mask
+      weights = attention_lib.explicit_attention_weights(query, key, dense_mask)  # [B, H, T, S]
       self.sow('intermediates', 'attention_weights', weights)
       x = jnp.einsum('bhts,bshk->bthk', weights.astype(value.dtype), value)
     else:
-      x = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)  # [B, T, H, K]
+      x = attention_lib.attend(query, key, value, mask, kind=cfg.attention, block_size=cfg.attention_block_size,
+                               impl=cfg.attention_impl, interpret=cfg.attention_interpret)  # [B, T, H, K]
     out = HeadProjection((cfg.num_heads, head_dim, cfg.d_model), ('heads', 'kv', 'embed'), 'bthk,hkd->btd',
                          in_axis=(0, 1), out_axis=2, dtype=cfg.dtype, use_bias=cfg.use_bias, name='out')(x)
     return out  # [B, T, D]
@@ -225,11 +229,15 @@ class MultiHeadAttention(nn.Module):
   def _update_cache(self, key, value, mask):
     """Writes one step's key/value at cache_index; attends to positions <= cache_index.
 
-    The cache is [B, H, max_len, K] (see _single_query_attention). The first call (cache creation, see decode.py)
-    runs the full-length forward pass and only sizes the cache.
+    The cache is [B, H, L, K] (see attention.single_query_attention), L the creation pass's length. The first call
+    (cache creation, see decode.py) runs the full-length forward pass and only sizes the cache. With a window W it is
+    a ring buffer of min(W, L) slots, position p in slot p % W: it always holds the W latest positions, which is
+    exactly the window, and their order does not matter (positions are in the keys already).
     """
     initialized = self.has_variable('cache', 'cached_key')
     batch, max_len, heads, head_dim = key.shape
+    if self.cfg.attention_window:
+      max_len = min(max_len, self.cfg.attention_window)
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, (batch, heads, max_len, head_dim), key.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros, (batch, heads, max_len, head_dim), value.dtype)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, dtype=jnp.int32))
@@ -239,10 +247,11 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'incremental decoding takes one position at a time, got {key.shape[1]}')
     batch, _, max_len, _ = cached_key.value.shape
     index = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(key, 1, 2), (0, 0, index, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(value, 1, 2), (0, 0, index, 0))
+    slot = index % max_len if self.cfg.attention_window else index
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(key, 1, 2), (0, 0, slot, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(value, 1, 2), (0, 0, slot, 0))
     cache_index.value = index + 1
-    step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]
+    step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]: the filled slots
     return cached_key.value, cached_value.value, jnp.broadcast_to(step_mask, (batch, 1, 1, max_len))
 
 
@@ -282,7 +291,7 @@ class EncoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool):  # x [B, S, D], mask [B, 1, S, S]
+  def __call__(self, x, mask, deterministic: bool):  # x [B, S, D], mask a MaskSpec
     cfg = self.cfg
     dropout = nn.Dropout(cfg.dropout_rate)
     attention = MultiHeadAttention(cfg, name='self_attention')
@@ -338,8 +347,13 @@ def _stack(layer_cls, cfg: ModelConfig, x, *args, deterministic: bool):
   return x
 
 
+def self_attention_mask(cfg: ModelConfig, segmentation, causal: bool) -> MaskSpec:
+  """Within each packed example, windowed by model.attention_window (attention.py)."""
+  return MaskSpec(segmentation, segmentation, causal=causal, window=cfg.attention_window)
+
+
 def attention_mask(query_segmentation, key_segmentation, causal: bool = False):
-  """[B, 1, Tq, Tk] boolean: attend only within the same packed example, never to padding."""
+  """[B, 1, Tq, Tk] boolean: attend only within the same packed example, never to padding (decoding's masks)."""
   mask = (query_segmentation[:, :, None] == key_segmentation[:, None, :]) & (key_segmentation[:, None, :] != 0)
   if causal:
     tq, tk = query_segmentation.shape[1], key_segmentation.shape[1]
@@ -393,7 +407,7 @@ class Encoder(nn.Module):
     x = PositionalEncoding(cfg, name='positional')(x, inputs_position)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x, _ACTIVATION)
-    mask = attention_mask(inputs_segmentation, inputs_segmentation)  # [B, 1, S, S]
+    mask = self_attention_mask(cfg, inputs_segmentation, causal=False)
     x = _stack(EncoderLayer, cfg, x, mask, deterministic=deterministic)
     if cfg.pre_norm:
       x = layer_norm(cfg, 'final_norm')(x)
@@ -431,7 +445,9 @@ class Decoder(nn.Module):
       bias = self.param('final_logits_bias', _param_init(nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,),
                         jnp.float32)
       logits = logits + bias.astype(logits.dtype)
-    return constrain(logits.astype(jnp.float32), ('activation_batch', 'activation_length', 'activation_vocab'))
+    # In the compute dtype: [tokens, V] is the largest activation, and a float32 copy doubled its memory traffic;
+    # the loss and the decoders compute in float32 from it (the values are the same: the bfloat16 matmul rounds).
+    return constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
 
 
 class Transformer(nn.Module):
@@ -471,8 +487,8 @@ class Transformer(nn.Module):
       self_mask = None  # the cache builds the causal mask itself
       cross_mask = attention_mask(jnp.ones_like(decoder_inputs), inputs_segmentation)
     else:
-      self_mask = attention_mask(targets_segmentation, targets_segmentation, causal=True)
-      cross_mask = attention_mask(targets_segmentation, inputs_segmentation)
+      self_mask = self_attention_mask(self.cfg, targets_segmentation, causal=True)
+      cross_mask = MaskSpec(targets_segmentation, inputs_segmentation)  # never windowed
     return self.decoder(decoder_inputs, targets_position, self_mask, encoded, cross_mask, deterministic)
 
   def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None, inputs_position=None,
@@ -512,7 +528,7 @@ class LanguageModel(nn.Module):
     else:
       if targets_segmentation is None:
         targets_segmentation = _default_segmentation(decoder_inputs, self.cfg.special_ids.pad)
-      self_mask = attention_mask(targets_segmentation, targets_segmentation, causal=True)
+      self_mask = self_attention_mask(self.cfg, targets_segmentation, causal=True)
     return self.decoder(decoder_inputs, targets_position, self_mask, None, None, deterministic)
 
   def __call__(self, targets, targets_segmentation=None, targets_position=None, deterministic: bool = True):

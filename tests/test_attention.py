@@ -1,0 +1,236 @@
+"""attention.py: blockwise and splash (interpret mode) equal dense attention, forward and gradients, on packed
+segments, causal and windowed self-attention and cross-attention over padded sources; windowed decoding over the ring
+buffer equals teacher forcing; blockwise's planned temporaries grow linearly in length; bad settings are one line."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from transformer_jax import attention
+from transformer_jax import config_checks
+from transformer_jax import decode
+from transformer_jax import generate
+from transformer_jax.model import LanguageModel, ModelConfig, Transformer
+
+B, H, K = 2, 2, 8
+
+
+def random_segments(rng, length: int, max_segments: int = 4) -> np.ndarray:
+  """[B, length] packed segment ids 1..n, contiguous, with a random stretch of padding (0) at the end."""
+  rows = []
+  for _ in range(B):
+    used = int(rng.integers(length // 2, length + 1))
+    cuts = np.sort(rng.choice(np.arange(1, used), size=min(used - 1, int(rng.integers(0, max_segments))),
+                              replace=False))
+    row = np.zeros(length, np.int32)
+    for i, (lo, hi) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, used])):
+      row[lo:hi] = i + 1
+    rows.append(row)
+  return np.stack(rows)
+
+
+def make_case(name: str, seed: int, t: int, s: int):
+  """(query, key, value, MaskSpec) for a named case: causal | causal_window | window (bidirectional) | cross."""
+  rng = np.random.default_rng(seed)
+  q_seg = random_segments(rng, t)
+  if name == 'cross':  # a target row's segment i reads source segment i; sources padded at the end
+    kv_seg = np.zeros((B, s), np.int32)
+    for row, n in zip(kv_seg, q_seg.max(axis=1)):
+      used = int(rng.integers(n, s + 1))
+      row[:used] = np.sort(np.r_[np.arange(1, n + 1), rng.integers(1, n + 1, size=used - n)])
+  else:
+    s, kv_seg = t, q_seg
+  window = int(rng.integers(1, t // 2)) if 'window' in name else 0
+  spec = attention.MaskSpec(jnp.asarray(q_seg), jnp.asarray(kv_seg), causal=name.startswith('causal'), window=window)
+  normal = lambda n: jnp.asarray(rng.normal(size=(B, n, H, K)), jnp.float32)
+  return normal(t), normal(s), normal(s), spec
+
+
+def loss_and_grads(kind, q, k, v, spec, **kw):
+  """Output and gradients of a random projection of the output over the real (not fully masked) query rows."""
+  real = spec.dense().any(-1)[:, 0][:, :, None, None]  # [B, T, 1, 1]
+  weights = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
+
+  def loss(q, k, v):
+    out = attention.attend(q, k, v, spec, kind=kind, **kw)
+    return jnp.sum(jnp.where(real, out * weights, 0.0)), jnp.where(real, out, 0.0)
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+def assert_same(a, b, atol=1e-5):
+  out_a, grads_a = a
+  out_b, grads_b = b
+  np.testing.assert_allclose(out_a, out_b, atol=atol)
+  for name, x, y in zip('qkv', grads_a, grads_b):
+    np.testing.assert_allclose(x, y, atol=atol, err_msg=f'd{name}')
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+@pytest.mark.parametrize('name', ['causal', 'causal_window', 'window', 'cross'])
+def test_blockwise_equals_dense(name, seed):
+  # 48 and 40 are not multiples of the block of 16 in every case: the padding path is exercised too.
+  q, k, v, spec = make_case(name, seed, t=48 if seed else 64, s=40)
+  dense = loss_and_grads('dense', q, k, v, spec)
+  assert_same(dense, loss_and_grads('blockwise', q, k, v, spec, block_size=16))
+  assert_same(dense, loss_and_grads('blockwise', q, k, v, spec, block_size=512))  # one block
+
+
+def test_blockwise_skips_key_blocks_outside_the_band():
+  visited = lambda i, causal, window: tuple(int(x) for x in attention._key_blocks(  # pylint: disable=protected-access
+      jnp.int32(i), 16, 16, 8, causal, window))
+  assert visited(3, True, 0) == (0, 4)
+  assert visited(3, True, 16) == (2, 4)  # rows 48..63 see keys 33..63
+  assert visited(3, False, 16) == (2, 5)
+  assert visited(0, False, 0) == (0, 8)
+
+
+@pytest.mark.parametrize('name', ['causal_window', 'cross'])
+def test_splash_interpret_equals_dense(name):
+  # The kernel's smallest blocks are 128 (its lane width): 256 queries are two blocks, so blocks get skipped.
+  q, k, v, spec = make_case(name, 3, t=256, s=128)
+  if name == 'causal_window':
+    spec = spec.replace(window=100)
+  assert_same(loss_and_grads('dense', q, k, v, spec),
+              loss_and_grads('splash', q, k, v, spec, block_size=128, interpret=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In the model
+
+
+def _packed_batch(rng, length, vocab):
+  seg = random_segments(rng, length)
+  pos = np.zeros_like(seg)
+  for row_seg, row_pos in zip(seg, pos):
+    for s in range(1, row_seg.max() + 1):
+      row_pos[row_seg == s] = np.arange(np.sum(row_seg == s))
+  tokens = np.where(seg > 0, rng.integers(4, vocab, size=seg.shape), 0).astype(np.int32)
+  return jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos)
+
+
+@pytest.mark.parametrize('window', [0, 5])
+def test_transformer_blockwise_logits_equal_dense_on_a_packed_batch(window):
+  rng = np.random.default_rng(window)
+  cfg = ModelConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0, max_len=64,
+                    attention_window=window, attention_block_size=16)
+  inputs, inputs_seg, inputs_pos = _packed_batch(rng, 48, 32)
+  targets, targets_seg, targets_pos = _packed_batch(rng, 32, 32)
+  # Target segment i reads source segment i: keep the segment counts equal.
+  targets_seg = jnp.minimum(targets_seg, inputs_seg.max(axis=1, keepdims=True))
+  args = (inputs, targets, inputs_seg, targets_seg, inputs_pos, targets_pos)
+  params = jax.jit(Transformer(cfg).init)(jax.random.key(0), *args)['params']
+  logits = {kind: jax.jit(Transformer(ModelConfig(**{**cfg.__dict__, 'attention': kind})).apply)({'params': params},
+                                                                                                 *args)
+            for kind in ('dense', 'blockwise')}
+  real = np.asarray(targets_seg > 0)
+  np.testing.assert_allclose(np.asarray(logits['dense'])[real], np.asarray(logits['blockwise'])[real], atol=1e-5)
+
+
+def _lm(window, max_len=24, kind='dense'):
+  return ModelConfig(vocab_size=32, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0,
+                     max_len=max_len, kind='decoder', pre_norm=True, positional='learned', attention=kind,
+                     attention_window=window, attention_block_size=8)
+
+
+@pytest.mark.parametrize('window', [1, 3, 7])
+def test_windowed_decoding_over_the_ring_buffer_equals_teacher_forcing(window):
+  cfg = _lm(window)
+  tokens = jnp.asarray(np.random.default_rng(window).integers(4, 32, size=(B, 20)), jnp.int32)
+  params = LanguageModel(cfg).init(jax.random.key(1), tokens)['params']
+  teacher = LanguageModel(cfg).apply({'params': params}, tokens, method=LanguageModel.decode)
+  blockwise = LanguageModel(_lm(window, kind='blockwise')).apply({'params': params}, tokens,
+                                                                 method=LanguageModel.decode)
+  np.testing.assert_allclose(teacher, blockwise, atol=1e-5)
+  model = generate.decoding_model(cfg)
+  cache = generate.init_cache(model, params, B, tokens.shape[1])
+  assert cache['decoder']['layers_0']['self_attention']['cached_key'].shape == (B, 2, window, 8)  # O(W), not O(T)
+  step = jax.jit(functools.partial(generate.decode_step, model))
+  for t in range(tokens.shape[1]):
+    logits, cache = step(params, cache, tokens[:, t])
+    np.testing.assert_allclose(logits, teacher[:, t], atol=1e-5, err_msg=f'position {t}')
+
+
+def test_windowed_translation_decoding_equals_teacher_forcing():
+  cfg = ModelConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0, max_len=24,
+                    attention_window=4)
+  rng = np.random.default_rng(0)
+  inputs = jnp.asarray(rng.integers(4, 32, size=(B, 12)), jnp.int32)
+  decoder_inputs = jnp.asarray(rng.integers(4, 32, size=(B, 16)), jnp.int32)
+  params = Transformer(cfg).init(jax.random.key(2), inputs, decoder_inputs)['params']
+  inputs_seg = jnp.ones_like(inputs)
+  encoded = Transformer(cfg).apply({'params': params}, inputs, method=Transformer.encode)
+  teacher = Transformer(cfg).apply({'params': params}, encoded, inputs_seg, decoder_inputs, method=Transformer.decode)
+  model = decode.decoding_model(cfg)
+  cache = decode.init_cache(model, params, encoded, inputs_seg, 16)
+  step = jax.jit(functools.partial(decode.decode_step, model))
+  for t in range(16):
+    log_probs, cache = step(params, cache, encoded, inputs_seg, decoder_inputs[:, t])
+    np.testing.assert_allclose(log_probs, jax.nn.log_softmax(teacher[:, t]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory: a compile-time property
+
+
+def planned_temp_bytes(kind: str, length: int, window: int = 0) -> int:
+  """XLA's planned temporaries of one LM train step (loss, gradients) at `length` tokens per row."""
+  cfg = ModelConfig(**{**_lm(window, max_len=length, kind=kind).__dict__, 'num_layers': 1,
+                       'attention_block_size': 256})
+  model = LanguageModel(cfg)
+  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))['params'])
+
+  def loss(params, tokens):
+    logits = model.apply({'params': params}, tokens)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1))
+
+  compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_train_step_temporaries_grow_linearly_in_length():
+  short, long = 1024, 4096
+  blockwise = planned_temp_bytes('blockwise', long) / planned_temp_bytes('blockwise', short)
+  dense = planned_temp_bytes('dense', long) / planned_temp_bytes('dense', short)
+  assert blockwise < 6, blockwise  # 4x the length: ~4x the bytes
+  assert dense > 10, dense  # the [B, H, T, T] logits: ~16x (so this test can tell the two apart)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad settings
+
+
+def _config(max_length=1000, **model):
+  return ml_collections.ConfigDict(dict(max_length=max_length, packed_inputs_length=1024,
+                                        packed_targets_length=1024, model=dict(d_model=16, num_heads=2, **model)))
+
+
+@pytest.mark.parametrize('model, expected', [
+    (dict(attention='flash'), "model.attention='flash': must be one of dense, blockwise, splash"),
+    (dict(attention='blockwise', attention_window=-1), 'model.attention_window=-1: must be an integer >= 0'),
+    (dict(attention='blockwise', attention_block_size=256), 'must divide max_length=1000'),
+    (dict(attention='splash', attention_block_size=512), "model.attention='splash': a TPU kernel"),
+])
+def test_bad_settings_are_one_line_errors(model, expected):
+  errors = config_checks.config_errors(_config(**model))
+  assert any(expected in e for e in errors), errors
+  assert all('\n' not in e for e in errors)
+
+
+def test_splash_is_allowed_off_tpu_in_interpret_mode_and_in_stored_configs():
+  assert not config_checks.config_errors(_config(1024, attention='splash', attention_interpret=True))
+  assert not config_checks.config_errors(_config(1024, attention='splash'), platform_checks=False)
+
+
+@pytest.mark.parametrize('field, value', [('attention', 'flash'), ('attention_window', -2),
+                                          ('attention_block_size', 0)])
+def test_model_config_refuses_bad_attention_settings(field, value):
+  with pytest.raises(ValueError, match=field) as e:
+    ModelConfig.from_config({'vocab_size': 32, field: value})
+  assert '\n' not in str(e.value)

@@ -1,0 +1,290 @@
+"""Attention kernels: the one place the model's attention dispatches on `model.attention`.
+
+  dense      jax.nn.dot_product_attention over a boolean [B, 1, T, S] mask built from the description below: O(T S)
+             memory; model.attention_impl picks XLA or cuDNN (GPU).
+  blockwise  exact attention in plain JAX (any device): an online softmax over key blocks (Rabe & Staats 2021;
+             FlashAttention's recurrence) under a custom VJP whose backward pass recomputes each block, so what is
+             kept between the passes is O(T) and a pass's temporaries O(T x block). Key blocks outside the causal or
+             window band of a query block are never visited (their range is computed from the block indices);
+             segment ids and padding are masked inside the visited blocks.
+  splash     the TPU's Pallas splash kernel (jax.experimental.pallas.ops.tpu.splash_attention): SegmentIds for
+             packing, CausalMask / LocalMask for the band; model.attention_interpret runs it on CPU (tests).
+
+Blocks are model.attention_block_size (the whole sequence when shorter; splash: a multiple of 128). A length the block
+does not divide is padded up to one it does (segment 0, so masked) and cut back: training configs must not need it
+(config_checks.py refuses them: the padding is wasted work), inference lengths (a batch of sources) may.
+
+Masks are described, not materialised: MaskSpec holds the query and key segment ids ([B, T], [B, S]; 0 = padding;
+a query sees only keys of its own segment), whether attention is causal, and the window. Positions are the row
+indices: packed segments are contiguous runs whose positions restart at 0, so inside a segment index order is
+position order and i - j is the distance in positions (what splash's masks index by too).
+
+Window W (model.attention_window; 0 = off): a causal query i sees keys i - W < j <= i (W keys, itself included), a
+bidirectional one keys with |i - j| < W. Cross-attention is never windowed.
+
+Fully masked query rows (padding) come out as 0 from blockwise and as anything from dense and splash: no loss reads
+them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+KINDS = ('dense', 'blockwise', 'splash')
+_NEG = -1e30  # a masked logit: finite, so max and exp never make NaN
+
+
+@struct.dataclass
+class MaskSpec:
+  """Who may attend to whom, without a [B, 1, T, S] array."""
+  q_segment: jax.Array  # [B, T] int; 0 = padding
+  kv_segment: jax.Array  # [B, S] int
+  causal: bool = struct.field(pytree_node=False, default=False)
+  window: int = struct.field(pytree_node=False, default=0)
+
+  def dense(self):
+    """[B, 1, T, S] boolean, for the dense path."""
+    t, s = self.q_segment.shape[1], self.kv_segment.shape[1]
+    band = _band(jnp.arange(t)[:, None], jnp.arange(s)[None, :], self.causal, self.window)  # [T, S]
+    same = _same_segment(self.q_segment, self.kv_segment)  # [B, T, S]
+    return (same if band is None else same & band[None])[:, None]
+
+
+def _same_segment(q_segment, kv_segment):  # [B, T], [B, S] -> [B, T, S]
+  return (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+
+
+def _band(q_index, kv_index, causal: bool, window: int):
+  """Position part of the mask (broadcast of the two index arrays), or None when every pair is visible."""
+  band = None
+  if causal:
+    band = q_index >= kv_index
+  if window:
+    near = (q_index - kv_index < window) & (kv_index - q_index < (1 if causal else window))
+    band = near if band is None else band & near
+  return band
+
+
+def block_for(length: int, block_size: int, kind: str = 'blockwise') -> int:
+  """The block used for a sequence of `length`: block_size, or the whole sequence when shorter (splash: rounded up
+  to a multiple of 128, its lane width)."""
+  if kind == 'splash':
+    length = -(-length // 128) * 128
+  return min(block_size, length)
+
+
+def _pad_to(x, segment, block: int):
+  """x [B, L, ...] and segment [B, L] padded (segment 0) to a multiple of block."""
+  extra = -x.shape[1] % block
+  if not extra:
+    return x, segment
+  return (jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)), jnp.pad(segment, [(0, 0), (0, extra)]))
+
+
+def attend(query, key, value, mask, *, kind: str = 'dense', block_size: int = 512, impl: str | None = None,
+           interpret: bool = False):
+  """query [B, T, H, K], key/value [B, S, H, K], mask a MaskSpec, a boolean [B, 1, T, S] or None -> [B, T, H, K]."""
+  if kind == 'dense' or not isinstance(mask, (MaskSpec, type(None))):
+    if isinstance(mask, MaskSpec):
+      mask = mask.dense()
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+  if kind not in KINDS:
+    raise ValueError(f"model.attention must be one of {', '.join(KINDS)}, got {kind!r}")
+  if mask is None:
+    ones = lambda n: jnp.ones((query.shape[0], n), jnp.int32)
+    mask = MaskSpec(ones(query.shape[1]), ones(key.shape[1]))
+  t = query.shape[1]
+  bq, bk = block_for(t, block_size, kind), block_for(key.shape[1], block_size, kind)
+  query, q_segment = _pad_to(query, mask.q_segment, bq)
+  key, kv_segment = _pad_to(key, mask.kv_segment, bk)
+  value, _ = _pad_to(value, mask.kv_segment, bk)
+  mask = mask.replace(q_segment=q_segment, kv_segment=kv_segment)
+  if kind == 'blockwise':
+    out = blockwise_attention(query, key, value, mask, bq, bk)
+  else:
+    out = splash_attention(query, key, value, mask, bq, bk, interpret)
+  return out[:, :t]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decoding and attention maps (explicit weights)
+
+
+def single_query_attention(query, key, value, mask):
+  """One decoding step (T = 1) over a cache laid out [B, H, L, K] (heads before positions): both products are
+  then matrix products batched over (B, H) that XLA:CPU runs without copying the cache. (A [B, L, H, K] cache was
+  transposed whole every step for jax.nn.dot_product_attention; as multiply + reduce it cost 5x the batched
+  products: benchmarks/RESULTS.md.) query [B, 1, H, K]; mask [B, 1, 1, L]."""
+  q = query.astype(jnp.float32) * query.shape[-1]**-0.5  # [B, 1, H, K]
+  logits = jnp.einsum('bthk,bhlk->bhtl', q, key.astype(jnp.float32))  # [B, H, 1, L]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  x = jnp.einsum('bhtl,bhlk->bthk', weights, value.astype(jnp.float32))  # [B, 1, H, K]
+  return x.astype(query.dtype)
+
+
+def explicit_attention_weights(query, key, mask):
+  """softmax(Q K^T / sqrt(K)) [B, H, T, S] as jax.nn.dot_product_attention's XLA path computes it (float32
+  logits and softmax), with masked keys exactly 0 (also in fully masked padding rows, which the fused path fills
+  with uniform weights; those rows are never read)."""
+  logits = jnp.einsum('bthk,bshk->bhts', query, key, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(query.shape[-1]**-0.5)
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  mask = jnp.broadcast_to(mask, logits.shape)
+  weights = jax.nn.softmax(jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max), axis=-1)
+  return jnp.where(mask, weights, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# blockwise
+
+
+def blockwise_attention(query, key, value, mask: MaskSpec, bq: int, bk: int):
+  """Exact softmax attention, one key block at a time (see the module doc). Shapes as `attend`; blocks of bq
+  queries and bk keys dividing the lengths."""
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, K]: every block product is batched over (B, H)
+  out = _blockwise(heads_first(query), heads_first(key), heads_first(value), mask.q_segment, mask.kv_segment,
+                   mask.causal, mask.window, bq, bk)
+  return heads_first(out)
+
+
+def _key_blocks(i, bq: int, bk: int, num_kv_blocks: int, causal: bool, window: int):
+  """[lo, hi): the key blocks query block i can see (from indices only)."""
+  first, last = i * bq, (i + 1) * bq - 1  # its query rows
+  lo, hi = 0, num_kv_blocks
+  if causal:
+    hi = jnp.minimum(hi, last // bk + 1)
+  elif window:
+    hi = jnp.minimum(hi, (last + window - 1) // bk + 1)
+  if window:
+    lo = jnp.maximum(0, (first - window + 1) // bk)
+  return lo, hi
+
+
+def _block(x, j, size: int, axis: int):
+  return jax.lax.dynamic_slice_in_dim(x, j * size, size, axis=axis)
+
+
+def _visible(q_seg, kv_seg, i, j, bq: int, bk: int, causal: bool, window: int):
+  """[B, 1, bq, bk] mask of query block i against key block j."""
+  same = _same_segment(q_seg, kv_seg)[:, None]
+  band = _band(i * bq + jnp.arange(bq)[:, None], j * bk + jnp.arange(bk)[None, :], causal, window)
+  return same if band is None else same & band
+
+
+def _logits(q_blk, k_blk):  # q already scaled
+  return jnp.einsum('bhqk,bhsk->bhqs', q_blk, k_blk.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _blockwise(q, k, v, q_seg, kv_seg, causal, window, bq, bk):
+  return _blockwise_fwd(q, k, v, q_seg, kv_seg, causal, window, bq, bk)[0]
+
+
+def _blockwise_fwd(q, k, v, q_seg, kv_seg, causal, window, bq, bk):
+  b, h, t, d = q.shape
+  scale = d**-0.5
+  num_kv_blocks = k.shape[2] // bk
+
+  def query_block(i):
+    q_blk = _block(q, i, bq, 2).astype(jnp.float32) * scale  # [B, H, bq, K]
+    qs = _block(q_seg, i, bq, 1)
+
+    def key_block(j, carry):
+      m, l, acc = carry  # running max [B, H, bq], normaliser [B, H, bq], numerator [B, H, bq, K]
+      visible = _visible(qs, _block(kv_seg, j, bk, 1), i, j, bq, bk, causal, window)
+      s = jnp.where(visible, _logits(q_blk, _block(k, j, bk, 2)), _NEG)  # [B, H, bq, bk]
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+      correction = jnp.exp(m - m_new)
+      acc = acc * correction[..., None] + jnp.einsum('bhqs,bhsk->bhqk', p, _block(v, j, bk, 2).astype(jnp.float32))
+      return m_new, l * correction + p.sum(-1), acc
+
+    init = (jnp.full((b, h, bq), _NEG), jnp.zeros((b, h, bq)), jnp.zeros((b, h, bq, d)))
+    m, l, acc = jax.lax.fori_loop(*_key_blocks(i, bq, bk, num_kv_blocks, causal, window), key_block, init)
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)  # log-sum-exp of the row's logits
+    return out, lse
+
+  out, lse = jax.lax.map(query_block, jnp.arange(t // bq))  # [nq, B, H, bq, K], [nq, B, H, bq]
+  out = jnp.moveaxis(out, 0, 2).reshape(b, h, t, d)
+  lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, t)
+  out = out.astype(q.dtype)
+  return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _blockwise_bwd(causal, window, bq, bk, residuals, grad):
+  q, k, v, q_seg, kv_seg, out, lse = residuals
+  b, h, t, d = q.shape
+  scale = d**-0.5
+  num_kv_blocks = k.shape[2] // bk
+  grad = grad.astype(jnp.float32)
+  delta = jnp.sum(grad * out.astype(jnp.float32), axis=-1)  # [B, H, T]: rowsum(dO * O)
+
+  def query_block(carry, i):
+    q_blk = _block(q, i, bq, 2).astype(jnp.float32)
+    g_blk, lse_blk, delta_blk = _block(grad, i, bq, 2), _block(lse, i, bq, 2), _block(delta, i, bq, 2)
+    qs = _block(q_seg, i, bq, 1)
+
+    def key_block(j, carry):
+      dq, dk, dv = carry
+      k_blk, v_blk = _block(k, j, bk, 2).astype(jnp.float32), _block(v, j, bk, 2).astype(jnp.float32)
+      visible = _visible(qs, _block(kv_seg, j, bk, 1), i, j, bq, bk, causal, window)
+      p = jnp.where(visible, jnp.exp(_logits(q_blk * scale, k_blk) - lse_blk[..., None]), 0.0)  # softmax weights
+      dp = jnp.einsum('bhqk,bhsk->bhqs', g_blk, v_blk)
+      ds = p * (dp - delta_blk[..., None]) * scale  # d logits, with the 1/sqrt(K) of the product
+      dq = dq + jnp.einsum('bhqs,bhsk->bhqk', ds, k_blk)
+      add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(acc, _block(acc, j, bk, 2) + x, j * bk, axis=2)
+      dk = add(dk, jnp.einsum('bhqs,bhqk->bhsk', ds, q_blk))
+      dv = add(dv, jnp.einsum('bhqs,bhqk->bhsk', p, g_blk))
+      return dq, dk, dv
+
+    dk, dv = carry
+    lo, hi = _key_blocks(i, bq, bk, num_kv_blocks, causal, window)
+    dq, dk, dv = jax.lax.fori_loop(lo, hi, key_block, (jnp.zeros((b, h, bq, d)), dk, dv))
+    return (dk, dv), dq
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(t // bq))
+  dq = jnp.moveaxis(dq, 0, 2).reshape(b, h, t, d)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# splash (TPU)
+
+
+def splash_mask(mask: MaskSpec, t: int, s: int):
+  """The splash kernel's static mask for one head: the band part of `mask` (segments go as SegmentIds)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  w = mask.window
+  if mask.causal:
+    return splash.LocalMask((t, s), (w - 1, 0), 0) if w else splash.CausalMask((t, s))
+  return splash.LocalMask((t, s), (w - 1, w - 1), 0) if w else splash.FullMask((t, s))
+
+
+def splash_attention(query, key, value, mask: MaskSpec, bq: int, bk: int, interpret: bool = False):
+  """The Pallas splash kernel, one call per row (vmap); blocks of bq queries and bk keys (multiples of 128 on TPU)
+  dividing the lengths. A mesh with more than one device would need it under shard_map (not done: one chip)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  _, t, h, d = query.shape
+  s = key.shape[1]
+  sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+  kernel = splash.make_splash_mha(splash.MultiHeadMask([splash_mask(mask, t, s)] * h), block_sizes=sizes,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, K]
+  q = heads_first(query * jnp.asarray(d**-0.5, query.dtype))  # splash does not scale the logits
+  segments = splash.SegmentIds(q=mask.q_segment, kv=mask.kv_segment)
+  out = jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(0, 0)))(q, heads_first(key), heads_first(value),
+                                                                     segments)
+  return heads_first(out)
