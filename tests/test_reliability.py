@@ -60,6 +60,17 @@ def tree_hash(directory: str) -> dict[str, str]:
   return out
 
 
+def tree_stat(directory: str) -> dict[str, tuple[int, int]]:
+  """Every file and directory under `directory` by relative path -> (size, mtime in ns). The root's own mtime is
+  left out: the workdir lock file is made and removed there by design."""
+  out = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs + files:
+      st = os.stat(os.path.join(root, name))
+      out[os.path.relpath(os.path.join(root, name), directory)] = (st.st_size if name in files else 0, st.st_mtime_ns)
+  return out
+
+
 def tmp_dirs(workdir: str) -> list[str]:
   path = os.path.join(workdir, 'checkpoints')
   return [n for n in os.listdir(path) if 'tmp' in n] if os.path.isdir(path) else []
@@ -231,7 +242,9 @@ def test_bad_inputs_are_one_line_each_and_change_nothing(tmp_path, env, config_p
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a directory')
   damaged_spm, damaged_config = str(tmp_path / 'damaged_spm'), str(tmp_path / 'damaged_config')
-  for target, damage in ((damaged_spm, _damage_tokenizer), (damaged_config, _damage_config)):
+  other_arch = str(tmp_path / 'other_arch')  # a train with another d_model: the eval cache it would need is absent
+  for target, damage in ((damaged_spm, _damage_tokenizer), (damaged_config, _damage_config),
+                         (other_arch, lambda _: None)):
     shutil.copytree(trained, target)
     damage(target)
   sentences = tmp_path / 'sentences.txt'
@@ -255,10 +268,15 @@ def test_bad_inputs_are_one_line_each_and_change_nothing(tmp_path, env, config_p
                              [r"the workdir's tokenizer is damaged"]),
       'train_damaged_spm': (damaged_spm, [], 'train', config_path,
                             [r'SentencePiece model \S+ is damaged .*; delete it and rerun to retrain the tokenizer']),
+      'train_other_architecture': (other_arch, ['--config.model.d_model=64', '--config.model.d_ff=128',
+                                                '--config.max_eval_examples=64'], 'train', config_path,
+                                   [r'checkpoint step 8 in \S+: parameter \S+ has shape \([\d, ]+\) but the model '
+                                    r'expects \([\d, ]+\): the checkpoint was made with another architecture']),
       'translate_damaged_config': (damaged_config, [f'--input={sentences}'], 'translate', None,
                                    [r'no readable config in \S+ \(step 4: JSONDecodeError: .*\); pass --config=FILE']),
   }
   before = {name: tree_hash(case[0]) for name, case in cases.items()}
+  before_stat = {name: tree_stat(case[0]) for name, case in cases.items() if os.path.isdir(case[0])}
   runs = {name: Run(workdir, env, *args, command=command, config=config, log=str(tmp_path / name))
           for name, (workdir, args, command, config, _) in cases.items()}
   # Beside them, not a bad input: rerunning the finished run reports its held-out metrics and writes nothing.
@@ -279,6 +297,8 @@ def test_bad_inputs_are_one_line_each_and_change_nothing(tmp_path, env, config_p
       assert re.search(pattern, line), (name, pattern, line)
     assert 'Traceback' not in run.stderr, (name, run.describe())
     assert tree_hash(workdir) == before[name], name
+    if name in before_stat and workdir != trained:  # the finished run's rerun beside them may read the trained one
+      assert tree_stat(workdir) == before_stat[name], name  # names, sizes, mtimes: nothing rewritten either
   assert not os.path.exists(tmp_path / 'hf')
 
 

@@ -519,6 +519,14 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes '
                      f"data*fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
   parallel.process_batch_rows(mesh, config.batch_size)  # each process must own its own rows: fail before loading data
+  tx = optim.make_optimizer(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    # Shapes do not depend on the tokenizer's special ids: check the checkpoint against the config before any data
+    # is prepared or written, so a refused command leaves the workdir as it was.
+    shapes_model = build_model(model_config(config))
+    shardings = parallel.logical_shardings(state_logical_specs(shapes_model, tx, config), mesh)
+    abstract = abstract_state(shapes_model, tx, config, shardings)
+    workdir_lib.Workdir(workdir).check_resumable(abstract)
 
   data = pipeline.build_datasets(config, workdir, process_index=process_index, process_count=process_count)
   if data.tokenizer.vocab_size > config.model.vocab_size:
@@ -527,17 +535,15 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
 
   cfg = model_config(config, special_ids=data.tokenizer.special_ids)
   model = build_model(cfg)
-  tx = optim.make_optimizer(config)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
     checkpointer = workdir_lib.Workdir(workdir).checkpointer(keep=config.keep_checkpoints,
                                                              async_save=config.get('async_checkpointing', True))
     preemption.checkpointer = checkpointer
     if checkpointer.latest_step() is not None:
-      state, data_state, restored_step = checkpointer.restore(abstract_state(model, tx, config, shardings))
+      state, data_state, restored_step = checkpointer.restore(abstract)
       data.train.set_state(data_state)
       if is_chief:
         print(f'resumed from step {restored_step}', flush=True)

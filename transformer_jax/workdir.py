@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import linen as nn
 
 from transformer_jax import checkpoint as checkpoint_lib
@@ -74,6 +75,30 @@ class Workdir:
     reader = self._reader()
     try:
       return reader.all_steps()
+    finally:
+      reader.close()
+
+  def check_resumable(self, abstract_state) -> None:
+    """Refuses (checkpoint_lib.ArchitectureMismatchError) a checkpoint of another architecture or vocabulary than
+    abstract_state's, reading only the newest readable step's metadata. The trainer asks before it prepares or
+    writes anything, so a refused command leaves the workdir as it was; damage is left to the restore to report."""
+    if not paths.isdir(self.checkpoint_dir):
+      return
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only: a refusal is one line
+    try:
+      reader = self.checkpointer(read_only=True)
+    finally:
+      logging.set_verbosity(verbosity)
+    try:
+      for step in reversed(reader.all_steps()):
+        try:
+          reader.check_compatible(step, abstract_state)
+          return
+        except checkpoint_lib.ArchitectureMismatchError:
+          raise
+        except Exception:  # pylint: disable=broad-except  (unreadable metadata: an older step may read)
+          continue
     finally:
       reader.close()
 

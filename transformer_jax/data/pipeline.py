@@ -297,10 +297,7 @@ def build_datasets(config, workdir: str, *, process_index: int = 0,
   from transformer_jax.data import stream as stream_lib  # pylint: disable=g-import-not-at-top
   prepared = prepare_lib.ensure_prepared(config, workdir, is_chief=process_index == 0,
                                          progress=process_index == 0)
-  tokenizer = prepared.tokenizer
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                     f"{config.model.vocab_size}; delete {tokenizer.model_path} or raise vocab_size")
+  tokenizer = prepared.tokenizer  # its size was checked against model.vocab_size before any shard was written
   manifest = prepared.manifest
   if prepared.reused and process_index == 0:
     prepare_lib.report_skipped(manifest, f"{config.dataset} [{config.train_split}]")

@@ -448,6 +448,9 @@ def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief:
     tokenizer = tokenizer_lib.load_or_train_tokenizer(
         os.path.join(workdir, "spm.model"), lambda: sample_sentences(reader, max_sentences),
         int(config.model.vocab_size), is_chief=is_chief, max_sentences=max_sentences)
+  if tokenizer.vocab_size > config.model.vocab_size:  # before any shard is written
+    raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
+                     f"{config.model.vocab_size}; delete {tokenizer.model_path} or raise vocab_size")
   root = config.get("prepared_data_dir") or default_prepared_root(workdir)
   if paths.is_gcs(root):
     raise ValueError(f"prepared_data_dir={root}: the token-id shards are memory-mapped, so they must be on a local "
