@@ -234,3 +234,13 @@ def test_model_config_refuses_bad_attention_settings(field, value):
   with pytest.raises(ValueError, match=field) as e:
     ModelConfig.from_config({'vocab_size': 32, field: value})
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('fmt', ['hf-gpt2', 'hf-marian'])
+def test_a_windowed_model_refuses_hf_formats_in_one_line(fmt, tmp_path):
+  from transformer_jax import export  # pylint: disable=g-import-not-at-top
+  source = export.Exportable(config=None, cfg=_lm(4), params={}, tokenizer_path='', step=0)
+  with pytest.raises(export.ExportError, match='cannot express model.attention_window=4') as e:
+    export.export(source, fmt, str(tmp_path / 'out'))
+  assert '\n' not in str(e.value)
+  assert not (tmp_path / 'out').exists()

@@ -63,9 +63,17 @@ def check_target(fmt: str, out: str, *, dtype: str = 'float32', overwrite: bool 
   FORMATS[fmt].check_target(out, dtype=dtype, overwrite=overwrite, tokenizer_path=tokenizer_path)
 
 
+# Formats whose models attend to every earlier position: a model trained with a local window is another function.
+WINDOWLESS_FORMATS = (hf_marian.NAME, hf_gpt2.NAME)
+
+
 def export(source: Exportable, fmt: str, out: str, *, dtype: str = 'float32', overwrite: bool = False,
            platforms: tuple[str, ...] = ('cpu', 'cuda', 'tpu')) -> list[str]:
   """Writes `source` as `fmt` to `out`; returns the paths written."""
+  window = getattr(source.cfg, 'attention_window', 0)
+  if window and fmt in WINDOWLESS_FORMATS:
+    raise ExportError(f'{fmt} cannot express model.attention_window={window} (its models attend to every position); '
+                      'export safetensors, msgpack or stablehlo')
   check_target(fmt, out, dtype=dtype, overwrite=overwrite, tokenizer_path=source.tokenizer_path)
   return FORMATS[fmt].write(source, out, dtype=dtype, overwrite=overwrite, platforms=platforms)
 
