@@ -244,3 +244,14 @@ def test_a_windowed_model_refuses_hf_formats_in_one_line(fmt, tmp_path):
     export.export(source, fmt, str(tmp_path / 'out'))
   assert '\n' not in str(e.value)
   assert not (tmp_path / 'out').exists()
+
+
+def test_splash_under_a_mesh_runs_per_shard():
+  # Batch over 'data', heads over 'tensor' (parallel.py's rules): the kernel runs under shard_map, same numbers.
+  mesh = jax.make_mesh((2, 2), ('data', 'tensor'), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  q, k, v, spec = make_case('causal_window', 4, t=256, s=256)
+  dense = loss_and_grads('dense', q, k, v, spec)
+  with jax.set_mesh(mesh):
+    splash = loss_and_grads('splash', q, k, v, spec, block_size=128, interpret=True)
+  assert_same(dense, splash)

@@ -274,17 +274,33 @@ def splash_mask(mask: MaskSpec, t: int, s: int):
 
 def splash_attention(query, key, value, mask: MaskSpec, bq: int, bk: int, interpret: bool = False):
   """The Pallas splash kernel, one call per row (vmap); blocks of bq queries and bk keys (multiples of 128 on TPU)
-  dividing the lengths. A mesh with more than one device would need it under shard_map (not done: one chip)."""
+  dividing the lengths. Under a mesh of several devices it runs per shard (shard_map: batch over the data/fsdp axes,
+  heads over 'tensor', as parallel.py's rules lay activations out): XLA cannot partition a Pallas call itself."""
+  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top  (parallel imports no model code)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, K]
+  q = heads_first(query * jnp.asarray(query.shape[-1]**-0.5, query.dtype))  # splash does not scale the logits
+  k, v = heads_first(key), heads_first(value)
+  run = functools.partial(_splash_per_row, mask=mask.replace(q_segment=None, kv_segment=None), bq=bq, bk=bk,
+                          interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+    batch = tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names) or None
+    heads = 'tensor' if 'tensor' in mesh.axis_names else None
+    spec, segment_spec = P(batch, heads, None, None), P(batch, None)
+    run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, segment_spec, segment_spec), out_specs=spec,
+                        check_vma=False)
+  return heads_first(run(q, k, v, mask.q_segment, mask.kv_segment))
+
+
+def _splash_per_row(q, k, v, q_segment, kv_segment, *, mask: MaskSpec, bq: int, bk: int, interpret: bool):
+  """q, k, v [B, H, L, K] (this shard's rows and heads), segments [B, L]."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
-  _, t, h, d = query.shape
-  s = key.shape[1]
+  _, h, t, _ = q.shape
+  s = k.shape[2]
   sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                             block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
   kernel = splash.make_splash_mha(splash.MultiHeadMask([splash_mask(mask, t, s)] * h), block_sizes=sizes,
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
-  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, K]
-  q = heads_first(query * jnp.asarray(d**-0.5, query.dtype))  # splash does not scale the logits
-  segments = splash.SegmentIds(q=mask.q_segment, kv=mask.kv_segment)
-  out = jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(0, 0)))(q, heads_first(key), heads_first(value),
-                                                                     segments)
-  return heads_first(out)
+  segments = splash.SegmentIds(q=q_segment, kv=kv_segment)
+  return jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(0, 0)))(q, k, v, segments)

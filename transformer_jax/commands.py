@@ -200,7 +200,9 @@ def _writer_lock(command: str):
 def _check_inputs(command: str) -> None:
   """One `error:` line per bad config value or path, exit 2 (config_checks.py)."""
   from transformer_jax import config_checks  # pylint: disable=g-import-not-at-top
-  errors = config_checks.config_errors(FLAGS.config) if FLAGS.config is not None else []
+  # compile/info target a TPU from any host: splash's "needs a TPU" check is for the commands that run the model.
+  errors = config_checks.config_errors(FLAGS.config, platform_checks=command not in ('compile', 'info')) if (
+      FLAGS.config is not None) else []
   if command != 'info':
     errors.append(config_checks.directory_error(_workdir() if command in ('train', 'prepare') else FLAGS.workdir,
                                                 '--workdir'))
