@@ -1,4 +1,4 @@
-"""TrainState, loss, THE train step, the eval step, and the loop the CLI calls.
+"""TrainState, loss, THE train step, the eval step, and the run the CLI calls: setup -> steps -> final evaluation.
 
 train_step(state, batch, rng) -> (state, metrics) is the one function that trains: jax.jit with the state's
 NamedShardings in and out, the batch sharded over the mesh's batch axes, and the state donated.
@@ -6,17 +6,13 @@ NamedShardings in and out, the batch sharded over the mesh's batch axes, and the
 
 from __future__ import annotations
 
-import atexit
+import dataclasses
 import functools
 import json
-import math
 import os
-import shutil
-import signal
-import socket
 import sys
-import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +22,15 @@ from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import decode as decode_lib
 from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import faults
+from transformer_jax import metrics as metrics_lib
 from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import paths
+from transformer_jax import preemption as preemption_lib
+from transformer_jax import run_control
 from transformer_jax import train_state
 from transformer_jax import workdir as workdir_lib
 from transformer_jax import generate
@@ -40,10 +38,6 @@ from transformer_jax.model import LanguageModel, ModelConfig, Transformer, build
 
 BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position',
               'targets_position')
-
-
-class NonFiniteLossError(RuntimeError):
-  pass
 
 
 # The state and its construction live in train_state.py (workdir.py uses them too); these names are the trainer's API.
@@ -210,261 +204,22 @@ def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The loop
+# The run: setup -> steps -> final evaluation. Metrics files, signals and between-step checks have their own modules;
+# their names stay importable from here.
 
-
-class Preempted(BaseException):
-  """Raised by the signal handler where there is nothing left to save. A BaseException, like KeyboardInterrupt, so
-  that no `except Exception` on its way (e.g. the damaged-checkpoint fallback of a restore) mistakes it for damage."""
-
-
-class _Preemption:
-  """SIGTERM/SIGINT -> exit 0 at any phase of train_and_evaluate (faults.SIGNALS_HELP, in `train --help`).
-
-  phase 'setup' (data, tokenizer, restore) and 'final_eval': the handler raises Preempted (nothing new to save, or
-  the final save is already running); 'train' (and 'commit'): it sets a flag and the loop finishes the current
-  step, saves and stops.
-
-  Several processes (jax.distributed initialised): JAX's preemption service catches SIGTERM on any host and names
-  one step for all (multihost_utils.reached_preemption_sync_point, asked every step), so no Python handler is
-  installed there (it would replace JAX's).
-  """
-
-  def __init__(self, checkpointer=None):
-    self.requested = False
-    self.phase = 'setup'
-    self.checkpointer = checkpointer
-    self._previous = {}
-    self._multihost = jax.process_count() > 1
-
-  def should_stop(self, step: int) -> bool:
-    return self.checkpointer.reached_preemption(step) if self._multihost else self.requested
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT) if not self._multihost else ():
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. some test runners): no handler
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    first = not self.requested
-    self.requested = True
-    if first and self.phase in ('setup', 'final_eval'):
-      raise Preempted(signum)
-    logging.warning('received signal %d: saving after this step', signum)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+Preempted = preemption_lib.Preempted
+NonFiniteLossError = run_control.NonFiniteLossError
+TrainingStalledError = run_control.TrainingStalledError
+StallDetector = run_control.StallDetector
+Profiler = run_control.Profiler
+_stop_if_not_finite = run_control.stop_if_not_finite
+MetricsWriter = metrics_lib.MetricsWriter
+read_metrics = metrics_lib.read_metrics
+plot_curves = metrics_lib.plot_curves
 
 
 def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
-
-
-METRICS_NAME = 'metrics.jsonl'
-METRICS_PARTS = 'metrics'  # gs:// workdirs: WORKDIR/metrics/<part>.jsonl (an object store has no append)
-METRICS_PART_ROWS = 200  # rows per part: each write re-uploads only the current part
-
-
-class TensorBoardEvents:
-  """One TensorBoard event file of scalars, written with tensorboard's own record writer and protos: the trainer
-  never imports TensorFlow for it (~5 s of CPU at start-up on 2 cores)."""
-
-  def __init__(self, logdir: str):
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
-    self._event_pb2 = event_pb2
-    os.makedirs(logdir, exist_ok=True)
-    name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.transformer_jax'
-    self._records = record_writer.RecordWriter(open(os.path.join(logdir, name), 'wb'))  # pylint: disable=consider-using-with
-    self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
-
-  def _write(self, event) -> None:
-    if self._records is None:
-      return
-    try:
-      self._records.write(event.SerializeToString())
-      self._records.flush()
-    except OSError as e:  # a full disk, say: TensorBoard is a convenience copy, metrics.jsonl is the record
-      logging.warning('TensorBoard events are no longer written (%s); metrics.jsonl keeps every row', e)
-      self._records = None
-
-  def scalars(self, step: int, metrics: dict[str, float]) -> None:
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                                         for k, v in metrics.items()])
-    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
-
-
-class MetricsWriter:
-  """TensorBoard scalars + a JSON-lines copy (for curves.png and for people without TensorBoard).
-
-  Local workdir: WORKDIR/metrics.jsonl, appended, and TensorBoard events written in WORKDIR/tensorboard.
-  gs:// workdir: nothing is appended (GCS has none; gcsfs would silently truncate): each run writes numbered parts
-  WORKDIR/metrics/<first step>-<run start>-<part>.jsonl, the current part re-uploaded whole at each write; the
-  events are written to a local staging directory (TensorFlow's own gs:// filesystem cannot be pointed at another
-  endpoint, and would be a second GCS client) and the event files uploaded whole at each write. read_metrics reads
-  both layouts.
-  """
-
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
-    self.enabled = enabled
-    self.workdir = workdir
-    self.remote = paths.is_gcs(workdir)
-    self.path = paths.join(workdir, METRICS_NAME)
-    self._rows: list[str] = []
-    self._part = 0
-    self._run = f'{start_step:010d}-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}-{os.getpid()}'
-    if enabled:
-      if self.remote:
-        self._staging = tempfile.mkdtemp(prefix='transformer_jax_tensorboard_')
-        # uploaded at each write, so a local copy is not needed after the run: gone at exit, however it ends
-        atexit.register(shutil.rmtree, self._staging, ignore_errors=True)
-      self._events = TensorBoardEvents(self._staging if self.remote else os.path.join(workdir, 'tensorboard'))
-
-  def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    self._events.scalars(step, metrics)
-    line = json.dumps({'step': step, **{k: float(v) for k, v in metrics.items()}}) + '\n'
-    if not self.remote:
-      with open(self.path, 'a') as f:
-        f.write(line)
-      return
-    if len(self._rows) >= METRICS_PART_ROWS:
-      self._rows, self._part = [], self._part + 1
-    self._rows.append(line)
-    paths.write_text_atomic(paths.join(self.workdir, METRICS_PARTS, f'{self._run}-{self._part:05d}.jsonl'),
-                            ''.join(self._rows))
-    self._upload_events()
-
-  def _upload_events(self) -> None:
-    for name in os.listdir(self._staging):
-      paths.upload_file(os.path.join(self._staging, name), paths.join(self.workdir, 'tensorboard', name))
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """Every metrics row of a workdir in the order written: metrics.jsonl, then the numbered parts (gs://)."""
-  texts = []
-  local = paths.join(workdir, METRICS_NAME)
-  if paths.exists(local):
-    texts.append(paths.read_text(local))
-  parts_dir = paths.join(workdir, METRICS_PARTS)
-  for name in paths.listdir(parts_dir):
-    if name.endswith('.jsonl'):
-      texts.append(paths.read_text(paths.join(parts_dir, name)))
-  return [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
-
-
-def plot_curves(workdir: str, out_path: str) -> None:
-  """curves.png (at out_path, local or gs://): training loss and held-out metrics of workdir against step."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  rows = read_metrics(workdir)
-  fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
-  for key, ax in (('loss', ax_loss), ('eval_loss', ax_loss)):
-    pts = [(r['step'], r[key]) for r in rows if key in r]
-    if pts:
-      ax.plot(*zip(*pts), label=key, marker='.' if key.startswith('eval') else None)
-  ax_loss.set(xlabel='step', ylabel='label-smoothed cross-entropy', title='loss', yscale='log')
-  ax_loss.legend()
-  for key in ('bleu', 'chrf', 'exact_match'):
-    pts = [(r['step'], r[key]) for r in rows if key in r]
-    if pts:
-      ax_eval.plot(*zip(*pts), label=key, marker='o')
-  ax_eval.set(xlabel='step', ylabel='score (0-100)', title='held-out', ylim=(0, 100))
-  if ax_eval.lines:  # a language model has no BLEU
-    ax_eval.legend()
-  fig.tight_layout()
-  import io  # pylint: disable=g-import-not-at-top
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=90)
-  plt.close(fig)
-  paths.write_bytes_atomic(out_path, buffer.getvalue())
-
-
-def _stop_if_not_finite(metrics: dict[str, float], step: int, checkpointer, state=None) -> None:
-  """NaN/inf loss or gradient norm (or, given `state`, a non-finite parameter or moment: an overflowing update)
-  -> stop before anything of this step is saved; the last good checkpoint stays."""
-  bad = [f'{k}={metrics[k]}' for k in ('loss', 'grad_norm') if k in metrics and not math.isfinite(metrics[k])]
-  if not bad and state is not None and not checkpoint_lib.tree_all_finite(state):
-    bad.append('non-finite parameters or optimizer state')
-  if bad:
-    checkpointer.wait()  # an earlier, good save may still be committing in the background: let it finish
-    raise NonFiniteLossError(f'{", ".join(bad)} at step {step}; stopping without saving (last good checkpoint: '
-                             f'step {checkpointer.latest_step()})')
-
-
-class TrainingStalledError(RuntimeError):
-  pass
-
-
-class StallDetector:
-  """Fails loudly when the training loss stops falling (post-norm Transformers stall near ln-ish plateaus when the
-  peak learning rate is too high): after warmup, if the best smoothed loss has not improved by `min_improvement`
-  (relative) within `patience` steps, raise. patience=0 disables it."""
-
-  def __init__(self, patience: int, warmup_steps: int, min_improvement: float = 0.01, smoothing: float = 0.9):
-    self.patience, self.warmup_steps, self.min_improvement, self.smoothing = patience, warmup_steps, min_improvement, smoothing
-    self.smoothed = None
-    self.best = math.inf
-    self.best_step = None
-
-  def update(self, step: int, loss: float) -> None:
-    self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
-    if not self.patience or step <= self.warmup_steps:
-      return
-    if self.best_step is None or self.smoothed < self.best * (1 - self.min_improvement):
-      self.best, self.best_step = self.smoothed, step
-    elif step - self.best_step >= self.patience:
-      raise TrainingStalledError(
-          f'training loss stopped falling: {self.smoothed:.3f} at step {step}, no better than {self.best:.3f} at step '
-          f'{self.best_step}; the peak learning rate may be too high (try a smaller --config.learning_rate) '
-          f'(stall_patience_steps={self.patience}; 0 disables this check)')
-
-
-class Profiler:
-  """config.profile_steps='a,b': a jax.profiler trace of the steps that take the step counter from a to b, written
-  to WORKDIR/profile (open with TensorBoard's profile plugin, xprof or Perfetto). '' (the default): no trace."""
-
-  def __init__(self, profile_steps: str, workdir: str):
-    self.directory = os.path.join(workdir, 'profile')
-    self.active = False
-    self.start_step = self.stop_step = None
-    if str(profile_steps or '').strip():
-      try:
-        self.start_step, self.stop_step = (int(x) for x in str(profile_steps).split(','))
-      except ValueError as e:
-        raise ValueError(f"profile_steps must be 'a,b' (two step numbers), got {profile_steps!r}") from e
-      if not 0 <= self.start_step < self.stop_step:
-        raise ValueError(f'profile_steps={profile_steps!r} needs 0 <= a < b')
-
-  def before_step(self, step: int) -> None:
-    if step == self.start_step and not self.active:
-      jax.profiler.start_trace(self.directory)
-      self.active = True
-
-  def after_step(self, step: int, state) -> None:
-    if self.active and step >= self.stop_step:
-      jax.block_until_ready(state)  # the traced steps' device work, not just their dispatch
-      self.stop()
-
-  def stop(self) -> None:
-    if self.active:
-      jax.profiler.stop_trace()
-      self.active = False
-      logging.info('profile of steps %d..%d in %s', self.start_step, self.stop_step, self.directory)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.stop()
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -476,7 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   SIGTERM/SIGINT at any phase: see faults.SIGNALS_HELP; the result then holds 'preempted'. A run already at (or past)
   num_train_steps trains nothing and writes nothing: it returns the step and the held-out metrics only."""
-  with _Preemption() as preemption:
+  with preemption_lib.Preemption() as preemption:
     try:
       return _train_and_evaluate(config, workdir, preemption)
     except Exception as e:  # pylint: disable=broad-except
@@ -489,199 +244,286 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           preemption.checkpointer.wait()
         raise
       logging.info('stopping after a signal; the exception it became: %r', e)
-      return _stop_preempted(preemption)
+      return preemption_lib.stop_preempted(preemption)
     except Preempted:
-      return _stop_preempted(preemption)
+      return preemption_lib.stop_preempted(preemption)
 
 
-def _stop_preempted(preemption: _Preemption) -> dict[str, float]:
-  """Waits for any save in flight (the final checkpoint), says where the run stopped, returns the preempted result."""
-  checkpointer = preemption.checkpointer
-  if checkpointer is not None:
-    checkpointer.wait()  # the final checkpoint (or any save in flight) commits before we go
-  step = checkpointer.latest_step() if checkpointer is not None else None
-  if jax.process_index() == 0:
-    if preemption.phase == 'final_eval':
-      print(f'preempted: during the final evaluation; checkpoint step {step} is committed in '
-            f'{checkpointer.directory} (rerun to evaluate it)', flush=True)
-    else:
-      print('preempted: before the first training step; nothing new to save (newest checkpoint: '
-            f'{"none" if step is None else f"step {step}"})', flush=True)
-  if checkpointer is not None:
-    checkpointer.close()
-  return {'step': step or 0, 'preempted': 1.0}
-
-
-def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[str, float]:
+def _train_and_evaluate(config, workdir: str, preemption: preemption_lib.Preemption) -> dict[str, float]:
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
-  process_index, process_count = jax.process_index(), jax.process_count()
-  is_chief = process_index == 0
+  clock = _PhaseClock()
   workdir = paths.resolve(workdir)
   paths.makedirs(workdir)
+  mesh = _checked_mesh(config)
+  tx = optim.make_optimizer(config)
+  shardings, abstract = _checked_resumable(config, workdir, mesh, tx)  # before any data is prepared or written
+  data = pipeline.build_datasets(config, workdir, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  clock.mark('data (text, tokenizer, shards, held-out set)')
+  if data.tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f'the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size is '
+                     f'{config.model.vocab_size}')
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    run = _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption)
+    run.clock = clock.mark('state and evaluator')
+    if run.start_step >= int(config.num_train_steps):  # a finished run: no step to run; the workdir is not written
+      return _evaluate_finished(run)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=run.is_chief, start_step=run.start_step)
+    final = _train_steps(run, writer, preemption)
+    if 'preempted' in final:
+      return final
+    final = _final_evaluation(run, final, writer, preemption)
+    clock.mark('final evaluation')
+  if run.is_chief:
+    plot_curves(workdir, paths.join(workdir, 'curves.png'))
+    clock.report()
+  return final
+
+
+def _checked_mesh(config):
   mesh = parallel.make_mesh(config.mesh)
   if config.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes '
                      f"data*fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
   parallel.process_batch_rows(mesh, config.batch_size)  # each process must own its own rows: fail before loading data
-  tx = optim.make_optimizer(config)
+  return mesh
+
+
+def _checked_resumable(config, workdir: str, mesh, tx):
+  """The state's shardings and abstract shape; refuses a checkpoint of another architecture or vocabulary in
+  workdir before anything is written there (shapes do not depend on the tokenizer's special ids)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    # Shapes do not depend on the tokenizer's special ids: check the checkpoint against the config before any data
-    # is prepared or written, so a refused command leaves the workdir as it was.
-    shapes_model = build_model(model_config(config))
-    shardings = parallel.logical_shardings(state_logical_specs(shapes_model, tx, config), mesh)
-    abstract = abstract_state(shapes_model, tx, config, shardings)
+    model = build_model(model_config(config))
+    shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
+    abstract = abstract_state(model, tx, config, shardings)
     workdir_lib.Workdir(workdir).check_resumable(abstract)
+  return shardings, abstract
 
-  data = pipeline.build_datasets(config, workdir, process_index=process_index, process_count=process_count)
-  if data.tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f'the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size is '
-                     f'{config.model.vocab_size}')
 
+class _PhaseClock:
+  """Wall and CPU seconds (user + system, this process and its finished children: the number-words workers) of each
+  phase of a run, printed to stderr at the end: where a run's time goes, on any machine."""
+
+  def __init__(self):
+    self.phases: list[tuple[str, float, float]] = []
+    self._wall, self._cpu = time.time(), self._cpu_now()
+
+  @staticmethod
+  def _cpu_now() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+  def mark(self, name: str) -> '_PhaseClock':
+    wall, cpu = time.time(), self._cpu_now()
+    self.phases.append((name, wall - self._wall, cpu - self._cpu))
+    self._wall, self._cpu = wall, cpu
+    return self
+
+  def report(self) -> None:
+    print('time: ' + '; '.join(f'{name} {wall:.1f} s (cpu {cpu:.1f} s)' for name, wall, cpu in self.phases),
+          file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What setup hands to the steps and the final evaluation."""
+  config: Any
+  workdir: str
+  mesh: Any
+  data: Any
+  state: Any
+  start_step: int
+  train_step: Callable
+  step_rng: Any
+  checkpointer: Any
+  evaluate: '_Evaluator'
+  is_chief: bool
+  clock: '_PhaseClock | None' = None
+
+
+def _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption) -> _Run:
+  """The model, the state (restored, or born sharded), the jitted step and the evaluator. Under the mesh context."""
+  is_chief = jax.process_index() == 0
   cfg = model_config(config, special_ids=data.tokenizer.special_ids)
   model = build_model(cfg)
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    checkpointer = workdir_lib.Workdir(workdir).checkpointer(keep=config.keep_checkpoints,
-                                                             async_save=config.get('async_checkpointing', True))
-    preemption.checkpointer = checkpointer
-    if checkpointer.latest_step() is not None:
-      state, data_state, restored_step = checkpointer.restore(abstract)
-      data.train.set_state(data_state)
-      if is_chief:
-        print(f'resumed from step {restored_step}', flush=True)
-    else:
-      state, _ = create_sharded_state(model, tx, config, mesh, init_rng)
-    start_step = int(jax.device_get(state.step))
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  checkpointer = workdir_lib.Workdir(workdir).checkpointer(keep=config.keep_checkpoints,
+                                                           async_save=config.get('async_checkpointing', True))
+  preemption.checkpointer = checkpointer
+  if checkpointer.latest_step() is not None:
+    state, data_state, restored_step = checkpointer.restore(abstract)
+    data.train.set_state(data_state)
     if is_chief:
-      logging.info('%d parameters; mesh %s', count_params(state.params), dict(mesh.shape))
+      print(f'resumed from step {restored_step}', flush=True)
+  else:
+    state, _ = create_sharded_state(model, tx, config, mesh, init_rng)
+  if is_chief:
+    logging.info('%d parameters; mesh %s', count_params(state.params), dict(mesh.shape))
+  return _Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state,
+              start_step=int(jax.device_get(state.step)),
+              train_step=jit_train_step(model, tx, config, mesh, shardings), step_rng=step_rng,
+              checkpointer=checkpointer, evaluate=_Evaluator(config, workdir, mesh, cfg, model, data),
+              is_chief=is_chief)
 
-    train_step = jit_train_step(model, tx, config, mesh, shardings)
-    eval_step = jax.jit(make_eval_step(model, config))
-    eval_lengths = dict(batch_size=config.batch_size // process_count, inputs_length=config.packed_inputs_length,
-                        targets_length=config.packed_targets_length)
-    is_lm = cfg.kind == 'decoder'
-    make_eval_batches = data.eval_batches if is_lm else functools.partial(pipeline.eval_batches, data.eval_ids)
-    eval_batches = make_eval_batches(**eval_lengths)
-    num_eval_batches = parallel.max_over_processes(len(eval_batches))  # every process runs the same eval steps
-    if len(eval_batches) < num_eval_batches:
-      eval_batches = make_eval_batches(num_batches=num_eval_batches, **eval_lengths)
+
+class _Evaluator:
+  """Held-out loss (a language model: perplexity, bits per byte, samples), then greedy translations of the first
+  eval_translate_examples held-out sources scored against their references (BLEU, chrF, exact match)."""
+
+  def __init__(self, config, workdir: str, mesh, cfg: ModelConfig, model, data):
+    from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    self.config, self.workdir, self.mesh, self.cfg, self.data = config, workdir, mesh, cfg, data
+    self.is_chief = jax.process_index() == 0
+    self.eval_step = jax.jit(make_eval_step(model, config))
+    lengths = dict(batch_size=config.batch_size // jax.process_count(), inputs_length=config.packed_inputs_length,
+                   targets_length=config.packed_targets_length)
+    self.is_lm = cfg.kind == 'decoder'
+    make_batches = data.eval_batches if self.is_lm else functools.partial(pipeline.eval_batches, data.eval_ids)
+    self.batches = make_batches(**lengths)
+    self.num_batches = parallel.max_over_processes(len(self.batches))  # every process runs the same eval steps
+    if len(self.batches) < self.num_batches:
+      self.batches = make_batches(num_batches=self.num_batches, **lengths)
     # BLEU: translate_ids wants the same rows on every process, but each holds every process_count-th held-out
     # pair: gather them all (original order), so every process translates and scores the same set.
     eval_pairs = parallel.gather_process_shards(data.eval_pairs)
-    num_bleu = min(len(eval_pairs), int(config.get('eval_translate_examples', 1000)))
-    bleu_sources = evaluate_lib.encode_sources(data.tokenizer, [s for s, _ in eval_pairs[:num_bleu]],
+    self.num_bleu = min(len(eval_pairs), int(config.get('eval_translate_examples', 1000)))
+    self.sources = evaluate_lib.encode_sources(data.tokenizer, [s for s, _ in eval_pairs[:self.num_bleu]],
                                                config.max_length)
-    bleu_references = [t for _, t in eval_pairs[:num_bleu]]
+    self.references = [t for _, t in eval_pairs[:self.num_bleu]]
 
-    def run_eval(params, step, write: bool = True) -> dict[str, float]:
-      if is_chief:  # stderr, with the bars: stdout keeps the metrics lines
-        tqdm.write(f'evaluating step {step}: held-out loss over {num_eval_batches} batches'
-                   + (f', then greedy decoding of {num_bleu} sentences' if num_bleu else ''), file=sys.stderr)
-      results = evaluate_loss(eval_step, params, eval_batches, mesh)
-      if is_lm:  # perplexity, bits per byte, and samples in the run's output
-        results.update(evaluate_lib.lm_metrics(results['eval_nll'], data.eval_tokens, data.eval_bytes))
-        prompts = list(config.get('lm_sample_prompts', ()))
-        if prompts:
-          texts = generate.generate_texts(params, cfg, data.tokenizer, prompts,
-                                          max_new_tokens=int(config.get('lm_sample_tokens', 64)), temperature=0.8,
-                                          top_p=0.95, seed=step)
-          if is_chief:
-            for prompt, text in zip(prompts, texts):
-              tqdm.write(f'sample step={step} (temperature 0.8, top_p 0.95):\n{prompt}{text}\n' + '-' * 40)
-      if num_bleu:
-        tokens = translate_ids(params, bleu_sources, cfg=cfg, mesh=mesh,
-                               batch_size=int(config.get('eval_translate_batch_size', 256)),
-                               max_decode_len=config.max_length, progress=is_chief)
-        hypotheses = evaluate_lib.decode_outputs(data.tokenizer, tokens)
-        results.update(evaluate_lib.text_metrics(hypotheses, bleu_references, config.get('bleu_tokenize', '13a')))
-        if is_chief and write:
-          paths.write_text_atomic(paths.join(workdir, f'eval_hypotheses_{step}.txt'), '\n'.join(hypotheses) + '\n')
-      return results
+  def __call__(self, params, step: int, write: bool = True) -> dict[str, float]:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    config = self.config
+    if self.is_chief:  # stderr, with the bars: stdout keeps the metrics lines
+      tqdm.write(f'evaluating step {step}: held-out loss over {self.num_batches} batches'
+                 + (f', then greedy decoding of {self.num_bleu} sentences' if self.num_bleu else ''), file=sys.stderr)
+    results = evaluate_loss(self.eval_step, params, self.batches, self.mesh)
+    if self.is_lm:
+      results.update(evaluate_lib.lm_metrics(results['eval_nll'], self.data.eval_tokens, self.data.eval_bytes))
+      self._samples(params, step)
+    if self.num_bleu:
+      tokens = translate_ids(params, self.sources, cfg=self.cfg, mesh=self.mesh,
+                             batch_size=int(config.get('eval_translate_batch_size', 256)),
+                             max_decode_len=config.max_length, progress=self.is_chief)
+      hypotheses = evaluate_lib.decode_outputs(self.data.tokenizer, tokens)
+      results.update(evaluate_lib.text_metrics(hypotheses, self.references, config.get('bleu_tokenize', '13a')))
+      if self.is_chief and write:
+        paths.write_text_atomic(paths.join(self.workdir, f'eval_hypotheses_{step}.txt'), '\n'.join(hypotheses) + '\n')
+    return results
 
-    num_steps = int(config.num_train_steps)
-    if start_step >= num_steps:  # a finished run: no step to run and no loss to report; the workdir is not written
-      if is_chief:
-        print(f'the run is already complete at step {start_step} (num_train_steps={num_steps}); held-out metrics '
-              'of that checkpoint follow (raise --config.num_train_steps to train on)', flush=True)
-      final = {'step': start_step, **run_eval(state.params, start_step, write=False)}
-      checkpointer.close()
-      return final
-    writer = MetricsWriter(workdir, enabled=is_chief, start_step=start_step)
-    log_every = int(config.get('log_every_steps', 50))
-    last_eval: dict[str, float] = {}
-    last_train: dict[str, float] = {}
-    # The bar starts after the first step, which compiles: its rate and ETA are then the steps' own from the start.
-    progress = tqdm(total=num_steps, initial=start_step, disable=True)
-    if is_chief:
-      print('compiling the train step (the first step waits for it) ...', file=sys.stderr, flush=True)
-    compile_start = time.time()
-    window_tokens, window_start = 0.0, time.time()
-    step = start_step
-    pending, pending_counted = None, True
-    stall = StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
-    preemption.phase = 'train'
-    with Profiler(config.get('profile_steps', ''), workdir) as profiler:
-      while step < num_steps:
-        profiler.before_step(step)
-        batch = parallel.global_batch(next(data.train), mesh)
-        state, metrics = train_step(state, batch, step_rng)
-        step += 1
-        profiler.after_step(step, state)
-        first = step == start_step + 1  # it compiled
-        if first:
-          jax.block_until_ready(metrics)
-          if is_chief:
-            print(f'compiled and ran the first step in {time.time() - compile_start:.1f} s', file=sys.stderr,
-                  flush=True)
-            progress = tqdm(total=num_steps, initial=step - 1, dynamic_ncols=True, unit='step')
-          window_start = time.time()  # tokens/s from here: the first step's tokens are not counted
-        # Read the previous step's metrics while this one runs: the host never waits on the device here.
-        if pending is not None:
-          last_train = {k: float(v) for k, v in jax.device_get(pending).items()}
-          _stop_if_not_finite(last_train, step - 1, checkpointer)
-          window_tokens += last_train['tokens'] if pending_counted else 0.0
-        pending, pending_counted = metrics, not first
-        progress.update(1)
-        if step % log_every == 0 or step == num_steps:
-          elapsed = time.time() - window_start
-          last_train['tokens_per_s'] = window_tokens / max(elapsed, 1e-9)
-          window_tokens, window_start = 0.0, time.time()
-          progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.3f}",
-                               tok_s=f"{last_train['tokens_per_s']:.0f}")
-          writer.write(step, {k: v for k, v in last_train.items() if k != 'tokens'})
-          if 'loss' in last_train:
-            stall.update(step, last_train['loss'])
-        if step % config.eval_every_steps == 0 and step != num_steps:
-          last_eval = run_eval(state.params, step)
-          writer.write(step, last_eval)
-          window_tokens, window_start = 0.0, time.time()  # tokens/s counts training steps, not the evaluation
-          if is_chief:  # tqdm.write prints even where the bar is disabled
-            progress.write(f'eval step={step} {_fmt(last_eval)}')
-        checkpointer.check_for_errors()  # a background save that failed stops the run at the next step
-        stop = preemption.should_stop(step)
-        if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
-          last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          pending = None
-          _stop_if_not_finite(last_train, step, checkpointer, state)
-          checkpointer.save(step, state, data.train.get_state(), _config_json(config), force=True)
-        if stop:
-          checkpointer.wait()
-          progress.close()
-          if is_chief:
-            print(f'preempted: saved checkpoint at step {step} in {checkpointer.directory}', flush=True)
-          return {'step': step, 'preempted': 1.0}
-    progress.close()
-    final = {'step': step, 'loss': last_train.get('loss', float('nan'))}
-    preemption.phase = 'final_eval'  # the final checkpoint is saving in the background meanwhile
-    final.update(run_eval(state.params, step))
-    writer.write(step, {k: v for k, v in final.items() if k not in ('step', 'loss')})  # loss was logged already
-    preemption.phase = 'commit'
-    checkpointer.wait()
-    checkpointer.close()
+  def _samples(self, params, step: int) -> None:
+    """A language model's samples of config.lm_sample_prompts, in the run's output."""
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    prompts = list(self.config.get('lm_sample_prompts', ()))
+    if not prompts:
+      return
+    texts = generate.generate_texts(params, self.cfg, self.data.tokenizer, prompts,
+                                    max_new_tokens=int(self.config.get('lm_sample_tokens', 64)), temperature=0.8,
+                                    top_p=0.95, seed=step)
+    if self.is_chief:
+      for prompt, text in zip(prompts, texts):
+        tqdm.write(f'sample step={step} (temperature 0.8, top_p 0.95):\n{prompt}{text}\n' + '-' * 40)
+
+
+def _evaluate_finished(run: _Run) -> dict[str, float]:
+  """A run already at (or past) num_train_steps: the held-out metrics of its checkpoint, nothing written."""
+  if run.is_chief:
+    print(f'the run is already complete at step {run.start_step} (num_train_steps={run.config.num_train_steps}); '
+          'held-out metrics of that checkpoint follow (raise --config.num_train_steps to train on)', flush=True)
+  final = {'step': run.start_step, **run.evaluate(run.state.params, run.start_step, write=False)}
+  run.checkpointer.close()
+  return final
+
+
+class _Throughput:
+  """Target tokens/s over the steps since the last log line: the first (compiling) step and evaluations excluded."""
+
+  def __init__(self):
+    self.tokens, self.start = 0.0, time.time()
+
+  def restart(self) -> None:
+    self.tokens, self.start = 0.0, time.time()
+
+  def rate(self) -> float:
+    rate = self.tokens / max(time.time() - self.start, 1e-9)
+    self.restart()
+    return rate
+
+
+def _train_steps(run: _Run, writer, preemption) -> dict[str, float]:
+  """Steps from run.start_step to num_train_steps: logs, evaluates, checkpoints; stops after a signal (saved)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  config, checkpointer, is_chief, state = run.config, run.checkpointer, run.is_chief, run.state
+  num_steps, log_every = int(config.num_train_steps), int(config.get('log_every_steps', 50))
+  last_train: dict[str, float] = {}
+  # The bar starts after the first step, which compiles: its rate and ETA are then the steps' own from the start.
+  progress = tqdm(total=num_steps, initial=run.start_step, disable=True)
   if is_chief:
-    plot_curves(workdir, paths.join(workdir, 'curves.png'))
+    print('compiling the train step (the first step waits for it) ...', file=sys.stderr, flush=True)
+  compile_start, throughput = time.time(), _Throughput()
+  step = run.start_step
+  pending, pending_counted = None, True
+  stall = StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
+  preemption.phase = 'train'
+  with Profiler(config.get('profile_steps', ''), run.workdir) as profiler:
+    while step < num_steps:
+      profiler.before_step(step)
+      state, metrics = run.train_step(state, parallel.global_batch(next(run.data.train), run.mesh), run.step_rng)
+      step += 1
+      profiler.after_step(step, state)
+      first = step == run.start_step + 1  # it compiled
+      if first:
+        jax.block_until_ready(metrics)
+        if is_chief:
+          print(f'compiled and ran the first step in {time.time() - compile_start:.1f} s', file=sys.stderr, flush=True)
+          progress = tqdm(total=num_steps, initial=step - 1, dynamic_ncols=True, unit='step')
+        run.clock.mark('first step (compiles)')
+        throughput.restart()  # tokens/s from here: the first step's tokens are not counted
+      # Read the previous step's metrics while this one runs: the host never waits on the device here.
+      if pending is not None:
+        last_train = {k: float(v) for k, v in jax.device_get(pending).items()}
+        _stop_if_not_finite(last_train, step - 1, checkpointer)
+        throughput.tokens += last_train['tokens'] if pending_counted else 0.0
+      pending, pending_counted = metrics, not first
+      progress.update(1)
+      if step % log_every == 0 or step == num_steps:
+        last_train['tokens_per_s'] = throughput.rate()
+        progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.3f}",
+                             tok_s=f"{last_train['tokens_per_s']:.0f}")
+        writer.write(step, {k: v for k, v in last_train.items() if k != 'tokens'})
+        if 'loss' in last_train:
+          stall.update(step, last_train['loss'])
+      if step % config.eval_every_steps == 0 and step != num_steps:
+        last_eval = run.evaluate(state.params, step)
+        writer.write(step, last_eval)
+        throughput.restart()  # tokens/s counts training steps, not the evaluation
+        if is_chief:  # tqdm.write prints even where the bar is disabled
+          progress.write(f'eval step={step} {_fmt(last_eval)}')
+      checkpointer.check_for_errors()  # a background save that failed stops the run at the next step
+      stop = preemption.should_stop(step)
+      if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
+        last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        pending = None
+        _stop_if_not_finite(last_train, step, checkpointer, state)
+        checkpointer.save(step, state, run.data.train.get_state(), _config_json(config), force=True)
+      if stop:
+        checkpointer.wait()
+        progress.close()
+        if is_chief:
+          print(f'preempted: saved checkpoint at step {step} in {checkpointer.directory}', flush=True)
+        return {'step': step, 'preempted': 1.0}
+  progress.close()
+  run.clock.mark(f'steps {run.start_step + 2}..{num_steps}' if num_steps > run.start_step + 1 else 'no more steps')
+  run.state = state
+  return {'step': step, 'loss': last_train.get('loss', float('nan'))}
+
+
+def _final_evaluation(run: _Run, final: dict[str, float], writer, preemption) -> dict[str, float]:
+  """The held-out metrics of the last step while its checkpoint saves in the background; then the commit."""
+  preemption.phase = 'final_eval'
+  final = {**final, **run.evaluate(run.state.params, final['step'])}
+  writer.write(final['step'], {k: v for k, v in final.items() if k not in ('step', 'loss')})  # loss was logged already
+  preemption.phase = 'commit'
+  run.checkpointer.wait()
+  run.checkpointer.close()
   return final

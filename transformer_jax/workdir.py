@@ -5,7 +5,7 @@ WORKDIR/
   spm.model             the SentencePiece tokenizer (its special ids are the vocabulary's, see vocab.py)
   metrics.jsonl, tensorboard/, curves.png, eval_hypotheses_<step>.txt   written by the trainer
   (WORKDIR may be gs://bucket/path: paths.py. There metrics are numbered parts metrics/*.jsonl, not one appended
-  file, and a step counts only with Orbax's commit_success.txt; train.read_metrics reads both layouts.)
+  file, and a step counts only with Orbax's commit_success.txt; metrics.read_metrics reads both layouts.)
 
 Who uses what:
   evaluate / translate / export   `Workdir(path).load()`: config + tokenizer + PARAMETERS ONLY (an Orbax partial

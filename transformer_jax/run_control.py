@@ -1,0 +1,95 @@
+"""Checks that stop or watch a training run between steps: non-finite values (before anything is saved), a loss that
+stopped falling, and a profiler trace of chosen steps."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+from absl import logging
+
+from transformer_jax import checkpoint as checkpoint_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def stop_if_not_finite(metrics: dict[str, float], step: int, checkpointer, state=None) -> None:
+  """NaN/inf loss or gradient norm (or, given `state`, a non-finite parameter or moment: an overflowing update)
+  -> stop before anything of this step is saved; the last good checkpoint stays."""
+  bad = [f'{k}={metrics[k]}' for k in ('loss', 'grad_norm') if k in metrics and not math.isfinite(metrics[k])]
+  if not bad and state is not None and not checkpoint_lib.tree_all_finite(state):
+    bad.append('non-finite parameters or optimizer state')
+  if bad:
+    checkpointer.wait()  # an earlier, good save may still be committing in the background: let it finish
+    raise NonFiniteLossError(f'{", ".join(bad)} at step {step}; stopping without saving (last good checkpoint: '
+                             f'step {checkpointer.latest_step()})')
+
+
+class TrainingStalledError(RuntimeError):
+  pass
+
+
+class StallDetector:
+  """Fails loudly when the training loss stops falling (post-norm Transformers stall near ln-ish plateaus when the
+  peak learning rate is too high): after warmup, if the best smoothed loss has not improved by `min_improvement`
+  (relative) within `patience` steps, raise. patience=0 disables it."""
+
+  def __init__(self, patience: int, warmup_steps: int, min_improvement: float = 0.01, smoothing: float = 0.9):
+    self.patience, self.warmup_steps, self.min_improvement, self.smoothing = patience, warmup_steps, min_improvement, smoothing
+    self.smoothed = None
+    self.best = math.inf
+    self.best_step = None
+
+  def update(self, step: int, loss: float) -> None:
+    self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
+    if not self.patience or step <= self.warmup_steps:
+      return
+    if self.best_step is None or self.smoothed < self.best * (1 - self.min_improvement):
+      self.best, self.best_step = self.smoothed, step
+    elif step - self.best_step >= self.patience:
+      raise TrainingStalledError(
+          f'training loss stopped falling: {self.smoothed:.3f} at step {step}, no better than {self.best:.3f} at step '
+          f'{self.best_step}; the peak learning rate may be too high (try a smaller --config.learning_rate) '
+          f'(stall_patience_steps={self.patience}; 0 disables this check)')
+
+
+class Profiler:
+  """config.profile_steps='a,b': a jax.profiler trace of the steps that take the step counter from a to b, written
+  to WORKDIR/profile (open with TensorBoard's profile plugin, xprof or Perfetto). '' (the default): no trace."""
+
+  def __init__(self, profile_steps: str, workdir: str):
+    self.directory = os.path.join(workdir, 'profile')
+    self.active = False
+    self.start_step = self.stop_step = None
+    if str(profile_steps or '').strip():
+      try:
+        self.start_step, self.stop_step = (int(x) for x in str(profile_steps).split(','))
+      except ValueError as e:
+        raise ValueError(f"profile_steps must be 'a,b' (two step numbers), got {profile_steps!r}") from e
+      if not 0 <= self.start_step < self.stop_step:
+        raise ValueError(f'profile_steps={profile_steps!r} needs 0 <= a < b')
+
+  def before_step(self, step: int) -> None:
+    if step == self.start_step and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after_step(self, step: int, state) -> None:
+    if self.active and step >= self.stop_step:
+      jax.block_until_ready(state)  # the traced steps' device work, not just their dispatch
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info('profile of steps %d..%d in %s', self.start_step, self.stop_step, self.directory)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.stop()
