@@ -40,18 +40,20 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default='benchmarks/tpu_compile')
   parser.add_argument('--table_only', action='store_true')
+  parser.add_argument('--only', default='', help='config:slice,... to compile, in this order (default: all)')
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
+  wanted = [tuple(p.split(':')) for p in args.only.split(',') if p]
+  for config, topology in ([] if args.table_only else wanted or [(c, t) for c in CONFIGS for t in TOPOLOGIES]):
+    path = os.path.join(args.out, f'{config}_{topology}.json')
+    print('$ ' + ' '.join(command(config, topology, path)), file=sys.stderr, flush=True)
+    # the package this interpreter imports (a checkout on PYTHONPATH measures that checkout)
+    subprocess.run([sys.executable, '-m', 'transformer_jax.cli'] + command(config, topology, path)[1:], check=False)
   lines = ['| config | slice | fits | GiB per chip | compile s | XLA TFLOP/chip | GiB accessed/chip | collectives '
            '| est. step ms | est. target tok/s | est. MFU |', '|' + '---|' * 11]
   for config in CONFIGS:
     for topology in TOPOLOGIES:
       path = os.path.join(args.out, f'{config}_{topology}.json')
-      if not args.table_only:
-        print('$ ' + ' '.join(command(config, topology, path)), file=sys.stderr, flush=True)
-        # the package this interpreter imports (a checkout on PYTHONPATH measures that checkout)
-        subprocess.run([sys.executable, '-m', 'transformer_jax.cli'] + command(config, topology, path)[1:],
-                       check=False)
       if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
           lines.append(row(config, topology, json.load(f)))

@@ -27,7 +27,7 @@ def small_config(**mesh):
   config.model.update(num_layers=1, d_model=64, d_ff=128, num_heads=4)
   config.update(packed_inputs_length=32, packed_targets_length=32, max_length=32, batch_size=16,
                 eval_translate_batch_size=16)
-  config.mesh.update(dict(data=1, fsdp=-1, tensor=1, **mesh))
+  config.mesh.update({**dict(data=1, fsdp=-1, tensor=1), **mesh})
   return config
 
 
@@ -225,9 +225,14 @@ def test_multislice_keeps_fsdp_and_tensor_inside_a_slice():
   slice_of = [d.slice_index for d in r.mesh_object.devices.flat]
   assert all(len(set(np.asarray(slice_of).reshape(2, 4)[i])) == 1 for i in range(2))  # data spans the slices
   found = tpu_report.collectives(r.compiled.as_text(), tuple(r.mesh_object.devices.shape),
-                                 r.mesh_object.axis_names, slice_of)
-  assert found and all(not c.crosses_slices for c in found if 'data' not in c.axes)
-  assert any(c.crosses_slices and c.axes == ('data',) for c in found)  # the gradient reduction over DCN
+                                 r.mesh_object.axis_names, num_slices=2)
+  inside = [c for c in found if not c.crosses_slices]
+  across = [c for c in found if c.crosses_slices]
+  # within a slice: fsdp and tensor only (replica groups number a slice's 4 devices); across: data only (DCN)
+  assert {a for c in inside for a in c.axes} == {'fsdp', 'tensor'}
+  assert across and all(c.axes == ('data',) for c in across)
+  assert any(c.kind == 'all-reduce' for c in across)  # the gradient reduction over the slices
+  assert r.collectives['all-reduce']['crossing_slices'] > 0
 
 
 def test_state_over_hbm_is_refused_before_compiling(tmp_path):

@@ -138,8 +138,8 @@ def preflight(config, topology: Topology, num_slices: int) -> int:
 def _shard_bytes(tree) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
+  shard = lambda x: x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape  # None: replicated
+  return int(sum(math.prod(shard(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def default_programs(config) -> tuple[str, ...]:
@@ -223,10 +223,8 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
-  devices = list(setup.mesh.devices.flat)
-  slice_of = [getattr(d, 'slice_index', None) or 0 for d in devices] if num_slices > 1 else None
   found = tpu_report.collectives(compiled.as_text(), tuple(setup.mesh.devices.shape), setup.mesh.axis_names,
-                                 slice_of)
+                                 num_slices)
   summary = tpu_report.summarize(found)
   ici = sum(s['ici_bytes'] for s in summary.values())
   tokens = config.batch_size * config.packed_targets_length

@@ -87,16 +87,31 @@ class Collective:
     return share * self.bytes
 
 
+_MEGASCALE = re.compile(r'=\s*\((.*?)\)\s+send\(.*_xla_megascale_transfer_type="(\w+)"')
+
+
 def collectives(hlo_text: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
-                slice_of: list[int] | None = None) -> list[Collective]:
+                num_slices: int = 1) -> list[Collective]:
   """Every collective instruction in the HLO (async *-start counted, *-done not; one inside a while loop counts
   once). TPU fuses the gradient reduction into `all-reduce-scatter` computations: an all-reduce there is reported
-  as the reduce-scatter it is."""
-  num_devices = math.prod(mesh_shape)
+  as the reduce-scatter it is.
+
+  Over several slices the program is one slice's: replica groups number the devices of a slice (the mesh's first
+  axis, data, split by num_slices), and what crosses slices (DCN, over data) is a megascale `send` whose transfer
+  type names the collective.
+  """
+  local_shape = (mesh_shape[0] // num_slices,) + tuple(mesh_shape[1:])
+  num_devices = math.prod(local_shape)
   found, computation = [], ''
   for line in hlo_text.splitlines():
     if line and not line[0].isspace() and line.rstrip().endswith('{'):
       computation = line.split()[1] if line.startswith('ENTRY') else line.split()[0]
+      continue
+    dcn = _MEGASCALE.search(line) if num_slices > 1 and ' send(' in line else None
+    if dcn:
+      arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(dcn.group(1))]
+      found.append(Collective(dcn.group(2).lower().replace('_', '-'), max(arrays, default=0), num_slices,
+                              (axis_names[0],), True))
       continue
     m = _OP.match(line)
     if not m:
@@ -109,14 +124,13 @@ def collectives(hlo_text: str, mesh_shape: tuple[int, ...], axis_names: tuple[st
     summed = m.group(1).startswith('(') and (not m.group(3) or m.group(2) == 'all-reduce')
     size = sum(arrays) if summed else max(arrays, default=0)
     groups = _groups(line, num_devices)
-    crosses = bool(slice_of) and any(len({slice_of[i] for i in g}) > 1 for g in (groups or [range(num_devices)]))
     found.append(Collective(kind, size, len(groups[0]) if groups else num_devices,
-                            mesh_axes_of(groups, mesh_shape, axis_names), crosses, fused))
+                            mesh_axes_of(groups, local_shape, axis_names), False, fused))
   return found
 
 
 def summarize(found: list[Collective]) -> dict:
-  """{kind: {count, bytes, ici_bytes, by_axes: {'fsdp': count, ...}, crossing_slices: count}}."""
+  """{kind: {count, bytes, ici_bytes, dcn_bytes, by_axes: {'fsdp': count, ...}, crossing_slices: count}}."""
   out = {}
   for kind in KINDS:
     ops = [c for c in found if c.kind == kind]
@@ -124,7 +138,9 @@ def summarize(found: list[Collective]) -> dict:
       continue
     by_axes = collections.Counter('+'.join(c.axes) or 'none' for c in ops)
     out[kind] = {'count': len(ops), 'bytes': sum(c.bytes for c in ops),
-                 'ici_bytes': sum(c.ici_bytes() for c in ops), 'by_axes': dict(sorted(by_axes.items())),
+                 # ICI within a slice; what crosses slices goes over DCN (not in the roofline's ICI term)
+                 'ici_bytes': sum(c.ici_bytes() for c in ops if not c.crosses_slices),
+                 'dcn_bytes': sum(c.bytes for c in ops if c.crosses_slices), 'by_axes': dict(sorted(by_axes.items())),
                  'crossing_slices': sum(c.crosses_slices for c in ops)}
   return out
 
@@ -170,7 +186,7 @@ def format_report(r: ProgramReport) -> list[str]:
     lines.append('  collectives (static count in the HLO; bytes = largest result array, summed):')
     for kind, s in r.collectives.items():
       axes = ', '.join(f'{a}: {n}' for a, n in s['by_axes'].items())
-      cross = f", {s['crossing_slices']} across slices (DCN)" if s['crossing_slices'] else ''
+      cross = f", {s['crossing_slices']} of them across slices (DCN)" if s['crossing_slices'] else ''
       lines.append(f"    {kind}: {s['count']} ops, {_gib(s['bytes'])} (over {axes}){cross}")
   else:
     lines.append('  collectives: none')
