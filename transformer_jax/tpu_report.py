@@ -155,7 +155,9 @@ class ProgramReport:
   mesh: dict
   chip: str
   compile_s: float
-  memory: dict  # bytes per chip: state, batch, other_args, temporaries, outputs, total, hbm
+  # bytes per chip: state and batch (their shards' logical sizes), other_args (argument bytes beyond those: TPU's
+  # tiled layouts pad minor dimensions to tiles of 128, and the PRNG key), temporaries, outputs, total, hbm
+  memory: dict
   fits: bool
   flops_per_chip: float
   bytes_accessed_per_chip: float
@@ -178,9 +180,9 @@ def format_report(r: ProgramReport) -> list[str]:
   mesh = ' '.join(f'{k}={v}' for k, v in r.mesh.items())
   e = r.estimate
   lines = [f'{r.program} on {r.topology} ({r.chips} chips {r.chip}, mesh {mesh}): compiled in {r.compile_s:.1f} s',
-           f"  HBM per chip: params+optimizer {_gib(m['state'])}, batch {_gib(m['batch'])}, other args "
-           f"{_gib(m['other_args'])}, temporaries {_gib(m['temporaries'])}, outputs {_gib(m['outputs'])}; total "
-           f"{_gib(m['total'])} of {_gib(m['hbm'])}: {'fits' if r.fits else 'DOES NOT FIT'}",
+           f"  HBM per chip: params+optimizer {_gib(m['state'])}, batch {_gib(m['batch'])}, tiled-layout padding + "
+           f"other args {_gib(m['other_args'])}, temporaries {_gib(m['temporaries'])}, outputs "
+           f"{_gib(m['outputs'])}; total {_gib(m['total'])} of {_gib(m['hbm'])}: {'fits' if r.fits else 'DOES NOT FIT'}",
            f'  XLA per chip per step: {r.flops_per_chip / 1e12:.3f} TFLOP, {_gib(r.bytes_accessed_per_chip)} accessed']
   if r.collectives:
     lines.append('  collectives (static count in the HLO; bytes = largest result array, summed):')
