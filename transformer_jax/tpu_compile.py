@@ -277,14 +277,15 @@ def compile_programs(config, topology: str | Topology, num_slices: int = 1, prog
 
 
 def define_flags(flags) -> None:
+  here = {'module_name': 'transformer_jax.commands'}  # listed by `compile --help` (cli.py prints that module's)
   flags.DEFINE_string('topology', None, 'TPU slice to compile for: an accelerator type as launch/tpu_vm.sh takes '
                       'it (v4-8 = 4 chips, v5p-8 = 4 chips, v5litepod-16, v6e-8), the short v5e-16, or a topology '
-                      'string (v5e:4x4, v4:2x2x2).')
+                      'string (v5e:4x4, v4:2x2x2).', **here)
   flags.DEFINE_integer('num_slices', 1, 'Slices joined over DCN (multislice): the mesh\'s data axis spans them '
-                       '(mesh.dcn_data; mesh.data=1 becomes num_slices).')
+                       '(mesh.dcn_data; mesh.data=1 becomes num_slices).', **here)
   flags.DEFINE_list('programs', [], f'Programs to compile, of {", ".join(PROGRAMS)} (default: train, eval and the '
-                    'decoding the model does: greedy and beam for translation, sample for language models).')
-  flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+                    'decoding the model does: greedy and beam for translation, sample for language models).', **here)
+  flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.', **here)
   flags.mark_flag_as_required('topology')
 
 
