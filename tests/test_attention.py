@@ -216,6 +216,7 @@ def _config(max_length=1000, **model):
     (dict(attention='blockwise', attention_window=-1), 'model.attention_window=-1: must be an integer >= 0'),
     (dict(attention='blockwise', attention_block_size=256), 'must divide max_length=1000'),
     (dict(attention='splash', attention_block_size=512), "model.attention='splash': a TPU kernel"),
+    (dict(attention='splash', attention_block_size=200), 'splash blocks must be multiples of 128'),
 ])
 def test_bad_settings_are_one_line_errors(model, expected):
   errors = config_checks.config_errors(_config(**model))

@@ -141,7 +141,9 @@ def _attention_errors(config, bad: set[str], platform_checks: bool) -> list[str]
       length = _get(config, key)
       if _is_int(length) and key not in bad and length % attention.block_for(length, block, kind):
         errors.append(f'config model.attention_block_size={block}: must divide {key}={length} (or exceed it)')
-  if platform_checks and kind == 'splash' and not _get(config, 'model.attention_interpret') is True:
+  if kind == 'splash' and _is_int(block) and block % 128:
+    errors.append(f'config model.attention_block_size={block}: splash blocks must be multiples of 128 (its lanes)')
+  if platform_checks and kind == 'splash' and _get(config, 'model.attention_interpret') is not True:
     import jax  # pylint: disable=g-import-not-at-top
     if jax.default_backend() != 'tpu':
       errors.append(f"config model.attention='splash': a TPU kernel, and this host runs {jax.default_backend()}; use "
