@@ -35,6 +35,24 @@ def test_schedule_matches_the_papers_formula(step):
   assert float(schedule(step - 1)) == pytest.approx(expected, rel=1e-5)  # optax counts updates from 0
 
 
+@pytest.mark.parametrize('num_steps,fraction', [(450, 1 / 3), (8, 1 / 3), (1000, 0.05), (100, 0.0)])
+def test_cooldown_ramps_the_schedule_linearly_to_zero_over_the_last_fraction(num_steps, fraction):
+  config = small_config(lr_schedule='rsqrt', num_train_steps=num_steps, cooldown_fraction=fraction, warmup_steps=20)
+  cooled, plain = optim.make_schedule(config), optim.paper_schedule(32, 20, config.learning_rate)
+  cooldown = round(fraction * num_steps)
+  counts = np.arange(num_steps + 5)
+  got = np.array([float(cooled(c)) for c in counts])
+  want = np.array([float(plain(c)) for c in counts])
+  if cooldown < 1:
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    return
+  ramp = np.clip((num_steps - counts) / cooldown, 0.0, 1.0)
+  np.testing.assert_allclose(got, want * ramp, rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(got[:num_steps - cooldown + 1], want[:num_steps - cooldown + 1], rtol=1e-6)
+  assert np.all(got[num_steps:] == 0.0) and np.all(got[:num_steps] > 0.0)
+  assert np.all(np.diff(got[num_steps - cooldown:]) <= 0.0)  # falls monotonically once it starts
+
+
 def test_label_smoothing_matches_direct_computation():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
@@ -129,7 +147,8 @@ def test_default_config_peak_learning_rate_learns(tmp_path):
   the peak learning rate, loss 2.27 and accuracy 0.61 (the old bound, loss < 3.0, passed both). It runs the README's
   command as a user does (one process, the `train` malloc heap of hugepages.py: its 150 steps are the slow part).
   """
-  overrides = dict(num_train_steps=150, max_train_examples=20000, max_eval_examples=64, eval_translate_examples=32,
+  # cooldown_fraction=0: the peak is what this guards (a 150-step run would otherwise cool down from step 100)
+  overrides = dict(num_train_steps=150, cooldown_fraction=0.0, max_train_examples=20000, max_eval_examples=64, eval_translate_examples=32,
                    eval_every_steps=1000, checkpoint_every_steps=1000, tokenizer_train_sentences=20000)
   # mesh.num_devices=1: the same math as 8-way data parallel (test_parallel), without 8 simulated devices.
   args = [f'--config.{k}={v}' for k, v in overrides.items()] + ['--config.mesh.num_devices=1']

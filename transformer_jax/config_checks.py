@@ -59,6 +59,7 @@ RULES: tuple[tuple[str, tuple[Callable[[Any], bool], str]], ...] = (
     ('tokenizer_train_sentences', _int_at_least(1)),
     ('learning_rate', _positive()),
     ('warmup_steps', _int_at_least(0)),
+    ('cooldown_fraction', _fraction()),  # of num_train_steps; 0: none
     ('adam_beta1', _fraction()),
     ('adam_beta2', _fraction()),
     ('adam_eps', _positive()),
