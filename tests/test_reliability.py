@@ -89,6 +89,9 @@ def trained(tmp_path_factory, env, config_path):
   run = Run(workdir, env, config=config_path)
   assert run.wait() == 0, run.describe()
   assert committed_steps(workdir) == [EVERY, NUM_STEPS] and not os.path.exists(os.path.join(workdir, '.lock'))
+  # where the time went, one stderr line per finished run
+  assert re.search(rf'^time: data .*; first step \(compiles\) .*; steps 2\.\.{NUM_STEPS} .*; final evaluation ',
+                   run.stderr, re.M), run.describe()
   return workdir
 
 

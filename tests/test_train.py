@@ -1,6 +1,7 @@
 """The schedule, the loss, and the one train step: it learns, and its normalisation is by real target tokens."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,17 @@ def test_cooldown_ramps_the_schedule_linearly_to_zero_over_the_last_fraction(num
   np.testing.assert_allclose(got[:num_steps - cooldown + 1], want[:num_steps - cooldown + 1], rtol=1e-6)
   assert np.all(got[num_steps:] == 0.0) and np.all(got[:num_steps] > 0.0)
   assert np.all(np.diff(got[num_steps - cooldown:]) <= 0.0)  # falls monotonically once it starts
+
+
+def test_phase_clock_reports_each_phase_in_order_on_one_stderr_line(capsys):
+  from transformer_jax import run_control  # pylint: disable=g-import-not-at-top
+  clock = run_control.PhaseClock()
+  sum(range(300_000))
+  clock.mark('data').mark('steps 2..8')
+  clock.report()
+  err = capsys.readouterr().err
+  assert re.fullmatch(r'time: data \d+\.\d s \(cpu \d+\.\d s\); steps 2\.\.8 \d+\.\d s \(cpu \d+\.\d s\)\n', err), err
+  assert all(wall >= 0 and cpu >= 0 for _, wall, cpu in clock.phases)
 
 
 def test_label_smoothing_matches_direct_computation():
@@ -148,8 +160,9 @@ def test_default_config_peak_learning_rate_learns(tmp_path):
   command as a user does (one process, the `train` malloc heap of hugepages.py: its 150 steps are the slow part).
   """
   # cooldown_fraction=0: the peak is what this guards (a 150-step run would otherwise cool down from step 100)
-  overrides = dict(num_train_steps=150, cooldown_fraction=0.0, max_train_examples=20000, max_eval_examples=64, eval_translate_examples=32,
-                   eval_every_steps=1000, checkpoint_every_steps=1000, tokenizer_train_sentences=20000)
+  overrides = dict(num_train_steps=150, cooldown_fraction=0.0, max_train_examples=20000, max_eval_examples=64,
+                   eval_translate_examples=32, eval_every_steps=1000, checkpoint_every_steps=1000,
+                   tokenizer_train_sentences=20000)
   # mesh.num_devices=1: the same math as 8-way data parallel (test_parallel), without 8 simulated devices.
   args = [f'--config.{k}={v}' for k, v in overrides.items()] + ['--config.mesh.num_devices=1']
   result = subprocess.run([sys.executable, '-m', 'transformer_jax.cli', 'train', f'--workdir={tmp_path / "run"}',

@@ -1,10 +1,13 @@
 """Checks that stop or watch a training run between steps: non-finite values (before anything is saved), a loss that
-stopped falling, and a profiler trace of chosen steps."""
+stopped falling, a profiler trace of chosen steps; and what the run reports of its own speed (tokens/s, the wall and
+CPU seconds of each phase)."""
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 
 import jax
 from absl import logging
@@ -93,3 +96,42 @@ class Profiler:
 
   def __exit__(self, *exc):
     self.stop()
+
+
+class PhaseClock:
+  """Wall and CPU seconds (user + system, this process and its finished children: the number-words workers) of each
+  phase of a run, printed to stderr at the end: where a run's time goes, on any machine."""
+
+  def __init__(self):
+    self.phases: list[tuple[str, float, float]] = []
+    self._wall, self._cpu = time.time(), self._cpu_now()
+
+  @staticmethod
+  def _cpu_now() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+  def mark(self, name: str) -> 'PhaseClock':
+    wall, cpu = time.time(), self._cpu_now()
+    self.phases.append((name, wall - self._wall, cpu - self._cpu))
+    self._wall, self._cpu = wall, cpu
+    return self
+
+  def report(self) -> None:
+    print('time: ' + '; '.join(f'{name} {wall:.1f} s (cpu {cpu:.1f} s)' for name, wall, cpu in self.phases),
+          file=sys.stderr, flush=True)
+
+
+class Throughput:
+  """Target tokens/s over the steps since the last log line: the first (compiling) step and evaluations excluded."""
+
+  def __init__(self):
+    self.tokens, self.start = 0.0, time.time()
+
+  def restart(self) -> None:
+    self.tokens, self.start = 0.0, time.time()
+
+  def rate(self) -> float:
+    rate = self.tokens / max(time.time() - self.start, 1e-9)
+    self.restart()
+    return rate

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -251,7 +250,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 def _train_and_evaluate(config, workdir: str, preemption: preemption_lib.Preemption) -> dict[str, float]:
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
-  clock = _PhaseClock()
+  clock = run_control.PhaseClock()
   workdir = paths.resolve(workdir)
   paths.makedirs(workdir)
   mesh = _checked_mesh(config)
@@ -300,30 +299,6 @@ def _checked_resumable(config, workdir: str, mesh, tx):
   return shardings, abstract
 
 
-class _PhaseClock:
-  """Wall and CPU seconds (user + system, this process and its finished children: the number-words workers) of each
-  phase of a run, printed to stderr at the end: where a run's time goes, on any machine."""
-
-  def __init__(self):
-    self.phases: list[tuple[str, float, float]] = []
-    self._wall, self._cpu = time.time(), self._cpu_now()
-
-  @staticmethod
-  def _cpu_now() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-  def mark(self, name: str) -> '_PhaseClock':
-    wall, cpu = time.time(), self._cpu_now()
-    self.phases.append((name, wall - self._wall, cpu - self._cpu))
-    self._wall, self._cpu = wall, cpu
-    return self
-
-  def report(self) -> None:
-    print('time: ' + '; '.join(f'{name} {wall:.1f} s (cpu {cpu:.1f} s)' for name, wall, cpu in self.phases),
-          file=sys.stderr, flush=True)
-
-
 @dataclasses.dataclass
 class _Run:
   """What setup hands to the steps and the final evaluation."""
@@ -338,7 +313,7 @@ class _Run:
   checkpointer: Any
   evaluate: '_Evaluator'
   is_chief: bool
-  clock: '_PhaseClock | None' = None
+  clock: 'run_control.PhaseClock | None' = None
 
 
 def _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption) -> _Run:
@@ -435,21 +410,6 @@ def _evaluate_finished(run: _Run) -> dict[str, float]:
   return final
 
 
-class _Throughput:
-  """Target tokens/s over the steps since the last log line: the first (compiling) step and evaluations excluded."""
-
-  def __init__(self):
-    self.tokens, self.start = 0.0, time.time()
-
-  def restart(self) -> None:
-    self.tokens, self.start = 0.0, time.time()
-
-  def rate(self) -> float:
-    rate = self.tokens / max(time.time() - self.start, 1e-9)
-    self.restart()
-    return rate
-
-
 def _train_steps(run: _Run, writer, preemption) -> dict[str, float]:
   """Steps from run.start_step to num_train_steps: logs, evaluates, checkpoints; stops after a signal (saved)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -460,7 +420,7 @@ def _train_steps(run: _Run, writer, preemption) -> dict[str, float]:
   progress = tqdm(total=num_steps, initial=run.start_step, disable=True)
   if is_chief:
     print('compiling the train step (the first step waits for it) ...', file=sys.stderr, flush=True)
-  compile_start, throughput = time.time(), _Throughput()
+  compile_start, throughput = time.time(), run_control.Throughput()
   step = run.start_step
   pending, pending_counted = None, True
   stall = StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
