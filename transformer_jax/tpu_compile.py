@@ -161,7 +161,7 @@ class _Setup:
     if config.batch_size % (self.mesh.shape['data'] * self.mesh.shape['fsdp']):
       raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes data*fsdp='
                        f"{self.mesh.shape['data'] * self.mesh.shape['fsdp']}")
-    self.cfg = train_state.model_config(config)
+    self.cfg = train_state.model_config(config, platform='tpu')  # model.dtype='auto' is bfloat16 there
     self.model = build_model(self.cfg)
     self.tx = optim.make_optimizer(config)
     self.state_shardings = parallel.logical_shardings(
