@@ -393,11 +393,7 @@ class Embedder(nn.Module):
     return x * jnp.sqrt(self.cfg.d_model).astype(self.cfg.dtype)
 
   def attend(self, x):  # [B, L, D] -> [B, L, V]
-    # The matrix gathered whole over fsdp (split over vocab only): its gradient is then one [V, D] product of the
-    # [tokens, V] logit gradient, reduce-scattered after. Left split over embed, the TPU compiler made it a windowed
-    # loop that re-read the logit gradient from HBM once per fsdp shard (benchmarks/RESULTS.md, TPU programs).
-    embedding = constrain(self.embedding.astype(self.cfg.dtype), ('vocab', None))
-    return jnp.einsum('bld,vd->blv', x, embedding)
+    return jnp.einsum('bld,vd->blv', x, self.embedding.astype(self.cfg.dtype))
 
 
 class Encoder(nn.Module):
