@@ -26,6 +26,7 @@ def get_config():
   config.num_train_steps = 100_000
   config.learning_rate = 1.0
   config.warmup_steps = 4000
+  config.cooldown_fraction = 0.0  # the paper's rsqrt decay to the end (tiny's cooldown is the default job's tuning)
   config.label_smoothing = 0.1
 
   config.log_every_steps = 100
