@@ -44,9 +44,11 @@ CHIPS = {
 def roofline(chip: Chip, flops_per_chip: float, hbm_bytes_per_chip: float, ici_bytes_per_chip: float) -> dict:
   """ESTIMATED step time: t_step = max(flops / peak_bf16, hbm bytes / hbm_bw, ici bytes / ici_bw), per chip.
 
-  Optimistic: it assumes the three overlap perfectly, every FLOP runs at the bf16 peak (float32 matmuls do not),
-  and XLA's 'bytes accessed' is the HBM traffic (it counts every operand read and result written, so fusion
-  that keeps data in VMEM makes the real figure lower; no overlap makes the real time higher).
+  Optimistic: it assumes the three overlap perfectly and every FLOP runs at the bf16 peak (float32 matmuls do not).
+  The `compile` command passes max(XLA's FLOPs, model FLOPs / chips) (XLA counts a loop body once) and
+  tpu_report.hbm_traffic's HBM estimate (HBM-resident operands and results after memory-space assignment), and
+  also reports the bound with XLA's 'bytes accessed' as HBM bytes, which counts VMEM-resident operands too
+  (pessimistic). No overlap would make the real time higher.
   """
   times = {'compute': flops_per_chip / chip.peak_bf16_flops, 'hbm': hbm_bytes_per_chip / chip.hbm_bytes_per_s,
            'ici': ici_bytes_per_chip / chip.ici_bytes_per_s}

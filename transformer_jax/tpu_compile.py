@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
 import importlib.util
 import json
 import math
@@ -223,28 +224,42 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
-  found = tpu_report.collectives(compiled.as_text(), tuple(setup.mesh.devices.shape), setup.mesh.axis_names,
-                                 num_slices)
+  hlo = compiled.as_text()
+  found = tpu_report.collectives(hlo, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices)
   summary = tpu_report.summarize(found)
   ici = sum(s['ici_bytes'] for s in summary.values())
+  hbm = tpu_report.hbm_traffic(hlo)
   tokens = config.batch_size * config.packed_targets_length
   model_flops = tpu_chips.model_flops_per_step(_param_shapes(setup.state.params), config.model, config.batch_size,
                                                config.packed_inputs_length if setup.kind != 'decoder' else 0,
                                                config.packed_targets_length, training=program == 'train')
-  estimate = tpu_chips.roofline(chip, flops, accessed, ici)
-  if program in ('train', 'eval'):
-    estimate['tokens_per_s'] = tokens / estimate['t_step_s'] if estimate['t_step_s'] else float('nan')
-    estimate['mfu'] = tpu_chips.mfu(model_flops, estimate['t_step_s'], chip, chips)
-  else:
+  if program not in ('train', 'eval'):
     tokens, model_flops = 0, 0.0
-    estimate.update(tokens_per_s=float('nan'), mfu=float('nan'))
-    notes = notes + ['a decoding loop: XLA counts a while loop body once, so its FLOPs, bytes and times are per '
-                     'loop iteration plus set-up, not per sequence; collectives inside the loop run every step']
+  # XLA counts a while loop's body once (windowed-einsum loops, scanned layers): the model's FLOPs per chip are the
+  # floor of the work; HBM is the estimate from the HLO after memory-space assignment, not XLA's bytes accessed
+  compute = max(flops, model_flops / chips)
+  estimate = tpu_chips.roofline(chip, compute, hbm.bytes, ici)
+  estimate_xla_bytes = tpu_chips.roofline(chip, compute, accessed, ici)  # pessimistic: every XLA byte from HBM
+  if hbm.unknown_trip_counts:
+    notes = notes + [f'{hbm.unknown_trip_counts} while loop(s) of unknown trip count: their bodies are counted once '
+                     'in the HBM estimate and the collectives']
+  if program in ('train', 'eval'):
+    for e in (estimate, estimate_xla_bytes):
+      e['tokens_per_s'] = tokens / e['t_step_s'] if e['t_step_s'] else float('nan')
+      e['mfu'] = tpu_chips.mfu(model_flops, e['t_step_s'], chip, chips)
+  else:
+    for e in (estimate, estimate_xla_bytes):
+      e.update(tokens_per_s=float('nan'), mfu=float('nan'))
+    notes = notes + ['a decoding loop: XLA counts a while loop body once, so its FLOPs are per loop iteration plus '
+                     'set-up, not per sequence (the HBM estimate and the collectives multiply loops whose trip '
+                     'count the HLO states)']
   return tpu_report.ProgramReport(
       program=program, topology=topology.name + (f' x {num_slices} slices' if num_slices > 1 else ''),
       chips=chips, num_slices=num_slices, mesh=dict(setup.mesh.shape), chip=chip.name, compile_s=compile_s,
       memory=memory, fits=total <= chip.hbm_bytes, flops_per_chip=flops, bytes_accessed_per_chip=accessed,
-      collectives=summary, model_flops=model_flops, tokens_per_step=tokens, estimate=estimate, notes=list(notes))
+      collectives=summary, model_flops=model_flops, tokens_per_step=tokens, estimate=estimate, notes=list(notes),
+      compute_flops_per_chip=compute, hbm_bytes_per_chip=hbm.bytes, hbm_by_op_name=hbm.by_op_name,
+      estimate_xla_bytes=estimate_xla_bytes)
 
 
 def _print_now(line: str) -> None:
@@ -252,9 +267,11 @@ def _print_now(line: str) -> None:
 
 
 def compile_programs(config, topology: str | Topology, num_slices: int = 1, programs=None,
-                     progress=_print_now, keep_compiled: bool = False) -> list[tpu_report.ProgramReport]:
+                     progress=_print_now, keep_compiled: bool = False,
+                     hlo_prefix: str | None = None) -> list[tpu_report.ProgramReport]:
   """Compiles each program for the topology (x num_slices) and reports it. Raises DoesNotFit (before compiling)
-  when parameters and optimizer state alone exceed HBM. keep_compiled: the reports carry `.compiled` (tests)."""
+  when parameters and optimizer state alone exceed HBM. keep_compiled: the reports carry `.compiled` (tests).
+  hlo_prefix: also write each compiled program's HLO text to HLO_PREFIX.PROGRAM.hlo.gz."""
   topology = parse_topology(topology) if isinstance(topology, str) else topology
   notes: list[str] = []
   config = slice_config(config, num_slices, notes)
@@ -268,6 +285,9 @@ def compile_programs(config, topology: str | Topology, num_slices: int = 1, prog
     start = time.perf_counter()
     lowered, state, batch = setup.lower(program)
     compiled = lowered.compile()
+    if hlo_prefix:
+      with gzip.open(f'{hlo_prefix}.{program}.hlo.gz', 'wt', encoding='utf-8') as f:
+        f.write(compiled.as_text())
     report = analyse(program, compiled, setup, topology, num_slices, time.perf_counter() - start, state, batch,
                      notes)
     if keep_compiled:
@@ -286,6 +306,8 @@ def define_flags(flags) -> None:
   flags.DEFINE_list('programs', [], f'Programs to compile, of {", ".join(PROGRAMS)} (default: train, eval and the '
                     'decoding the model does: greedy and beam for translation, sample for language models).', **here)
   flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.', **here)
+  flags.DEFINE_string('hlo', None, 'Also write each compiled program\'s HLO text (what the report reads: memory '
+                      'spaces, collectives) to HLO.PROGRAM.hlo.gz.', **here)
   flags.mark_flag_as_required('topology')
 
 
@@ -300,7 +322,8 @@ def run(FLAGS) -> None:  # pylint: disable=invalid-name
   if unknown:
     raise ValueError(f'unknown --programs {unknown}; expected some of {", ".join(PROGRAMS)}')
   try:
-    reports = compile_programs(FLAGS.config, FLAGS.topology, FLAGS.num_slices, tuple(FLAGS.programs) or None)
+    reports = compile_programs(FLAGS.config, FLAGS.topology, FLAGS.num_slices, tuple(FLAGS.programs) or None,
+                               hlo_prefix=FLAGS.hlo)
   except DoesNotFit as e:
     if FLAGS.json:
       _write_json(FLAGS.json, {'topology': FLAGS.topology, 'num_slices': FLAGS.num_slices, 'fits': False,

@@ -1,5 +1,6 @@
-"""What a compiled TPU program shows: collectives read from its HLO text (kind, bytes, mesh axes), per-chip memory
-by kind, and the report lines / JSON of `transformer-jax compile`. No jax import: text and numbers only."""
+"""What a compiled TPU program shows: its logical collectives read from the HLO text (kind, bytes, mesh axes, runs
+per step), an ESTIMATE of its HBM traffic from the same text (hbm_traffic), per-chip memory by kind, and the report
+lines / JSON of `transformer-jax compile`. No jax import: text and numbers only."""
 
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ class Collective:
   axes: tuple[str, ...]
   crosses_slices: bool
   fused_reduce_scatter: bool = False
+  channel_id: int | None = None
+  executions: int = 1  # runs per step: a collective inside a while loop runs trip-count times
 
   def ici_bytes(self) -> float:
     """Bytes one chip sends, ring algorithm: (n-1)/n of the data (all-reduce: twice; reduce-scatter: of its
@@ -88,13 +91,140 @@ class Collective:
 
 
 _MEGASCALE = re.compile(r'=\s*\((.*?)\)\s+send\(.*_xla_megascale_transfer_type="(\w+)"')
+_CHANNEL = re.compile(r'channel_id=(\d+)')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The HLO text as computations of instructions, and how often each computation runs per step
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str  # the result shape text, layouts included (a tuple is '(a, b, ...)')
+  op: str
+  operands: list  # names ('%x') of the operand instructions
+  attrs: str  # everything after the operand list
+  line: str
+
+
+_HEADER = re.compile(r'^(ENTRY\s+)?(%[\w.\-]+)\s.*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s+(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$')
+
+
+def _split_call(rest: str) -> tuple[str, str]:
+  """'a, b), attr=...' -> ('a, b', 'attr=...'): the operand list up to its matching parenthesis."""
+  depth = 1
+  for i, ch in enumerate(rest):
+    depth += (ch == '(') - (ch == ')')
+    if depth == 0:
+      return rest[:i], rest[i + 1:].lstrip(', ')
+  return rest, ''
+
+
+def parse_hlo(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """({computation name: its instructions}, the ENTRY computation's name) of an HLO module's text."""
+  computations, entry, current = {}, '', None
+  for line in hlo_text.splitlines():
+    if not line:
+      continue
+    if not line[0].isspace():
+      m = _HEADER.match(line)
+      current = computations.setdefault(m.group(2), []) if m else None
+      if m and m.group(1):
+        entry = m.group(2)
+      continue
+    m = _INSTRUCTION.match(line) if current is not None else None
+    if m:
+      operands, attrs = _split_call(m.group(4))
+      current.append(Instruction(m.group(1), m.group(2), m.group(3), re.findall(r'%[\w.\-]+', operands), attrs,
+                                 line))
+  return computations, entry
+
+
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def trip_count(while_op: Instruction, computations: dict[str, list[Instruction]]) -> int | None:
+  """Iterations of a while loop: XLA's known_trip_count when the backend config has one; else a condition whose
+  ROOT is `compare(counter, constant N), direction=LT` (XLA's windowed-einsum and scan loops, counting from 0)
+  gives N. None when neither says (the caller counts the body once and says so)."""
+  m = _TRIP.search(while_op.attrs)
+  if m:
+    return int(m.group(1))
+  cond = re.search(r'condition=(%[\w.\-]+)', while_op.attrs)
+  body = computations.get(cond.group(1), []) if cond else []
+  root = next((i for i in body if i.line.lstrip().startswith('ROOT ')), None)
+  if root is None or root.op != 'compare' or 'direction=LT' not in root.attrs:
+    return None
+  constants = {i.name: i for i in body if i.op == 'constant'}
+  for name in root.operands[1:]:
+    c = re.search(r'constant\((\d+)\)', constants[name].line) if name in constants else None
+    if c:
+      return int(c.group(1))
+  return None
+
+
+@dataclasses.dataclass
+class CallGraph:
+  """How many times each computation runs per step (`runs`), and which ones run as sequences of top-level
+  instructions (`control`: ENTRY, while bodies and conditions, called and branch computations; the rest are fusion
+  bodies and reducers, whose instructions run inside their caller's). A loop body runs trip-count times its
+  caller; a computation reached from several places takes its most-run caller's count. `unknown_trips`: while
+  loops whose trip count could not be read (their bodies count once)."""
+  runs: dict
+  control: set
+  unknown_trips: int
+
+
+def call_graph(computations: dict[str, list[Instruction]], entry: str) -> CallGraph:
+  runs, control, unknown = {entry: 1}, {entry}, set()
+  todo = [entry]
+  while todo:
+    name = todo.pop()
+    for instr in computations.get(name, []):
+      callees = []  # (computation, times per run of the caller, runs as top-level instructions)
+      if instr.op == 'while':
+        n = trip_count(instr, computations)
+        if n is None:
+          unknown.add(instr.name)
+        for key in ('body', 'condition'):
+          m = re.search(key + r'=(%[\w.\-]+)', instr.attrs)
+          if m:
+            callees.append((m.group(1), n or 1, True))
+      elif instr.op in ('call', 'conditional', 'async-start'):
+        for m in re.finditer(r'(?:to_apply|calls|true_computation|false_computation)=(%[\w.\-]+)', instr.attrs):
+          callees.append((m.group(1), 1, name in control))
+        for m in re.finditer(r'branch_computations=\{([^}]*)\}', instr.attrs):
+          callees.extend((c, 1, name in control) for c in re.findall(r'%[\w.\-]+', m.group(1)))
+      else:
+        callees.extend((c, 1, False) for c in re.findall(r'(?:to_apply|calls)=(%[\w.\-]+)', instr.attrs))
+      for callee, times, is_control in callees:
+        if callee not in computations:
+          continue
+        grew = runs.get(callee, 0) < runs[name] * times
+        if is_control and callee not in control:
+          control.add(callee)
+          grew = True
+        if grew:
+          runs[callee] = max(runs.get(callee, 0), runs[name] * times)
+          todo.append(callee)
+  return CallGraph(runs, control, len(unknown))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collectives
 
 
 def collectives(hlo_text: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
                 num_slices: int = 1) -> list[Collective]:
-  """Every collective instruction in the HLO (async *-start counted, *-done not; one inside a while loop counts
-  once). TPU fuses the gradient reduction into `all-reduce-scatter` computations: an all-reduce there is reported
-  as the reduce-scatter it is.
+  """The logical collectives of the HLO: one per channel_id. TPU's async collective fusion starts a collective in
+  one fusion and advances it in several later ones, each repeating the `all-gather(...)` line with the same
+  channel_id, so counting lines overcounts (base's 797 all-gather lines are 195 collectives). Async *-start ops
+  count, *-done not. A collective inside a while loop (the collective-permute rings of XLA's windowed einsum, which
+  fuse a weight gradient's reduce-scatter with its matmul) is one logical collective that runs trip-count times:
+  `executions`, which the ICI bytes multiply. TPU fuses the gradient reduction into `all-reduce-scatter`
+  computations: an all-reduce there is reported as the reduce-scatter it is.
 
   Over several slices the program is one slice's: replica groups number the devices of a slice (the mesh's first
   axis, data, split by num_slices), and what crosses slices (DCN, over data) is a megascale `send` whose transfer
@@ -102,46 +232,175 @@ def collectives(hlo_text: str, mesh_shape: tuple[int, ...], axis_names: tuple[st
   """
   local_shape = (mesh_shape[0] // num_slices,) + tuple(mesh_shape[1:])
   num_devices = math.prod(local_shape)
-  found, computation = [], ''
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith('{'):
-      computation = line.split()[1] if line.startswith('ENTRY') else line.split()[0]
-      continue
-    dcn = _MEGASCALE.search(line) if num_slices > 1 and ' send(' in line else None
-    if dcn:
-      arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(dcn.group(1))]
-      found.append(Collective(dcn.group(2).lower().replace('_', '-'), max(arrays, default=0), num_slices,
-                              (axis_names[0],), True))
-      continue
-    m = _OP.match(line)
-    if not m:
-      continue
-    kind = m.group(2)
-    fused = kind == 'all-reduce' and computation.lstrip('%').startswith('all-reduce-scatter')
-    kind = 'reduce-scatter' if fused else kind
-    arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(m.group(1))]
-    # a tuple result is several arrays reduced at once (sum), except async starts that carry (input, output)
-    summed = m.group(1).startswith('(') and (not m.group(3) or m.group(2) == 'all-reduce')
-    size = sum(arrays) if summed else max(arrays, default=0)
-    groups = _groups(line, num_devices)
-    found.append(Collective(kind, size, len(groups[0]) if groups else num_devices,
-                            mesh_axes_of(groups, local_shape, axis_names), False, fused))
-  return found
+  computations, entry = parse_hlo(hlo_text)
+  runs = call_graph(computations, entry).runs if entry else {}
+  found: dict = {}
+  for computation, instructions in computations.items():
+    for instr in instructions:
+      line = instr.line
+      ch = _CHANNEL.search(instr.attrs)
+      dcn = _MEGASCALE.search(line) if num_slices > 1 and instr.op == 'send' else None
+      if dcn:
+        arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(dcn.group(1))]
+        collective = Collective(dcn.group(2).lower().replace('_', '-'), max(arrays, default=0), num_slices,
+                                (axis_names[0],), True)
+      else:
+        m = _OP.match(line)
+        if not m:
+          continue
+        kind = m.group(2)
+        fused = kind == 'all-reduce' and computation.lstrip('%').startswith('all-reduce-scatter')
+        kind = 'reduce-scatter' if fused else kind
+        arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(m.group(1))]
+        # a tuple result is several arrays reduced at once (sum), except async starts that carry (input, output)
+        summed = m.group(1).startswith('(') and (not m.group(3) or m.group(2) == 'all-reduce')
+        size = sum(arrays) if summed else max(arrays, default=0)
+        groups = _groups(line, num_devices)
+        collective = Collective(kind, size, len(groups[0]) if groups else num_devices,
+                                mesh_axes_of(groups, local_shape, axis_names), False, fused)
+      key = (collective.kind, collective.crosses_slices, ch.group(1) if ch else f'{computation}/{instr.name}')
+      collective.channel_id = int(ch.group(1)) if ch else None
+      collective.executions = max(runs.get(computation, 1), found[key].executions if key in found else 1)
+      found[key] = collective
+  return list(found.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HBM traffic
+
+
+_LAYOUT_ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([0-9,]*)\](\{[^}]*\})?')
+_MEMORY_SPACE = re.compile(r'S\((\d+)\)')
+# No data moved (views, bookkeeping), or moved by the instruction that is counted instead (the *-start of an async
+# pair; a loop's or call's instructions, counted in its body).
+_FREE = frozenset(('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all', 'partition-id',
+                   'replica-id', 'while', 'call', 'conditional', 'opt-barrier', 'add-dependency', 'copy-done',
+                   'slice-done', 'all-gather-done', 'all-reduce-done', 'collective-permute-done', 'async-done',
+                   'async-update', 'send-done', 'recv-done'))
+
+
+def _padded_bytes(dtype: str, dims: str, layout: str) -> int:
+  """An array's bytes in its tiled layout: `{1,0:T(8,128)(2,1)}` stores the most-minor dimension (the layout's
+  first) in multiples of 128 and the next one in multiples of 8 (the first tile; sub-tiles like (2,1) pack
+  narrow types within it and are ignored)."""
+  shape = [int(d) for d in dims.split(',') if d]
+  m = re.match(r'\{([0-9,]*):T\(([0-9,]+)\)', layout or '')
+  if m and shape:
+    order = [int(d) for d in m.group(1).split(',') if d]
+    tile = [int(t) for t in m.group(2).split(',')]
+    for dim, size in zip(order, reversed(tile)):
+      shape[dim] = -(-shape[dim] // size) * size
+  return _array_bytes(dtype, ','.join(map(str, shape)))
+
+
+def hbm_arrays_bytes(shape: str, skip: int = 0) -> int:
+  """Bytes of the arrays of a shape text that live in HBM: layouts without a memory space, or S(0). S(1) is the
+  alternate memory (VMEM on TPU); S(2), S(4), S(6) hold semaphores, scalars and flags. Sizes include the tiled
+  layout's padding. `skip`: leave out the first arrays of a tuple (an async start's aliased inputs)."""
+  total = 0
+  for i, (dtype, dims, layout) in enumerate(_LAYOUT_ARRAY.findall(shape)):
+    space = _MEMORY_SPACE.search(layout or '')
+    if i >= skip and (space is None or space.group(1) == '0'):
+      total += _padded_bytes(dtype, dims, layout)
+  return total
+
+
+def _arrays(shape: str) -> list[str]:
+  return [m.group(0) for m in _LAYOUT_ARRAY.finditer(shape)]
+
+
+def instruction_hbm_bytes(instr: Instruction, shapes: dict[str, str]) -> int:
+  """HBM bytes one execution of a top-level instruction reads and writes (an estimate: a fusion that reads only a
+  slice of an HBM operand is charged the whole operand).
+
+  - default: its HBM-resident result plus its HBM-resident operands (a fusion's internals stay in vector registers
+    and VMEM);
+  - copy-start (async copy, memory-space assignment's prefetch HBM->VMEM or eviction VMEM->HBM): the destination
+    (its result's first array) plus the source operand, HBM sides only: a prefetch or an eviction counts its data
+    once, an HBM->HBM copy twice; copy-done moves nothing more;
+  - slice-start (async slice into VMEM): the slice's bytes read when the source is in HBM, plus the destination
+    when it is in HBM;
+  - other async starts (collective-permute-start, all-gather-start): the result's first arrays alias the operands,
+    so they are not counted again.
+  """
+  operands = sum(hbm_arrays_bytes(shapes.get(o, '')) for o in instr.operands)
+  if instr.op == 'copy-start':
+    arrays = _arrays(instr.shape)
+    return hbm_arrays_bytes(arrays[0] if arrays else '') + operands
+  if instr.op == 'slice-start':
+    arrays = _arrays(instr.shape)  # ((source), destination, context)
+    source_in_hbm = any(hbm_arrays_bytes(shapes.get(o, '')) for o in instr.operands)
+    dest = arrays[1] if len(arrays) > 1 else ''
+    slice_bytes = hbm_arrays_bytes(_MEMORY_SPACE.sub('S(0)', dest))
+    return (slice_bytes if source_in_hbm else 0) + hbm_arrays_bytes(dest)
+  if instr.op.endswith('-start') and instr.op != 'all-reduce-start':
+    return hbm_arrays_bytes(instr.shape, skip=len(instr.operands)) + operands
+  return hbm_arrays_bytes(instr.shape) + operands
+
+
+def _group_name(instr: Instruction) -> str:
+  m = re.search(r'op_name="([^"]*)"', instr.attrs)
+  name = m.group(1) if m else instr.op
+  name = re.sub(r'layers_\d+', 'layers_N', name)
+  return re.sub(r'^jit\([\w.]+\)/|Transformer\.(en|de)code/', '', name)
+
+
+@dataclasses.dataclass
+class HbmTraffic:
+  """ESTIMATED HBM bytes one chip moves per step (see hbm_traffic)."""
+  bytes: float
+  by_op_name: dict  # the largest groups: op_name (layer numbers folded into layers_N) -> bytes, largest first
+  unknown_trip_counts: int  # while loops whose bodies were counted once for want of a trip count
+
+
+def hbm_traffic(hlo_text: str, top: int = 12) -> HbmTraffic:
+  """ESTIMATED HBM traffic of one run of a compiled TPU program, per chip, from its HLO after memory-space
+  assignment.
+
+  Why not XLA's `bytes accessed` (cost_analysis): it sums every operand and result of every instruction whatever
+  memory it is in. On TPU, memory-space assignment keeps many activations and gathered weights in VMEM (layouts
+  marked S(1)), and the async collective fusions count a gathered weight once per continuation fusion; for the
+  paper configs that is 3-12x the HBM traffic, and a roofline built on it is HBM-bound when the step is not.
+  And it counts a while loop's body once (as does its FLOP count).
+
+  The rules here: every top-level instruction (of ENTRY, and of while bodies, called and branch computations,
+  times how often they run: while bodies times their trip count) is charged its HBM-resident operands and results
+  (instruction_hbm_bytes: async copies and slices once, views and bookkeeping nothing). Fusion bodies are not
+  walked: what a fusion keeps in registers and VMEM is not HBM traffic. It is an estimate both ways: a fusion
+  reading a slice of an HBM operand is charged all of it (too high); VMEM bandwidth and latency are not counted at
+  all, and whether the step's DMAs overlap its compute is not known from the text (the roofline assumes they do).
+  """
+  computations, entry = parse_hlo(hlo_text)
+  graph = call_graph(computations, entry)
+  groups = collections.Counter()
+  for name in graph.control:
+    instructions = computations[name]
+    shapes = {i.name: i.shape for i in instructions}
+    for instr in instructions:
+      if instr.op in _FREE:
+        continue
+      groups[_group_name(instr)] += instruction_hbm_bytes(instr, shapes) * graph.runs[name]
+  return HbmTraffic(float(sum(groups.values())), {k: v for k, v in groups.most_common(top) if v},
+                    graph.unknown_trips)
 
 
 def summarize(found: list[Collective]) -> dict:
-  """{kind: {count, bytes, ici_bytes, dcn_bytes, by_axes: {'fsdp': count, ...}, crossing_slices: count}}."""
+  """{kind: {count, executions, bytes, ici_bytes, dcn_bytes, by_axes: {'fsdp': count, ...}, crossing_slices}}.
+
+  count: logical collectives (one per channel_id); executions: how many run per step (loops times their trip
+  count); bytes: summed result bytes of the logical ones (once each); ici_bytes / dcn_bytes: bytes one chip sends
+  per step (every execution): an estimate (Collective.ici_bytes)."""
   out = {}
   for kind in KINDS:
     ops = [c for c in found if c.kind == kind]
     if not ops:
       continue
     by_axes = collections.Counter('+'.join(c.axes) or 'none' for c in ops)
-    out[kind] = {'count': len(ops), 'bytes': sum(c.bytes for c in ops),
+    out[kind] = {'count': len(ops), 'executions': sum(c.executions for c in ops), 'bytes': sum(c.bytes for c in ops),
                  # ICI within a slice; what crosses slices goes over DCN (not in the roofline's ICI term)
-                 'ici_bytes': sum(c.ici_bytes() for c in ops if not c.crosses_slices),
-                 'dcn_bytes': sum(c.bytes for c in ops if c.crosses_slices), 'by_axes': dict(sorted(by_axes.items())),
-                 'crossing_slices': sum(c.crosses_slices for c in ops)}
+                 'ici_bytes': sum(c.ici_bytes() * c.executions for c in ops if not c.crosses_slices),
+                 'dcn_bytes': sum(c.bytes * c.executions for c in ops if c.crosses_slices),
+                 'by_axes': dict(sorted(by_axes.items())), 'crossing_slices': sum(c.crosses_slices for c in ops)}
   return out
 
 
@@ -164,8 +423,12 @@ class ProgramReport:
   collectives: dict
   model_flops: float
   tokens_per_step: int
-  estimate: dict  # roofline(...) + tokens_per_s + mfu
+  estimate: dict  # roofline(compute FLOPs, HBM estimate, ICI) + tokens_per_s + mfu
   notes: list = dataclasses.field(default_factory=list)
+  compute_flops_per_chip: float = 0.0  # max(XLA's FLOPs, model FLOPs / chips): XLA counts a loop body once
+  hbm_bytes_per_chip: float = 0.0  # hbm_traffic(): the ESTIMATED HBM traffic per step
+  hbm_by_op_name: dict = dataclasses.field(default_factory=dict)  # its largest groups
+  estimate_xla_bytes: dict = dataclasses.field(default_factory=dict)  # the roofline if every XLA byte were HBM
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -182,22 +445,39 @@ def format_report(r: ProgramReport) -> list[str]:
   lines = [f'{r.program} on {r.topology} ({r.chips} chips {r.chip}, mesh {mesh}): compiled in {r.compile_s:.1f} s',
            f"  HBM per chip: params+optimizer {_gib(m['state'])}, batch {_gib(m['batch'])}, tiled-layout padding + "
            f"other args {_gib(m['other_args'])}, temporaries {_gib(m['temporaries'])}, outputs "
-           f"{_gib(m['outputs'])}; total {_gib(m['total'])} of {_gib(m['hbm'])}: {'fits' if r.fits else 'DOES NOT FIT'}",
-           f'  XLA per chip per step: {r.flops_per_chip / 1e12:.3f} TFLOP, {_gib(r.bytes_accessed_per_chip)} accessed']
+           f"{_gib(m['outputs'])}; total {_gib(m['total'])} of {_gib(m['hbm'])}: "
+           f"{'fits' if r.fits else 'DOES NOT FIT'}",
+           f'  XLA per chip per step: {r.flops_per_chip / 1e12:.3f} TFLOP, {_gib(r.bytes_accessed_per_chip)} accessed '
+           '(every operand and result, VMEM-resident ones too; loop bodies once)',
+           f'  HBM traffic per chip per step, estimate (HBM-resident operands and results after memory-space '
+           f'assignment, loops x trip count): {_gib(r.hbm_bytes_per_chip)}']
+  if r.hbm_by_op_name:
+    lines.append('    largest: ' + '; '.join(f'{_gib(b)} {name[-70:]}' for name, b in
+                                              list(r.hbm_by_op_name.items())[:5]))
   if r.collectives:
-    lines.append('  collectives (static count in the HLO; bytes = largest result array, summed):')
+    lines.append('  collectives (logical: one per channel_id; runs per step where loops repeat them; bytes = largest '
+                 'result array, summed; ICI = bytes a chip sends per step, estimate):')
     for kind, s in r.collectives.items():
       axes = ', '.join(f'{a}: {n}' for a, n in s['by_axes'].items())
       cross = f", {s['crossing_slices']} of them across slices (DCN)" if s['crossing_slices'] else ''
-      lines.append(f"    {kind}: {s['count']} ops, {_gib(s['bytes'])} (over {axes}){cross}")
+      runs = s.get('executions', s['count'])
+      runs = f' ({runs} runs)' if runs != s['count'] else ''
+      lines.append(f"    {kind}: {s['count']} ops{runs}, {_gib(s['bytes'])}, ICI {_gib(s['ici_bytes'])} (over {axes})"
+                   f'{cross}')
   else:
     lines.append('  collectives: none')
   times = (f"compute {e['t_compute_s'] * 1e3:.2f} ms, HBM {e['t_hbm_s'] * 1e3:.2f} ms, ICI {e['t_ici_s'] * 1e3:.2f} "
            f"ms -> {e['t_step_s'] * 1e3:.2f} ms ({e['bound_by']}-bound)")
+  x = r.estimate_xla_bytes
   if r.tokens_per_step:
-    lines.append(f"  ESTIMATE (roofline, perfect overlap: optimistic): {times}, {e['tokens_per_s']:,.0f} target "
-                 f"tokens/s, MFU {e['mfu'] * 100:.1f}% ({r.model_flops / 1e12:.2f} model TFLOP per step)")
+    lines.append(f"  ESTIMATE (roofline of {r.compute_flops_per_chip / 1e12:.3f} TFLOP, the HBM estimate and ICI, "
+                 f"perfect overlap: optimistic): {times}, {e['tokens_per_s']:,.0f} target tokens/s, MFU est. "
+                 f"{e['mfu'] * 100:.1f}% ({r.model_flops / 1e12:.2f} model TFLOP per step)")
+    if x:
+      lines.append(f"  pessimistic bound: MFU est. {x['mfu'] * 100:.1f}% if every XLA byte were HBM traffic "
+                   f"({x['t_hbm_s'] * 1e3:.2f} ms of HBM -> {x['t_step_s'] * 1e3:.2f} ms, "
+                   f"{x['tokens_per_s']:,.0f} tokens/s)")
   else:
-    lines.append(f'  roofline of the counted work: {times}; no tokens/s or MFU for a decoding loop')
+    lines.append(f'  roofline estimate of the counted work: {times}; no tokens/s or MFU for a decoding loop')
   lines.extend(f'  note: {n}' for n in r.notes)
   return lines

@@ -1,0 +1,135 @@
+"""tpu_report's reading of TPU HLO text (HBM traffic estimate, logical collectives) on small hand-written modules in
+the syntax libtpu prints: no compiler, no jax."""
+
+import pytest
+
+from transformer_jax import tpu_report
+
+MIB = 2**20
+
+# f32[512,512] = 1 MiB; bf16[512,512] = 0.5 MiB. T(8,128) tiles: no padding at these sizes.
+_LOOP = '''HloModule jit_step, entry_computation_layout={(f32[512,512]{1,0})->f32[512,512]{1,0}}
+
+%fused_computation.1 (param_0.1: f32[512,512]) -> f32[512,512] {
+  %param_0.1 = f32[512,512]{1,0:T(8,128)S(1)} parameter(0)
+  ROOT %negate.1 = f32[512,512]{1,0:T(8,128)S(1)} negate(%param_0.1)
+}
+
+%body.1 (wide.param.1: (s32[], f32[512,512])) -> (s32[], f32[512,512]) {
+  %wide.param.1 = (s32[]{:T(128)}, f32[512,512]{1,0:T(8,128)}) parameter(0)
+  %get-tuple-element.1 = s32[]{:T(128)} get-tuple-element(%wide.param.1), index=0
+  %get-tuple-element.2 = f32[512,512]{1,0:T(8,128)} get-tuple-element(%wide.param.1), index=1
+  %fusion.1 = f32[512,512]{1,0:T(8,128)} fusion(%get-tuple-element.2), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(step)/loop/negate"}
+  %collective-permute-start.1 = (f32[512,512]{1,0:T(8,128)S(1)}, f32[512,512]{1,0:T(8,128)S(1)}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%fusion.1), channel_id=7, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %collective-permute-done.1 = f32[512,512]{1,0:T(8,128)S(1)} collective-permute-done(%collective-permute-start.1)
+  %constant.1 = s32[]{:T(128)} constant(1)
+  %add.1 = s32[]{:T(128)} add(%get-tuple-element.1, %constant.1)
+  ROOT %tuple.1 = (s32[]{:T(128)}, f32[512,512]{1,0:T(8,128)}) tuple(%add.1, %fusion.1)
+}
+
+%cond.1 (wide.param.2: (s32[], f32[512,512])) -> pred[] {
+  %wide.param.2 = (s32[]{:T(128)}, f32[512,512]{1,0:T(8,128)}) parameter(0)
+  %constant.2 = s32[]{:T(128)} constant(%TRIP)
+  %get-tuple-element.3 = s32[]{:T(128)} get-tuple-element(%wide.param.2), index=0
+  ROOT %compare.1 = pred[]{:T(512)} compare(%get-tuple-element.3, %constant.2), direction=LT
+}
+
+ENTRY %main.1 (param.1: f32[512,512]) -> f32[512,512] {
+  %param.1 = f32[512,512]{1,0:T(8,128)} parameter(0)
+  %constant.3 = s32[]{:T(128)} constant(0)
+  %tuple.2 = (s32[]{:T(128)}, f32[512,512]{1,0:T(8,128)}) tuple(%constant.3, %param.1)
+  %while.1 = (s32[]{:T(128)}, f32[512,512]{1,0:T(8,128)}) while(%tuple.2), condition=%cond.1, body=%body.1%BACKEND
+  ROOT %get-tuple-element.4 = f32[512,512]{1,0:T(8,128)} get-tuple-element(%while.1), index=1
+}
+'''
+
+
+def loop_module(trip: int, known: bool = False) -> str:
+  backend = f', backend_config={{"known_trip_count":{{"n":"{trip}"}}}}' if known else ''
+  return _LOOP.replace('%TRIP', str(99 if known else trip)).replace('%BACKEND', backend)
+
+
+@pytest.mark.parametrize('known', [False, True])
+def test_loop_bodies_count_times_their_trip_count(known):
+  """Per iteration the body's fusion reads 1 MiB and writes 1 MiB of HBM, and the permute reads that 1 MiB (its
+  own buffers are in VMEM); the loop counter's scalars add a few bytes. known_trip_count wins over the condition's
+  constant."""
+  for trip in (1, 8):
+    h = tpu_report.hbm_traffic(loop_module(trip, known))
+    assert h.bytes == pytest.approx(trip * 3 * MIB, abs=30 * trip) and h.unknown_trip_counts == 0
+    assert h.by_op_name['loop/negate'] == trip * 2 * MIB and h.by_op_name['collective-permute-start'] == trip * MIB
+  computations, entry = tpu_report.parse_hlo(loop_module(8, known))
+  graph = tpu_report.call_graph(computations, entry)
+  assert graph.runs['%body.1'] == 8 and graph.control == {'%main.1', '%body.1', '%cond.1'}
+
+
+def test_a_loop_of_unknown_trip_count_counts_once_and_says_so():
+  text = loop_module(8).replace('direction=LT', 'direction=NE')
+  h = tpu_report.hbm_traffic(text)
+  assert h.bytes == pytest.approx(3 * MIB, abs=30) and h.unknown_trip_counts == 1
+
+
+def test_a_collective_in_a_loop_is_one_op_run_trip_count_times():
+  found = tpu_report.collectives(loop_module(8), (4,), ('fsdp',))
+  assert len(found) == 1
+  (c,) = found
+  assert (c.kind, c.channel_id, c.executions, c.group_size, c.bytes) == ('collective-permute', 7, 8, 2, MIB)
+  s = tpu_report.summarize(found)['collective-permute']
+  assert (s['count'], s['executions'], s['bytes'], s['ici_bytes']) == (1, 8, MIB, 8 * MIB)
+
+
+_ASYNC = '''HloModule jit_step
+
+%fused_computation.1 (param_0.1: bf16[64,512]) -> (bf16[64,512], bf16[512,512], s32[2]) {
+  %param_0.1 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %all-gather.1 = bf16[512,512]{1,0:T(8,128)(2,1)} all-gather(%param_0.1), channel_id=3, replica_groups=[1,8]<=[8], dimensions={0}, use_global_device_ids=true
+  ROOT %custom-call.1 = (bf16[64,512]{1,0:T(8,128)(2,1)S(1)}, bf16[512,512]{1,0:T(8,128)(2,1)S(1)}, s32[2]{0:S(4)}) custom-call(%all-gather.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%fused_computation.2 (param_0.2: bf16[64,512], param_1.2: bf16[512,512]) -> (bf16[64,512], bf16[512,512]) {
+  %param_0.2 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %param_1.2 = bf16[512,512]{1,0:T(8,128)(2,1)S(1)} parameter(1)
+  %all-gather.2 = bf16[512,512]{1,0:T(8,128)(2,1)} all-gather(%param_0.2), channel_id=3, replica_groups=[1,8]<=[8], dimensions={0}, use_global_device_ids=true
+  ROOT %tuple.9 = (bf16[64,512]{1,0:T(8,128)(2,1)S(1)}, bf16[512,512]{1,0:T(8,128)(2,1)S(1)}) tuple(%param_0.2, %all-gather.2)
+}
+
+ENTRY %main.2 (param.1: f32[512,512], param.2: bf16[64,512]) -> f32[512,512] {
+  %param.1 = f32[512,512]{1,0:T(8,128)} parameter(0)
+  %param.2 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} parameter(1)
+  %copy-start.1 = (f32[512,512]{1,0:T(8,128)S(1)}, f32[512,512]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%param.1)
+  %copy-done.1 = f32[512,512]{1,0:T(8,128)S(1)} copy-done(%copy-start.1)
+  %fusion.1 = (bf16[64,512]{1,0:T(8,128)(2,1)S(1)}, bf16[512,512]{1,0:T(8,128)(2,1)S(1)}, s32[2]{0:S(4)}) fusion(%param.2), kind=kOutput, calls=%fused_computation.1
+  %fusion.2 = (bf16[64,512]{1,0:T(8,128)(2,1)S(1)}, bf16[512,512]{1,0:T(8,128)(2,1)S(1)}) fusion(%param.2, %fusion.1), kind=kOutput, calls=%fused_computation.2
+  %negate.1 = f32[512,512]{1,0:T(8,128)S(1)} negate(%copy-done.1)
+  %copy-start.2 = (f32[512,512]{1,0:T(8,128)}, f32[512,512]{1,0:T(8,128)S(1)}, u32[]{:S(2)}) copy-start(%negate.1)
+  %copy-done.2 = f32[512,512]{1,0:T(8,128)} copy-done(%copy-start.2)
+  %slice-start.1 = ((f32[512,512]{1,0:T(8,128)}), f32[128,512]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%copy-done.2), slice={[0:128], [0:512]}
+  %slice-done.1 = f32[128,512]{1,0:T(8,128)S(1)} slice-done(%slice-start.1)
+  ROOT %copy.1 = f32[512,512]{1,0:T(8,128)} copy(%copy-done.2)
+}
+'''
+
+
+def test_async_copies_count_once_and_vmem_buffers_not_at_all():
+  """Prefetch HBM->VMEM 1 MiB, compute in VMEM (0), evict VMEM->HBM 1 MiB, slice a quarter into VMEM 0.25 MiB,
+  an HBM->HBM copy 2 MiB; the gather's fusions work in VMEM (S(1)) only."""
+  h = tpu_report.hbm_traffic(_ASYNC)
+  assert h.bytes == (1 + 1 + 0.25 + 2) * MIB
+  assert h.by_op_name == {'copy-start': 2 * MIB, 'slice-start': 0.25 * MIB, 'copy': 2 * MIB}
+
+
+def test_one_collective_per_channel_id():
+  """Async collective fusion repeats the all-gather line in each fusion that advances it: one collective."""
+  found = tpu_report.collectives(_ASYNC, (8,), ('fsdp',))
+  assert [(c.kind, c.channel_id, c.executions, c.bytes, c.axes) for c in found] == [
+      ('all-gather', 3, 1, MIB // 2, ('fsdp',))]
+  assert tpu_report.summarize(found)['all-gather']['count'] == 1
+
+
+def test_tiled_layouts_pad_their_minor_dimensions():
+  """bf16[100,64] with T(8,128) on layout {1,0}: 104 x 128 stored; on {0,1} (dim 0 minor): 128 x 64."""
+  assert tpu_report.hbm_arrays_bytes('bf16[100,64]{1,0:T(8,128)(2,1)}') == 104 * 128 * 2
+  assert tpu_report.hbm_arrays_bytes('bf16[100,64]{0,1:T(8,128)(2,1)}') == 128 * 64 * 2
+  assert tpu_report.hbm_arrays_bytes('f32[1000]{0:T(1024)}') == 4096
+  assert tpu_report.hbm_arrays_bytes('bf16[100,64]{1,0:T(8,128)(2,1)S(1)}') == 0
+  assert tpu_report.hbm_arrays_bytes('(f32[8]{0}, s32[]{:S(2)}, u32[4]{0:S(0)})') == 32 + 16
