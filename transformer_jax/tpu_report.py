@@ -452,7 +452,8 @@ def format_report(r: ProgramReport) -> list[str]:
            f'  HBM traffic per chip per step, estimate (HBM-resident operands and results after memory-space '
            f'assignment, loops x trip count): {_gib(r.hbm_bytes_per_chip)}']
   if r.hbm_by_op_name:
-    lines.append('    largest: ' + '; '.join(f'{_gib(b)} {name[-70:]}' for name, b in
+    short = lambda name: name.replace('transpose(jvp(Transformer))/', 'backward ').replace('jvp(Transformer)/', '')
+    lines.append('    largest: ' + '; '.join(f'{_gib(b)} {short(name)}' for name, b in
                                               list(r.hbm_by_op_name.items())[:5]))
   if r.collectives:
     lines.append('  collectives (logical: one per channel_id; runs per step where loops repeat them; bytes = largest '
