@@ -13,7 +13,7 @@ import os
 # backend optimization level 0 (no LLVM optimization passes) and the legacy fusion emitters compile a cold 8-step
 # `train` run with 18.8 -> 12.3 s of CPU instead of 28.8 s. The same programs, but float results can differ in
 # their last bits from the default flags' (configs/tiny.py's initial parameters do), so tests compare runs made under
-# the same flags or with tolerances. The test that runs 150 real steps (test_train's peak-lr test) runs its
+# the same flags or with tolerances. The test that runs 100 real steps (test_train's learning-rate test) runs its
 # subprocess with the default flags.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 '
                                    '--xla_cpu_use_fusion_emitters=false')
@@ -34,7 +34,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
 # `--dist loadfile` hands each worker whole files in collection order, which is alphabetical: test_train.py (its
-# 150-step peak-lr test takes ~150 s, a third of a worker's share) came last, so it could run alone at the end. The
+# 100-step learning-rate test is its longest) came last, so it could run alone at the end. The
 # longest files go first (longest-processing-time scheduling); the rest keep their order. (Cold-cache suite in the
 # dev tree: 508 -> 499 s, within this host's noise.)
 _LONGEST_FIRST = ('test_train.py', 'test_checkpoint.py', 'test_multiprocess.py', 'test_gcs.py', 'test_reliability.py',

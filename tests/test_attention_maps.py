@@ -22,6 +22,7 @@ from flax import linen as nn
 
 from transformer_jax import attention_maps
 from transformer_jax.model import ModelConfig, MultiHeadAttention, Transformer
+import testenv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,7 +147,7 @@ SMALL = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.m
 
 
 def _cli(*args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=testenv.xla_flags(8))
   return subprocess.run([sys.executable, '-m', 'transformer_jax.cli', *args], capture_output=True, text=True,
                         timeout=timeout, cwd=REPO, env=env)
 

@@ -34,6 +34,7 @@ from transformer_jax import parallel
 from transformer_jax import train as train_lib
 from transformer_jax import workdir as workdir_lib
 from transformer_jax.model import Transformer
+import testenv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 20
@@ -513,7 +514,7 @@ def test_sigterm_to_one_of_two_processes_saves_one_agreed_step(tmp_path, env, co
     port = s.getsockname()[1]
   workdir = str(tmp_path / 'workdir')
   seed_workdir(straight, workdir)
-  process_env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')  # 2 x 4 = 8 devices
+  process_env = dict(env, XLA_FLAGS=testenv.xla_flags(4))  # 2 x 4 = 8 devices
   runs = [Run(workdir, process_env, f'--config.num_train_steps={NUM_STEPS * 5}', f'--process_id={i}',
               '--num_processes=2', f'--coordinator_address=127.0.0.1:{port}', config=config_path,
               log=str(tmp_path / f'process{i}')) for i in range(2)]

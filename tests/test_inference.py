@@ -28,6 +28,7 @@ from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
 from transformer_jax.model import Transformer
+import testenv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +107,7 @@ def test_long_inputs_truncated_and_unknown_characters_are_unk(loaded):
 
 def _cli(*args):
   """`transformer-jax ARGS` in a fresh process (8 simulated CPU devices, like the tests)."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=testenv.xla_flags(8))
   return subprocess.Popen([sys.executable, '-c', 'from transformer_jax.cli import main; main()', *args], cwd=REPO,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

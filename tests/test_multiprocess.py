@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import testenv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -28,7 +29,7 @@ def _free_port() -> int:
 
 def _spawn(mode, num_processes, out_dir, extra_env=None):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=testenv.xla_flags(4),
              PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get('PYTHONPATH', '')]), PYTHONUNBUFFERED='1',
              TF_CPP_MIN_LOG_LEVEL='2', **(extra_env or {}))
   procs = []

@@ -151,16 +151,18 @@ def test_stall_detector_fails_loudly_on_a_plateau_and_not_on_progress():
     off.update(step, 3.0)
 
 
-def test_default_config_peak_learning_rate_learns(tmp_path):
-  """configs/tiny.py as shipped (model, schedule, peak lr, packing) drives the loss well down in 150 steps.
+def test_default_config_learns_at_its_learning_rate(tmp_path):
+  """configs/tiny.py as shipped (model, schedule, learning rate, packing) drives the held-out loss well down in 100
+  steps, run as a user runs it (the README's command: one process, default XLA flags, the `train` malloc heap of
+  hugepages.py).
 
-  Post-norm is touchy about the peak learning rate: this guards the default against a change that would slow it.
-  Measured 2026-12-01 (2-core AMD EPYC): as shipped, step 150 has loss 2.00 and held-out token accuracy 0.79; with 4x
-  the peak learning rate, loss 2.27 and accuracy 0.61 (the old bound, loss < 3.0, passed both). It runs the README's
-  command as a user does (one process, the `train` malloc heap of hugepages.py: its 150 steps are the slow part).
+  Measured 2026-12-04 (2-core AMD EPYC Zen 3, eval every 25 steps): held-out loss / token accuracy at step 100 as
+  shipped 2.63 / 0.62 (step 150: 1.39 / 0.93), from ln(512) ~ 6.2 at the start. A default that learns at a tenth of the
+  rate, or not at all, fails. It no longer tells a 4x learning rate apart (2.22 / 0.70 at step 100, 1.70 / 0.83 at
+  150): with 200 warmup steps the peak is never reached this early; the default job's own figures guard that.
   """
-  # cooldown_fraction=0: the peak is what this guards (a 150-step run would otherwise cool down from step 100)
-  overrides = dict(num_train_steps=150, cooldown_fraction=0.0, max_train_examples=20000, max_eval_examples=64,
+  # cooldown_fraction=0: a 100-step run would otherwise cool down from step 67, unlike the default job's first 100
+  overrides = dict(num_train_steps=100, cooldown_fraction=0.0, max_train_examples=20000, max_eval_examples=64,
                    eval_translate_examples=32, eval_every_steps=1000, checkpoint_every_steps=1000,
                    tokenizer_train_sentences=20000)
   # mesh.num_devices=1: the same math as 8-way data parallel (test_parallel), without 8 simulated devices.
@@ -170,7 +172,7 @@ def test_default_config_peak_learning_rate_learns(tmp_path):
                           env={**os.environ, 'TRANSFORMER_JAX_ONE_HEAP': '1', 'XLA_FLAGS': ''})
   assert result.returncode == 0, result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]
-  assert last.startswith('final: step=150 '), result.stdout[-2000:]
+  assert last.startswith('final: step=100 '), result.stdout[-2000:]
   final = {k: float(v) for k, v in (kv.split('=') for kv in last[len('final: '):].split())}
-  assert final['loss'] < 2.15, final  # starts near ln(512) ~ 6.2
-  assert final['eval_accuracy'] > 0.7, final
+  assert final['eval_loss'] < 3.0, final
+  assert final['eval_accuracy'] > 0.5, final
