@@ -295,7 +295,7 @@ def _checked_resumable(config, workdir: str, mesh, tx):
     model = build_model(model_config(config))
     shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
     abstract = abstract_state(model, tx, config, shardings)
-    workdir_lib.Workdir(workdir).check_resumable(abstract)
+  workdir_lib.Workdir(workdir).check_resumable(abstract)  # outside the mesh: its agreement is a host collective
   return shardings, abstract
 
 

@@ -81,8 +81,11 @@ class Workdir:
   def check_resumable(self, abstract_state) -> None:
     """Refuses (checkpoint_lib.ArchitectureMismatchError) a checkpoint of another architecture or vocabulary than
     abstract_state's, reading only the newest readable step's metadata. The trainer asks before it prepares or
-    writes anything, so a refused command leaves the workdir as it was; damage is left to the restore to report."""
-    if not paths.isdir(self.checkpoint_dir):
+    writes anything, so a refused command leaves the workdir as it was; damage is left to the restore to report.
+
+    Every process must take the same path (creating a checkpoint manager synchronises the processes): whether there
+    is a checkpoint directory is agreed on, since one process may list it after another has created it."""
+    if not parallel.max_over_processes(int(paths.isdir(self.checkpoint_dir))):
       return
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only: a refusal is one line
