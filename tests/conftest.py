@@ -3,8 +3,9 @@
 Every `transformer-jax` subprocess a test starts inherits this environment, including one persistent JAX
 compilation cache for the whole session (and for every pytest-xdist worker): the many small end-to-end runs share a
 handful of programs, so only the first run of each compiles it. The cache is keyed by program, flags and jax version,
-lives in .pytest_cache (git-ignored) and is set only for subprocesses: this process's jax is imported first, so
-in-process tests compile as they always did.
+and lives in .pytest_cache (git-ignored). The in-process tests use it too: many of them build the same small steps
+again (a new jit of the same program misses JAX's in-memory cache), and with it a cold run of the in-process files
+took 12% less CPU (279 -> 247 s user, 2026-12-04, 2-core Zen 3).
 """
 
 import os
@@ -24,13 +25,13 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 # (hugepages.py, for long runs) costs more than it saves.
 os.environ.setdefault('TRANSFORMER_JAX_ONE_HEAP', '0')
 
-import jax  # noqa: E402  pylint: disable=wrong-import-position,unused-import  (reads its JAX_* variables now, before those below)
-
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(_REPO, '.pytest_cache', 'd', 'transformer_jax_compilation_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position,unused-import  (reads the JAX_* variables above)
 
 
 # `--dist loadfile` hands each worker whole files in collection order, which is alphabetical: test_train.py (its
