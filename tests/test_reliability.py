@@ -7,6 +7,7 @@ compilation cache) on one small trained workdir (module fixture); cheap invocati
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import os
@@ -241,13 +242,22 @@ def _damage_config(workdir):
       f.write('{"model": {"d_model": 3')
 
 
+def _damage_every_state(workdir):
+  """Every step's state item emptied, its metadata included: no checkpoint can be checked or restored."""
+  for step in committed_steps(workdir):
+    for path in glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'state', '**', '*'), recursive=True):
+      if os.path.isfile(path):
+        open(path, 'w').close()
+
+
 def test_bad_inputs_are_one_line_each_and_change_nothing(tmp_path, env, config_path, trained):
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a directory')
   damaged_spm, damaged_config = str(tmp_path / 'damaged_spm'), str(tmp_path / 'damaged_config')
   other_arch = str(tmp_path / 'other_arch')  # a train with another d_model: the eval cache it would need is absent
+  damaged_all = str(tmp_path / 'damaged_all')  # the same: refused before that cache is written
   for target, damage in ((damaged_spm, _damage_tokenizer), (damaged_config, _damage_config),
-                         (other_arch, lambda _: None)):
+                         (other_arch, lambda _: None), (damaged_all, _damage_every_state)):
     shutil.copytree(trained, target)
     damage(target)
   sentences = tmp_path / 'sentences.txt'
@@ -275,6 +285,9 @@ def test_bad_inputs_are_one_line_each_and_change_nothing(tmp_path, env, config_p
                                                 '--config.max_eval_examples=64'], 'train', config_path,
                                    [r'checkpoint step 8 in \S+: parameter \S+ has shape \([\d, ]+\) but the model '
                                     r'expects \([\d, ]+\): the checkpoint was made with another architecture']),
+      'train_every_checkpoint_damaged': (damaged_all, ['--config.max_eval_examples=64'], 'train', config_path,
+                                         [r'no readable checkpoint in \S+: step \d+: .*; step \d+: .*move the '
+                                          r'checkpoints away or use a new --workdir']),
       'translate_damaged_config': (damaged_config, [f'--input={sentences}'], 'translate', None,
                                    [r'no readable config in \S+ \(step 4: JSONDecodeError: .*\); pass --config=FILE']),
   }

@@ -160,7 +160,7 @@ class Checkpointer:
                  f'({faults.human_bytes(need)}), {free if free is not None else "unknown"} bytes are free; free '
                  f'space or use another --workdir, then rerun ({resume}; details in {log})')
     else:
-      message = (f'saving checkpoint step {step} to {self.directory} failed ({_reason(e)}); details in {log}; '
+      message = (f'saving checkpoint step {step} to {self.directory} failed ({reason(e)}); details in {log}; '
                  f'rerun ({resume})')
     self._failed = CheckpointSaveError(message)
     return self._failed
@@ -191,10 +191,10 @@ class Checkpointer:
         return config
       except Exception as e:  # pylint: disable=broad-except
         if i == len(steps) - 1:
-          raise NoReadableCheckpointError(f'no readable config in {self.directory} (step {s}: {_reason(e)}); pass '
+          raise NoReadableCheckpointError(f'no readable config in {self.directory} (step {s}: {reason(e)}); pass '
                                           '--config=FILE (the config it was trained with) to use its checkpoints '
                                           'anyway') from e
-        _warn(f'the config of checkpoint step {s} in {self.directory} is unreadable ({_reason(e)}); '
+        _warn(f'the config of checkpoint step {s} in {self.directory} is unreadable ({reason(e)}); '
               'trying the previous one')
     raise AssertionError('unreachable')
 
@@ -270,11 +270,11 @@ class Checkpointer:
       except ArchitectureMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many types on damage)
-        damaged.append((s, _reason(e)))
+        damaged.append((s, reason(e)))
         if step is not None:
           raise NoReadableCheckpointError(f'checkpoint step {s} in {self.directory} is unreadable '
-                                          f'({_reason(e)})') from e
-        _warn(f'checkpoint step {s} in {self.directory} is damaged ({_reason(e)}); trying the previous one')
+                                          f'({reason(e)})') from e
+        _warn(f'checkpoint step {s} in {self.directory} is damaged ({reason(e)}); trying the previous one')
         continue
       if damaged and not self.read_only:
         self._quarantine([d for d, _ in damaged])
@@ -315,7 +315,7 @@ def _disk_usage(path: str) -> int:
   return total
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
   first_line = str(e).splitlines()[0] if str(e) else ''
   return f'{type(e).__name__}: {first_line}'[:240]
 

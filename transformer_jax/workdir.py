@@ -94,14 +94,19 @@ class Workdir:
     finally:
       logging.set_verbosity(verbosity)
     try:
+      unreadable = []
       for step in reversed(reader.all_steps()):
         try:
           reader.check_compatible(step, abstract_state)
           return
         except checkpoint_lib.ArchitectureMismatchError:
           raise
-        except Exception:  # pylint: disable=broad-except  (unreadable metadata: an older step may read)
-          continue
+        except Exception as e:  # pylint: disable=broad-except  (unreadable metadata: an older step may read)
+          unreadable.append(f'step {step}: {checkpoint_lib.reason(e)}')
+      if unreadable:  # every step's metadata is damaged: the restore would refuse too, after preparing the data
+        raise checkpoint_lib.NoReadableCheckpointError(
+            f'no readable checkpoint in {self.checkpoint_dir}: ' + '; '.join(unreadable)
+            + ' (move the checkpoints away or use a new --workdir)')
     finally:
       reader.close()
 
