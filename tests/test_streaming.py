@@ -320,14 +320,18 @@ def test_stream_memory_does_not_grow_with_the_corpus(tmp_path):
 
 
 def test_default_task_through_the_stream_keeps_its_packing(tmp_path):
-  """The embedded task takes the same path: >= 95% real target slots over a whole epoch (tiny's 128/32 rows)."""
-  config = make_config("", dataset="generated:numbers_en_de", max_train_examples=10_000, max_length=32,
+  """The embedded task takes the same path: >= 95% real target slots over a whole epoch, in the rows configs/tiny.py
+  packs (its batch and packed lengths, read from the config rather than copied here)."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  default = tiny.get_config()
+  config = make_config("", dataset="generated:numbers_en_de", max_train_examples=10_000, max_length=default.max_length,
                        tokenizer_train_sentences=4000)
-  config.model.vocab_size = 512
+  config.model.vocab_size = default.model.vocab_size
   got = prepare.ensure_prepared(config, str(tmp_path), progress=False)
   assert got.manifest["num_examples"] == 10_000 and os.path.basename(got.directory).startswith("train-")
-  s = stream_lib.TrainStream(stream_lib.Shards(got.directory, got.manifest), batch_size=32, inputs_length=128,
-                             targets_length=32, seed=0, prefetch=0)
+  s = stream_lib.TrainStream(stream_lib.Shards(got.directory, got.manifest), batch_size=default.batch_size,
+                             inputs_length=default.packed_inputs_length, targets_length=default.packed_targets_length,
+                             seed=0, prefetch=0)
   real = slots = 0
   for rows in s.epoch_rows(0):
     real += int(np.count_nonzero(rows["targets_segmentation"]))
