@@ -416,7 +416,8 @@ def test_disk_full_during_a_background_save_is_one_line_and_the_last_checkpoint_
   state_bytes = checkpoint_lib.tree_nbytes(load_state(workdir, EVERY)[0])
   on_disk = checkpoint_lib._disk_usage(  # pylint: disable=protected-access
       os.path.join(workdir, 'checkpoints', str(EVERY)))
-  assert on_disk > 2 * state_bytes  # blocks and metadata: room for the arrays alone is not room for a checkpoint
+  # blocks and metadata: room for the arrays alone is not room for a checkpoint (1.6x the arrays' bytes here)
+  assert on_disk > 1.25 * state_bytes
   # Room for the arrays (the up-front check passes) and an eighth of the rest: the save fails while writing. (With
   # half of the rest, the whole save once fitted, in CI: a checkpoint's footprint here varies from save to save.)
   _fill(small_disk, state_bytes + (on_disk - state_bytes) // 8)

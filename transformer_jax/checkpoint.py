@@ -44,6 +44,26 @@ from transformer_jax import paths
 ITEMS = ('state', 'data', 'config')
 DAMAGED_DIR = 'checkpoints_damaged'
 
+# Orbax saves a replicated array in parts, one per replica (replica-parallel saving), and cuts each part out with an
+# eager slice on the device before copying it to the host. For small arrays that costs more than it saves: on
+# 8 data-parallel CPU devices a 1-layer model's save made 744 slices and blocked the training loop ~0.9 s. Parts
+# are cut only when each is at least this large (the large arrays of a big model are still written in parallel).
+MIN_REPLICA_PART_BYTES = 4 << 20
+
+
+def _register_array_handler() -> None:
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax warns that it replaces its default handler: intended, not news
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_PART_BYTES),
+        override=True)
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+_register_array_handler()
+
 
 class ArchitectureMismatchError(ValueError):
   """The checkpoint's parameters do not fit the model the config builds."""
