@@ -152,19 +152,21 @@ def test_stall_detector_fails_loudly_on_a_plateau_and_not_on_progress():
 
 
 def test_default_config_learns_at_its_learning_rate(tmp_path):
-  """configs/tiny.py as shipped (model, schedule, learning rate, packing) drives the held-out loss well down in 100
+  """configs/tiny.py as shipped (model, schedule, learning rate, packing) drives the held-out loss well down in 60
   steps, run as a user runs it (the README's command: one process, default XLA flags, the `train` malloc heap of
   hugepages.py).
 
-  Measured 2026-12-04 (2-core AMD EPYC Zen 3, eval every 25 steps): held-out loss / token accuracy at step 100 as
-  shipped 2.63 / 0.62 (step 150: 1.39 / 0.93), from ln(512) ~ 6.2 at the start. A default that learns at a tenth of the
-  rate, or not at all, fails. It no longer tells a 4x learning rate apart (2.22 / 0.70 at step 100, 1.70 / 0.83 at
-  150): with 200 warmup steps the peak is never reached this early; the default job's own figures guard that.
+  Measured 2026-12-04 with these overrides (2-core AMD EPYC Zen 4, one run each): held-out loss / token accuracy at
+  step 60 as shipped 3.74 / 0.43, at a tenth of the learning rate 5.20 / 0.17, from ln(512) ~ 6.2 at the start
+  (step 100: 2.66 / 0.62 as shipped, 4.47 / 0.30 at a tenth). A default that learns at a tenth of the rate, or not at
+  all, fails. With 200 warmup steps the peak rate is never reached this early: the default job's own figures guard
+  the rest of the schedule. Decoding is left to the final evaluation's other tests (eval_translate_examples=0).
   """
-  # cooldown_fraction=0: a 100-step run would otherwise cool down from step 67, unlike the default job's first 100
-  overrides = dict(num_train_steps=100, cooldown_fraction=0.0, max_train_examples=20000, max_eval_examples=64,
-                   eval_translate_examples=32, eval_every_steps=1000, checkpoint_every_steps=1000,
-                   tokenizer_train_sentences=20000)
+  # cooldown_fraction=0: a 60-step run would otherwise cool down from step 40, unlike the default job's first 60.
+  # 60 steps of 32 rows use ~11k pairs: 12k leave a margin.
+  overrides = dict(num_train_steps=60, cooldown_fraction=0.0, max_train_examples=12000, max_eval_examples=64,
+                   eval_translate_examples=0, eval_every_steps=1000, checkpoint_every_steps=1000,
+                   tokenizer_train_sentences=12000)
   # mesh.num_devices=1: the same math as 8-way data parallel (test_parallel), without 8 simulated devices.
   args = [f'--config.{k}={v}' for k, v in overrides.items()] + ['--config.mesh.num_devices=1']
   result = subprocess.run([sys.executable, '-m', 'transformer_jax.cli', 'train', f'--workdir={tmp_path / "run"}',
@@ -172,7 +174,7 @@ def test_default_config_learns_at_its_learning_rate(tmp_path):
                           env={**os.environ, 'TRANSFORMER_JAX_ONE_HEAP': '1', 'XLA_FLAGS': ''})
   assert result.returncode == 0, result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]
-  assert last.startswith('final: step=100 '), result.stdout[-2000:]
+  assert last.startswith('final: step=60 '), result.stdout[-2000:]
   final = {k: float(v) for k, v in (kv.split('=') for kv in last[len('final: '):].split())}
-  assert final['eval_loss'] < 3.0, final
-  assert final['eval_accuracy'] > 0.5, final
+  assert final['eval_loss'] < 4.4, final
+  assert final['eval_accuracy'] > 0.33, final
