@@ -11,7 +11,6 @@ Packed batches carry `*_segmentation` (0 = padding, 1.. = example within the row
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -21,100 +20,10 @@ from flax import linen as nn
 
 from transformer_jax import attention as attention_lib
 from transformer_jax.attention import MaskSpec
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
-
-# torch's nn.LayerNorm default: one constant so exported HF Marian models compute the same function.
-LAYER_NORM_EPSILON = 1e-5
-
-
-# Platforms whose matrix units run bfloat16 at full rate; CPUs do not (XLA:CPU's bf16 matmuls are slow).
-_BFLOAT16_PLATFORMS = ('tpu', 'gpu', 'cuda', 'rocm')
-
-
-def compute_dtype(name: str, platform: str | None = None):
-  """model.dtype -> a numpy dtype: 'auto' is bfloat16 on TPU/GPU and float32 on CPU, for `platform` (default: the
-  backend of this process)."""
-  if name != 'auto':
-    return jnp.dtype(name)
-  platform = (platform or jax.default_backend()).lower()
-  return jnp.dtype(jnp.bfloat16 if platform in _BFLOAT16_PLATFORMS else jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int
-  num_layers: int = 6  # N, for the encoder and the decoder each
-  d_model: int = 512
-  num_heads: int = 8  # h
-  d_ff: int = 2048
-  dropout_rate: float = 0.1  # P_drop: sub-layer outputs and embeddings+positions
-  share_embeddings: bool = True  # one matrix for source, target and the pre-softmax projection
-  pre_norm: bool = False  # the paper is post-norm: LayerNorm(x + Sublayer(x))
-  positional: str = 'sinusoidal'  # or 'learned'
-  max_len: int = 512  # longest position (learned table size; decode cache length)
-  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None (auto), 'xla', 'cudnn'
-  # attention.py: 'dense' | 'blockwise' (exact, memory linear in length) | 'splash' (TPU Pallas kernel)
-  attention: str = 'dense'
-  attention_block_size: int = 512  # blockwise/splash block (query and key); must divide the lengths
-  attention_window: int = 0  # local self-attention over W positions (0: full); the decode cache then holds W
-  attention_interpret: bool = False  # splash in Pallas interpret mode (runs off TPU, slowly: tests)
-  remat: str = 'none'  # 'none' | 'full' | 'dots_saveable'
-  scan_layers: bool = False  # nn.scan over identical layers: compile time flat in depth
-  decode: bool = False  # incremental decoding over a key/value cache (set by decode.py)
-  special_ids: SpecialIds = DEFAULT_SPECIAL_IDS  # the vocabulary's pad/eos/unk/bos (from its tokenizer)
-  # Explicit softmax(QK^T/sqrt(K))V that sows its weights into the 'intermediates' collection (attention_maps.py);
-  # training keeps the fused jax.nn.dot_product_attention.
-  attention_weights: bool = False
-  # 'encoder_decoder' (the paper) or 'decoder': a decoder-only language model (LanguageModel below).
-  kind: str = 'encoder_decoder'
-  # feed-forward non-linearity: 'relu' (the paper), 'gelu' (GPT-2's tanh approximation), 'gelu_exact' (erf; HF's
-  # 'gelu') or 'silu' (x * sigmoid(x); HF's 'swish', the OPUS-MT models)
-  activation: str = 'relu'
-  use_bias: bool = False  # biases on the attention projections (GPT-2); the feed-forward always has them
-  scale_embeddings: bool = True  # embeddings * sqrt(D) (section 3.4); GPT-2 does not scale
-  final_logits_bias: bool = False  # a [V] bias added to the logits (HF Marian's final_logits_bias)
-
-  @classmethod
-  def from_config(cls, model_config, platform: str | None = None, **overrides) -> 'ModelConfig':
-    """`platform` resolves model.dtype='auto' for the chip the model will run on (default: this process's
-    backend; the TPU compile check, running on CPU, passes 'tpu')."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dict(model_config).items() if k in fields}
-    values.update(overrides)
-    if values.get('attention_impl') in ('auto', ''):
-      values['attention_impl'] = None
-    if values.get('activation') == 'swish':  # HF's name for the same function
-      values['activation'] = 'silu'
-    if isinstance(values.get('dtype'), str):
-      values['dtype'] = compute_dtype(values['dtype'], platform)
-    if values.get('special_ids') is not None and not isinstance(values['special_ids'], SpecialIds):
-      values['special_ids'] = SpecialIds.from_dict(values['special_ids'])
-    cfg = cls(**values)
-    if cfg.d_model % cfg.num_heads:
-      raise ValueError(f'model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}')
-    if cfg.positional not in ('sinusoidal', 'learned'):
-      raise ValueError(f"model.positional must be 'sinusoidal' or 'learned', got {cfg.positional!r}")
-    if cfg.kind not in ('encoder_decoder', 'decoder'):
-      raise ValueError(f"model.kind must be 'encoder_decoder' or 'decoder', got {cfg.kind!r}")
-    if cfg.activation not in ACTIVATIONS:
-      raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
-    if cfg.remat not in ('none', 'full', 'dots_saveable'):
-      raise ValueError(f"model.remat must be 'none', 'full' or 'dots_saveable', got {cfg.remat!r}")
-    if cfg.attention not in attention_lib.KINDS:
-      raise ValueError(f"model.attention must be one of {', '.join(attention_lib.KINDS)}, got {cfg.attention!r}")
-    if cfg.attention_window < 0 or cfg.attention_block_size < 1:
-      raise ValueError(f'model.attention_window={cfg.attention_window} must be >= 0 (0: off) and '
-                       f'model.attention_block_size={cfg.attention_block_size} >= 1')
-    return cfg
-
-
-ACTIVATIONS = {
-    'relu': nn.relu,
-    'gelu': lambda x: nn.gelu(x, approximate=True),
-    'gelu_exact': lambda x: nn.gelu(x, approximate=False),
-    'silu': nn.silu,
-}
+# ModelConfig and the choices it names live in model_config.py; imported from here by the rest of the package too.
+from transformer_jax.model_config import ACTIVATIONS, LAYER_NORM_EPSILON, ModelConfig  # noqa: F401
+from transformer_jax.model_config import compute_dtype  # noqa: F401  pylint: disable=unused-import
+from transformer_jax.vocab import DEFAULT_SPECIAL_IDS
 
 
 def _param_init(init: Callable, names: tuple[str | None, ...]):
