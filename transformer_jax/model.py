@@ -21,8 +21,7 @@ from flax import linen as nn
 from transformer_jax import attention as attention_lib
 from transformer_jax.attention import MaskSpec
 # ModelConfig and the choices it names live in model_config.py; imported from here by the rest of the package too.
-from transformer_jax.model_config import ACTIVATIONS, LAYER_NORM_EPSILON, ModelConfig  # noqa: F401
-from transformer_jax.model_config import compute_dtype  # noqa: F401  pylint: disable=unused-import
+from transformer_jax.model_config import ACTIVATIONS, LAYER_NORM_EPSILON, ModelConfig, compute_dtype  # noqa: F401
 from transformer_jax.vocab import DEFAULT_SPECIAL_IDS
 
 

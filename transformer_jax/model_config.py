@@ -59,7 +59,7 @@ class ModelConfig:
   # Explicit softmax(QK^T/sqrt(K))V that sows its weights into the 'intermediates' collection (attention_maps.py);
   # training keeps the fused jax.nn.dot_product_attention.
   attention_weights: bool = False
-  # 'encoder_decoder' (the paper) or 'decoder': a decoder-only language model (LanguageModel below).
+  # 'encoder_decoder' (the paper) or 'decoder': a decoder-only language model (model.LanguageModel).
   kind: str = 'encoder_decoder'
   # feed-forward non-linearity: 'relu' (the paper), 'gelu' (GPT-2's tanh approximation), 'gelu_exact' (erf; HF's
   # 'gelu') or 'silu' (x * sigmoid(x); HF's 'swish', the OPUS-MT models)
