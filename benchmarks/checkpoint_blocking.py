@@ -43,7 +43,7 @@ def main(argv):
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax import train_state  # pylint: disable=g-import-not-at-top
   from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -51,13 +51,13 @@ def main(argv):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   device = jax.devices()[0]
   mesh = parallel.make_mesh(config.mesh, devices=[device])
-  model = Transformer(train_lib.model_config(config))
+  model = Transformer(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    state, _ = train_lib.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
+    state, _ = train_state.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
     jax.block_until_ready(state)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  params = train_lib.count_params(state.params)
+  params = train_state.count_params(state.params)
 
   root = FLAGS.dir or tempfile.mkdtemp(prefix='checkpoint_blocking_')
   rows = []

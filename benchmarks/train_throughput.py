@@ -416,12 +416,12 @@ class _Variant:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
     from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
-    from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax import evaluation, train as train_lib, train_state  # pylint: disable=g-import-not-at-top
     from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
 
     self.name, self.config, self.mesh = name, config, mesh
     self.devices = list(mesh.devices.flat)
-    self.cfg = train_lib.model_config(config)
+    self.cfg = train_state.model_config(config)
     self.dtype = jnp.dtype(self.cfg.dtype)
     self.peak_reps = peak_reps
     self.peak_size = peak_size or best_peak_size(self.dtype, self.devices)
@@ -437,19 +437,19 @@ class _Variant:
     model = build_model(self.cfg)
     tx = optim.make_optimizer(config)
     self.rng = jax.random.key(int(config.seed))
-    train_sums = train_lib.cross_entropy_sums
+    train_sums = evaluation.cross_entropy_sums
     if loss_what_if == 'closed_form':
-      train_lib.cross_entropy_sums = closed_form_cross_entropy_sums  # read by make_train_step when traced
+      evaluation.cross_entropy_sums = closed_form_cross_entropy_sums  # read by make_train_step when traced
     try:
       with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-        self.state, shardings = train_lib.create_sharded_state(model, tx, config, mesh, self.rng)
+        self.state, shardings = train_state.create_sharded_state(model, tx, config, mesh, self.rng)
         self.batch = parallel.global_batch(batch_np, mesh)
         step_fn = train_lib.jit_train_step(model, tx, config, mesh, shardings)
         start = time.perf_counter()
         self.compiled = step_fn.lower(self.state, self.batch, self.rng).compile()
         self.compile_s = time.perf_counter() - start
     finally:
-      train_lib.cross_entropy_sums = train_sums
+      evaluation.cross_entropy_sums = train_sums
     self.metrics = None
     for _ in range(warmup):
       self.state, self.metrics = self.compiled(self.state, self.batch, self.rng)
@@ -526,14 +526,14 @@ def compile_time(config, mesh=None) -> tuple[float, float, Any]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax import train as train_lib, train_state  # pylint: disable=g-import-not-at-top
   from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-  model = build_model(train_lib.model_config(config))
+  model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)
-    state = train_lib.abstract_state(model, tx, config, shardings)
+    shardings = parallel.logical_shardings(train_state.state_logical_specs(model, tx, config), mesh)
+    state = train_state.abstract_state(model, tx, config, shardings)
     bs = parallel.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((int(config.batch_size), int(config[f'packed_{side}_length'])), jnp.int32,
                                      sharding=bs)

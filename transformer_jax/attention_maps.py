@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from transformer_jax import evaluation
 from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import inference
 from transformer_jax import parallel
-from transformer_jax import train as train_lib
 from transformer_jax.model import Transformer
 
 KINDS = ('cross', 'encoder_self', 'decoder_self')
@@ -98,7 +98,7 @@ def compute(loaded, sentences: list[str], *, beam_size: int = 1, alpha: float = 
   rows = -(-len(sources) // divisor) * divisor  # a multiple of the devices on the batch axes
   sources = np.pad(sources, ((0, rows - len(sources)), (0, 0)))
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    tokens = train_lib.translate_ids(loaded.params, sources, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=rows,
+    tokens = evaluation.translate_ids(loaded.params, sources, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=rows,
                                      max_decode_len=inference.decode_length(loaded, int(source_lengths.max())),
                                      beam_size=beam_size, alpha=alpha)
     # The decoded ids themselves (up to and with EOS), not a re-tokenisation of the translated text.
