@@ -1,15 +1,15 @@
 """glibc malloc settings for XLA's CPU buffers, set by re-executing once (glibc reads tunables only at start-up).
 
 XLA:CPU allocates each step's temporary buffers (hundreds of MB on the default model) with malloc, and glibc serves
-blocks that large with a fresh mmap that it unmaps when the step ends: every step faulted in ~100k new 4 KiB pages,
-and on the default job about a third of the CPU time went to the kernel (issue 15; `perf record -e page-faults`
-puts them in XLA's matmul kernels writing their outputs). Two remedies, both tunables:
+blocks that large with a fresh mmap that it unmaps when the step ends: every step faults in ~100k new 4 KiB pages,
+and on the default job a large share of the CPU time goes to the kernel (`perf record -e page-faults` puts them in
+XLA's matmul kernels writing their outputs; benchmarks/RESULTS.md has the figures). Two remedies, both tunables:
 - huge pages (every command): `glibc.malloc.hugetlb=1` advises those mappings as transparent huge pages (2 MiB):
-  15x fewer faults, but each step still maps fresh memory that the kernel must zero (`clear_page_erms` was 10% of a
-  training run's CPU samples with it);
+  far fewer faults, but each step still maps fresh memory that the kernel must zero (`clear_page_erms` stays high in
+  a training run's CPU samples with it);
 - one heap (`train`, and the training benchmark): `arena_max=1`, `mmap_max=0` and a `trim_threshold` above any
   run's memory serve every block from one heap that is never handed back, so step N reuses step N-1's pages: no
-  page faults in the steady state (the default step 9% faster, a third less kernel time). It costs short runs
+  page faults in the steady state. It costs short runs
   that mostly compile (one arena for XLA's compiler threads: +1-4 s on a 12-step run), so tests turn it off with
   TRANSFORMER_JAX_ONE_HEAP=0, and it keeps a run's peak memory resident until the run ends.
 The CLI and the benchmarks re-execute themselves once, the same process id, with the tunables added to any existing

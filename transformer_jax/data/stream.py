@@ -15,11 +15,9 @@ Machinery, chosen by measurement (numbers: benchmarks/RESULTS.md, "Streaming inp
   * Batching over the row stream (batches may span chunks and epochs: every row is used), a prefetch thread that
     packs ahead into a bounded queue. numpy only: no tf.data here (its iterator position is not a few ints).
 
-Measured (2-core machine, other jobs running, 1M synthetic WMT-shaped pairs, configs/base.py's 128 rows of 256/256):
-packing one 16k-example chunk is ~3.6 us per example (first-fit placement ~1.7 us in Python, the token scatter
-vectorised), so one process streams ~8M real target tokens/s (goal: 1M/s), 0.928 of target slots real; the
-default task 0.987. Gathering from the memmaps is not the bottleneck, so no worker processes: one thread suffices.
-Anonymous memory of a stream process: 0.333 GB at 1M pairs, 0.334 GB at 100k.
+Packing is a few microseconds per example (first-fit placement in Python, the token scatter vectorised): one
+process streams several million real target tokens/s, more than a step consumes, so one prefetch thread suffices and
+there are no worker processes (benchmarks/RESULTS.md, "Streaming input at WMT size", has the figures).
 
 Memory: the memmapped shards (page cache, not the process's heap), one packed chunk and the prefetch queue: nothing
 grows with the corpus.

@@ -1,8 +1,8 @@
 """TensorFlow, imported only where the input needs it (TFDS datasets), with its view of accelerators hidden: it is
 an input library here and must not take GPU memory from JAX.
 
-Importing TensorFlow costs ~4-5 s of CPU on the 2-core machine, so the default job (the generated task), `text:DIR`
-datasets and every command that does not read TFDS never import it (benchmarks/RESULTS.md, issue 15).
+Importing TensorFlow costs seconds of CPU, so the default job (the generated task), `text:DIR` datasets and every
+command that does not read TFDS never import it (the cost is measured in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
