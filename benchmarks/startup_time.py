@@ -9,7 +9,9 @@ shared 2-core machine runs out of; wall seconds include waiting on the disk). Ro
 
 - `import ml_dtypes`: jax's dtype extension (0.7.0 took 1.4 s of CPU here, 0.6.0 0.03 s: pyproject keeps < 0.7);
 - `import jax`, `import transformer_jax.train` (jax, flax, optax, orbax: what `train` imports);
-- `transformer-jax evaluate --workdir=MISSING`: the CLI up to its one-line refusal.
+- `transformer-jax evaluate --workdir=MISSING`: the CLI up to its one-line refusal;
+- bad flags on an existing (empty) workdir: `generate --temperature=-1`, `translate --beam_size=0`,
+  `evaluate --batch_size=0` (refused before jax is imported or a checkpoint opened).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ ROWS = (
     ('import transformer_jax.train', [sys.executable, '-c', 'import transformer_jax.train']),
     ('transformer-jax evaluate --workdir=MISSING', [sys.executable, '-m', 'transformer_jax.cli', 'evaluate',
                                                     '--workdir={missing}']),
+    ('transformer-jax generate --temperature=-1', [sys.executable, '-m', 'transformer_jax.cli', 'generate',
+                                                   '--workdir={empty}', '--temperature=-1', '--prompt=x']),
+    ('transformer-jax translate --beam_size=0', [sys.executable, '-m', 'transformer_jax.cli', 'translate',
+                                                 '--workdir={empty}', '--beam_size=0']),
+    ('transformer-jax evaluate --batch_size=0', [sys.executable, '-m', 'transformer_jax.cli', 'evaluate',
+                                                 '--workdir={empty}', '--batch_size=0']),
 )
 
 
@@ -36,7 +44,8 @@ def measure(argv: list[str], env: dict) -> tuple[float, float]:
   """(CPU seconds, wall seconds) of one run of argv, its children included."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
-  subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+  subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                 check=False)
   wall = time.perf_counter() - start
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
@@ -51,9 +60,10 @@ def main() -> None:
   print(f'ml_dtypes {ml_dtypes.__version__}; median of {args.repeats} runs, each in a fresh interpreter\n')
   print('| what | CPU s | wall s |\n|---|---|---|')
   with tempfile.TemporaryDirectory() as tmp:
-    missing = os.path.join(tmp, 'missing')
+    missing, empty = os.path.join(tmp, 'missing'), os.path.join(tmp, 'empty')
+    os.mkdir(empty)
     for name, argv in ROWS:
-      argv = [a.format(missing=missing) for a in argv]
+      argv = [a.format(missing=missing, empty=empty) for a in argv]
       runs = [measure(argv, env) for _ in range(args.repeats)]
       print(f'| {name} | {statistics.median(c for c, _ in runs):.2f} | {statistics.median(w for _, w in runs):.2f} |',
             flush=True)

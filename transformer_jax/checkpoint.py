@@ -89,6 +89,41 @@ def checkpoint_dir(workdir: str) -> str:
   return paths.join(paths.resolve(workdir), 'checkpoints')
 
 
+# How a save that has not finished looks: locally a <step>.orbax-checkpoint-tmp-<time> directory (renamed to <step>
+# when complete); on gs:// the <step> directory itself, without the commit marker file (GCS has no rename).
+TMP_MARKER = '.orbax-checkpoint-tmp'
+COMMIT_MARKER = 'commit_success.txt'
+_reported: set[tuple[str, int]] = set()
+
+
+def incomplete_steps(directory: str) -> list[tuple[int, str]]:
+  """(step, why) of each step whose save started and did not finish (killed, or still running): Orbax skips them
+  without a word, so a run killed during its first save would start again from step 0 silently."""
+  names = paths.listdir(directory)
+  committed = {n for n in names if n.isdigit()}
+  found = []
+  for name in names:
+    step, tmp, _ = name.partition(TMP_MARKER)
+    if tmp and step.isdigit() and step not in committed:
+      found.append((int(step), f'its save did not finish: {name}'))
+    elif name.isdigit() and paths.is_gcs(directory) and not paths.exists(paths.join(directory, name, COMMIT_MARKER)):
+      found.append((int(name), f'no commit marker {COMMIT_MARKER}'))
+  return sorted(found)
+
+
+def report_incomplete(directory: str) -> list[int]:
+  """One `warning:` line per incomplete step (once per process); returns their steps."""
+  try:
+    found = incomplete_steps(directory)
+  except Exception:  # pylint: disable=broad-except  (an unreachable bucket is reported by whoever reads it next)
+    return []
+  for step, why in found:
+    if (directory, step) not in _reported:
+      _reported.add((directory, step))
+      _warn(f'checkpoint {step} in {directory} is incomplete ({why}): ignored')
+  return [step for step, _ in found]
+
+
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   """Handlers named up front, so item_metadata (the architecture check) works before any save or restore."""
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -112,6 +147,8 @@ class Checkpointer:
     self.workdir = paths.resolve(workdir)
     self.directory = checkpoint_dir(workdir)
     self.read_only = read_only
+    if jax.process_index() == 0:  # before the manager: a writer's removes the local leftovers
+      report_incomplete(self.directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
     self._saving: tuple[int, int] | None = None  # (step, bytes) of the newest save started
     self._failed: CheckpointSaveError | None = None

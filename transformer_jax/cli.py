@@ -6,8 +6,11 @@ and --workdir=DIR. Run `transformer-jax <command> --help` for the command's flag
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -28,9 +31,48 @@ def usage() -> str:
   return '\n'.join(lines) + '\n'
 
 
+# What says this machine has a TPU: its device files, or the variables a TPU VM (or a user) sets for libtpu.
+_TPU_DEVICE_FILES = ('/dev/accel*', '/dev/vfio/*')
+_TPU_ENV = ('TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'TPU_WORKER_ID', 'TPU_NAME', 'JAX_FORCE_TPU_INIT')
+# A Google PCI device (jax's own TPU detection reads the same files) other than a network or storage one (gVNIC on
+# every GCE VM): a TPU generation not known yet counts as a TPU, since mistaking a TPU for none would leave it idle.
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_NOT_ACCELERATOR_CLASSES = ('0x01', '0x02')  # PCI classes: mass storage, network
+_GPU_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm6_plugin', 'jax_rocm7_plugin')
+
+
+def tpu_present() -> bool:
+  if any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES) or any(os.environ.get(v) for v in _TPU_ENV):
+    return True
+  for device in glob.glob('/sys/bus/pci/devices/*'):
+    try:
+      with open(os.path.join(device, 'vendor'), encoding='ascii') as f:
+        if f.read().strip() != _GOOGLE_PCI_VENDOR:
+          continue
+      with open(os.path.join(device, 'class'), encoding='ascii') as f:
+        if not f.read().strip().startswith(_NOT_ACCELERATOR_CLASSES):
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def choose_platform() -> str | None:
+  """Sets JAX_PLATFORMS=cpu, before jax initialises, where libtpu is installed but there is no TPU and no GPU plugin:
+  else libtpu probes for a TPU and prints half a dozen lines of errors before every command's output (`compile` uses
+  libtpu's topology API, which needs no local TPU). A JAX_PLATFORMS the user set is kept. Returns what it set."""
+  if os.environ.get('JAX_PLATFORMS') or tpu_present() or importlib.util.find_spec('libtpu') is None:
+    return None
+  if any(importlib.util.find_spec(plugin) is not None for plugin in _GPU_PLUGINS):
+    return None  # a GPU host with libtpu installed too: leave the choice to jax
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  return 'cpu'
+
+
 def main(argv: list[str] | None = None) -> None:
   if argv is None:  # the program's entry point, not a caller's: malloc settings for XLA's buffers (hugepages.py)
     hugepages.reexec_if_wanted(one_heap=sys.argv[1:2] == ['train'])
+  choose_platform()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print(usage())
@@ -44,36 +86,75 @@ def main(argv: list[str] | None = None) -> None:
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here: keep its banners quiet
   try:
-    commands.define_flags(command)  # config_flags reads --config.* overrides from sys.argv right here
+    names = commands.define_flags(command, argv=argv)  # config_flags reads the --config.* overrides right here
   except (AttributeError, KeyError, ValueError, TypeError) as e:
     _bad_config(e, argv)
-  app.run(lambda args: commands.run(command, args), argv=[f'transformer-jax {command}'] + argv[2:],
-          flags_parser=_parse_flags)
+  app.run(lambda args: commands.run(command, args, names), argv=[f'transformer-jax {command}'] + argv[2:],
+          flags_parser=lambda args: _parse_flags(args, command, names))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but a bad flag or config key is one line and exit 2, not a traceback."""
+def _parse_flags(argv: list[str], command: str, names: list[str]) -> list[str]:
+  """absl's parser, but a bad flag, config file or config key is one line and exit 2, not a traceback."""
   if any(a in ('-h', '--help', '-help', '--helpshort') for a in argv[1:]):
-    # absl's --help lists only the main module's flags; this command's live in commands.py.
-    print(f'usage: {argv[0]} [flags]\n\n{flags.FLAGS.module_help("transformer_jax.commands")}')
-    if argv[0].endswith(' train'):
-      from transformer_jax import faults  # pylint: disable=g-import-not-at-top
-      print(f'\n{faults.SIGNALS_HELP}')
+    # absl's --help lists only the main module's flags; a command's are defined in several modules.
+    print(f'usage: {argv[0]} [flags]\n\n{commands.help_text(command, names)}')
     sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
-    if not any(a.startswith(('--verbosity', '-v')) for a in argv[1:]):
+    verbose = any(a.startswith(('--verbosity', '-v')) for a in argv[1:])
+    if not verbose:
       logging.set_verbosity(logging.WARNING)  # progress bar and result lines, not library chatter (-v 0 for INFO)
+    from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+    faults.quiet_library_warnings(verbose)
     if flags.FLAGS.config is not None:
       list(flags.FLAGS.config.keys())  # config files load lazily: surface their errors here
     return rest
-  except OSError as e:
-    print(f'error: {str(e).splitlines()[0]}: {str(e).splitlines()[-1].strip()}', file=sys.stderr)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-  except (AttributeError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
-    _bad_config(e, argv)
+  except Exception as e:  # pylint: disable=broad-except  (a config file is user code: it may raise anything)
+    where = _config_file_error(e, argv)
+    if where:
+      print(f'error: {where}', file=sys.stderr)
+    elif isinstance(e, OSError):
+      print(f'error: {str(e).splitlines()[0]}: {str(e).splitlines()[-1].strip()}', file=sys.stderr)
+    elif isinstance(e, flags.Error):
+      print(f'error: {e}', file=sys.stderr)
+    elif isinstance(e, (AttributeError, KeyError, ValueError, TypeError)):
+      _bad_config(e, argv)
+    else:
+      raise
   sys.exit(2)
+
+
+def _config_file_arg(argv: list[str]) -> str | None:
+  """The --config=FILE of argv (FILE without a `:arguments` suffix), or None."""
+  for i, a in enumerate(argv):
+    value = a[len('--config='):] if a.startswith('--config=') else (
+        argv[i + 1] if a == '--config' and i + 1 < len(argv) else None)
+    if value is not None:
+      return value.split(':', 1)[0] if '.py:' in value else value
+  return None
+
+
+def _config_file_error(e: BaseException, argv: list[str]) -> str | None:
+  """`FILE:LINE: Error: message` when `e` came from running the --config file (or a module it imports), or
+  `FILE: no get_config()`; None for anything else (a bad override key, a flag error)."""
+  path = _config_file_arg(argv)
+  if path is None:
+    return None
+  message = str(e).splitlines()[0] if str(e) else ''
+  if isinstance(e, SyntaxError) and e.filename and not e.filename.startswith('<'):
+    location = os.path.relpath(e.filename) if os.path.abspath(e.filename).startswith(os.getcwd()) else e.filename
+    return f'{location}:{e.lineno}: {type(e).__name__}: {e.msg}'
+  if isinstance(e, AttributeError) and "attribute 'get_config'" in message:
+    return f'{path}: no get_config() (a config file defines get_config() returning an ml_collections.ConfigDict)'
+  library = (sys.prefix, sys.base_prefix, os.path.dirname(os.__file__), os.path.dirname(commands.__file__))
+  user_frames = [f for f in traceback.extract_tb(e.__traceback__)
+                 if not f.filename.startswith('<') and not os.path.abspath(f.filename).startswith(library)]
+  if not user_frames:
+    return None
+  frame = user_frames[-1]  # the innermost: the line that raised, in the config file or a module of the user's
+  location = os.path.relpath(frame.filename) if os.path.abspath(frame.filename).startswith(os.getcwd()) else (
+      frame.filename)
+  return f'{location}:{frame.lineno}: {type(e).__name__}: {message}'
 
 
 def _bad_config(e: Exception, argv: list[str]) -> None:

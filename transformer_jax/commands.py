@@ -1,15 +1,20 @@
 """The CLI's commands: a table (COMMANDS) of name -> summary, flags, body. cli.py parses argv and runs one.
 
 Adding a command is one entry: a function that defines its flags and one that runs it (a few lines over the library
-modules, which are imported inside the body so that `--help` and flag errors stay fast).
+modules, which are imported inside the body so that `--help` and flag errors stay fast). Flags are defined here
+without importing jax, and their values are checked (FLAG_RULES) before jax is imported or a checkpoint opened: a
+bad flag is refused in a fraction of a second, nothing written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import sys
-from typing import Callable
+import textwrap
+from typing import Any, Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -27,26 +32,26 @@ def default_config_path(name: str = 'tiny.py') -> str:
   return local if os.path.exists(local) else os.path.join(repo_root(), 'configs', name)
 
 
-def _common_flags(config_default: str | None) -> None:
+def _common_flags(config_default: str | None, fv: flags.FlagValues, argv: list[str] | None) -> None:
   config_flags.DEFINE_config_file(
       'config', config_default,
       'Python config file with get_config() -> ConfigDict; override keys with --config.key=value.'
       + (' On a workdir that holds a checkpoint, the default is the config stored with it, the overrides applied on '
          'top (architecture changes refused).' if config_default else
          ' Default: the config stored in the workdir\'s checkpoint.'),
-      lock_config=True)
+      flag_values=fv, lock_config=True, sys_argv=argv)
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, tokenizer, TensorBoard, curves.png). '
-                      'Default for train: runs/<config file name>.')
+                      'Default for train: runs/<config file name>.', flag_values=fv)
 
 
-def _distributed_flags() -> None:
+def _distributed_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-process runs; auto-detected '
                       'on Cloud TPU VMs and SLURM.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
   flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
 
 
-def _decoding_flags(evaluate: bool) -> None:
+def _decoding_flags(flags, evaluate: bool) -> None:  # pylint: disable=redefined-outer-name
   flags.DEFINE_integer('beam_size', 4, 'Beam width (the paper: 4); 1 = greedy decoding.'
                        + (' With a beam > 1, greedy metrics are reported too (keys *_greedy, after the beam '
                           'search\'s bleu= chrf= exact_match=).' if evaluate else ''))
@@ -59,20 +64,20 @@ def _decoding_flags(evaluate: bool) -> None:
   flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
 
 
-def _evaluate_flags() -> None:
-  _decoding_flags(evaluate=True)
+def _evaluate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+  _decoding_flags(flags, evaluate=True)
   flags.DEFINE_string('split', None, 'Held-out split to score (default: the config\'s eval_split).')
 
 
-def _translate_flags() -> None:
-  _decoding_flags(evaluate=False)
+def _translate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+  _decoding_flags(flags, evaluate=False)
   flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin); writes one translation '
                       'per line, in input order (a progress bar on stderr for files). Empty lines give empty '
                       'translations; inputs longer than the config\'s max_length tokens are truncated; '
                       'characters outside the vocabulary become <unk>.')
 
 
-def _average_flags() -> None:
+def _average_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   flags.DEFINE_integer('last', 5, 'Average the parameters of the newest N checkpoints (the paper: 5 for base, '
                        '20 for big).')
   flags.DEFINE_string('out', None, 'New workdir to write: checkpoints/<newest step> with the mean parameters '
@@ -80,12 +85,16 @@ def _average_flags() -> None:
   flags.mark_flag_as_required('out')
 
 
-def _export_flags() -> None:
-  from transformer_jax import export  # pylint: disable=g-import-not-at-top  (jax/flax: only for this command)
-  flags.DEFINE_enum('format', None, list(export.FORMATS),
-                    '; '.join(f'{name}: {module.SUMMARY}' for name, module in export.FORMATS.items()) + '.')
+# export.FORMATS' names and whether each writes a directory, here so that defining (and checking) export's flags
+# imports no jax; a test keeps the two equal.
+EXPORT_FORMATS = {'safetensors': False, 'msgpack': False, 'hf-marian': True, 'stablehlo': False, 'hf-gpt2': True,
+                  'ctranslate2': True}
+
+
+def _export_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+  flags.DEFINE_enum('format', None, list(EXPORT_FORMATS), 'Format to write (listed below).')
   flags.DEFINE_string('out', None, 'File to write (a directory for the formats that write one: '
-                      + ', '.join(n for n, m in export.FORMATS.items() if m.WRITES_DIRECTORY) + ').')
+                      + ', '.join(n for n, directory in EXPORT_FORMATS.items() if directory) + ').')
   flags.DEFINE_string('checkpoint', None, 'Step number or step directory (WORKDIR/checkpoints/STEP) to export '
                       '(default: the newest good checkpoint).')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Stored parameter dtype (not for stablehlo).')
@@ -95,7 +104,12 @@ def _export_flags() -> None:
   flags.mark_flags_as_required(['format', 'out'])
 
 
-def _import_flags() -> None:
+def _export_help() -> str:
+  from transformer_jax import export  # pylint: disable=g-import-not-at-top  (jax: only for this --help)
+  return 'formats:\n' + '\n'.join(f'  {name}: {module.SUMMARY}' for name, module in export.FORMATS.items())
+
+
+def _import_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   flags.DEFINE_enum('format', 'hf-marian', ['hf-marian', 'hf-gpt2'], 'Format of --path.')
   flags.DEFINE_string('path', None, 'HF directory to convert into a checkpoint in --workdir: Marian (config.json, '
                       'model.safetensors, source.spm, vocab.json) or GPT-2 (config.json, model.safetensors).')
@@ -103,7 +117,7 @@ def _import_flags() -> None:
   flags.mark_flag_as_required('path')
 
 
-def _info_flags() -> None:
+def _info_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
 
 
@@ -120,20 +134,107 @@ def _workdir() -> str:
   return os.path.join('runs', name)
 
 
-def define_flags(command: str) -> None:
-  """The flags of `command`: the shared ones (--config, --workdir), then the command's own."""
+class _Definer:
+  """The absl `flags` module with flag_values bound: the define_flags functions take it as `flags`."""
+
+  def __init__(self, fv: flags.FlagValues):
+    self._fv = fv
+
+  def __getattr__(self, name: str):
+    function = getattr(flags, name)
+    if name.startswith(('DEFINE', 'mark_')):
+      return functools.partial(function, flag_values=self._fv)
+    return function
+
+
+def define_flags(command: str, fv: flags.FlagValues = FLAGS, argv: list[str] | None = None) -> list[str]:
+  """Defines the flags of `command` on fv: the shared ones (--config, --workdir), then the command's own.
+  argv: the command line whose --config.key=value overrides become flags (default sys.argv). Returns their names."""
   spec = COMMANDS[command]
-  _common_flags(default_config_path() if spec.default_config else None)
+  before = set(fv)
+  _common_flags(default_config_path() if spec.default_config else None, fv, argv)
+  definer = _Definer(fv)
   if spec.distributed:
-    _distributed_flags()
+    _distributed_flags(definer)
   if spec.define_flags is not None:
-    spec.define_flags()
-  flags.mark_flags_as_required(['workdir'] if spec.requires_workdir else [])
+    spec.define_flags(definer)
+  flags.mark_flags_as_required(['workdir'] if spec.requires_workdir else [], flag_values=fv)
+  return [name for name in fv if name not in before and not name.startswith('config.')]
 
 
-def run(command: str, args) -> None:
+def _flag_line(flag) -> str:
+  parser = getattr(flag, 'parser', None)
+  if flag.flag_type() == 'bool':
+    name = f'--[no]{flag.name}'
+  elif getattr(parser, 'enum_values', None):
+    name = f'--{flag.name}=<{"|".join(parser.enum_values)}>'
+  else:
+    name = f'--{flag.name}'
+  default = '' if flag.default is None or flag.name == 'config' else f' (default: {flag.default_as_str})'
+  text = f'{name}: {flag.help}{default}'
+  return textwrap.fill(text, width=118, initial_indent='  ', subsequent_indent='      ')
+
+
+def help_text(command: str, names: list[str], fv: flags.FlagValues = FLAGS) -> str:
+  """What `transformer-jax COMMAND --help` prints: every flag the command defined (names), then its notes."""
+  lines = [_flag_line(fv[name]) for name in names]
+  lines += ['  -v 0 (or --verbosity=0): INFO logs, and the warnings of the libraries underneath (orbax, gcsfs).']
+  extra = COMMANDS[command].help_extra
+  return '\n'.join(lines) + (f'\n\n{extra()}' if extra is not None else '')
+
+
+def _finite(v) -> bool:
+  return v is not None and math.isfinite(v)
+
+
+# Every numeric flag any command takes: (good value?, what it must be). A command's flags are checked before jax is
+# imported, so a bad value is refused at once.
+FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'beam_size': (lambda v: v >= 1, 'an integer >= 1 (1: greedy decoding)'),
+    'batch_size': (lambda v: v >= 1, 'an integer >= 1'),
+    'alpha': (_finite, 'a finite number'),
+    'max_new_tokens': (lambda v: v >= 1, 'an integer >= 1'),
+    'temperature': (lambda v: _finite(v) and v >= 0, 'a finite number >= 0 (0: greedy)'),
+    'top_k': (lambda v: v >= 0, 'an integer >= 0 (0: all tokens)'),
+    'top_p': (lambda v: _finite(v) and 0 < v <= 1, 'a number in (0, 1]'),
+    'seed': (lambda v: v >= 0, 'an integer >= 0'),
+    'last': (lambda v: v >= 1, 'an integer >= 1'),
+    'num_devices': (lambda v: v is None or v >= 1, 'an integer >= 1'),
+    'max_tokens': (lambda v: v >= 1, 'an integer >= 1'),
+    'num_slices': (lambda v: v >= 1, 'an integer >= 1'),
+    'num_processes': (lambda v: v is None or v >= 1, 'an integer >= 1'),
+    'process_id': (lambda v: v is None or v >= 0, 'an integer >= 0'),
+}
+
+
+def flag_errors(command: str, names: list[str], fv: flags.FlagValues = FLAGS) -> list[str]:
+  """One line per bad flag value of `command` (names: its flags), without importing jax."""
+  errors = [f'--{name}={fv[name].value}: must be {what}' for name, (good, what) in FLAG_RULES.items()
+            if name in names and fv[name].value is not None and not good(fv[name].value)]
+  if command == 'attention':
+    if fv['text'].value is not None and fv['input'].value is not None:
+      errors.append('--text and --input: give one of them')
+    elif not (fv['text'].value or '').strip() and fv['input'].value is None:
+      errors.append('--text=\'...\' (a sentence) or --input=FILE is needed')
+  if command == 'compile':
+    from transformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top  (no jax at import)
+    unknown = [p for p in fv['programs'].value if p not in tpu_compile.PROGRAMS]
+    if unknown:
+      errors.append(f'--programs: unknown {", ".join(unknown)}; expected some of {", ".join(tpu_compile.PROGRAMS)}')
+  return errors
+
+
+def run(command: str, args, names: list[str] | None = None) -> None:
+  """Runs `command` on the parsed FLAGS. names: the flags define_flags defined (default: every FLAG_RULES flag
+  FLAGS holds)."""
   if len(args) > 1:
     _fail(f'unexpected arguments {args[1:]}; flags take the form --name=value')
+  errors = flag_errors(command, names if names is not None else [n for n in FLAG_RULES if n in FLAGS])
+  for e in errors:  # bad flags: before jax is imported or anything read
+    print(f'error: {e}', file=sys.stderr)
+  if errors:
+    sys.stderr.flush()
+    sys.exit(2)
   _check_inputs(command)  # bad config values and paths: before anything is read or written
   from transformer_jax import faults  # pylint: disable=g-import-not-at-top
   faults.divert_library_errors()
@@ -201,15 +302,24 @@ def _check_inputs(command: str) -> None:
   """One `error:` line per bad config value or path, exit 2 (config_checks.py)."""
   from transformer_jax import config_checks  # pylint: disable=g-import-not-at-top
   # compile/info target a TPU from any host: splash's "needs a TPU" check is for the commands that run the model.
-  errors = config_checks.config_errors(FLAGS.config, platform_checks=command not in ('compile', 'info')) if (
+  # Only train runs the model as the config says (the readers swap splash for blockwise off TPU: workdir.py), and
+  # only training lengths must fill whole attention blocks (train, and the commands that plan or prepare it).
+  errors = config_checks.config_errors(FLAGS.config, platform_checks=command == 'train',
+                                       length_checks=command in ('train', 'prepare', 'compile', 'info')) if (
       FLAGS.config is not None) else []
   if command != 'info':
     errors.append(config_checks.directory_error(_workdir() if command in ('train', 'prepare') else FLAGS.workdir,
                                                 '--workdir'))
   if command == 'average':
     errors.append(config_checks.directory_error(FLAGS.out, '--out'))
-  if command == 'translate':
+  if command in ('translate', 'attention'):
     errors.append(config_checks.file_error(FLAGS.input, '--input'))
+    if FLAGS.input and '://' not in FLAGS.input and not os.path.exists(FLAGS.input):
+      errors.append(f'--input={FLAGS.input} does not exist')
+  if command == 'attention':
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
+    if not os.path.isdir(out_dir):
+      errors.append(f'--out={FLAGS.out}: directory {out_dir} does not exist')
   from transformer_jax import paths  # pylint: disable=g-import-not-at-top
   if command == 'export':
     errors.append(paths.check(FLAGS.out, '--out'))  # a file or a directory, by format: the format checks the rest
@@ -244,7 +354,7 @@ def _train() -> None:
     print('final: ' + ' '.join(f'{k}={v}' if k == 'step' else f'{k}={v:.4f}' for k, v in final.items()), flush=True)
 
 
-def _compile_flags() -> None:
+def _compile_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   # Compiling for TPU runs on the CPU: before any jax import picks a backend (with libtpu installed it would try
   # to open a TPU).
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -332,9 +442,18 @@ def _average() -> None:
           f"optimizer state copied from step {result['step']})", flush=True)
 
 
-def _attention_flags() -> None:
-  from transformer_jax import attention_maps  # pylint: disable=g-import-not-at-top  (jax/flax: only for this command)
-  attention_maps.define_flags(flags)
+def _attention_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+  flags.DEFINE_string('text', None, 'Sentence to translate and show (or --input).')
+  flags.DEFINE_string('input', None, 'File with a few sentences, one per line (the first few non-empty ones are '
+                      'drawn, all go into --json).')
+  flags.DEFINE_string('out', 'attention.png', 'PNG to write.')
+  flags.DEFINE_string('json', None, 'Also write the raw weights (every selected layer and head, uncut) here.')
+  flags.DEFINE_integer('beam_size', 1, 'Beam width for the translation; 1 = greedy decoding.')
+  flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search.')
+  flags.DEFINE_list('layers', None, 'Layers to show, 1-based (default: all).')
+  flags.DEFINE_list('heads', None, 'Heads to show, 1-based (default: all).')
+  flags.DEFINE_integer('max_tokens', 40, 'Longer sentences are cut to their first N tokens in the picture '
+                       '(with a note; --json keeps all).')
 
 
 def _attention() -> None:
@@ -342,9 +461,8 @@ def _attention() -> None:
   attention_maps.run(FLAGS)
 
 
-def _prepare_flags() -> None:
-  from transformer_jax.data import prepare  # pylint: disable=g-import-not-at-top  (TensorFlow: only for this command)
-  prepare.define_flags(flags)
+def _prepare_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+  flags.DEFINE_string('split', None, "Split to prepare (default: the config's train_split).")
 
 
 def _prepare() -> None:
@@ -352,14 +470,26 @@ def _prepare() -> None:
   prepare.run(FLAGS.config, _workdir(), split=FLAGS.split)
 
 
-def _generate_flags() -> None:
-  from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top  (jax/flax: only for this command)
-  lm_inference.define_flags(flags)
+def _generate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+  flags.DEFINE_string('prompt', None, 'Prompt to continue (default: one prompt per line of stdin; write \\n for a '
+                      'newline inside --prompt).')
+  flags.DEFINE_integer('max_new_tokens', 64, 'Most tokens generated per prompt (stops earlier at EOS; at most the '
+                       'model\'s context less one).')
+  flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 = greedy.')
+  flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only (0: all).')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set of tokens whose probability reaches top_p.')
+  flags.DEFINE_integer('seed', 0, 'Random seed: the same seed gives the same samples.')
+  flags.DEFINE_boolean('jsonl', False, 'One JSON object per prompt, {"prompt": ..., "completion": ...}.')
 
 
 def _generate() -> None:
   from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top
   lm_inference.run(FLAGS)
+
+
+def _signals_help() -> str:
+  from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+  return faults.SIGNALS_HELP
 
 
 def _load_config_file(path: str):
@@ -375,18 +505,20 @@ class Command:
   name: str
   summary: str  # the usage line(s) cli.py prints
   run: Callable[[], None]
-  define_flags: Callable[[], None] | None = None  # the command's own flags (after --config and --workdir)
+  define_flags: Callable[[Any], None] | None = None  # the command's own flags, given `flags` (after --config, --workdir)
   default_config: bool = False  # --config defaults to configs/tiny.py (else: the workdir's stored config)
   requires_workdir: bool = True
   distributed: bool = False  # joins jax.distributed (multi-process) before running
   writes: Callable[[], str] | None = None  # the directory this command writes (locked for its life); None: a reader
+  help_extra: Callable[[], str] | None = None  # what --help prints after the flags
 
 
 COMMANDS = {c.name: c for c in (
     Command('train', 'train (resumes from WORKDIR\'s newest good checkpoint); default config configs/tiny.py,\n'
             'default workdir runs/<config name>.\n'
             'Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...',
-            _train, default_config=True, requires_workdir=False, distributed=True, writes=lambda: _workdir()),
+            _train, default_config=True, requires_workdir=False, distributed=True, writes=lambda: _workdir(),
+            help_extra=_signals_help),
     Command('prepare', 'tokenize the training split once into token-id shards (WORKDIR/data; train does it when '
             'missing).\nLast line: prepared: examples=<int> ...', _prepare, _prepare_flags, default_config=True,
             requires_workdir=False, writes=lambda: _workdir()),
@@ -397,7 +529,8 @@ COMMANDS = {c.name: c for c in (
             _translate_flags, default_config=True, distributed=True),
     Command('generate', 'language models: continue --prompt (or each line of stdin) over the KV cache', _generate,
             _generate_flags),
-    Command('export', '--format={safetensors,msgpack,hf-marian,stablehlo,hf-gpt2} --out=PATH', _export, _export_flags),
+    Command('export', f'--format={{{",".join(EXPORT_FORMATS)}}} --out=PATH', _export, _export_flags,
+            help_extra=_export_help),
     Command('import', '--format={hf-marian,hf-gpt2} --path=DIR: an HF checkpoint on disk -> WORKDIR', _import,
             _import_flags, writes=lambda: FLAGS.workdir),
     Command('average', '--last=N --out=DIR: element-wise mean of the last N checkpoints\' parameters', _average,

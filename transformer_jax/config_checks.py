@@ -101,9 +101,10 @@ def _get(config, key: str):
   return node
 
 
-def config_errors(config, *, platform_checks: bool = True) -> list[str]:
+def config_errors(config, *, platform_checks: bool = True, length_checks: bool = True) -> list[str]:
   """One message per bad key: `config KEY=VALUE: must be ...`. Cross-key rules follow the per-key ones.
-  platform_checks: also what this host cannot run (splash attention off TPU)."""
+  platform_checks: also what this host cannot run (splash attention off TPU). length_checks: also that the
+  attention block divides the training lengths (training pads nothing; inference lengths are a batch's own)."""
   errors = []
   for key, (good, what) in RULES:
     value = _get(config, key)
@@ -124,24 +125,34 @@ def config_errors(config, *, platform_checks: bool = True) -> list[str]:
   if ok('batch_size', 'grad_accum_steps') and _get(config, 'batch_size') % _get(config, 'grad_accum_steps'):
     errors.append(f"config grad_accum_steps={_get(config, 'grad_accum_steps')}: must divide "
                   f"batch_size={_get(config, 'batch_size')} (each micro-batch takes batch_size/grad_accum_steps rows)")
-  return errors + _attention_errors(config, bad, platform_checks)
+  return errors + _attention_errors(config, bad, platform_checks, length_checks)
 
 
-def _attention_errors(config, bad: set[str], platform_checks: bool) -> list[str]:
+def _attention_errors(config, bad: set[str], platform_checks: bool, length_checks: bool) -> list[str]:
   """model.attention is a known kind; its block divides the trained lengths; splash runs on TPU (or interpreted)."""
-  from transformer_jax import attention  # pylint: disable=g-import-not-at-top  (jax only when a config has the key)
   kind = _get(config, 'model.attention')
   if kind is _MISSING or kind == 'dense':
     return []
+  from transformer_jax import attention  # pylint: disable=g-import-not-at-top  (jax: only for the block kernels)
   if kind not in attention.KINDS:
     return [f"config model.attention={kind!r}: must be one of {', '.join(attention.KINDS)}"]
   errors = []
   block = _get(config, 'model.attention_block_size')
-  if block is not _MISSING and 'model.attention_block_size' not in bad:
+  if length_checks and _is_int(block) and 'model.attention_block_size' not in bad:
     for key in ('max_length', 'packed_inputs_length', 'packed_targets_length'):
       length = _get(config, key)
-      if _is_int(length) and key not in bad and length % attention.block_for(length, block, kind):
-        errors.append(f'config model.attention_block_size={block}: must divide {key}={length} (or exceed it)')
+      if not _is_int(length) or key in bad:
+        continue
+      used = attention.block_for(length, block, kind)
+      if length % used == 0:
+        continue
+      if kind == 'splash':  # splash pads a length shorter than the block up to its 128 lanes: refused as waste
+        errors.append(f'config {key}={length}: splash attention runs blocks of {used} (model.attention_block_size='
+                      f'{block}, or the length rounded up to a multiple of 128 when shorter); {key} must be a '
+                      f'multiple of {used}')
+      else:
+        errors.append(f'config model.attention_block_size={block}: must divide {key}={length}, or be at least '
+                      f'{key} (one block)')
   if kind == 'splash' and _is_int(block) and block % 128:
     errors.append(f'config model.attention_block_size={block}: splash blocks must be multiples of 128 (its lanes)')
   if platform_checks and kind == 'splash' and _get(config, 'model.attention_interpret') is not True:

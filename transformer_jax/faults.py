@@ -89,6 +89,35 @@ class _DivertLibraryErrors(py_logging.Filter):
     return True
 
 
+# Libraries whose warnings are about their own plumbing (orbax: "Given directory is read only" on every reader; gcsfs
+# and google-auth: how credentials were found), not about the user's run: shown only with -v / --verbosity.
+_QUIET_LIBRARIES = ('orbax', 'gcsfs', 'fsspec', 'google/auth', 'google/cloud', 'etils')
+
+
+class _QuietLibraryWarnings(py_logging.Filter):
+  """Drops the records below ERROR that those libraries log (through absl or the logging module)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    path = (record.pathname or '').replace('\\', '/')
+    return record.levelno >= py_logging.ERROR or not any(f'/{lib}/' in path for lib in _QUIET_LIBRARIES)
+
+
+def quiet_library_warnings(verbose: bool) -> None:
+  """Unless verbose: the _QUIET_LIBRARIES' log warnings and Python warnings are not shown (idempotent)."""
+  if verbose:
+    return
+  import warnings  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraryWarnings) for f in handler.filters):
+    handler.addFilter(_QuietLibraryWarnings())
+  for handler in py_logging.getLogger().handlers:  # the logging module's own handlers, where one is installed
+    if not any(isinstance(f, _QuietLibraryWarnings) for f in handler.filters):
+      handler.addFilter(_QuietLibraryWarnings())
+  pattern = '|'.join(lib.replace('/', r'\.') for lib in _QUIET_LIBRARIES)
+  warnings.filterwarnings('ignore', module=rf'({pattern})(\.|$)')
+
+
 def divert_library_errors() -> None:
   """Installs the filter on absl's handler (idempotent)."""
   from absl import logging  # pylint: disable=g-import-not-at-top

@@ -40,6 +40,8 @@ def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int 
   """
   if beam_size < 1:
     raise ValueError(f'beam_size must be >= 1, got {beam_size}')
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   config = loaded.config
   keep = [i for i, s in enumerate(sentences) if s.strip()]
   out = [''] * len(sentences)
@@ -50,7 +52,7 @@ def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int 
   order = np.argsort(-lengths, kind='stable')
   rows = rows[order, :int(lengths.max())]  # no all-PAD columns: the encoder runs over real lengths only
   divisor = _batch_divisor(loaded.mesh)
-  batch_size = min(max(batch_size, 1), len(rows))
+  batch_size = min(batch_size, len(rows))
   batch_size = -(-batch_size // divisor) * divisor  # a multiple of the devices on the batch axes
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     tokens = train_lib.translate_ids(loaded.params, rows, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=batch_size,

@@ -26,17 +26,6 @@ from transformer_jax.workdir import Workdir
 # The CLI command
 
 
-def define_flags(flags) -> None:
-  flags.DEFINE_string('prompt', None, 'Prompt to continue (default: one prompt per line of stdin; write \\n for a '
-                      'newline inside --prompt).')
-  flags.DEFINE_integer('max_new_tokens', 64, 'Most tokens generated per prompt (stops earlier at EOS).')
-  flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 = greedy.')
-  flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only (0: all).')
-  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set of tokens whose probability reaches top_p.')
-  flags.DEFINE_integer('seed', 0, 'Random seed: the same seed gives the same samples.')
-  flags.DEFINE_boolean('jsonl', False, 'One JSON object per prompt, {"prompt": ..., "completion": ...}.')
-
-
 def run(FLAGS) -> None:  # pylint: disable=invalid-name
   prompts = [FLAGS.prompt.replace('\\n', '\n')] if FLAGS.prompt is not None else sys.stdin.read().splitlines()
   loaded = inference.load_workdir(FLAGS.workdir, FLAGS.config)

@@ -17,8 +17,10 @@ Who uses what:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import sys
 from typing import Any, Callable
 
 import jax
@@ -149,6 +151,7 @@ class Workdir:
       _check_step(reader, step)
       if config is None:
         config = ml_collections.ConfigDict(reader.restore_config(step))
+      config = attention_for_this_host(config)
       tokenizer = self.tokenizer()
       mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh, devices=devices)
       cfg = train_state.model_config(config, special_ids=tokenizer.special_ids)
@@ -184,6 +187,25 @@ class Workdir:
                         json.loads(config.to_json_best_effort()), force=True)
       checkpointer.wait()
       checkpointer.close()
+
+
+def attention_for_this_host(config, platform: str | None = None) -> ml_collections.ConfigDict:
+  """config, or off TPU a copy with model.attention='blockwise' where it says 'splash' (a TPU kernel; blockwise is the
+  same exact attention in plain JAX), saying so in one line. platform: default jax.default_backend()."""
+  model = config.get('model') or {}
+  if model.get('attention') != 'splash' or model.get('attention_interpret'):
+    return config
+  platform = platform or jax.default_backend()
+  if platform == 'tpu':
+    return config
+  # A copy: the caller's config (a flag's, say) stays as given. (ConfigDict(a ConfigDict) would share its nodes.)
+  config = (copy.deepcopy(config) if isinstance(config, ml_collections.ConfigDict) and
+            not isinstance(config, ml_collections.FrozenConfigDict) else ml_collections.ConfigDict(config))
+  config.model.attention = 'blockwise'
+  if jax.process_index() == 0:
+    print(f"note: model.attention='splash' is a TPU kernel and this host runs {platform}: attending with "
+          "'blockwise' (the same exact attention)", file=sys.stderr, flush=True)
+  return config
 
 
 def abstract_params(cfg: ModelConfig, config, mesh):

@@ -484,10 +484,6 @@ def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief:
 # `transformer-jax prepare`
 
 
-def define_flags(flags) -> None:
-  flags.DEFINE_string("split", None, "Split to prepare (default: the config's train_split).")
-
-
 def run(config, workdir: str, split: str | None = None) -> None:
   """The command's body; commands.py passes the workdir (the same default as train's)."""
   paths.makedirs(workdir)
