@@ -229,7 +229,31 @@ def test_hbm_estimate_and_logical_collectives_of_a_compiled_step(v5e):
   json_fields = r.to_json()
   assert {'hbm_bytes_per_chip', 'hbm_by_op_name', 'estimate_xla_bytes', 'compute_flops_per_chip'} <= set(json_fields)
   lines = '\n'.join(tpu_report.format_report(r))
-  assert 'HBM traffic per chip per step, estimate' in lines and 'if every XLA byte were HBM traffic' in lines
+  assert 'HBM traffic per chip per step, estimate' in lines and "XLA's bytes accessed as HBM traffic" in lines
+
+
+@needs_libtpu
+def test_per_op_estimate_lies_between_the_ceiling_and_the_floor(v5e):
+  """By MFU: ceiling (perfect overlap) >= per-op >= floor (no overlap), on compiled train and eval steps; the
+  per-op terms are the executed instructions' (the dots' FLOPs at least XLA's dot count of a loop-free step), and
+  the JSON keeps XLA's and libtpu's own figures whole."""
+  import json  # pylint: disable=import-outside-toplevel
+  _, reports = v5e
+  for program in ('train', 'eval'):
+    r = reports[program]
+    p, f, c = r.per_op, r.floor, r.estimate
+    assert c['mfu'] >= p['mfu'] >= f['mfu'] > 0, (c['mfu'], p['mfu'], f['mfu'])
+    assert f['t_step_s'] == pytest.approx(p['t_compute_s'] + p['t_hbm_s'] + p['t_ici_s'])
+    assert 0 <= p['t_ici_exposed_s'] <= p['t_ici_s']
+    assert p['t_hbm_s'] == pytest.approx(r.hbm_bytes_per_chip / tpu_chips.CHIPS['v5e'].hbm_bytes_per_s)
+    assert 0 < p['dot_flops_per_chip'] <= r.flops_per_chip  # XLA's FLOPs add element-wise work
+    assert len(r.top_ops) == 10 and sum(t for _, t in r.top_ops) <= p['t_step_s'] * (1 + 1e-9)
+    assert r.libtpu_cycles['cycles'] > 0 and r.libtpu_cycles['missing_executions'] > 0
+    payload = json.loads(json.dumps(r.to_json(), default=float))
+    assert payload['xla_cost_analysis']['flops'] == r.flops_per_chip
+    assert payload['xla_memory_analysis']['temp_size_in_bytes'] == r.memory['temporaries']
+  lines = '\n'.join(tpu_report.format_report(reports['train']))
+  assert 'per-op roofline' in lines and 'ceiling (perfect overlap)' in lines and 'calibrated on:' in lines
 
 
 @needs_libtpu

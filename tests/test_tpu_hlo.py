@@ -3,6 +3,7 @@ the syntax libtpu prints: no compiler, no jax."""
 
 import pytest
 
+from transformer_jax import tpu_chips
 from transformer_jax import tpu_report
 
 MIB = 2**20
@@ -133,3 +134,91 @@ def test_tiled_layouts_pad_their_minor_dimensions():
   assert tpu_report.hbm_arrays_bytes('f32[1000]{0:T(1024)}') == 4096
   assert tpu_report.hbm_arrays_bytes('bf16[100,64]{1,0:T(8,128)(2,1)S(1)}') == 0
   assert tpu_report.hbm_arrays_bytes('(f32[8]{0}, s32[]{:S(2)}, u32[4]{0:S(0)})') == 32 + 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-operation roofline: the value worked out by hand on each module
+
+V5E = tpu_chips.CHIPS['v5e']
+_PERMUTE_S = MIB / V5E.link_bytes_per_s + tpu_chips.ICI_HOP_LATENCY_S  # 1 MiB to one neighbour, one hop
+
+_DOT = '''HloModule jit_step
+
+%fused_computation.7 (param_0.7: bf16[1024,2048], param_1.7: bf16[2048,1024]) -> f32[1024,1024] {
+  %param_0.7 = bf16[1024,2048]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %param_1.7 = bf16[2048,1024]{1,0:T(8,128)(2,1)} parameter(1)
+  %dot.7 = f32[1024,1024]{1,0:T(8,128)S(1)} dot(%param_0.7, %param_1.7), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %negate.7 = f32[1024,1024]{1,0:T(8,128)S(1)} negate(%dot.7)
+}
+
+ENTRY %main.7 (param.1: bf16[1024,2048], param.2: bf16[2048,1024]) -> f32[1024,1024] {
+  %param.1 = bf16[1024,2048]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %param.2 = bf16[2048,1024]{1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %fusion.7 = f32[1024,1024]{1,0:T(8,128)S(1)} fusion(%param.1, %param.2), kind=kOutput, calls=%fused_computation.7, metadata={op_name="jit(step)/mlp/dot_general"}, backend_config={"window_config":{"estimated_cycles":"30000"}}
+}
+'''
+
+
+def test_a_fusion_is_charged_the_dot_inside_it():
+  """2 x 1024 x 1024 x 2048 FLOPs inside the fusion (21.8 us at 197 TFLOP/s) against its one HBM operand, the
+  4 MiB right-hand side (5.1 us): compute-bound. libtpu's cycles: 30000 at 1.5 GHz = 20 us."""
+  p = tpu_report.per_op_times(_DOT, V5E, (1,), ('fsdp',))
+  flops = 2 * 1024 * 1024 * 2048
+  assert p.dot_flops == flops
+  assert p.t_per_op_s == pytest.approx(flops / V5E.peak_bf16_flops)
+  assert p.t_hbm_s == pytest.approx(4 * MIB / V5E.hbm_bytes_per_s)
+  assert p.t_floor_s == pytest.approx(flops / V5E.peak_bf16_flops + 4 * MIB / V5E.hbm_bytes_per_s)
+  assert p.top == [('mlp/dot_general', pytest.approx(p.t_per_op_s))]
+  assert p.cycles == 30000 and p.cycles_missing == 0 and p.executed == 1
+  # with the right-hand side in VMEM too, nothing is read from HBM; with the result in HBM, 4 MiB more is written
+  assert tpu_report.per_op_times(_DOT.replace('(2,1)}', '(2,1)S(1)}'), V5E, (1,), ('fsdp',)).t_hbm_s == 0
+  slow = tpu_report.per_op_times(_DOT.replace('f32[1024,1024]{1,0:T(8,128)S(1)} fusion',
+                                              'f32[1024,1024]{1,0:T(8,128)} fusion'), V5E, (1,), ('fsdp',))
+  assert slow.t_hbm_s == pytest.approx(8 * MIB / V5E.hbm_bytes_per_s)
+
+
+def test_a_loop_body_counts_trip_count_times_and_an_async_collective_with_nothing_between_is_exposed():
+  """Per iteration: the fusion reads and writes 1 MiB (2 MiB of HBM), the permute's start reads its 1 MiB
+  operand, and the permute (1 MiB to one neighbour over one link) has nothing between its start and done."""
+  for trip in (1, 8):
+    p = tpu_report.per_op_times(loop_module(trip, known=True), V5E, (4,), ('fsdp',))
+    hbm = 3 * MIB / V5E.hbm_bytes_per_s
+    assert p.t_ici_s == pytest.approx(trip * _PERMUTE_S) and p.t_ici_exposed_s == pytest.approx(trip * _PERMUTE_S)
+    assert p.t_per_op_s == pytest.approx(trip * (hbm + _PERMUTE_S), rel=1e-4)
+    assert p.t_floor_s == pytest.approx(p.t_per_op_s)  # no FLOPs, nothing hidden: the floor is the same sum
+    # fusion, permute start, the counter's add and the condition's compare: none carries a cycle count
+    assert p.cycles == 0 and p.cycles_missing == p.executed == trip * 4
+
+
+def test_work_between_start_and_done_hides_that_much_of_the_collective():
+  """The same loop with the fusion moved between the permute's start and done: its 2 MiB of HBM time is taken
+  off the permute's time; the floor still charges both."""
+  text = loop_module(8, known=True)
+  lines = text.splitlines()
+  fusion = next(i for i, line in enumerate(lines) if '%fusion.1 = ' in line)
+  start = fusion + 1
+  lines[fusion], lines[start] = lines[start].replace('(%fusion.1)', '(%get-tuple-element.2)'), lines[fusion]
+  p = tpu_report.per_op_times('\n'.join(lines), V5E, (4,), ('fsdp',))
+  fusion_s, start_s = 2 * MIB / V5E.hbm_bytes_per_s, MIB / V5E.hbm_bytes_per_s
+  assert p.t_ici_exposed_s == pytest.approx(8 * (_PERMUTE_S - fusion_s), rel=1e-4)
+  assert p.t_per_op_s == pytest.approx(8 * (fusion_s + start_s + _PERMUTE_S - fusion_s), rel=1e-4)
+  assert p.t_floor_s == pytest.approx(8 * (fusion_s + start_s + _PERMUTE_S), rel=1e-4)
+  # a permute of 4 KiB (1.1 us) hides entirely behind the 2.6 us fusion: nothing exposed, never less than zero
+  small = '\n'.join(lines).replace('f32[512,512]{1,0:T(8,128)S(1)}, f32[512,512]{1,0:T(8,128)S(1)}, u32',
+                                   'f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)S(1)}, u32')
+  hidden = tpu_report.per_op_times(small, V5E, (4,), ('fsdp',))
+  assert hidden.t_ici_s == pytest.approx(8 * (4096 / V5E.link_bytes_per_s + tpu_chips.ICI_HOP_LATENCY_S))
+  assert hidden.t_ici_exposed_s == 0
+  assert hidden.t_per_op_s == pytest.approx(8 * (fusion_s + start_s), rel=1e-4)
+
+
+def test_async_collective_fusion_is_one_collective_from_its_first_to_its_last_fusion():
+  """TPU's async collective fusion in _ASYNC: the all-gather (bf16[512,512] over 8 devices) starts in fusion.1 and
+  finishes in fusion.2, with nothing between: a ring over two links, 7/8 of 0.5 MiB sent, 7 hops. The negate
+  between the copies is VMEM-only work (0 s): no FLOPs, and copies count as HBM."""
+  p = tpu_report.per_op_times(_ASYNC, V5E, (8,), ('fsdp',))
+  gather_s = 7 / 8 * MIB / 2 / (2 * V5E.link_bytes_per_s) + 7 * tpu_chips.ICI_HOP_LATENCY_S
+  assert p.t_ici_s == pytest.approx(gather_s) and p.t_ici_exposed_s == pytest.approx(gather_s)
+  hbm = tpu_report.hbm_traffic(_ASYNC).bytes / V5E.hbm_bytes_per_s
+  assert p.t_per_op_s == pytest.approx(hbm + gather_s)
+  assert dict(p.top)['all-gather all-gather'] == pytest.approx(gather_s)

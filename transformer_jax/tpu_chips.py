@@ -22,22 +22,41 @@ class Chip:
   ici_bytes_per_s: float  # bidirectional, per chip
   cores_per_chip: int  # TensorCores: v4/v5p accelerator-type names count cores, v5e/v6e names count chips
   dims: int  # torus dimensions of the slice topology (3 for v4/v5p, 2 for v5e/v6e)
+  # TensorCore clock: what libtpu's per-fusion "estimated_cycles" count in. Derived where no clock is published:
+  # peak = clock x MXUs per core x MXU MACs x 2 FLOP x cores (v5e: 197e12 / (4 x 128 x 128 x 2) = 1.50 GHz).
+  clock_hz: float = 0.0
+
+  @property
+  def links(self) -> int:
+    """ICI links per chip: two per torus dimension (one to each neighbour)."""
+    return 2 * self.dims
+
+  @property
+  def link_bytes_per_s(self) -> float:
+    """One link, one direction: the bidirectional per-chip figure over links x 2 directions (v5e: 400e9 / 8 =
+    50 GB/s; "How to Scale Your Model", Google DeepMind 2025, gives ~45 GB/s one-way per v5e link)."""
+    return self.ici_bytes_per_s / (2 * self.links)
 
 
 CHIPS = {
     # Google Cloud TPU docs, "TPU v4" (System architecture): 275 TFLOPs bf16, HBM2 32 GiB at 1200 GBps, two
     # TensorCores per chip. The page gives no per-chip ICI figure: 300 GB/s is 6 links x 50 GB/s from the TPU v4
     # paper (Jouppi et al., ISCA 2023), an assumption to check.
-    'v4': Chip('v4', 'TPU v4', 275e12, 32 * GIB, 1200e9, 300e9, 2, 3),
+    # Clock: 1050 MHz (TPU v4 paper, Table 1).
+    'v4': Chip('v4', 'TPU v4', 275e12, 32 * GIB, 1200e9, 300e9, 2, 3, 1.05e9),
     # Google Cloud TPU docs, "TPU v5e" (System architecture): 197 TFLOPs bf16, HBM 16 GiB at 819 GBps,
     # bidirectional ICI 400 GBps per chip, one TensorCore per chip.
-    'v5e': Chip('v5e', 'TPU v5 lite', 197e12, 16 * GIB, 819e9, 400e9, 1, 2),
+    # Clock derived: 197e12 / (4 MXUs x 128 x 128 x 2) = 1.50 GHz (no published figure).
+    'v5e': Chip('v5e', 'TPU v5 lite', 197e12, 16 * GIB, 819e9, 400e9, 1, 2, 1.5e9),
     # Google Cloud TPU docs, "TPU v5p" (System architecture): 459 TFLOPs bf16, HBM 95 GiB at 2765 GBps,
     # bidirectional ICI 1200 GBps per chip, two TensorCores per chip.
-    'v5p': Chip('v5p', 'TPU v5', 459e12, 95 * GIB, 2765e9, 1200e9, 2, 3),
+    # Clock derived: 459e12 / (2 cores x 4 MXUs x 128 x 128 x 2) = 1.75 GHz (no published figure).
+    'v5p': Chip('v5p', 'TPU v5', 459e12, 95 * GIB, 2765e9, 1200e9, 2, 3, 1.75e9),
     # Google Cloud TPU docs, "TPU v6e" (Trillium, System architecture): 918 TFLOPs bf16, HBM 32 GB at 1638 GBps,
     # bidirectional ICI 800 GBps per chip, one TensorCore per chip. (32 GB taken as 32 GiB, as v5e's page says GiB.)
-    'v6e': Chip('v6e', 'TPU v6 lite', 918e12, 32 * GIB, 1638e9, 800e9, 1, 2),
+    # Clock derived: 918e12 / (2 MXUs x 256 x 256 x 2) = 3.5 GHz is implausible, so 4 MXUs of 256 x 256 at
+    # 1.75 GHz is assumed (unpublished: check before trusting v6e's cycle figure).
+    'v6e': Chip('v6e', 'TPU v6 lite', 918e12, 32 * GIB, 1638e9, 800e9, 1, 2, 1.75e9),
 }
 
 
@@ -55,6 +74,15 @@ def roofline(chip: Chip, flops_per_chip: float, hbm_bytes_per_chip: float, ici_b
   bound = max(times, key=times.get)
   return {'t_compute_s': times['compute'], 't_hbm_s': times['hbm'], 't_ici_s': times['ici'],
           't_step_s': times[bound], 'bound_by': bound}
+
+
+# Per collective step (one hop of a ring, one exchange of a permute): "How to Scale Your Model" (Google DeepMind,
+# 2025) puts ICI latency near 1 us per hop. An assumption, the same for every chip.
+ICI_HOP_LATENCY_S = 1e-6
+
+
+# What the per-op estimate gave for published measurements (benchmarks/tpu_calibration.py writes this line).
+CALIBRATION = 'not yet: run benchmarks/tpu_calibration.py'
 
 
 def mfu(model_flops_per_step: float, t_step_s: float, chip: Chip, chips: int) -> float:

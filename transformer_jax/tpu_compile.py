@@ -240,15 +240,27 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   compute = max(flops, model_flops / chips)
   estimate = tpu_chips.roofline(chip, compute, hbm.bytes, ici)
   estimate_xla_bytes = tpu_chips.roofline(chip, compute, accessed, ici)  # pessimistic: every XLA byte from HBM
+  per_op = tpu_report.per_op_times(hlo, chip, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices)
+  per_op_estimate = {'t_step_s': per_op.t_per_op_s, 't_floor_s': per_op.t_floor_s,
+                     't_compute_s': per_op.t_compute_s, 't_hbm_s': per_op.t_hbm_s, 't_ici_s': per_op.t_ici_s,
+                     't_ici_exposed_s': per_op.t_ici_exposed_s, 'dot_flops_per_chip': per_op.dot_flops,
+                     'executed': per_op.executed, 'dcn_collectives': per_op.dcn_collectives}
+  floor = {'t_step_s': per_op.t_floor_s}
+  cycles = {'cycles': per_op.cycles, 'clock_hz': chip.clock_hz,
+            't_step_s': per_op.cycles / chip.clock_hz if chip.clock_hz else float('nan'),
+            'missing_executions': per_op.cycles_missing, 'missing_ops': per_op.cycles_missing_ops}
+  if per_op.dcn_collectives:
+    notes = notes + [f'{per_op.dcn_collectives} collective runs cross slices (DCN): not in the per-op ICI term']
   if hbm.unknown_trip_counts:
     notes = notes + [f'{hbm.unknown_trip_counts} while loop(s) of unknown trip count: their bodies are counted once '
                      'in the HBM estimate and the collectives']
+  rated = (estimate, estimate_xla_bytes, per_op_estimate, floor, cycles)
   if program in ('train', 'eval'):
-    for e in (estimate, estimate_xla_bytes):
+    for e in rated:
       e['tokens_per_s'] = tokens / e['t_step_s'] if e['t_step_s'] else float('nan')
       e['mfu'] = tpu_chips.mfu(model_flops, e['t_step_s'], chip, chips)
   else:
-    for e in (estimate, estimate_xla_bytes):
+    for e in rated:
       e.update(tokens_per_s=float('nan'), mfu=float('nan'))
     notes = notes + ['a decoding loop: XLA counts a while loop body once, so its FLOPs are per loop iteration plus '
                      'set-up, not per sequence (the HBM estimate and the collectives multiply loops whose trip '
@@ -259,7 +271,15 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
       memory=memory, fits=total <= chip.hbm_bytes, flops_per_chip=flops, bytes_accessed_per_chip=accessed,
       collectives=summary, model_flops=model_flops, tokens_per_step=tokens, estimate=estimate, notes=list(notes),
       compute_flops_per_chip=compute, hbm_bytes_per_chip=hbm.bytes, hbm_by_op_name=hbm.by_op_name,
-      estimate_xla_bytes=estimate_xla_bytes)
+      estimate_xla_bytes=estimate_xla_bytes, per_op=per_op_estimate, floor=floor,
+      top_ops=[list(t) for t in per_op.top], libtpu_cycles=cycles, xla_cost_analysis=dict(cost),
+      xla_memory_analysis=_memory_fields(stats))
+
+
+def _memory_fields(stats) -> dict:
+  """memory_analysis()'s byte counts (its serialized buffer-assignment proto is binary: left out)."""
+  return {k: getattr(stats, k) for k in dir(stats)
+          if not k.startswith('_') and isinstance(getattr(stats, k, None), (int, float))}
 
 
 def _print_now(line: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 
@@ -130,9 +131,12 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
       continue
     if not line[0].isspace():
       m = _HEADER.match(line)
-      current = computations.setdefault(m.group(2), []) if m else None
-      if m and m.group(1):
-        entry = m.group(2)
+      if m:
+        current = computations.setdefault(m.group(2), [])
+        entry = m.group(2) if m.group(1) else entry
+      elif line.startswith('}') and not line.startswith('}}'):
+        current = None
+      # else: the rest of a multi-line attribute (a Pallas kernel's config holds newlines): same computation
       continue
     m = _INSTRUCTION.match(line) if current is not None else None
     if m:
@@ -216,6 +220,31 @@ def call_graph(computations: dict[str, list[Instruction]], entry: str) -> CallGr
 # Collectives
 
 
+def collective_of(instr: Instruction, computation: str, local_shape: tuple[int, ...], axis_names: tuple[str, ...],
+                  num_slices: int = 1) -> Collective | None:
+  """The collective an HLO line starts or runs (None if it is not one): kind, result bytes, group and mesh axes.
+  `local_shape`: one slice's mesh shape (replica groups number a slice's devices)."""
+  line = instr.line
+  dcn = _MEGASCALE.search(line) if num_slices > 1 and instr.op == 'send' else None
+  if dcn:
+    arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(dcn.group(1))]
+    return Collective(dcn.group(2).lower().replace('_', '-'), max(arrays, default=0), num_slices,
+                      (axis_names[0],), True)
+  m = _OP.match(line)
+  if not m:
+    return None
+  kind = m.group(2)
+  fused = kind == 'all-reduce' and computation.lstrip('%').startswith('all-reduce-scatter')
+  kind = 'reduce-scatter' if fused else kind
+  arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(m.group(1))]
+  # a tuple result is several arrays reduced at once (sum), except async starts that carry (input, output)
+  summed = m.group(1).startswith('(') and (not m.group(3) or m.group(2) == 'all-reduce')
+  size = sum(arrays) if summed else max(arrays, default=0)
+  groups = _groups(line, math.prod(local_shape))
+  return Collective(kind, size, len(groups[0]) if groups else math.prod(local_shape),
+                    mesh_axes_of(groups, local_shape, axis_names), False, fused)
+
+
 def collectives(hlo_text: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
                 num_slices: int = 1) -> list[Collective]:
   """The logical collectives of the HLO: one per channel_id. TPU's async collective fusion starts a collective in
@@ -231,33 +260,15 @@ def collectives(hlo_text: str, mesh_shape: tuple[int, ...], axis_names: tuple[st
   type names the collective.
   """
   local_shape = (mesh_shape[0] // num_slices,) + tuple(mesh_shape[1:])
-  num_devices = math.prod(local_shape)
   computations, entry = parse_hlo(hlo_text)
   runs = call_graph(computations, entry).runs if entry else {}
   found: dict = {}
   for computation, instructions in computations.items():
     for instr in instructions:
-      line = instr.line
+      collective = collective_of(instr, computation, local_shape, axis_names, num_slices)
+      if collective is None:
+        continue
       ch = _CHANNEL.search(instr.attrs)
-      dcn = _MEGASCALE.search(line) if num_slices > 1 and instr.op == 'send' else None
-      if dcn:
-        arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(dcn.group(1))]
-        collective = Collective(dcn.group(2).lower().replace('_', '-'), max(arrays, default=0), num_slices,
-                                (axis_names[0],), True)
-      else:
-        m = _OP.match(line)
-        if not m:
-          continue
-        kind = m.group(2)
-        fused = kind == 'all-reduce' and computation.lstrip('%').startswith('all-reduce-scatter')
-        kind = 'reduce-scatter' if fused else kind
-        arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(m.group(1))]
-        # a tuple result is several arrays reduced at once (sum), except async starts that carry (input, output)
-        summed = m.group(1).startswith('(') and (not m.group(3) or m.group(2) == 'all-reduce')
-        size = sum(arrays) if summed else max(arrays, default=0)
-        groups = _groups(line, num_devices)
-        collective = Collective(kind, size, len(groups[0]) if groups else num_devices,
-                                mesh_axes_of(groups, local_shape, axis_names), False, fused)
       key = (collective.kind, collective.crosses_slices, ch.group(1) if ch else f'{computation}/{instr.name}')
       collective.channel_id = int(ch.group(1)) if ch else None
       collective.executions = max(runs.get(computation, 1), found[key].executions if key in found else 1)
@@ -309,7 +320,56 @@ def _arrays(shape: str) -> list[str]:
   return [m.group(0) for m in _LAYOUT_ARRAY.finditer(shape)]
 
 
-def instruction_hbm_bytes(instr: Instruction, shapes: dict[str, str]) -> int:
+def _as_hbm(shape: str) -> int:
+  return hbm_arrays_bytes(_MEMORY_SPACE.sub('S(0)', shape))
+
+
+def _sliced_hbm_bytes(instr: Instruction, shapes: dict[str, str], computations: dict) -> int | None:
+  """HBM bytes of an instruction that touches only part of an HBM buffer, or None when it reads and writes whole
+  arrays: an in-place dynamic-update-slice (a scan stacking a layer's output into a [layers, ...] buffer) writes
+  the update, not the buffer; a dynamic-slice (a scan reading one layer's weights) reads the slice. Inside a
+  fusion: a DUS root updating a parameter in place, and parameters read only through dynamic-slices."""
+  if instr.op == 'dynamic-update-slice':
+    update = shapes.get(instr.operands[1], '') if len(instr.operands) > 1 else ''
+    return hbm_arrays_bytes(update) + (_as_hbm(update) if hbm_arrays_bytes(instr.shape) else 0)
+  if instr.op == 'dynamic-slice':
+    read = _as_hbm(instr.shape) if instr.operands and hbm_arrays_bytes(shapes.get(instr.operands[0], '')) else 0
+    return read + hbm_arrays_bytes(instr.shape)
+  callee = re.search(r'calls=(%[\w.\-]+)', instr.attrs)
+  body = computations.get(callee.group(1), []) if callee else []
+  params = {int(re.search(r'parameter\((\d+)\)', i.line).group(1)): i for i in body if i.op == 'parameter'}
+  root = next((i for i in body if i.line.lstrip().startswith('ROOT ')), None)
+  if root is None or not params:
+    return None
+  body_shapes = {i.name: i.shape for i in body}
+  users = collections.defaultdict(list)
+  for i in body:
+    for position, o in enumerate(i.operands):
+      users[o].append((i, position))
+  in_place = None
+  if root.op == 'dynamic-update-slice' and root.operands and root.operands[0] in {p.name for p in params.values()}:
+    in_place = next(k for k, p in params.items() if p.name == root.operands[0])
+  sliced = {k for k, p in params.items()
+            if users[p.name] and all(u.op == 'dynamic-slice' and pos == 0 for u, pos in users[p.name])}
+  if in_place is None and not sliced:
+    return None
+  total = 0
+  if in_place is not None:
+    update = body_shapes.get(root.operands[1], '') if len(root.operands) > 1 else ''
+    total += _as_hbm(update) if hbm_arrays_bytes(instr.shape) else 0
+  else:
+    total += hbm_arrays_bytes(instr.shape)
+  for k, operand in enumerate(instr.operands):
+    if k == in_place or not hbm_arrays_bytes(shapes.get(operand, '')):
+      continue
+    if k in sliced:
+      total += sum(_as_hbm(u.shape) for u, _ in users[params[k].name])
+    else:
+      total += hbm_arrays_bytes(shapes.get(operand, ''))
+  return total
+
+
+def instruction_hbm_bytes(instr: Instruction, shapes: dict[str, str], computations: dict | None = None) -> int:
   """HBM bytes one execution of a top-level instruction reads and writes (an estimate: a fusion that reads only a
   slice of an HBM operand is charged the whole operand).
 
@@ -321,8 +381,14 @@ def instruction_hbm_bytes(instr: Instruction, shapes: dict[str, str]) -> int:
   - slice-start (async slice into VMEM): the slice's bytes read when the source is in HBM, plus the destination
     when it is in HBM;
   - other async starts (collective-permute-start, all-gather-start): the result's first arrays alias the operands,
-    so they are not counted again.
+    so they are not counted again;
+  - with `computations`: an in-place dynamic-update-slice writes its update and a dynamic-slice reads its slice,
+    fused or not (_sliced_hbm_bytes): a scan over stacked layers touches one layer per iteration.
   """
+  if computations is not None and instr.op in ('fusion', 'dynamic-update-slice', 'dynamic-slice'):
+    sliced = _sliced_hbm_bytes(instr, shapes, computations)
+    if sliced is not None:
+      return sliced
   operands = sum(hbm_arrays_bytes(shapes.get(o, '')) for o in instr.operands)
   if instr.op == 'copy-start':
     arrays = _arrays(instr.shape)
@@ -379,9 +445,210 @@ def hbm_traffic(hlo_text: str, top: int = 12) -> HbmTraffic:
     for instr in instructions:
       if instr.op in _FREE:
         continue
-      groups[_group_name(instr)] += instruction_hbm_bytes(instr, shapes) * graph.runs[name]
+      groups[_group_name(instr)] += instruction_hbm_bytes(instr, shapes, computations) * graph.runs[name]
   return HbmTraffic(float(sum(groups.values())), {k: v for k, v in groups.most_common(top) if v},
                     graph.unknown_trips)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-operation roofline
+
+
+_CONTRACTING = re.compile(r'lhs_contracting_dims=\{([0-9,]*)\}')
+_DIM_LABELS = re.compile(r'dim_labels=(\w+)_(\w+)->(\w+)')
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+
+
+def _dims(shape: str) -> list[int]:
+  m = _ARRAY.search(shape)
+  return [int(d) for d in m.group(2).split(',') if d] if m else []
+
+
+def dot_flops(instr: Instruction, shapes: dict[str, str]) -> float:
+  """FLOPs of one dot or convolution: 2 x result elements x the multiply-adds behind each (a dot's contracting
+  sizes; a convolution's kernel elements per output feature, dim_labels' 'o'); 0 for anything else."""
+  if instr.op == 'dot':
+    m = _CONTRACTING.search(instr.attrs)
+    lhs = _dims(shapes.get(instr.operands[0], '')) if instr.operands else []
+    k = math.prod(lhs[int(d)] for d in m.group(1).split(',') if d) if m and lhs else 1
+    return 2.0 * math.prod(_dims(instr.shape)) * k
+  if instr.op == 'convolution':
+    m = _DIM_LABELS.search(instr.attrs)
+    lhs = _dims(shapes.get(instr.operands[0], '')) if instr.operands else []
+    rhs = _dims(shapes.get(instr.operands[1], '')) if len(instr.operands) > 1 else []
+    out = _dims(instr.shape)
+    if not m or not lhs or not rhs or 'o' not in m.group(2) or 'i' not in m.group(2) or 'b' not in m.group(3):
+      return 0.0
+    lhs_labels, rhs_labels, out_labels = m.groups()
+    window = re.search(r'window=\{([^}]*)\}', instr.attrs)
+    fields = dict(re.findall(r'(\w+)=(\S+)', window.group(1))) if window else {}
+    taps = 1
+    for d, label in enumerate(sorted(c for c in rhs_labels if c.isdigit())):
+      pick = lambda key, default, d=d: (fields[key].split('x')[d] if key in fields else default)
+      lo, hi = (int(x) for x in pick('pad', '0_0').split('_'))
+      taps *= _valid_taps(lhs[lhs_labels.index(label)], rhs[rhs_labels.index(label)], out[out_labels.index(label)],
+                          lo, int(pick('stride', 1)), int(pick('lhs_dilate', 1)), int(pick('rhs_dilate', 1)))
+    return 2.0 * out[out_labels.index('b')] * rhs[rhs_labels.index('o')] * rhs[rhs_labels.index('i')] * taps
+  return 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def _valid_taps(size: int, window: int, out: int, pad_lo: int, stride: int, lhs_dilate: int, rhs_dilate: int) -> int:
+  """(output position, window position) pairs of one spatial dimension that land on input, not padding: XLA
+  writes batched matmuls as convolutions whose window mostly covers padding (a head dimension of 32 as a window
+  of 32 over one real position), and only the real taps are multiply-adds."""
+  o = np.arange(out)[:, None] * stride + np.arange(window)[None, :] * rhs_dilate - pad_lo
+  return int(np.sum((o >= 0) & (o <= (size - 1) * lhs_dilate) & (o % lhs_dilate == 0)))
+
+
+def _body_flops(name: str, computations: dict, cache: dict) -> float:
+  """Dot and convolution FLOPs of a fusion body, nested fusions included (one run)."""
+  if name not in cache:
+    cache[name] = 0.0
+    instrs = computations.get(name, [])
+    shapes = {i.name: i.shape for i in instrs}
+    total = 0.0
+    for i in instrs:
+      total += dot_flops(i, shapes)
+      for callee in re.findall(r'calls=(%[\w.\-]+)', i.attrs):
+        total += _body_flops(callee, computations, cache)
+    cache[name] = total
+  return cache[name]
+
+
+def _body_collective(name: str, computations: dict, local_shape, axis_names, num_slices, seen=None):
+  """(the collective line's instruction, its computation) inside a fusion body, nested fusions included."""
+  seen = seen if seen is not None else set()
+  if name in seen:
+    return None
+  seen.add(name)
+  for i in computations.get(name, []):
+    if _OP.match(i.line):
+      return i, name
+    for callee in re.findall(r'calls=(%[\w.\-]+)', i.attrs):
+      found = _body_collective(callee, computations, local_shape, axis_names, num_slices, seen)
+      if found:
+        return found
+  return None
+
+
+def collective_seconds(c: Collective, chip) -> float:
+  """One execution of a collective on ICI: the bytes a chip sends over its links plus a latency per step.
+  A ring collective over one mesh axis sends both ways round its ring (two links, one direction each); a
+  collective-permute sends to one neighbour (one link, one direction). Steps: n-1 for a ring (2(n-1) for an
+  all-reduce, reduce-scatter then all-gather), 1 for a permute."""
+  n = max(c.group_size, 1)
+  if c.kind == 'collective-permute':
+    return c.ici_bytes() / chip.link_bytes_per_s + tpu_chips.ICI_HOP_LATENCY_S
+  steps = 2 * (n - 1) if c.kind == 'all-reduce' else n - 1
+  return c.ici_bytes() / (2 * chip.link_bytes_per_s) + steps * tpu_chips.ICI_HOP_LATENCY_S
+
+
+@dataclasses.dataclass
+class PerOp:
+  """ESTIMATED step time of one run of a compiled program, per chip, instruction by instruction (per_op_times)."""
+  t_per_op_s: float  # the headline: sum of max(FLOPs/peak, HBM/bw) + collective time not hidden behind work
+  t_floor_s: float  # no overlap at all: sum of FLOPs/peak + HBM/bw + collective time
+  t_compute_s: float  # sum of FLOPs/peak (dots and convolutions, loops x trip counts)
+  t_hbm_s: float
+  t_ici_s: float  # all collective time
+  t_ici_exposed_s: float  # what the per-op figure charges of it
+  dot_flops: float  # executed dot/convolution FLOPs per chip
+  top: list  # [(op_name, seconds)]: the largest per-op times, grouped by op_name (layers folded)
+  executed: int  # top-level instructions executed per step (loops x trip counts; views and bookkeeping not)
+  dcn_collectives: int  # collectives across slices: not in the ICI term
+  cycles: float  # libtpu's "estimated_cycles", summed over executed instructions that carry one
+  cycles_missing: int  # executed instructions without a cycle count
+  cycles_missing_ops: dict  # their ops, by count
+
+
+def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
+                 num_slices: int = 1, top: int = 10) -> PerOp:
+  """The per-operation roofline of a compiled TPU program, per chip: every executed top-level instruction (ENTRY,
+  while bodies x trip count, called computations) takes max(dot FLOPs / bf16 peak, HBM bytes / HBM bandwidth).
+
+  - FLOPs: dots and convolutions, read from the fusion bodies that hold them; element-wise work is left to the HBM
+    term (the vector units are not modelled) and float32 dots are charged at the bf16 peak (optimistic for them).
+  - HBM: instruction_hbm_bytes (HBM-resident operands and results; VMEM-resident ones free).
+  - Collectives (collective_seconds, at one-way link bandwidth plus a hop latency): a synchronous one takes
+    max(its HBM time, its ICI time); an asynchronous one (a *-start .. *-done pair, or TPU's async collective fusion:
+    the fusions that carry one channel_id) is charged only what the work between its first and last instruction
+    does not cover. Work between is credited to every collective in flight over it (optimistic when several are).
+  The floor charges every term in full, one after another.
+  Also sums libtpu's own per-instruction cost model ("estimated_cycles" in backend_config) over the same executed
+  instructions, and counts those without one.
+  """
+  local_shape = (mesh_shape[0] // num_slices,) + tuple(mesh_shape[1:])
+  computations, entry = parse_hlo(hlo_text)
+  graph = call_graph(computations, entry)
+  peak, bw = chip.peak_bf16_flops, chip.hbm_bytes_per_s
+  flops_cache: dict = {}
+  groups = collections.Counter()
+  totals = collections.Counter()
+  missing = collections.Counter()
+  executed = dcn = 0
+  for name in sorted(graph.control):
+    instrs = computations[name]
+    runs = graph.runs[name]
+    shapes = {i.name: i.shape for i in instrs}
+    work = [0.0] * len(instrs)  # max(compute, HBM) of each instruction, one run
+    spans: dict = {}  # collective key -> [first index, last index, Collective, group name]
+    index = {i.name: k for k, i in enumerate(instrs)}
+    for k, instr in enumerate(instrs):
+      if instr.op in _FREE:
+        if instr.op.endswith('-done') and instr.operands and instr.operands[0] in index:
+          start = instr.operands[0]  # an op-level async pair: the span ends at its done
+          if start in spans:
+            spans[start][1] = k
+        continue
+      executed += runs
+      flops = dot_flops(instr, shapes) + sum(_body_flops(c, computations, flops_cache)
+                                             for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs))
+      hbm = instruction_hbm_bytes(instr, shapes, computations)
+      work[k] = max(flops / peak, hbm / bw)
+      totals['compute'] += flops / peak * runs
+      totals['hbm'] += hbm / bw * runs
+      totals['flops'] += flops * runs
+      group = _group_name(instr)
+      groups[group] += work[k] * runs
+      cycles = _CYCLES.search(instr.attrs)
+      if cycles:
+        totals['cycles'] += int(cycles.group(1)) * runs
+      else:
+        missing[instr.op] += runs
+      found = (instr, name) if _OP.match(instr.line) or instr.op == 'send' else None
+      if found is None and instr.op == 'fusion':
+        found = next((f for f in (_body_collective(c, computations, local_shape, axis_names, num_slices)
+                                  for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs)) if f), None)
+      if found is None:
+        continue
+      c = collective_of(found[0], found[1], local_shape, axis_names, num_slices)
+      if c is None:
+        continue
+      if c.crosses_slices:
+        dcn += runs
+        continue
+      ch = _CHANNEL.search(found[0].attrs)
+      key = instr.name if instr.op.endswith('-start') else (f'channel {ch.group(1)}' if ch else instr.name)
+      if key in spans:
+        spans[key][1] = k
+      else:
+        spans[key] = [k, k, c, f'{c.kind} ' + _group_name(found[0])]
+    for first, last, c, group in spans.values():
+      t = collective_seconds(c, chip)
+      between = sum(work[first + 1:last])
+      if last > first:  # asynchronous: hidden behind the work in flight with it
+        exposed = max(0.0, t - between)
+      else:  # synchronous: the instruction moves its data while it sends
+        exposed = max(0.0, t - work[first])
+      totals['ici'] += t * runs
+      totals['exposed'] += exposed * runs
+      groups[group] += exposed * runs
+  t_per_op = sum(groups.values())
+  return PerOp(t_per_op, totals['compute'] + totals['hbm'] + totals['ici'], totals['compute'], totals['hbm'],
+               totals['ici'], totals['exposed'], totals['flops'],
+               [(n, t) for n, t in groups.most_common(top) if t > 0], executed, dcn, float(totals['cycles']),
+               sum(missing.values()), dict(missing.most_common()))
 
 
 def summarize(found: list[Collective]) -> dict:
@@ -428,7 +695,19 @@ class ProgramReport:
   compute_flops_per_chip: float = 0.0  # max(XLA's FLOPs, model FLOPs / chips): XLA counts a loop body once
   hbm_bytes_per_chip: float = 0.0  # hbm_traffic(): the ESTIMATED HBM traffic per step
   hbm_by_op_name: dict = dataclasses.field(default_factory=dict)  # its largest groups
-  estimate_xla_bytes: dict = dataclasses.field(default_factory=dict)  # the roofline if every XLA byte were HBM
+  estimate_xla_bytes: dict = dataclasses.field(default_factory=dict)  # the ceiling if every XLA byte were HBM
+  # per_op_times: the headline estimate (per_op) and the no-overlap floor (floor), each with t_step_s, tokens_per_s
+  # and mfu; per_op also its terms. `estimate` above is the ceiling (perfect overlap).
+  per_op: dict = dataclasses.field(default_factory=dict)
+  floor: dict = dataclasses.field(default_factory=dict)
+  top_ops: list = dataclasses.field(default_factory=list)  # [(op_name, per-op seconds)], largest first
+  # libtpu's per-instruction cost model summed over executed instructions: cycles, clock_hz, t_step_s, mfu and
+  # what it leaves out (executed instructions without a cycle count, by op)
+  libtpu_cycles: dict = dataclasses.field(default_factory=dict)
+  # XLA's and libtpu's own figures as the compiler returned them: the whole cost_analysis() (flops, bytes accessed,
+  # per-operand bytes, utilization, libtpu's optimal_seconds) and memory_analysis() (its byte counts)
+  xla_cost_analysis: dict = dataclasses.field(default_factory=dict)
+  xla_memory_analysis: dict = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -469,16 +748,37 @@ def format_report(r: ProgramReport) -> list[str]:
     lines.append('  collectives: none')
   times = (f"compute {e['t_compute_s'] * 1e3:.2f} ms, HBM {e['t_hbm_s'] * 1e3:.2f} ms, ICI {e['t_ici_s'] * 1e3:.2f} "
            f"ms -> {e['t_step_s'] * 1e3:.2f} ms ({e['bound_by']}-bound)")
-  x = r.estimate_xla_bytes
+  x, p, f, cy = r.estimate_xla_bytes, r.per_op, r.floor, r.libtpu_cycles
+  rate = lambda d: (f"{d['t_step_s'] * 1e3:.2f} ms, {d['tokens_per_s']:,.0f} target tokens/s, MFU {d['mfu'] * 100:.1f}%"
+                    if r.tokens_per_step else f"{d['t_step_s'] * 1e3:.2f} ms")
+  if p:
+    lines.append(f'  ESTIMATE per-op roofline (headline: each executed instruction takes max(dot FLOPs / bf16 peak, HBM '
+                 f'bytes / bandwidth), collectives what their overlap leaves exposed): {rate(p)}')
+    lines.append(f"    terms: dot FLOPs {p['t_compute_s'] * 1e3:.2f} ms, HBM {p['t_hbm_s'] * 1e3:.2f} ms, ICI "
+                 f"{p['t_ici_s'] * 1e3:.2f} ms of which {p['t_ici_exposed_s'] * 1e3:.2f} ms exposed "
+                 f"({p['executed']:,} instructions executed)")
+    lines.append(f'    range: ceiling (perfect overlap) {rate(e)}; floor (no overlap) {rate(f)}')
+  if cy:
+    lines.append(f"    libtpu's own per-instruction cycles at {cy['clock_hz'] / 1e9:.2f} GHz: {rate(cy)}; leaves out "
+                 f"{cy['missing_executions']:,} executed instructions without a cycle count ("
+                 + ', '.join(f'{op} {n}' for op, n in list(cy['missing_ops'].items())[:5]) + ')')
+  if r.top_ops:
+    lines.append('    largest per-op times (by op_name, layers folded; a collective by its kind and op_name):')
+    lines.extend(f'      {t * 1e3:8.3f} ms  {name}' for name, t in r.top_ops)
   if r.tokens_per_step:
-    lines.append(f"  ESTIMATE (roofline of {r.compute_flops_per_chip / 1e12:.3f} TFLOP, the HBM estimate and ICI, "
-                 f"perfect overlap: optimistic): {times}, {e['tokens_per_s']:,.0f} target tokens/s, MFU est. "
-                 f"{e['mfu'] * 100:.1f}% ({r.model_flops / 1e12:.2f} model TFLOP per step)")
+    lines.append(f"  ceiling (roofline of {r.compute_flops_per_chip / 1e12:.3f} TFLOP, the HBM estimate and ICI over "
+                 f"the bidirectional bandwidth, perfect overlap): {times}, MFU {e['mfu'] * 100:.1f}% "
+                 f'({r.model_flops / 1e12:.2f} model TFLOP per step)')
     if x:
-      lines.append(f"  pessimistic bound: MFU est. {x['mfu'] * 100:.1f}% if every XLA byte were HBM traffic "
+      lines.append(f"  ceiling with XLA's bytes accessed as HBM traffic: MFU {x['mfu'] * 100:.1f}% "
                    f"({x['t_hbm_s'] * 1e3:.2f} ms of HBM -> {x['t_step_s'] * 1e3:.2f} ms, "
                    f"{x['tokens_per_s']:,.0f} tokens/s)")
+    if p:
+      lines.append(f'  calibrated on: {tpu_chips.CALIBRATION}')
   else:
-    lines.append(f'  roofline estimate of the counted work: {times}; no tokens/s or MFU for a decoding loop')
+    lines.append(f'  ceiling of the counted work: {times}; no tokens/s or MFU for a decoding loop')
+  optimal = r.xla_cost_analysis.get('optimal_seconds', 0.0)
+  if optimal > 0:  # whole train steps get negative values: printed only where it can be a time
+    lines.append(f"  libtpu's optimal_seconds: {optimal * 1e3:.2f} ms")
   lines.extend(f'  note: {n}' for n in r.notes)
   return lines
