@@ -305,3 +305,33 @@ def test_state_over_hbm_is_refused_before_compiling(tmp_path):
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert 'does not fit' in proc.stdout and 'GiB per chip' in proc.stdout and 'compiling' not in proc.stdout
   assert '"fits": false' in out.read_text()
+
+
+def test_mesh_candidates_are_compared_by_the_per_op_estimate(monkeypatch):
+  """--meshes: every candidate's train step, fastest per-op first; one that does not fit is never the answer."""
+  assert tpu_compile._mesh_of('data') == dict(data=-1, fsdp=1, tensor=1)  # pylint: disable=protected-access
+  assert tpu_compile._mesh_of('2x4x1') == dict(data=2, fsdp=4, tensor=1)  # pylint: disable=protected-access
+  with pytest.raises(ValueError):
+    tpu_compile._mesh_of('zero')  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    times = {'data': rng.uniform(1, 2), 'fsdp': rng.uniform(1, 2), '1x2x2': rng.uniform(0.5, 2)}
+    fits = {name: bool(rng.integers(2)) for name in times}
+    seen = []
+
+    def fake(config, topology, num_slices, programs, progress, seen=seen, times=times, fits=fits):
+      mesh_of = tpu_compile._mesh_of  # pylint: disable=protected-access
+      name = next(n for n in times if all(config.mesh[k] == v for k, v in mesh_of(n).items()))
+      seen.append(name)
+      r = tpu_report.ProgramReport('train', 'v5e:2x2', 4, 1, dict(config.mesh), 'v5e', 0.0, {'total': 0}, fits[name],
+                                   0.0, 0.0, {}, 1.0, 1, {'mfu': 0.5})
+      r.per_op = {'t_step_s': times[name], 'mfu': 0.1}
+      return [r]
+
+    monkeypatch.setattr(tpu_compile, 'compile_programs', fake)
+    results = tpu_compile.compare_meshes(small_config(), 'v5e:2x2', 1, list(times))
+    assert sorted(seen) == sorted(times)
+    assert [t for t in (r.per_op['t_step_s'] for _, r in results)] == sorted(times.values())
+    lines = tpu_compile.format_mesh_comparison(results)
+    fitting = [n for n in sorted(times, key=times.get) if fits[n]]
+    assert lines[-1] == (f'fastest mesh by the per-op estimate: {fitting[0]}' if fitting else 'no candidate mesh fits')

@@ -222,3 +222,46 @@ def test_async_collective_fusion_is_one_collective_from_its_first_to_its_last_fu
   hbm = tpu_report.hbm_traffic(_ASYNC).bytes / V5E.hbm_bytes_per_s
   assert p.t_per_op_s == pytest.approx(hbm + gather_s)
   assert dict(p.top)['all-gather all-gather'] == pytest.approx(gather_s)
+
+
+_SCAN = '''HloModule jit_step
+
+%fused_computation.3 (param_0.3: f32[8,512,512], param_1.3: f32[512,512], param_2.3: s32[]) -> f32[8,512,512] {
+  %param_0.3 = f32[8,512,512]{2,1,0:T(8,128)} parameter(0)
+  %param_1.3 = f32[512,512]{1,0:T(8,128)} parameter(1)
+  %bitcast.3 = f32[1,512,512]{2,1,0:T(8,128)} bitcast(%param_1.3)
+  %param_2.3 = s32[]{:T(128)S(6)} parameter(2)
+  %constant.3 = s32[]{:T(128)} constant(0)
+  ROOT %dynamic-update-slice.3 = f32[8,512,512]{2,1,0:T(8,128)} dynamic-update-slice(%param_0.3, %bitcast.3, %param_2.3, %constant.3, %constant.3)
+}
+
+%fused_computation.4 (param_0.4: f32[8,512,512], param_1.4: s32[]) -> f32[512,512] {
+  %param_0.4 = f32[8,512,512]{2,1,0:T(8,128)} parameter(0)
+  %param_1.4 = s32[]{:T(128)S(6)} parameter(1)
+  %constant.4 = s32[]{:T(128)} constant(0)
+  %dynamic-slice.4 = f32[1,512,512]{2,1,0:T(8,128)} dynamic-slice(%param_0.4, %param_1.4, %constant.4, %constant.4), dynamic_slice_sizes={1,512,512}
+  %bitcast.5 = f32[512,512]{1,0:T(8,128)} bitcast(%dynamic-slice.4)
+  ROOT %negate.4 = f32[512,512]{1,0:T(8,128)S(1)} negate(%bitcast.5)
+}
+
+ENTRY %main.3 (param.1: f32[8,512,512], param.2: f32[512,512], param.3: s32[]) -> f32[8,512,512] {
+  %param.1 = f32[8,512,512]{2,1,0:T(8,128)} parameter(0)
+  %param.2 = f32[512,512]{1,0:T(8,128)} parameter(1)
+  %param.3 = s32[]{:T(128)S(6)} parameter(2)
+  %fusion.4 = f32[512,512]{1,0:T(8,128)S(1)} fusion(%param.1, %param.3), kind=kLoop, calls=%fused_computation.4
+  ROOT %fusion.3 = f32[8,512,512]{2,1,0:T(8,128)} fusion(%param.1, %param.2, %param.3), kind=kLoop, calls=%fused_computation.3
+}
+'''
+
+
+def test_a_scan_touches_one_layer_of_a_stacked_buffer():
+  """The in-place update of one 1 MiB layer of an 8 MiB stacked buffer reads the 1 MiB update and writes 1 MiB
+  (not 8 + 8 + 1); reading one layer through a dynamic-slice reads 1 MiB (not 8), into VMEM."""
+  h = tpu_report.hbm_traffic(_SCAN)
+  assert h.bytes == 3 * MIB
+  p = tpu_report.per_op_times(_SCAN, V5E, (1,), ('fsdp',))
+  assert p.t_hbm_s == pytest.approx(3 * MIB / V5E.hbm_bytes_per_s)
+  # the same fusions reading their whole operand (an element-wise user, not a dynamic-slice) pay for all of it
+  whole = _SCAN.replace('dynamic-slice(%param_0.4', 'dynamic-slice(%negate.0').replace(
+      '%dynamic-slice.4 =', '%negate.0 = f32[8,512,512]{2,1,0:T(8,128)} negate(%param_0.4)\n  %dynamic-slice.4 =')
+  assert tpu_report.hbm_traffic(whole).bytes == (8 + 2) * MIB

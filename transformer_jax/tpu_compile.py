@@ -328,7 +328,51 @@ def define_flags(flags) -> None:
   flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.', **here)
   flags.DEFINE_string('hlo', None, 'Also write each compiled program\'s HLO text (what the report reads: memory '
                       'spaces, collectives) to HLO.PROGRAM.hlo.gz.', **here)
+  flags.DEFINE_list('meshes', [], 'Also compile the train step on each of these meshes and say which is fastest by '
+                    'the per-op estimate: data (data-parallel: data=-1, fsdp=1), fsdp (data=1, fsdp=-1), or '
+                    'DATAxFSDPxTENSOR (e.g. 2x4x1).', **here)
   flags.mark_flag_as_required('topology')
+
+
+MESH_CANDIDATES = {'data': dict(data=-1, fsdp=1, tensor=1), 'fsdp': dict(data=1, fsdp=-1, tensor=1)}
+
+
+def _mesh_of(name: str) -> dict:
+  if name in MESH_CANDIDATES:
+    return MESH_CANDIDATES[name]
+  m = re.fullmatch(r'(-?\d+)x(-?\d+)x(-?\d+)', name)
+  if not m:
+    raise ValueError(f'unknown mesh {name!r} in --meshes: expected data, fsdp or DATAxFSDPxTENSOR')
+  return dict(zip(('data', 'fsdp', 'tensor'), (int(g) for g in m.groups())))
+
+
+def compare_meshes(config, topology, num_slices: int, names, progress=_print_now) -> list[tuple[str, object]]:
+  """[(mesh name, the train step's ProgramReport or the reason it was not compiled)], fastest per-op first."""
+  results = []
+  for name in names:
+    candidate = copy.deepcopy(config)
+    with candidate.unlocked():
+      candidate.mesh.update(_mesh_of(name))
+    try:
+      results.append((name, compile_programs(candidate, topology, num_slices, ('train',), progress)[0]))
+    except (DoesNotFit, ValueError) as e:
+      results.append((name, str(e)))
+  return sorted(results, key=lambda r: r[1].per_op['t_step_s'] if not isinstance(r[1], str) else float('inf'))
+
+
+def format_mesh_comparison(results) -> list[str]:
+  lines = ['meshes compared (train step, per-op estimate; ceiling in brackets):']
+  for name, r in results:
+    if isinstance(r, str):
+      lines.append(f'  {name}: not compiled: {r}')
+      continue
+    mesh = ' '.join(f'{k}={v}' for k, v in r.mesh.items())
+    lines.append(f"  {name} ({mesh}): {r.per_op['t_step_s'] * 1e3:.2f} ms, MFU {r.per_op['mfu'] * 100:.1f}% "
+                 f"({r.estimate['mfu'] * 100:.1f}%), {r.memory['total'] / tpu_chips.GIB:.2f} GiB per chip"
+                 + ('' if r.fits else ', DOES NOT FIT'))
+  best = next((n for n, r in results if not isinstance(r, str) and r.fits), None)
+  lines.append(f'fastest mesh by the per-op estimate: {best}' if best else 'no candidate mesh fits')
+  return lines
 
 
 def run(FLAGS) -> None:  # pylint: disable=invalid-name
@@ -338,6 +382,8 @@ def run(FLAGS) -> None:  # pylint: disable=invalid-name
   except RuntimeError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
+  for name in FLAGS.meshes:
+    _mesh_of(name)  # refused before minutes of compiling
   unknown = [p for p in FLAGS.programs if p not in PROGRAMS]
   if unknown:
     raise ValueError(f'unknown --programs {unknown}; expected some of {", ".join(PROGRAMS)}')
@@ -352,6 +398,9 @@ def run(FLAGS) -> None:  # pylint: disable=invalid-name
     sys.exit(1)
   for report in reports:
     print('\n'.join(tpu_report.format_report(report)), flush=True)
+  if FLAGS.meshes:
+    print('\n'.join(format_mesh_comparison(compare_meshes(FLAGS.config, FLAGS.topology, FLAGS.num_slices,
+                                                           FLAGS.meshes))), flush=True)
   fits = all(r.fits for r in reports)
   if FLAGS.json:
     _write_json(FLAGS.json, {'topology': FLAGS.topology, 'num_slices': FLAGS.num_slices, 'fits': fits,
