@@ -54,3 +54,15 @@ _LONGEST_FIRST = ('test_train.py', 'test_checkpoint.py', 'test_multiprocess.py',
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests within a file keep their order
+
+
+import pytest  # noqa: E402  pylint: disable=wrong-import-position
+
+import helpers  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def env():
+  """The CLI subprocesses' environment: conftest's (8 CPU devices, the session's JAX compilation cache, so only the
+  first run compiles a program), with this checkout first on the path."""
+  return helpers.cli_env()

@@ -11,8 +11,6 @@ import functools
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +20,7 @@ from flax import linen as nn
 
 from transformer_jax import attention_maps
 from transformer_jax.model import ModelConfig, MultiHeadAttention, Transformer
-import testenv
+import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,9 +145,7 @@ SMALL = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.m
 
 
 def _cli(*args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=testenv.xla_flags(8))
-  return subprocess.run([sys.executable, '-m', 'transformer_jax.cli', *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=REPO, env=env)
+  return helpers.cli(*args, env=helpers.cli_env(8, JAX_PLATFORMS='cpu'), timeout=timeout)
 
 
 @pytest.fixture(scope='module')

@@ -9,15 +9,12 @@ subprocesses share a JAX compilation cache, so only the first compiles the train
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -34,128 +31,23 @@ from transformer_jax import parallel
 from transformer_jax import train as train_lib
 from transformer_jax import workdir as workdir_lib
 from transformer_jax.model import Transformer
+import helpers
+from helpers import (Run, bitwise_equal, committed_steps, error_lines, interrupt, load_state,  # noqa: F401
+                     seed_workdir, snapshot)
 import testenv
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 20
 EVERY = 4
 
-# The small run every test shares (configs/tiny.py with these overrides).
-OVERRIDES = dict(num_layers=1, d_model=32, num_heads=8, d_ff=64, vocab_size=128)
-CONFIG_FILE = f'''
-from configs import tiny
-
-
-def get_config():
-  config = tiny.get_config()
-  config.model.update(**{OVERRIDES!r})
-  config.train_split = 'train[:2000]'
-  config.max_eval_examples = 64
-  config.eval_translate_examples = 0
-  config.batch_size = 8
-  config.num_train_steps = {NUM_STEPS}
-  config.checkpoint_every_steps = {EVERY}
-  config.eval_every_steps = 1000
-  config.log_every_steps = 1000
-  config.keep_checkpoints = 3
-  return config
-'''
+# The small run every test shares (configs/tiny.py with helpers.SMALL_MODEL at 8 heads).
+OVERRIDES = dict(helpers.SMALL_MODEL, num_heads=8)
+CONFIG_FILE = helpers.small_config_file(OVERRIDES, max_eval_examples=64, num_train_steps=NUM_STEPS,
+                                        checkpoint_every_steps=EVERY, eval_every_steps=1000, log_every_steps=1000,
+                                        keep_checkpoints=3)
 
 
 def small_config() -> ml_collections.ConfigDict:
-  namespace: dict = {}
-  sys.path.insert(0, REPO)
-  try:
-    exec(compile(CONFIG_FILE, 'small_config', 'exec'), namespace)  # pylint: disable=exec-used
-  finally:
-    sys.path.remove(REPO)
-  return namespace['get_config']()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Subprocess helpers
-
-
-class Run:
-  """One `transformer-jax train` subprocess with its output in files."""
-
-  def __init__(self, workdir: str, env: dict, *extra: str, command: str = 'train', config: str | None = None,
-               log: str | None = None):
-    self.workdir = workdir
-    log = log or workdir
-    self.out_path, self.err_path = log + '.stdout', log + '.stderr'
-    args = [sys.executable, '-m', 'transformer_jax.cli', command, f'--workdir={workdir}', *extra]
-    if config:
-      args.insert(4, f'--config={config}')
-    with open(self.out_path, 'w') as out, open(self.err_path, 'w') as err:
-      self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err)
-
-  def wait(self, timeout: float = 300) -> int:
-    return self.proc.wait(timeout=timeout)
-
-  @property
-  def stdout(self) -> str:
-    return open(self.out_path).read()
-
-  @property
-  def stderr(self) -> str:
-    return open(self.err_path).read()
-
-  def describe(self) -> str:
-    return f'rc={self.proc.returncode}\nstdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}'
-
-
-def error_lines(run: Run) -> list[str]:
-  """`error: ...` lines (the progress bar on stderr ends its updates with \\r, not \\n)."""
-  return [line[line.index('error:'):] for line in re.split(r'[\r\n]', run.stdout + run.stderr) if 'error:' in line]
-
-
-def committed_steps(workdir: str) -> list[int]:
-  path = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
-
-
-def seed_workdir(source: str, target: str) -> None:
-  """The tokenizer and generated-data caches of `source` (so runs skip tokenizer training); no checkpoints."""
-  os.makedirs(target, exist_ok=True)
-  for path in [os.path.join(source, 'spm.model')] + glob.glob(os.path.join(source, '*.tsv')):
-    shutil.copy2(path, target)
-
-
-def snapshot(directory: str) -> dict[str, tuple[int, int, str]]:
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
-                                                 hashlib.sha256(f.read()).hexdigest())
-  return out
-
-
-def load_state(workdir: str, step: int | None = None):
-  """(state as numpy, data item, step) of a workdir checkpoint, restored onto this process's 8-device mesh."""
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-  abstract, mesh = workdir_lib.trainer_abstract_state(config)
-  with jax.set_mesh(mesh):
-    state, data_state, restored = checkpointer.restore(abstract, step=step)
-  checkpointer.close()
-  return jax.device_get(state), data_state, restored
-
-
-def bitwise_equal(a, b) -> bool:
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return (jax.tree.structure(a) == jax.tree.structure(b) and len(la) == len(lb)
-          and all(np.asarray(x).dtype == np.asarray(y).dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-                  for x, y in zip(la, lb)))
-
-
-@pytest.fixture(scope='module')
-def env():
-  """The subprocesses' environment: conftest's (8 CPU devices, the session's JAX compilation cache, so only the first
-  run compiles the train step), with this checkout first on the path."""
-  return dict(os.environ, PYTHONPATH=REPO)
+  return helpers.load_config_file(CONFIG_FILE)
 
 
 @pytest.fixture(scope='module')
@@ -176,24 +68,6 @@ def straight(tmp_path_factory, env, config_path):
   return workdir
 
 
-def _interrupt(workdir: str, env: dict, config_path: str, sig: int, delay: float, log: str) -> tuple[Run, int, list]:
-  """Starts a run in workdir and sends `sig` `delay` seconds after it commits its first new checkpoint."""
-  start = max(committed_steps(workdir), default=0)
-  run = Run(workdir, env, config=config_path, log=log)
-  deadline = time.time() + 300
-  while max(committed_steps(workdir), default=0) <= start:
-    if run.proc.poll() is not None:
-      pytest.fail(f'{log} ended before its signal:\n{run.describe()}')
-    if time.time() > deadline:
-      run.proc.kill()
-      pytest.fail(f'{log}: no new checkpoint in time')
-    time.sleep(0.02)
-  time.sleep(delay)
-  run.proc.send_signal(sig)
-  rc = run.wait()
-  return run, rc, committed_steps(workdir)
-
-
 @pytest.fixture(scope='module')
 def chain(tmp_path_factory, env, config_path, straight):
   """One workdir interrupted three times, then finished: SIGTERM after its first checkpoint; SIGKILL right after the
@@ -205,7 +79,7 @@ def chain(tmp_path_factory, env, config_path, straight):
   out = {}
   for name, sig, delay in (('sigterm', signal.SIGTERM, 0.0), ('kill_1', signal.SIGKILL, 0.0),
                            ('kill_2', signal.SIGKILL, rng.uniform(0.0, 0.3))):
-    out[name] = _interrupt(workdir, env, config_path, sig, delay, str(root / name))
+    out[name] = interrupt(workdir, env, config_path, sig, delay, str(root / name))
   final = Run(workdir, env, config=config_path, log=str(root / 'final'))
   assert final.wait() == 0, final.describe()
   out['final'] = (final, 0, committed_steps(workdir))

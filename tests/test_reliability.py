@@ -17,35 +17,19 @@ import signal
 import subprocess
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 
-from test_checkpoint import (Run, committed_steps, env, error_lines, load_state,  # pylint: disable=unused-import
-                             seed_workdir)
+import helpers
+from helpers import Run, committed_steps, error_lines, load_state, seed_workdir
 from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import config_checks
 from transformer_jax import workdir_lock
 
 NUM_STEPS = 8
 EVERY = 4
-CONFIG_FILE = f'''
-from configs import tiny
-
-
-def get_config():
-  config = tiny.get_config()
-  config.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=128)
-  config.train_split = 'train[:2000]'
-  config.max_eval_examples = 16
-  config.eval_translate_examples = 16
-  config.batch_size = 8
-  config.num_train_steps = {NUM_STEPS}
-  config.checkpoint_every_steps = {EVERY}
-  config.eval_every_steps = 1000
-  config.log_every_steps = 1000
-  return config
-'''
+CONFIG_FILE = helpers.small_config_file(eval_translate_examples=16, num_train_steps=NUM_STEPS,
+                                        checkpoint_every_steps=EVERY, eval_every_steps=1000, log_every_steps=1000)
 
 
 def tree_hash(directory: str) -> dict[str, str]:
