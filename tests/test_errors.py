@@ -93,6 +93,15 @@ def test_a_bad_flag_is_refused_before_jax_and_nothing_is_written(tmp_path, args,
   assert sorted(os.listdir(tmp_path)) == ['workdir'] and os.listdir(workdir) == ['keep.txt']
 
 
+@pytest.mark.parametrize('command', ['evaluate', 'translate', 'generate', 'export'])
+def test_a_workdir_without_checkpoints_is_refused_before_jax(tmp_path, command):
+  extra = ['--format=msgpack', f'--out={tmp_path / "out.msgpack"}'] if command == 'export' else []
+  result = run_cli(command, f'--workdir={tmp_path / "missing"}', *extra, stdin='x\n')
+  assert result.returncode == 2
+  assert one_error_line(result) == f'error: no checkpoint in {tmp_path / "missing" / "checkpoints"}: train first'
+  assert 'jax imported: False' in result.stdout and os.listdir(tmp_path) == []
+
+
 def _define(command: str) -> tuple[flags.FlagValues, list[str]]:
   fv = flags.FlagValues()
   names = commands.define_flags(command, fv, argv=['transformer-jax', command])

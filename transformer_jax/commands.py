@@ -298,6 +298,10 @@ def _writer_lock(command: str):
   return workdir_lock.lock_workdir(path, 'transformer-jax ' + ' '.join(sys.argv[1:]), process_index=jax.process_index())
 
 
+# The commands that read a trained workdir's checkpoints.
+READERS = ('evaluate', 'translate', 'generate', 'export', 'average', 'attention')
+
+
 def _check_inputs(command: str) -> None:
   """One `error:` line per bad config value or path, exit 2 (config_checks.py)."""
   from transformer_jax import config_checks  # pylint: disable=g-import-not-at-top
@@ -310,6 +314,10 @@ def _check_inputs(command: str) -> None:
   if command != 'info':
     errors.append(config_checks.directory_error(_workdir() if command in ('train', 'prepare') else FLAGS.workdir,
                                                 '--workdir'))
+  if command in READERS and FLAGS.workdir and '://' not in FLAGS.workdir and not any(errors):
+    checkpoints = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints')
+    if not os.path.isdir(checkpoints):  # the message Workdir gives, before jax is imported to get there
+      errors.append(f'no checkpoint in {checkpoints}: train first')
   if command == 'average':
     errors.append(config_checks.directory_error(FLAGS.out, '--out'))
   if command in ('translate', 'attention'):
