@@ -1,12 +1,10 @@
 """The CLI end to end: `train` on a few steps in a temp workdir, and bad input answered in one line, nothing lost."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import cli
 
 # A model and data small enough for a few seconds of training on 2 CPU cores (8 simulated devices, data-parallel).
 SMALL = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.model.num_heads=4',
@@ -14,11 +12,6 @@ SMALL = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.m
          '--config.max_eval_examples=64', '--config.eval_translate_examples=32', '--config.batch_size=8',
          '--config.num_train_steps=12', '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6',
          '--config.log_every_steps=3', '--config.tokenizer_train_sentences=3000']
-
-
-def cli(*args, stdin=None, timeout=300, cwd=REPO):
-  return subprocess.run([sys.executable, '-m', 'transformer_jax.cli', *args], capture_output=True, text=True,
-                        input=stdin, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope='module')

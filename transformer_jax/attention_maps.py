@@ -211,22 +211,6 @@ def draw(all_maps: list[SentenceMaps], path: str, *, layers: list[int], heads: l
 # The command
 
 
-def define_flags(flags) -> None:
-  # Listed by `transformer-jax attention --help`, which prints the flags of transformer_jax.commands.
-  owner = dict(module_name='transformer_jax.commands')
-  flags.DEFINE_string('text', None, 'Sentence to translate and show (or --input).', **owner)
-  flags.DEFINE_string('input', None, f'File with a few sentences, one per line (the first {MAX_SENTENCES} '
-                      'non-empty ones are drawn, all go into --json).', **owner)
-  flags.DEFINE_string('out', 'attention.png', 'PNG to write.', **owner)
-  flags.DEFINE_string('json', None, 'Also write the raw weights (every selected layer and head, uncut) here.', **owner)
-  flags.DEFINE_integer('beam_size', 1, 'Beam width for the translation; 1 = greedy decoding.', **owner)
-  flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search.', **owner)
-  flags.DEFINE_list('layers', None, 'Layers to show, 1-based (default: all).', **owner)
-  flags.DEFINE_list('heads', None, 'Heads to show, 1-based (default: all).', **owner)
-  flags.DEFINE_integer('max_tokens', 40, 'Longer sentences are cut to their first N tokens in the picture '
-                       '(with a note; --json keeps all).', **owner)
-
-
 def _select(values, count: int, name: str) -> list[int]:
   if not values:
     return list(range(count))
