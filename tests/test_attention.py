@@ -71,14 +71,79 @@ def assert_same(a, b, atol=1e-5):
     np.testing.assert_allclose(x, y, atol=atol, err_msg=f'd{name}')
 
 
-@pytest.mark.parametrize('seed', [0, 1])
-@pytest.mark.parametrize('name', ['causal', 'causal_window', 'window', 'cross'])
-def test_blockwise_equals_dense(name, seed):
-  # 48 and 40 are not multiples of the block of 16 in every case: the padding path is exercised too.
-  q, k, v, spec = make_case(name, seed, t=48 if seed else 64, s=40)
-  dense = loss_and_grads('dense', q, k, v, spec)
-  assert_same(dense, loss_and_grads('blockwise', q, k, v, spec, block_size=16))
-  assert_same(dense, loss_and_grads('blockwise', q, k, v, spec, block_size=512))  # one block
+def reference_mask(q_seg: np.ndarray, kv_seg: np.ndarray, causal: bool, window: int) -> np.ndarray:
+  """[B, T, S] boolean from the definition (attention.py's docstring), written without attention.py: a query sees a
+  key of its own segment (not padding); causal: no later key; window W: causal i - W < j <= i, else |i - j| < W."""
+  i = np.arange(q_seg.shape[1])[:, None]
+  j = np.arange(kv_seg.shape[1])[None, :]
+  visible = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+  if causal:
+    visible &= j <= i
+  if window:
+    visible &= (i - j < window) if causal else (np.abs(i - j) < window)
+  return visible
+
+
+def random_case(seed: int, block: int, kind: str | None = None, window: int | None = None, max_blocks: int = 3):
+  """A random attention problem: lengths that are not multiples of `block`, packed segments with padding at the end
+  and in holes, causal or not, a window from 1 to several blocks or none, self- or cross-attention (cross: never
+  windowed, never causal, as in the model). `kind` and `window` fix those draws. Returns (q, k, v, MaskSpec,
+  reference [B, 1, T, S])."""
+  rng = np.random.default_rng(seed)
+  kind = kind or ('causal', 'bidirectional', 'cross')[seed % 3]
+  length = lambda: int(rng.integers(1, max_blocks + 1)) * block + int(rng.integers(1, block))  # not a multiple
+  t = length()
+  q_seg = random_segments(rng, t)
+  q_seg[rng.random(q_seg.shape) < 0.1] = 0  # holes: padding between real tokens
+  if kind == 'cross':
+    s = length()
+    kv_seg = np.zeros((B, s), np.int32)
+    for row, n in zip(kv_seg, q_seg.max(axis=1)):
+      used = int(rng.integers(n, s + 1))
+      row[:used] = np.sort(np.r_[np.arange(1, n + 1), rng.integers(1, n + 1, size=used - n)])
+    kv_seg[rng.random(kv_seg.shape) < 0.1] = 0
+    causal, window = False, 0
+  else:
+    s, kv_seg = t, q_seg
+    causal = kind == 'causal'
+    if window is None:  # none, 1 (itself only), or up to three blocks (a band over several key blocks)
+      window = int(rng.choice([0, 1, int(rng.integers(2, 3 * block + 1))]))
+  spec = attention.MaskSpec(jnp.asarray(q_seg), jnp.asarray(kv_seg), causal=causal, window=window)
+  normal = lambda n: jnp.asarray(rng.normal(size=(B, n, H, K)), jnp.float32)
+  return normal(t), normal(s), normal(s), spec, reference_mask(q_seg, kv_seg, causal, window)[:, None]
+
+
+def reference_loss_and_grads(q, k, v, mask):
+  """loss_and_grads of jax.nn.dot_product_attention under an explicit mask (no attention.py)."""
+  real = jnp.asarray(mask.any(-1)[:, 0][:, :, None, None])
+  weights = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
+
+  def loss(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask))
+    return jnp.sum(jnp.where(real, out * weights, 0.0)), jnp.where(real, out, 0.0)
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+def test_reference_mask_is_the_documented_band():
+  seg = np.array([[1, 1, 1, 1, 1, 0]])
+  assert reference_mask(seg, seg, causal=True, window=2)[0, 3].tolist() == [False, False, True, True, False, False]
+  assert reference_mask(seg, seg, causal=False, window=2)[0, 3].tolist() == [False, False, True, True, True, False]
+  assert reference_mask(seg, seg, causal=False, window=0)[0, 5].tolist() == [False] * 6  # padding sees nothing
+  two = np.array([[1, 1, 2, 2]])
+  assert reference_mask(two, two, causal=True, window=0)[0, 3].tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_blockwise_and_dense_equal_the_reference_on_random_cases(seed):
+  block = (8, 16)[seed % 2]
+  q, k, v, spec, mask = random_case(seed, block)
+  assert spec.dense().shape == mask.shape and (np.asarray(spec.dense()) == mask).all()  # the dense path's mask
+  reference = reference_loss_and_grads(q, k, v, mask)
+  assert_same(reference, loss_and_grads('blockwise', q, k, v, spec, block_size=block))
+  if seed < 4:
+    assert_same(reference, loss_and_grads('blockwise', q, k, v, spec, block_size=512))  # one block
 
 
 def test_blockwise_skips_key_blocks_outside_the_band():
@@ -90,13 +155,11 @@ def test_blockwise_skips_key_blocks_outside_the_band():
   assert visited(0, False, 0) == (0, 8)
 
 
-@pytest.mark.parametrize('name', ['causal_window', 'cross'])
-def test_splash_interpret_equals_dense(name):
-  # The kernel's smallest blocks are 128 (its lane width): 256 queries are two blocks, so blocks get skipped.
-  q, k, v, spec = make_case(name, 3, t=256, s=128)
-  if name == 'causal_window':
-    spec = spec.replace(window=100)
-  assert_same(loss_and_grads('dense', q, k, v, spec),
+@pytest.mark.parametrize('kind, window', [('causal', 0), ('bidirectional', 200), ('cross', 0)])
+def test_splash_interpret_equals_the_reference_on_random_cases(kind, window):
+  # The kernel's smallest blocks are 128 (its lane width): 2-3 blocks a side, padded, so blocks get skipped.
+  q, k, v, spec, mask = random_case(5, 128, kind, window, max_blocks=2)
+  assert_same(reference_loss_and_grads(q, k, v, mask),
               loss_and_grads('splash', q, k, v, spec, block_size=128, interpret=True))
 
 

@@ -14,6 +14,7 @@ from transformer_jax.data import pipeline
 from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tok_lib
 from transformer_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+import helpers
 
 # Packed lengths reported for the default task (see test_packing_efficiency_default_task).
 DEFAULT_INPUTS_LENGTH = 160
@@ -275,13 +276,21 @@ def test_text_source_reads_what_tf_data_reads(tmp_path, process_count, max_examp
                                    process_count=process_count, max_examples=max_examples) == expected
 
 
-def test_tfds_source_offline_mock():
-  import tensorflow_datasets as tfds
-  with tfds.testing.mock_data(num_examples=5):
-    pairs = sources.load_text_pairs("tfds:wmt14_translate/de-en", "train", source_lang="en",
-                                    target_lang="de")
-  assert len(pairs) == 5
-  assert all(isinstance(s, str) and isinstance(t, str) for s, t in pairs)
+@pytest.mark.parametrize("max_examples", [None, 0, 5, 20])
+@pytest.mark.parametrize("process_count", [1, 3])
+@pytest.mark.parametrize("source, target", [("en", "de"), ("de", "en")])
+def test_tfds_source_gives_the_pairs_in_order_capped_then_sharded(source, target, process_count, max_examples):
+  with helpers.mock_tfds_pairs(10):
+    for index in range(process_count):
+      pairs = sources.load_text_pairs("tfds:wmt14_translate/de-en", "train", source_lang=source, target_lang=target,
+                                      process_index=index, process_count=process_count, max_examples=max_examples)
+      kept = range(10 if max_examples is None else min(max_examples, 10))
+      assert pairs == [(f"{source} {i}", f"{target} {i}") for i in kept if i % process_count == index]
+
+
+def test_tfds_source_names_a_missing_language():
+  with helpers.mock_tfds_pairs(3), pytest.raises(ValueError, match="no language 'fr'"):
+    sources.load_text_pairs("tfds:wmt14_translate/de-en", "train", source_lang="en", target_lang="fr")
 
 
 # ---------------------------------------------------------------------------------------------

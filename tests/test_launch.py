@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -143,30 +144,56 @@ def test_local_multiprocess_dry_run():
   assert out.splitlines()[-1] == 'wait'
 
 
-def test_local_multiprocess_propagates_a_failure():
-  """A failing process makes the script fail (with its status) and stops the others."""
-  result = _run(['launch/local_multiprocess.sh', '--num_processes=2', 'info', '--bogus_flag'],
-                env={'TRANSFORMER_JAX': 'false'}, check=False)
-  assert result.returncode != 0
+FAKE_CLI = """#!/usr/bin/env bash
+# Stands in for transformer-jax: process FAIL exits with status 3 once every process has started; the others would
+# run for a minute.
+for arg in "$@"; do case "$arg" in --process_id=*) id="${arg#*=}" ;; --num_processes=*) n="${arg#*=}" ;; esac; done
+echo "$$" > "$PIDS/$id"
+if [[ "$id" == "$FAIL" ]]; then
+  while (( $(ls "$PIDS" | wc -l) < n )); do sleep 0.05; done
+  exit 3
+fi
+exec sleep 60
+"""
 
 
-@pytest.mark.skipif(os.environ.get('TRANSFORMER_JAX_SLOW_TESTS') != '1',
-                    reason='~45 s on 2 cores (test_multiprocess trains two processes already); '
-                    'set TRANSFORMER_JAX_SLOW_TESTS=1')
+@pytest.mark.parametrize('failing', [0, 2])
+def test_local_multiprocess_stops_the_others_when_one_process_fails(tmp_path, failing):
+  """One process fails: the script stops the others at once (not after their minute) and exits with its status."""
+  cli = tmp_path / 'fake_cli'
+  cli.write_text(FAKE_CLI)
+  cli.chmod(0o755)
+  pids = tmp_path / 'pids'
+  pids.mkdir()
+  start = time.monotonic()
+  result = _run(['launch/local_multiprocess.sh', '--num_processes=3', f'--logdir={tmp_path}/logs', 'train'],
+                env={'TRANSFORMER_JAX': str(cli), 'PIDS': str(pids), 'FAIL': str(failing)}, check=False)
+  elapsed = time.monotonic() - start
+  assert result.returncode == 3, result.stderr
+  assert 'a process exited with status 3: stopping the others' in result.stderr
+  assert elapsed < 30, elapsed  # the survivors sleep 60 s: they were stopped, not waited for
+  survivors = [int((pids / str(i)).read_text()) for i in range(3) if i != failing]
+  assert len(survivors) == 2
+  for pid in survivors:
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)  # gone (and reaped: the script waited for it)
+
+
 def test_local_multiprocess_trains_end_to_end(tmp_path):
   """`transformer-jax train` as 2 processes x 4 CPU devices: one final line (process 0), held-out BLEU over the
   whole (gathered) eval set."""
-  import sys  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'w'
   result = subprocess.run(
       ['bash', 'launch/local_multiprocess.sh', '--num_processes=2', '--devices_per_process=4',
-       f'--logdir={tmp_path}/logs', 'train', f'--workdir={workdir}', '--config.num_train_steps=6',
-       '--config.eval_every_steps=3', '--config.checkpoint_every_steps=3', '--config.max_eval_examples=50',
-       '--config.eval_translate_examples=50', '--config.model.num_layers=1'],
+       f'--logdir={tmp_path}/logs', 'train', f'--workdir={workdir}', '--config.num_train_steps=2',
+       '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2', '--config.max_eval_examples=16',
+       '--config.eval_translate_examples=16', '--config.model.num_layers=1', '--config.model.d_model=32',
+       '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.model.vocab_size=128',
+       '--config.max_train_examples=1000', '--config.tokenizer_train_sentences=1000', '--config.batch_size=8'],
       cwd=ROOT, env={**os.environ, 'TRANSFORMER_JAX': f'{sys.executable} -m transformer_jax.cli'},
       capture_output=True, text=True, timeout=900, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   finals = [l for l in result.stdout.splitlines() if l.startswith('final: ')]
-  assert len(finals) == 1 and 'step=6' in finals[0] and 'bleu=' in finals[0], result.stdout[-2000:]
+  assert len(finals) == 1 and 'step=2' in finals[0] and 'bleu=' in finals[0], result.stdout[-2000:]
   assert 'final:' not in open(tmp_path / 'logs' / 'process_1.log').read()
-  assert len(open(workdir / 'eval_hypotheses_6.txt').read().splitlines()) == 50
+  assert len(open(workdir / 'eval_hypotheses_2.txt').read().splitlines()) == 16

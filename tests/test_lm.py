@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import test_parallel
+from flax import linen as nn
+
+import helpers
 
 from transformer_jax import parallel
-from transformer_jax import train as train_lib
 from transformer_jax.model import LanguageModel, ModelConfig
 
 VOCAB = 64
@@ -89,13 +90,23 @@ def test_packed_rows_score_each_document_as_if_it_were_alone(model_and_params):
     np.testing.assert_allclose(packed[seg == s], want, rtol=1e-5, atol=1e-5)
 
 
-def test_scan_layers_gives_the_same_logits_shapes_and_param_count():
-  for scan in (False, True):
-    model = LanguageModel(lm_cfg(scan_layers=scan))
-    params = model.init(jax.random.key(0), jnp.ones((2, LENGTH), jnp.int32))['params']
-    assert model.apply({'params': params}, jnp.ones((2, LENGTH), jnp.int32)).shape == (2, LENGTH, VOCAB)
-    assert train_lib.count_params(params) == train_lib.count_params(
-        LanguageModel(lm_cfg()).init(jax.random.key(0), jnp.ones((1, LENGTH), jnp.int32))['params'])
+def test_scan_layers_gives_the_same_logits_as_unrolled_layers(model_and_params):
+  """The scanned model run on the unrolled model's parameters, stacked layer by layer: the same function."""
+  model, _, params = model_and_params
+  params = nn.meta.unbox(params)
+  scanned = LanguageModel(ModelConfig(**{**model.cfg.__dict__, 'scan_layers': True}))
+  stacked = helpers.to_scan_layout(params, model.cfg.num_layers)
+  init = lambda: nn.meta.unbox(scanned.init(jax.random.key(0), jnp.ones((1, LENGTH), jnp.int32))['params'])
+  own = jax.eval_shape(init)
+  assert jax.tree.map(lambda x: x.shape, own) == jax.tree.map(lambda x: x.shape, stacked)  # its own layout
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, VOCAB, size=(2, LENGTH)), jnp.int32)
+  want = jax.jit(model.apply)({'params': params}, tokens)
+  got = jax.jit(scanned.apply)({'params': stacked}, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # the layers differ: the layers in the other order compute something else, so the comparison can tell
+  reversed_layers = {**stacked, 'decoder': {**stacked['decoder'],
+                                            'layers': jax.tree.map(lambda x: x[::-1], stacked['decoder']['layers'])}}
+  assert np.abs(jax.jit(scanned.apply)({'params': reversed_layers}, tokens) - want).max() > 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------------

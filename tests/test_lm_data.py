@@ -115,21 +115,20 @@ def get_config():
 
 def test_lm_kill_9_and_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
-  import test_checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  import helpers as ckpt  # pylint: disable=g-import-not-at-top
   text = tmp_path / 'text'
   text.mkdir()
   for rel, path in lm.stdlib_files()[:30]:
     (text / rel.replace(os.sep, '_')).write_text(open(path, encoding='utf-8').read())
   config_path = tmp_path / 'lm_small.py'
   config_path.write_text(LM_CONFIG_FILE.format(text=text))
-  env = dict(os.environ, PYTHONPATH=ckpt.REPO)  # conftest's, with the session's compilation cache
+  env = ckpt.cli_env()  # conftest's, with the session's compilation cache
   straight = str(tmp_path / 'straight')
   run = ckpt.Run(straight, env, config=str(config_path))
   assert run.wait() == 0, run.describe()
   workdir = str(tmp_path / 'killed')
   ckpt.seed_workdir(straight, workdir)
-  killed, rc, steps = ckpt._interrupt(workdir, env, str(config_path), signal.SIGKILL, 0.0,  # pylint: disable=protected-access
-                                      str(tmp_path / 'kill'))
+  killed, rc, steps = ckpt.interrupt(workdir, env, str(config_path), signal.SIGKILL, 0.0, str(tmp_path / 'kill'))
   assert rc == -signal.SIGKILL and max(steps) < 12, killed.describe()
   final = ckpt.Run(workdir, env, config=str(config_path), log=str(tmp_path / 'final'))
   assert final.wait() == 0, final.describe()

@@ -4,7 +4,9 @@ formula of benchmarks/train_throughput.py against XLA's own count; profiling wri
 import functools
 import glob
 import os
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from configs import tiny  # noqa: E402
 from transformer_jax import parallel  # noqa: E402
 from transformer_jax import train as train_lib  # noqa: E402
 from transformer_jax.model import LanguageModel, ModelConfig, Transformer  # noqa: E402
+import helpers  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0, max_len=32)
 BF16_LOSS_RTOL = 5e-3  # bfloat16 compute (float32 parameters, float32 logits/loss): loss within 0.5% of float32
@@ -58,14 +61,7 @@ def _loss_and_grads(cfg, params, batch):
   return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
-def _to_scan_layout(tree, num_layers):
-  """Unrolled parameters (layers_0..layers_{N-1}) -> the scan layout (one 'layers' entry, stacked on axis 0)."""
-  if not isinstance(tree, dict):
-    return tree
-  out = {k: _to_scan_layout(v, num_layers) for k, v in tree.items() if not k.startswith('layers_')}
-  if 'layers_0' in tree:
-    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f'layers_{i}'] for i in range(num_layers)])
-  return out
+_to_scan_layout = helpers.to_scan_layout
 
 
 def _assert_trees_close(a, b, rtol, atol):
@@ -174,6 +170,20 @@ def test_grad_accumulation_equals_one_batch_k_times_larger(plain_step, mesh, acc
   _assert_trees_close(new_params_k, new_params, rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_acts_in_the_train_step_only(plain_step, mesh):
+  """With dropout, the train step's loss is not the deterministic loss (and depends on the step's key); evaluation
+  and the deterministic forward pass are the dropout-free model's."""
+  config, params, batch, (_, metrics) = plain_step
+  dropped = _train_config(**{'model.dropout_rate': 0.3})
+  _, metrics_d = _one_step(dropped, params, batch, mesh, optax.sgd(1.0))
+  assert abs(metrics_d['loss'] - metrics['loss']) > 1e-3 * metrics['loss'], (metrics_d['loss'], metrics['loss'])
+  assert metrics_d['tokens'] == metrics['tokens']
+  model = Transformer(train_lib.model_config(dropped))
+  eval_step = jax.jit(train_lib.make_eval_step(model, dropped))
+  sums = eval_step(params, {k: jnp.asarray(v) for k, v in batch.items()})
+  assert float(sums['loss_sum'] / sums['weight_sum']) == pytest.approx(metrics['loss'], rel=1e-5)
+
+
 def test_scanned_rematted_train_step_on_a_mesh_matches_plain(plain_step, mesh):
   """Scanned layers (params stacked on the 'layers' logical axis) shard on a data x fsdp x tensor mesh, and the
   sharded, rematted, accumulated step computes what the plain one does."""
@@ -222,6 +232,16 @@ def test_lm_flops_formula_matches_xla_count():
   assert 0.95 <= train_throughput.xla_flops(backward) / (3 * ours) <= 1.06
 
 
+def assert_mfu_is_flops_over_time_over_peak(result):
+  """MFU = model FLOPs / median step time / peak (the harmonic mean of the measured matmul rates), and a CPU
+  cannot run a model step faster than its own best matmul."""
+  assert result.step_s == statistics.median(result.step_times)
+  peak = len(result.peak_samples) / sum(1 / r for r in result.peak_samples)
+  assert result.peak == pytest.approx(peak)
+  assert result.mfu == pytest.approx(result.model_flops / result.step_s / peak)
+  assert 0 < result.mfu < 1, result.mfu
+
+
 def test_throughput_benchmark_runs_for_the_language_model():
   config = lm_tiny.get_config()
   config.model.update(vocab_size=64, num_layers=1, d_model=32, num_heads=4, d_ff=64)
@@ -230,10 +250,14 @@ def test_throughput_benchmark_runs_for_the_language_model():
   assert sorted(batch) == ['targets', 'targets_position', 'targets_segmentation']
   result = train_throughput.run_variant('lm', config, batch, steps=1, warmup=0, peak_size=128, peak_reps=1,
                                         mesh=parallel.make_mesh(config.mesh), pause=0.0)
-  assert result.tokens == float((batch['targets'] != 0).sum()) and result.mfu > 0
+  assert result.tokens == float((batch['targets'] != 0).sum())
   assert result.model_flops == 3 * 8 * train_throughput.lm_forward_flops_per_row(32, 64, 1, 64, 16)
-  _, _, compiled = train_throughput.compile_time(config, parallel.make_mesh(config.mesh))
-  assert compiled is not None
+  assert_mfu_is_flops_over_time_over_peak(result)
+  # compile_time compiles the same train step from abstract shapes (nothing allocated): the same program, so XLA
+  # counts the same FLOPs per device as in the step that ran, at least its 1/8 share of the model's
+  lower_s, compile_s, compiled = train_throughput.compile_time(config, parallel.make_mesh(config.mesh))
+  assert lower_s > 0 and compile_s > 0
+  assert train_throughput.xla_flops(compiled) == result.xla_flops >= result.model_flops / 8
 
 
 def test_generation_benchmark_runs_and_both_sides_agree():
@@ -285,12 +309,19 @@ def test_throughput_benchmark_runs_and_reports_mfu():
                                           peak_size=128, peak_reps=1, mesh=mesh, pause=0.0)
   for result in results:
     assert result.tokens == float((batch['targets'] != 0).sum())
-    assert len(result.step_times) == 2 and result.step_s > 0 and result.mfu > 0 and result.mfu_cpu_time > 0
+    assert len(result.step_times) == 2 and 0 < result.mfu_cpu_time < 1
     assert result.model_flops == train_throughput.train_flops_per_step(config)
+    assert_mfu_is_flops_over_time_over_peak(result)
   # the what-if loss trains the same: same loss after the same steps
   assert results[1].loss == pytest.approx(results[0].loss, rel=1e-5)
-  assert results[1].paired_speedup > 0 and train_lib.cross_entropy_sums is not \
-      train_throughput.closed_form_cross_entropy_sums
+  # the speedup pairs the steps of one round: base step i / what-if step i, median over the rounds
+  base, what_if = results[0].step_times, results[1].step_times
+  assert results[0].paired_speedup == 1.0
+  assert results[1].paired_speedup == pytest.approx(statistics.median(b / t for b, t in zip(base, what_if)))
+  # and the what-if is another program, not the train loss under a second name
+  args = (jnp.zeros((2, 3, 8)), jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3)), 0.1)
+  assert str(jax.make_jaxpr(train_lib.cross_entropy_sums, static_argnums=3)(*args)) != str(
+      jax.make_jaxpr(train_throughput.closed_form_cross_entropy_sums, static_argnums=3)(*args))
   table = train_throughput.results_table(results)
   assert '| base |' in table and '| closed form |' in table
   assert train_throughput.parse_overrides('model.dtype=bfloat16, grad_accum_steps=2') == [
@@ -305,8 +336,12 @@ def test_pipeline_benchmark_measures_an_iterator():
                + [1]) for _ in range(600)]
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   it = pipeline.TrainIterator(examples, batch_size=4, inputs_length=32, targets_length=12, seed=0)
+  start = time.perf_counter()
   stats = pipeline_throughput.iterate(it, num_batches=3 * it.batches_per_epoch)
-  assert stats['batches'] == 3 * it.batches_per_epoch and stats['batches_per_s'] > 0 and stats['epochs'] >= 3
+  elapsed = time.perf_counter() - start
+  assert stats['batches'] == 3 * it.batches_per_epoch and stats['epochs'] >= 3
+  assert 0 < stats['seconds'] <= elapsed
+  assert stats['batches_per_s'] == pytest.approx(stats['batches'] / stats['seconds'])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

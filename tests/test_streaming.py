@@ -18,6 +18,7 @@ from transformer_jax.data import packing
 from transformer_jax.data import prepare
 from transformer_jax.data import stream as stream_lib
 from transformer_jax.data.tokenizer import EOS_ID
+import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PAIRS = 3000
@@ -341,11 +342,16 @@ def test_default_task_through_the_stream_keeps_its_packing(tmp_path):
   assert real / slots >= 0.95
 
 
-def test_tfds_is_read_in_batches(tmp_path):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  config = make_config("", dataset="tfds:wmt14_translate/de-en")
-  with tfds.testing.mock_data(num_examples=7):
-    reader = prepare.PairReader(config, "train", str(tmp_path))
-    chunks = list(reader.chunks(3))
-  assert [len(s) for s, _ in chunks] == [3, 3, 1] and all(len(s) == len(t) for s, t in chunks)
-  assert all(isinstance(x, bytes) for s, t in chunks for x in s + t)
+@pytest.mark.parametrize("source, target, max_examples, sizes", [("en", "de", None, [3, 3, 1]),
+                                                                  ("de", "en", 5, [3, 2]), ("en", "de", 3, [3])])
+def test_tfds_is_read_in_batches(tmp_path, source, target, max_examples, sizes):
+  config = make_config("", dataset="tfds:wmt14_translate/de-en", source_lang=source, target_lang=target,
+                       max_train_examples=max_examples)
+  with helpers.mock_tfds_pairs(7):
+    chunks = list(prepare.PairReader(config, "train", str(tmp_path)).chunks(3))
+    # the cap is on the training split only
+    evaluation = list(prepare.PairReader(config, "validation", str(tmp_path)).chunks(3))
+  assert [len(s) for s, _ in chunks] == sizes and all(len(s) == len(t) for s, t in chunks)
+  assert [x for s, _ in chunks for x in s] == [f"{source} {i}".encode() for i in range(sum(sizes))]
+  assert [x for _, t in chunks for x in t] == [f"{target} {i}".encode() for i in range(sum(sizes))]
+  assert sum(len(s) for s, _ in evaluation) == 7
