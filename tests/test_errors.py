@@ -15,10 +15,10 @@ import ml_collections
 import pytest
 from absl import flags
 
-from transformer_jax import cli
 from transformer_jax import commands
 from transformer_jax import config_checks
 from transformer_jax import faults
+from transformer_jax import host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, 'tests', 'data')
@@ -260,35 +260,38 @@ def test_library_warnings_are_quiet_unless_verbose():
 
 
 def test_the_platform_is_chosen_before_jax_only_where_there_is_no_tpu(monkeypatch):
-  for name in ('JAX_PLATFORMS', *cli._TPU_ENV):  # pylint: disable=protected-access
+  for name in ('JAX_PLATFORMS', *host._TPU_ENV):  # pylint: disable=protected-access
     monkeypatch.delenv(name, raising=False)
-  monkeypatch.setattr(cli.importlib.util, 'find_spec', lambda name: object() if name == 'libtpu' else None)
-  monkeypatch.setattr(cli, 'tpu_present', lambda: False)
-  assert cli.choose_platform() == 'cpu' and os.environ['JAX_PLATFORMS'] == 'cpu'
+  monkeypatch.setattr(host.importlib.util, 'find_spec', lambda name: object() if name == 'libtpu' else None)
+  monkeypatch.setattr(host, 'tpu_present', lambda: False)
+  assert host.choose_platform() == 'cpu' and os.environ['JAX_PLATFORMS'] == 'cpu'
+  assert host.libtpu_host_env('v5e', 16) == {'TPU_WORKER_HOSTNAMES': 'localhost',
+                                             'TPU_ACCELERATOR_TYPE': 'v5litepod-16'}
   monkeypatch.setenv('JAX_PLATFORMS', 'tpu')  # the user's choice stays
-  assert cli.choose_platform() is None and os.environ['JAX_PLATFORMS'] == 'tpu'
+  assert host.choose_platform() is None and os.environ['JAX_PLATFORMS'] == 'tpu'
   monkeypatch.delenv('JAX_PLATFORMS')
-  monkeypatch.setattr(cli, 'tpu_present', lambda: True)
-  assert cli.choose_platform() is None and 'JAX_PLATFORMS' not in os.environ
+  monkeypatch.setattr(host, 'tpu_present', lambda: True)
+  assert host.choose_platform() is None and 'JAX_PLATFORMS' not in os.environ
+  assert host.libtpu_host_env('v5e', 16) == {}  # a TPU host's own variables are libtpu's to find
 
 
 def test_tpu_present_reads_device_files_and_variables(monkeypatch):
-  for name in cli._TPU_ENV:  # pylint: disable=protected-access
+  for name in host._TPU_ENV:  # pylint: disable=protected-access
     monkeypatch.delenv(name, raising=False)
-  real_glob = cli.glob.glob
-  monkeypatch.setattr(cli.glob, 'glob', lambda pattern: [] if pattern.startswith(('/dev/', '/sys/')) else
+  real_glob = host.glob.glob
+  monkeypatch.setattr(host.glob, 'glob', lambda pattern: [] if pattern.startswith(('/dev/', '/sys/')) else
                       real_glob(pattern))
-  assert not cli.tpu_present()
+  assert not host.tpu_present()
   monkeypatch.setenv('TPU_ACCELERATOR_TYPE', 'v5litepod-8')
-  assert cli.tpu_present()
+  assert host.tpu_present()
   monkeypatch.delenv('TPU_ACCELERATOR_TYPE')
-  monkeypatch.setattr(cli.glob, 'glob', lambda pattern: ['/dev/accel0'] if pattern == '/dev/accel*' else [])
-  assert cli.tpu_present()
+  monkeypatch.setattr(host.glob, 'glob', lambda pattern: ['/dev/accel0'] if pattern == '/dev/accel*' else [])
+  assert host.tpu_present()
 
 
 @pytest.mark.skipif(__import__('importlib').util.find_spec('libtpu') is None, reason='libtpu is not installed')
 def test_with_libtpu_installed_a_command_on_a_cpu_host_prints_no_tpu_noise():
-  if cli.tpu_present():
+  if host.tpu_present():
     pytest.skip('this host has a TPU')
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
   result = run_cli('info', '--config.model.num_layers=1', env=env)

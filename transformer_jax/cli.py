@@ -6,8 +6,6 @@ and --workdir=DIR. Run `transformer-jax <command> --help` for the command's flag
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 import sys
 import traceback
@@ -17,6 +15,7 @@ from absl import flags
 from absl import logging
 
 from transformer_jax import commands
+from transformer_jax import host
 from transformer_jax import hugepages
 
 
@@ -31,48 +30,10 @@ def usage() -> str:
   return '\n'.join(lines) + '\n'
 
 
-# What says this machine has a TPU: its device files, or the variables a TPU VM (or a user) sets for libtpu.
-_TPU_DEVICE_FILES = ('/dev/accel*', '/dev/vfio/*')
-_TPU_ENV = ('TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'TPU_WORKER_ID', 'TPU_NAME', 'JAX_FORCE_TPU_INIT')
-# A Google PCI device (jax's own TPU detection reads the same files) other than a network or storage one (gVNIC on
-# every GCE VM): a TPU generation not known yet counts as a TPU, since mistaking a TPU for none would leave it idle.
-_GOOGLE_PCI_VENDOR = '0x1ae0'
-_NOT_ACCELERATOR_CLASSES = ('0x01', '0x02')  # PCI classes: mass storage, network
-_GPU_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm6_plugin', 'jax_rocm7_plugin')
-
-
-def tpu_present() -> bool:
-  if any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES) or any(os.environ.get(v) for v in _TPU_ENV):
-    return True
-  for device in glob.glob('/sys/bus/pci/devices/*'):
-    try:
-      with open(os.path.join(device, 'vendor'), encoding='ascii') as f:
-        if f.read().strip() != _GOOGLE_PCI_VENDOR:
-          continue
-      with open(os.path.join(device, 'class'), encoding='ascii') as f:
-        if not f.read().strip().startswith(_NOT_ACCELERATOR_CLASSES):
-          return True
-    except OSError:
-      continue
-  return False
-
-
-def choose_platform() -> str | None:
-  """Sets JAX_PLATFORMS=cpu, before jax initialises, where libtpu is installed but there is no TPU and no GPU plugin:
-  else libtpu probes for a TPU and prints half a dozen lines of errors before every command's output (`compile` uses
-  libtpu's topology API, which needs no local TPU). A JAX_PLATFORMS the user set is kept. Returns what it set."""
-  if os.environ.get('JAX_PLATFORMS') or tpu_present() or importlib.util.find_spec('libtpu') is None:
-    return None
-  if any(importlib.util.find_spec(plugin) is not None for plugin in _GPU_PLUGINS):
-    return None  # a GPU host with libtpu installed too: leave the choice to jax
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  return 'cpu'
-
-
 def main(argv: list[str] | None = None) -> None:
   if argv is None:  # the program's entry point, not a caller's: malloc settings for XLA's buffers (hugepages.py)
     hugepages.reexec_if_wanted(one_heap=sys.argv[1:2] == ['train'])
-  choose_platform()
+  host.choose_platform()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print(usage())

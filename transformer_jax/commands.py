@@ -371,7 +371,16 @@ def _compile_flags(flags) -> None:  # pylint: disable=redefined-outer-name
 
 
 def _compile() -> None:
+  from transformer_jax import host  # pylint: disable=g-import-not-at-top
   from transformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top
+  try:
+    topology = tpu_compile.parse_topology(FLAGS.topology)
+  except ValueError:
+    topology = None  # tpu_compile.run says what is wrong with it
+  if topology is not None:  # before libtpu loads: on a host without a TPU, say so (else 5 lines of libtpu errors)
+    for name, value in host.libtpu_host_env(topology.chip.name,
+                                            topology.chips * topology.chip.cores_per_chip).items():
+      os.environ.setdefault(name, value)
   tpu_compile.run(FLAGS)
 
 
