@@ -6,8 +6,6 @@ import collections
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tracemalloc
 
 import ml_collections
@@ -20,7 +18,6 @@ from transformer_jax.data import stream as stream_lib
 from transformer_jax.data.tokenizer import EOS_ID
 import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PAIRS = 3000
 MAX_LENGTH = 64
 
@@ -179,10 +176,7 @@ def test_prepare_cli_error_line_and_summary(tmp_path, corpus):
   os.makedirs(d)
   open(os.path.join(d, "train.en"), "w").write("a\nb\nc\n")
   open(os.path.join(d, "train.de"), "w").write("a\nb\n")
-  env = dict(os.environ, PYTHONPATH=REPO)
-  run = subprocess.run([sys.executable, "-m", "transformer_jax.cli", "prepare", f"--workdir={tmp_path / 'w'}",
-                        f"--config.dataset=text:{d}"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
+  run = helpers.cli("prepare", f"--workdir={tmp_path / 'w'}", f"--config.dataset=text:{d}")
   assert run.returncode == 1, run.stderr
   assert "error: text dataset:" in run.stderr and "has 3 lines but" in run.stderr
   assert "Traceback" not in run.stderr

@@ -1,9 +1,6 @@
 """The schedule, the loss, and the one train step: it learns, and its normalisation is by real target tokens."""
 
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +12,8 @@ from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train as train_lib
 from transformer_jax.model import Transformer
+import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(**overrides):
@@ -169,9 +166,8 @@ def test_default_config_learns_at_its_learning_rate(tmp_path):
                    tokenizer_train_sentences=12000)
   # mesh.num_devices=1: the same math as 8-way data parallel (test_parallel), without 8 simulated devices.
   args = [f'--config.{k}={v}' for k, v in overrides.items()] + ['--config.mesh.num_devices=1']
-  result = subprocess.run([sys.executable, '-m', 'transformer_jax.cli', 'train', f'--workdir={tmp_path / "run"}',
-                           *args], capture_output=True, text=True, timeout=900, cwd=REPO,
-                          env={**os.environ, 'TRANSFORMER_JAX_ONE_HEAP': '1', 'XLA_FLAGS': ''})
+  result = helpers.cli('train', f'--workdir={tmp_path / "run"}', *args, timeout=900,
+                       env=helpers.cli_env(TRANSFORMER_JAX_ONE_HEAP='1', XLA_FLAGS=''))
   assert result.returncode == 0, result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]
   assert last.startswith('final: step=60 '), result.stdout[-2000:]
