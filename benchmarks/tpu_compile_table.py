@@ -2,8 +2,8 @@
 
 Runs `transformer-jax compile` once per (config, slice), one at a time (each is minutes of CPU), keeps each JSON
 in --out, and prints a Markdown table. --table_only re-prints it from the JSON files already there. Every time,
-rate and MFU in it is an ESTIMATE (a roofline of the compiled program; nothing runs on a TPU): MFU est. uses the
-HBM traffic estimate (tpu_report.hbm_traffic), the last column the pessimistic bound with XLA's bytes accessed.
+rate and MFU in it is an ESTIMATE (nothing runs on a TPU): the per-op roofline first (tpu_report.per_op_times),
+the ceiling (perfect overlap) in brackets, then the floor (no overlap) and libtpu's own per-instruction cycles.
 
   python benchmarks/tpu_compile_table.py --out=benchmarks/tpu_compile
 """
@@ -26,9 +26,9 @@ def command(config: str, topology: str, path: str, hlo_prefix: str = '') -> list
           '--programs=train', f'--json={path}'] + ([f'--hlo={hlo_prefix}'] if hlo_prefix else [])
 
 
-HEADER = ('| config | slice | fits | GiB per chip | compile s | XLA / model TFLOP per chip | XLA GiB accessed | '
-          'HBM est. GiB | collectives (logical) | est. step ms | est. target tok/s | MFU est. | MFU est. if every XLA byte '
-          'were HBM |')
+HEADER = ('| config | slice | mesh | fits | GiB per chip | compile s | XLA / model TFLOP per chip | HBM est. GiB | '
+          'collectives (logical) | est. step ms, per-op (ceiling) | est. target tok/s, per-op | MFU per-op (ceiling) | '
+          'floor | libtpu cycles |')
 
 
 def _logical(c: dict) -> str:
@@ -39,21 +39,19 @@ def _logical(c: dict) -> str:
 def row(config: str, topology: str, payload: dict) -> str:
   columns = HEADER.count('|') - 1
   if not payload['programs']:
-    return f"| {config} | {topology} | refused: {payload.get('refused', '?')} |" + ' |' * (columns - 3)
+    return f"| {config} | {topology} | | refused: {payload.get('refused', '?')} |" + ' |' * (columns - 4)
   p = payload['programs'][0]
   m, e, c = p['memory'], p['estimate'], p['collectives']
-  x = p.get('estimate_xla_bytes')
-  if 'hbm_bytes_per_chip' not in p:  # written before the HBM estimate: its estimate used XLA's bytes
-    x, e = e, None
+  po, fl, cy = p.get('per_op'), p.get('floor'), p.get('libtpu_cycles')
   model = p['model_flops'] / p['chips'] / 1e12
-  est = (f"{e['t_step_s'] * 1e3:.1f} ({e['bound_by']}) | {e['tokens_per_s']:,.0f} | {e['mfu'] * 100:.1f}%" if e
-         else '— | — | —')
-  return (f"| {config} | {topology} ({p['chips']} chips) | {'yes' if p['fits'] else 'NO'} | "
+  mesh = 'x'.join(str(p['mesh'][a]) for a in ('data', 'fsdp', 'tensor'))
+  pct = lambda d: f"{d['mfu'] * 100:.1f}%" if d else '—'
+  est = (f"{po['t_step_s'] * 1e3:.1f} ({e['t_step_s'] * 1e3:.1f}) | {po['tokens_per_s']:,.0f} | "
+         f"{pct(po)} ({pct(e)})" if po else f"— ({e['t_step_s'] * 1e3:.1f}) | — | — ({pct(e)})")
+  return (f"| {config} | {topology} ({p['chips']} chips) | {mesh} | {'yes' if p['fits'] else 'NO'} | "
           f"{m['total'] / 2**30:.2f} (state {m['state'] / 2**30:.2f}, temp {m['temporaries'] / 2**30:.2f}) | "
           f"{p['compile_s']:.0f} | {p['flops_per_chip'] / 1e12:.2f} / {model:.2f} | "
-          f"{p['bytes_accessed_per_chip'] / 2**30:.1f} | "
-          + (f"{p['hbm_bytes_per_chip'] / 2**30:.2f}" if e else '—')
-          + f" | {_logical(c)} | {est} | {x['mfu'] * 100:.1f}% |")
+          f"{p.get('hbm_bytes_per_chip', float('nan')) / 2**30:.2f} | {_logical(c)} | {est} | {pct(fl)} | {pct(cy)} |")
 
 
 def main() -> None:

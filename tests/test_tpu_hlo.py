@@ -222,6 +222,15 @@ def test_async_collective_fusion_is_one_collective_from_its_first_to_its_last_fu
   hbm = tpu_report.hbm_traffic(_ASYNC).bytes / V5E.hbm_bytes_per_s
   assert p.t_per_op_s == pytest.approx(hbm + gather_s)
   assert dict(p.top)['all-gather all-gather'] == pytest.approx(gather_s)
+  # on a 2x4 slice the 8-chip group spans both dimensions: four links, the same hops
+  wide = tpu_report.per_op_times(_ASYNC, V5E, (8,), ('fsdp',), torus=(2, 4))
+  assert wide.t_ici_s == pytest.approx(gather_s - 7 / 8 * MIB / 2 / (4 * V5E.link_bytes_per_s))
+
+
+@pytest.mark.parametrize('group, torus, spanned', [(4, (4, 4), 1), (16, (4, 4), 2), (8, (2, 4), 2), (2, (2, 2, 1), 1),
+                                                    (8, (2, 2, 2), 3), (5, None, 1), (1, (16, 16), 1)])
+def test_a_group_spans_the_torus_dimensions_it_needs(group, torus, spanned):
+  assert tpu_report.torus_dims_spanned(group, torus) == spanned
 
 
 _SCAN = '''HloModule jit_step

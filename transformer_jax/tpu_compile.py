@@ -46,6 +46,13 @@ class Topology:
   chips: int  # per slice
 
   @property
+  def torus(self) -> tuple[int, ...]:
+    """The slice's chips as a grid (v5e:4x4 -> (4, 4)); one chip -> (1,)."""
+    if self.chips == 1:
+      return (1,)
+    return tuple(int(d) for d in self.name.split(':')[1].split('x'))
+
+  @property
   def label(self) -> str:
     return f'{self.name} ({self.chips} chip{"s" if self.chips > 1 else ""})'
 
@@ -240,7 +247,8 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   compute = max(flops, model_flops / chips)
   estimate = tpu_chips.roofline(chip, compute, hbm.bytes, ici)
   estimate_xla_bytes = tpu_chips.roofline(chip, compute, accessed, ici)  # pessimistic: every XLA byte from HBM
-  per_op = tpu_report.per_op_times(hlo, chip, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices)
+  per_op = tpu_report.per_op_times(hlo, chip, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices,
+                                   torus=topology.torus)
   per_op_estimate = {'t_step_s': per_op.t_per_op_s, 't_floor_s': per_op.t_floor_s,
                      't_compute_s': per_op.t_compute_s, 't_hbm_s': per_op.t_hbm_s, 't_ici_s': per_op.t_ici_s,
                      't_ici_exposed_s': per_op.t_ici_exposed_s, 'dot_flops_per_chip': per_op.dot_flops,

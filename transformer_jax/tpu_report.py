@@ -532,16 +532,30 @@ def _body_collective(name: str, computations: dict, local_shape, axis_names, num
   return None
 
 
-def collective_seconds(c: Collective, chip) -> float:
+def torus_dims_spanned(group_size: int, torus: tuple[int, ...] | None) -> int:
+  """How many torus dimensions a group of chips spans at least (its axis laid along the longest first): a group
+  larger than the longest dimension reaches over a second one, and its collective uses that dimension's links too."""
+  if not torus:
+    return 1
+  span, reach = 0, 1
+  for size in sorted(torus, reverse=True):
+    if reach >= group_size:
+      break
+    span, reach = span + 1, reach * size
+  return max(span, 1)
+
+
+def collective_seconds(c: Collective, chip, torus: tuple[int, ...] | None = None) -> float:
   """One execution of a collective on ICI: the bytes a chip sends over its links plus a latency per step.
-  A ring collective over one mesh axis sends both ways round its ring (two links, one direction each); a
-  collective-permute sends to one neighbour (one link, one direction). Steps: n-1 for a ring (2(n-1) for an
-  all-reduce, reduce-scatter then all-gather), 1 for a permute."""
+  A ring collective sends both ways round its ring: two links per torus dimension its group spans, one direction
+  each; a collective-permute sends to one neighbour (one link, one direction). Steps: n-1 for a ring (2(n-1) for
+  an all-reduce, reduce-scatter then all-gather), 1 for a permute."""
   n = max(c.group_size, 1)
   if c.kind == 'collective-permute':
     return c.ici_bytes() / chip.link_bytes_per_s + tpu_chips.ICI_HOP_LATENCY_S
   steps = 2 * (n - 1) if c.kind == 'all-reduce' else n - 1
-  return c.ici_bytes() / (2 * chip.link_bytes_per_s) + steps * tpu_chips.ICI_HOP_LATENCY_S
+  links = 2 * torus_dims_spanned(n, torus)
+  return c.ici_bytes() / (links * chip.link_bytes_per_s) + steps * tpu_chips.ICI_HOP_LATENCY_S
 
 
 @dataclasses.dataclass
@@ -563,14 +577,15 @@ class PerOp:
 
 
 def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
-                 num_slices: int = 1, top: int = 10) -> PerOp:
+                 num_slices: int = 1, top: int = 10, torus: tuple[int, ...] | None = None) -> PerOp:
   """The per-operation roofline of a compiled TPU program, per chip: every executed top-level instruction (ENTRY,
   while bodies x trip count, called computations) takes max(dot FLOPs / bf16 peak, HBM bytes / HBM bandwidth).
 
   - FLOPs: dots and convolutions, read from the fusion bodies that hold them; element-wise work is left to the HBM
     term (the vector units are not modelled) and float32 dots are charged at the bf16 peak (optimistic for them).
   - HBM: instruction_hbm_bytes (HBM-resident operands and results; VMEM-resident ones free).
-  - Collectives (collective_seconds, at one-way link bandwidth plus a hop latency): a synchronous one takes
+  - Collectives (collective_seconds, at one-way link bandwidth plus a hop latency; `torus`: the slice's chip grid,
+    e.g. (4, 4), for the links a group spans): a synchronous one takes
     max(its HBM time, its ICI time); an asynchronous one (a *-start .. *-done pair, or TPU's async collective fusion:
     the fusions that carry one channel_id) is charged only what the work between its first and last instruction
     does not cover. Work between is credited to every collective in flight over it (optimistic when several are).
@@ -635,7 +650,7 @@ def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: t
       else:
         spans[key] = [k, k, c, f'{c.kind} ' + _group_name(found[0])]
     for first, last, c, group in spans.values():
-      t = collective_seconds(c, chip)
+      t = collective_seconds(c, chip, torus)
       between = sum(work[first + 1:last])
       if last > first:  # asynchronous: hidden behind the work in flight with it
         exposed = max(0.0, t - between)
