@@ -57,6 +57,15 @@ def test_a_broken_config_file_is_one_line_naming_file_and_line(tmp_path, source,
   assert 'jax imported: False' in result.stdout
 
 
+def test_a_broken_default_config_is_one_line_too(tmp_path):
+  """Commands that default to configs/tiny.py read the one under the working directory first: a user edits it."""
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'tiny.py').write_text('import ml_collections\n\n\ndef get_config()\n  return None\n')
+  result = run_cli('info', cwd=str(tmp_path))
+  assert result.returncode == 2
+  assert re.fullmatch(r"error: configs/tiny\.py:4: SyntaxError: expected ':'", one_error_line(result)), result.stderr
+
+
 def test_an_error_in_a_module_the_config_imports_names_that_module(tmp_path):
   (tmp_path / 'configs_helper.py').write_text('VALUE = 1\nBROKEN = undefined_name\n')
   (tmp_path / 'bad.py').write_text('import sys, os\nsys.path.insert(0, os.path.dirname(__file__))\n'

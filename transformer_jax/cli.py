@@ -47,9 +47,16 @@ def main(argv: list[str] | None = None) -> None:
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here: keep its banners quiet
   try:
-    names = commands.define_flags(command, argv=argv)  # config_flags reads the --config.* overrides right here
-  except (AttributeError, KeyError, ValueError, TypeError) as e:
-    _bad_config(e, argv)
+    # config_flags reads the --config.* overrides right here, and loads the default config file (configs/tiny.py)
+    names = commands.define_flags(command, argv=argv)
+  except Exception as e:  # pylint: disable=broad-except  (a config file is user code: it may raise anything)
+    where = _config_file_error(e, argv)
+    if where is None and not isinstance(e, (AttributeError, KeyError, ValueError, TypeError)):
+      raise
+    if where is None:
+      _bad_config(e, argv)
+    print(f'error: {where}', file=sys.stderr)
+    sys.exit(2)
   app.run(lambda args: commands.run(command, args, names), argv=[f'transformer-jax {command}'] + argv[2:],
           flags_parser=lambda args: _parse_flags(args, command, names))
 
@@ -98,9 +105,7 @@ def _config_file_arg(argv: list[str]) -> str | None:
 def _config_file_error(e: BaseException, argv: list[str]) -> str | None:
   """`FILE:LINE: Error: message` when `e` came from running the --config file (or a module it imports), or
   `FILE: no get_config()`; None for anything else (a bad override key, a flag error)."""
-  path = _config_file_arg(argv)
-  if path is None:
-    return None
+  path = _config_file_arg(argv) or 'the config file'
   message = str(e).splitlines()[0] if str(e) else ''
   if isinstance(e, SyntaxError) and e.filename and not e.filename.startswith('<'):
     location = os.path.relpath(e.filename) if os.path.abspath(e.filename).startswith(os.getcwd()) else e.filename
