@@ -9,6 +9,7 @@ FORMATS below is the registry the CLI lists formats from:
   hf_marian.py    a transformers MarianMTModel directory, and `import --format=hf-marian`
   hf_gpt2.py      a transformers GPT2LMHeadModel directory (language models), and `import --format=hf-gpt2`
   stablehlo.py    jax.export of greedy translation with the parameters baked in
+  ctranslate2.py  a directory CTranslate2 loads (Translator / Generator; the optional [serve] extra)
 files.py holds what they share (Exportable, ExportError, target checks, atomic writes).
 
 Every file format also writes `spm.model` (the SentencePiece model) beside PATH. An existing non-empty target is
@@ -29,6 +30,7 @@ import numpy as np
 from transformer_jax import parallel
 from transformer_jax import train_state
 from transformer_jax import workdir as workdir_lib
+from transformer_jax.export import ctranslate2 as ctranslate2_format
 from transformer_jax.export import files
 from transformer_jax.export import hf_gpt2
 from transformer_jax.export import hf_marian
@@ -42,7 +44,8 @@ from transformer_jax.export.hf_marian import (from_marian_state_dict, import_hf_
 from transformer_jax.export.safetensors import read_safetensors, write_safetensors
 from transformer_jax.export.stablehlo import load_stablehlo, serving_function, stablehlo_bytes, stablehlo_export
 
-FORMATS = {module.NAME: module for module in (safetensors_format, msgpack_format, hf_marian, stablehlo, hf_gpt2)}
+FORMATS = {module.NAME: module for module in (safetensors_format, msgpack_format, hf_marian, stablehlo, hf_gpt2,
+                                               ctranslate2_format)}
 
 __all__ = ['DTYPES', 'FORMATS', 'FORMAT_TAG', 'TOKENIZER_NAME', 'ExportError', 'Exportable', 'cast', 'check_target',
            'export', 'flatten', 'from_marian_state_dict', 'import_hf_marian', 'load_checkpoint', 'load_export',
