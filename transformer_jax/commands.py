@@ -314,7 +314,8 @@ def _check_inputs(command: str) -> None:
   if command != 'info':
     errors.append(config_checks.directory_error(_workdir() if command in ('train', 'prepare') else FLAGS.workdir,
                                                 '--workdir'))
-  if command in READERS and FLAGS.workdir and '://' not in FLAGS.workdir and not any(errors):
+  elsewhere = command == 'export' and not str(FLAGS.checkpoint or '').isdigit() and FLAGS.checkpoint  # a step dir
+  if command in READERS and FLAGS.workdir and '://' not in FLAGS.workdir and not any(errors) and not elsewhere:
     checkpoints = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints')
     if not os.path.isdir(checkpoints):  # the message Workdir gives, before jax is imported to get there
       errors.append(f'no checkpoint in {checkpoints}: train first')
