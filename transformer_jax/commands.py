@@ -248,7 +248,7 @@ def run(command: str, args, names: list[str] | None = None) -> None:
       spec.run()
   except Exception as e:  # pylint: disable=broad-except
     from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-    from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax import run_control  # pylint: disable=g-import-not-at-top
     from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
     if isinstance(e, checkpoint_lib.CheckpointSaveError):
       print(f'error: {str(e).splitlines()[0]}', file=sys.stderr, flush=True)
@@ -256,7 +256,7 @@ def run(command: str, args, names: list[str] | None = None) -> None:
       faults.send_stderr_to_detail_log()
       sys.exit(1)
     if isinstance(e, (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
-                      train_lib.NonFiniteLossError, train_lib.TrainingStalledError, NotImplementedError,
+                      run_control.NonFiniteLossError, run_control.TrainingStalledError, NotImplementedError,
                       workdir_lock.WorkdirLockedError, checkpoint_lib.CheckpointSaveError)):
       _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if isinstance(e, OSError) and e.errno in (13, 30):  # EACCES, EROFS: a target this user cannot write

@@ -10,12 +10,10 @@ from flax import linen as nn
 
 from transformer_jax import decode as decode_lib
 from transformer_jax import evaluate as evaluate_lib
+from transformer_jax import evaluation
 from transformer_jax import parallel
-from transformer_jax import train as train_lib
 from transformer_jax.data import sources
 from transformer_jax.workdir import Trained, Workdir
-
-Loaded = Trained  # the name callers knew
 
 
 def load_workdir(workdir: str, config=None) -> Trained:
@@ -24,13 +22,13 @@ def load_workdir(workdir: str, config=None) -> Trained:
   return Workdir(workdir).load(config)
 
 
-def decode_length(loaded: Loaded, longest_source: int) -> int:
+def decode_length(loaded: Trained, longest_source: int) -> int:
   """Cache size for sources of up to longest_source tokens: the paper's input length + 50, capped at the longest
   sequence the model was trained for (config max_length, also within the model's positions)."""
   return max(1, min(int(loaded.config.max_length), loaded.cfg.max_len, longest_source + decode_lib.MAX_LENGTH_MARGIN))
 
 
-def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int = 4, alpha: float = 0.6,
+def translate_sentences(loaded: Trained, sentences: list[str], *, beam_size: int = 4, alpha: float = 0.6,
                         batch_size: int = 64, progress: bool = False, length_penalty: str = 'gnmt') -> list[str]:
   """One translation per sentence, in order: greedy (beam_size=1) or beam search with GNMT length penalty alpha.
 
@@ -55,7 +53,7 @@ def translate_sentences(loaded: Loaded, sentences: list[str], *, beam_size: int 
   batch_size = min(batch_size, len(rows))
   batch_size = -(-batch_size // divisor) * divisor  # a multiple of the devices on the batch axes
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    tokens = train_lib.translate_ids(loaded.params, rows, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=batch_size,
+    tokens = evaluation.translate_ids(loaded.params, rows, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=batch_size,
                                      max_decode_len=decode_length(loaded, int(lengths.max())), progress=progress,
                                      beam_size=beam_size, alpha=alpha, penalty=length_penalty)
   for j, text in zip(order, evaluate_lib.decode_outputs(loaded.tokenizer, tokens)):

@@ -13,10 +13,10 @@ import jax
 from flax import linen as nn
 
 from transformer_jax import evaluate as evaluate_lib
+from transformer_jax import evaluation
 from transformer_jax import generate
 from transformer_jax import inference
 from transformer_jax import parallel
-from transformer_jax import train as train_lib
 from transformer_jax.data import lm
 from transformer_jax.model import build_model
 from transformer_jax.workdir import Workdir
@@ -72,7 +72,7 @@ def evaluate_workdir(workdir: str, config=None, split: str | None = None) -> dic
   batches = data.eval_batches(batch_size=int(config.batch_size) // jax.process_count(),
                               num_batches=parallel.max_over_processes(len(batches)))
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    eval_step = jax.jit(train_lib.make_eval_step(build_model(loaded.cfg), config))
-    results = train_lib.evaluate_loss(eval_step, loaded.params, batches, loaded.mesh)
+    eval_step = jax.jit(evaluation.make_eval_step(build_model(loaded.cfg), config))
+    results = evaluation.evaluate_loss(eval_step, loaded.params, batches, loaded.mesh)
   results.update(evaluate_lib.lm_metrics(results['eval_nll'], data.eval_tokens, data.eval_bytes))
   return results
