@@ -89,7 +89,7 @@ def stream_child(args) -> None:
   built = time.time() - t0
   next(data.train)
   first = time.time() - t0
-  tokens = rows = real_rows = 0
+  tokens = rows = 0
   start = time.perf_counter()
   while time.perf_counter() - start < args.stream_seconds:
     batch = next(data.train)

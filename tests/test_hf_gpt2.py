@@ -3,7 +3,6 @@ and greedy continuation, AutoTokenizer giving our ids, a random HF GPT-2 importe
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp

@@ -146,7 +146,7 @@ def _worker_train(out_dir):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   import test_parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
+  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
   from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
