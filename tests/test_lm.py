@@ -186,6 +186,16 @@ def test_top_k_and_top_p_never_allow_a_token_outside_their_set():
     assert kept[np.arange(4)[None, :], draws].all()
 
 
+def test_top_p_keeps_the_smallest_set_that_reaches_it_even_at_a_tie():
+  """Two tokens of probability exactly 1/2: top_p = 1/2 is reached by one of them, so one is kept; a hair above
+  needs both."""
+  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  logits = np.full((1, 16), -1e9, np.float32)
+  logits[0, [5, 9]] = 0.0
+  count = lambda top_p: int((np.asarray(generate.filter_logits(jnp.asarray(logits), 0, top_p)) > -1e8).sum())
+  assert (count(0.5), count(0.5001), count(1.0)) == (1, 2, 2)
+
+
 class _Ids:
   """A stand-in tokenizer: text is space-separated ids."""
   vocab_size = VOCAB

@@ -170,6 +170,20 @@ def test_grad_accumulation_equals_one_batch_k_times_larger(plain_step, mesh, acc
   _assert_trees_close(new_params_k, new_params, rtol=1e-5, atol=1e-6)
 
 
+def test_train_step_metrics_count_only_the_real_target_tokens(plain_step):
+  """tokens = the non-padding target slots (segmentation > 0), accuracy = the share of them whose logit is the
+  largest, computed here from the forward pass (the step ran without dropout, so its logits are these)."""
+  config, params, batch, (_, metrics) = plain_step
+  real = np.asarray(batch['targets_segmentation']) > 0
+  assert 0 < real.sum() < real.size  # the batch has padding
+  assert metrics['tokens'] == real.sum()
+  logits = jax.jit(Transformer(train_lib.model_config(config)).apply)(
+      {'params': params}, **{k: jnp.asarray(v) for k, v in batch.items()})
+  hits = np.argmax(np.asarray(logits), axis=-1) == np.asarray(batch['targets'])
+  assert hits[real].any()  # so an accuracy that never counts a hit would show
+  assert metrics['accuracy'] == pytest.approx(hits[real].mean(), abs=1e-6)
+
+
 def test_dropout_acts_in_the_train_step_only(plain_step, mesh):
   """With dropout, the train step's loss is not the deterministic loss (and depends on the step's key); evaluation
   and the deterministic forward pass are the dropout-free model's."""
