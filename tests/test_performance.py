@@ -198,6 +198,23 @@ def test_dropout_acts_in_the_train_step_only(plain_step, mesh):
   assert float(sums['loss_sum'] / sums['weight_sum']) == pytest.approx(metrics['loss'], rel=1e-5)
 
 
+def test_accumulated_micro_batches_draw_their_own_dropout_masks(plain_step, mesh):
+  """Micro-batch 1 a copy of micro-batch 0: had it the same dropout masks, its loss would equal micro-batch 0's, and
+  the step's token-mean loss would be what it is with micro-batch 1 all padding (bit for bit: 2x / 2n = x / n)."""
+  config, params, batch, _ = plain_step
+  first = {k: np.asarray(v)[0::2] for k, v in batch.items()}  # micro-batch i is rows i::2
+
+  def interleave(second):
+    return {k: np.stack([first[k], second[k]], axis=1).reshape((-1,) + first[k].shape[1:]) for k in first}
+
+  variant = _train_config(**{'model.dropout_rate': 0.3, 'grad_accum_steps': 2})
+  _, copied = _one_step(variant, params, interleave(first), mesh, optax.sgd(1.0))
+  _, padding = _one_step(variant, params, interleave({k: np.zeros_like(v) for k, v in first.items()}), mesh,
+                         optax.sgd(1.0))
+  assert copied['tokens'] == 2 * padding['tokens']
+  assert copied['loss'] != padding['loss']
+
+
 def test_scanned_rematted_train_step_on_a_mesh_matches_plain(plain_step, mesh):
   """Scanned layers (params stacked on the 'layers' logical axis) shard on a data x fsdp x tensor mesh, and the
   sharded, rematted, accumulated step computes what the plain one does."""
