@@ -29,6 +29,7 @@ them.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,8 @@ def attend(query, key, value, mask, *, kind: str = 'dense', block_size: int = 51
   if kind == 'dense' or not isinstance(mask, (MaskSpec, type(None))):
     if isinstance(mask, MaskSpec):
       mask = mask.dense()
+    if query.dtype != jnp.float32 and impl != 'cudnn':
+      return dense_attention(query, key, value, mask)
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
   if kind not in KINDS:
     raise ValueError(f"model.attention must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -108,6 +111,111 @@ def attend(query, key, value, mask, *, kind: str = 'dense', block_size: int = 51
   else:
     out = splash_attention(query, key, value, mask, bq, bk, interpret)
   return out[:, :t]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# matrix products in a low-precision compute dtype
+
+
+def einsum_f32(equation: str, a, b, dtype):
+  """einsum of a and b rounded to `dtype` (the compute dtype), accumulated and returned in float32; in its gradient
+  too, every product takes `dtype` operands (the float32 cotangent is rounded to `dtype` first) and accumulates in
+  float32, and each gradient comes back in its input's dtype (a float32 kernel's straight from the float32 sum).
+
+  Why not jnp.einsum on bfloat16 operands: its product rounds to bfloat16 (XLA:CPU then computes it in float32 on
+  converted copies, several times slower than a bfloat16 x bfloat16 -> float32 product), and the backward of a
+  float32 result (attention logits) multiplies a float32 cotangent by a bfloat16 operand, which a TPU's MXU runs
+  as several bfloat16 passes. The TPU accumulates in float32 either way.
+
+  `equation`: two operands, explicit '->', no repeated or ellipsis indices, and every index of an operand appears
+  in the other operand or the output (so each gradient is one einsum of the cotangent and the other operand).
+  With dtype float32 it is plain jnp.einsum."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return jnp.einsum(equation, a.astype(dtype), b.astype(dtype))
+  _check_equation(equation)
+  return _einsum_f32(equation, dtype, jnp.dtype(a.dtype), jnp.dtype(b.dtype), a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_equation(equation: str) -> None:
+  inputs, _, out = equation.partition('->')
+  parts = inputs.split(',')
+  if not out or len(parts) != 2 or '.' in equation:
+    raise ValueError(f'einsum_f32 takes two operands and an explicit output without ellipsis, got {equation!r}')
+  sa, sb = parts
+  for s, other in ((sa, sb + out), (sb, sa + out)):
+    if len(set(s)) != len(s) or not set(s) <= set(other):
+      raise ValueError(f'einsum_f32: {equation!r} has an index its gradient cannot form from the other operand')
+
+
+def _matmul_f32(equation: str, a, b):
+  """jnp.einsum(equation, a, b, preferred_element_type=float32). On CPU as a batched matrix product in the canonical
+  form [batch, M, K] x [batch, K, N] (dimensions transposed and merged into it, behind an optimization barrier):
+  XLA:CPU runs a bfloat16 x bfloat16 -> float32 product on bfloat16 operands (YNNPACK) only in that form with
+  row-major layouts. Unmerged, XLA folds the transposes back into the product's dimension numbers or into the
+  operands' layouts, and the product then runs on float32 copies or fails at run time (its fallback kernel refuses
+  mixed types). Other platforms get the einsum: a TPU's layout assignment places the operands itself."""
+  inputs, _, out = equation.partition('->')
+  sa, sb = inputs.split(',')
+  batch = [c for c in out if c in sa and c in sb]
+  contracted = [c for c in sa if c in sb and c not in out]
+  a_free, b_free = [c for c in sa if c not in sb], [c for c in sb if c not in sa]
+
+  def canonical(a, b):
+    size = lambda x, s, cs: math.prod(x.shape[s.index(c)] for c in cs)
+    extent = {c: a.shape[i] for i, c in enumerate(sa)} | {c: b.shape[i] for i, c in enumerate(sb)}
+    a3 = jnp.transpose(a, [sa.index(c) for c in batch + a_free + contracted]).reshape(
+        size(a, sa, batch), size(a, sa, a_free), size(a, sa, contracted))
+    b3 = jnp.transpose(b, [sb.index(c) for c in batch + contracted + b_free]).reshape(
+        size(b, sb, batch), size(b, sb, contracted), size(b, sb, b_free))
+    a3, b3 = jax.lax.optimization_barrier((a3, b3))
+    y = jax.lax.dot_general(a3, b3, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    order = batch + a_free + b_free
+    y = jax.lax.optimization_barrier(y).reshape([extent[c] for c in order])
+    return jnp.transpose(y, [order.index(c) for c in out])
+
+  def einsum(a, b):
+    return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+  return jax.lax.platform_dependent(a, b, cpu=canonical, default=einsum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _einsum_f32(equation, dtype, a_dtype, b_dtype, a, b):
+  del a_dtype, b_dtype
+  return _matmul_f32(equation, a.astype(dtype), b.astype(dtype))
+
+
+def _einsum_f32_fwd(equation, dtype, a_dtype, b_dtype, a, b):
+  del a_dtype, b_dtype
+  a, b = a.astype(dtype), b.astype(dtype)  # the rounded operands are the residuals: half the bytes of float32
+  return _matmul_f32(equation, a, b), (a, b)
+
+
+def _einsum_f32_bwd(equation, dtype, a_dtype, b_dtype, residuals, grad):
+  a, b = residuals
+  inputs, _, out = equation.partition('->')
+  sa, sb = inputs.split(',')
+  grad = grad.astype(dtype)
+  da = _matmul_f32(f'{out},{sb}->{sa}', grad, b)
+  db = _matmul_f32(f'{sa},{out}->{sb}', a, grad)
+  return da.astype(a_dtype), db.astype(b_dtype)
+
+
+_einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
+def dense_attention(query, key, value, mask):
+  """softmax(Q K^T / sqrt(K)) V as jax.nn.dot_product_attention's XLA path computes it (float32 logits, softmax and
+  masking with the same finite fill), with both products through einsum_f32 in query's dtype: a bfloat16 model's
+  attention, backward included, multiplies bfloat16 operands only. query [B, T, H, K], key/value [B, S, H, K],
+  mask a boolean [B, 1, T, S] or None."""
+  logits = einsum_f32('bthk,bshk->bhts', query, key, query.dtype) * jnp.float32(query.shape[-1]**-0.5)
+  if mask is not None:
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+  weights = jax.nn.softmax(logits, axis=-1)
+  return einsum_f32('bhts,bshk->bthk', weights, value, query.dtype).astype(query.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

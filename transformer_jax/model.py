@@ -76,14 +76,32 @@ class HeadProjection(nn.Module):
   def __call__(self, x):
     init = nn.initializers.xavier_uniform(in_axis=self.in_axis, out_axis=self.out_axis)
     kernel = self.param('kernel', _param_init(init, self.names), self.shape, jnp.float32)
-    y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+    y = attention_lib.einsum_f32(self.equation, x, kernel, self.dtype)
     if self.use_bias:
       out = tuple(range(len(self.shape)))[self.out_axis] if isinstance(self.out_axis, int) else self.out_axis
       out = (out,) if isinstance(out, int) else tuple(out)
       bias = self.param('bias', _param_init(nn.initializers.zeros, tuple(self.names[a] for a in out)),
                         tuple(self.shape[a] for a in out), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+      y = y + bias  # in float32, before the rounding: the bias gradient is a float32 sum over tokens
+    return y.astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """x [B, L, D] -> [B, L, features]: nn.Dense's parameters (kernel [D, features], bias), its products through
+  einsum_f32 (compute-dtype operands, float32 accumulation, forward and backward)."""
+  features: int
+  names: tuple[str, str]  # the kernel's logical axes; the bias takes the second
+  dtype: Any = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', _param_init(nn.initializers.xavier_uniform(), self.names),
+                        (x.shape[-1], self.features), jnp.float32)
+    y = attention_lib.einsum_f32('bld,df->blf', x, kernel, self.dtype)
+    if self.use_bias:
+      y = y + self.param('bias', _param_init(nn.initializers.zeros, self.names[1:]), (self.features,), jnp.float32)
+    return y.astype(self.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -170,14 +188,10 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, L, D]
     cfg = self.cfg
-    h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, param_dtype=jnp.float32,
-                 kernel_init=_param_init(nn.initializers.xavier_uniform(), ('embed', 'mlp')),
-                 bias_init=_param_init(nn.initializers.zeros, ('mlp',)), name='wi')(x)
+    h = Dense(cfg.d_ff, ('embed', 'mlp'), cfg.dtype, name='wi')(x)
     h = ACTIVATIONS[cfg.activation](h)
     h = constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))  # [B, L, F]
-    return nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32,
-                    kernel_init=_param_init(nn.initializers.xavier_uniform(), ('mlp', 'embed')),
-                    bias_init=_param_init(nn.initializers.zeros, ('embed',)), name='wo')(h)
+    return Dense(cfg.d_model, ('mlp', 'embed'), cfg.dtype, name='wo')(h)
 
 
 def layer_norm(cfg: ModelConfig, name: str):
@@ -301,7 +315,7 @@ class Embedder(nn.Module):
     return x * jnp.sqrt(self.cfg.d_model).astype(self.cfg.dtype)
 
   def attend(self, x):  # [B, L, D] -> [B, L, V]
-    return jnp.einsum('bld,vd->blv', x, self.embedding.astype(self.cfg.dtype))
+    return attention_lib.einsum_f32('bld,vd->blv', x, self.embedding, self.cfg.dtype).astype(self.cfg.dtype)
 
 
 class Encoder(nn.Module):
@@ -370,9 +384,7 @@ class Transformer(nn.Module):
     else:
       source_embedder = Embedder(cfg, name='source_embedding')
       target_embedder = Embedder(cfg, name='target_embedding')
-      projection = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
-                            kernel_init=_param_init(nn.initializers.xavier_uniform(), ('embed', 'vocab')),
-                            name='output_projection')
+      projection = Dense(cfg.vocab_size, ('embed', 'vocab'), cfg.dtype, use_bias=False, name='output_projection')
     self.encoder = Encoder(cfg, source_embedder, name='encoder')
     self.decoder = Decoder(cfg, target_embedder, projection, name='decoder')
 
