@@ -21,6 +21,7 @@ import collections
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +141,8 @@ def _load_config(path: str):
 
 
 def _train(config_path: str, dtype: str, workdir: str, data_dir: str, overrides: list[str]) -> dict:
+  if os.path.isdir(workdir):
+    shutil.rmtree(workdir)  # a run left from before would resume (or just evaluate) instead of training
   cmd = [sys.executable, '-m', 'transformer_jax.cli', 'train', f'--config={config_path}', f'--workdir={workdir}',
          f'--config.model.dtype={dtype}', f'--config.prepared_data_dir={data_dir}'] + [f'--config.{o}' for o in
                                                                                         overrides]

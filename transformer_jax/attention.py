@@ -1,7 +1,8 @@
 """Attention kernels: the one place the model's attention dispatches on `model.attention`.
 
   dense      jax.nn.dot_product_attention over a boolean [B, 1, T, S] mask built from the description below: O(T S)
-             memory; model.attention_impl picks XLA or cuDNN (GPU).
+             memory; model.attention_impl picks XLA or cuDNN (GPU). In a compute dtype below float32 (and not cuDNN),
+             dense_attention: the same function with its products, backward included, on that dtype's operands.
   blockwise  exact attention in plain JAX (any device): an online softmax over key blocks (Rabe & Staats 2021;
              FlashAttention's recurrence) under a custom VJP whose backward pass recomputes each block, so what is
              kept between the passes is O(T) and a pass's temporaries O(T x block). Key blocks outside the causal or
@@ -285,8 +286,16 @@ def _visible(q_seg, kv_seg, i, j, bq: int, bk: int, causal: bool, window: int):
   return same if band is None else same & band
 
 
-def _logits(q_blk, k_blk):  # q already scaled
-  return jnp.einsum('bhqk,bhsk->bhqs', q_blk, k_blk.astype(jnp.float32))
+def _product(equation: str, x, y, dtype):
+  """A block product with float32 result: on `dtype` operands (the inputs' dtype; bfloat16 rounds them, as the
+  matrix units want) accumulated in float32."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(equation, x.astype(jnp.float32), y.astype(jnp.float32))
+  return _matmul_f32(equation, x.astype(dtype), y.astype(dtype))
+
+
+def _logits(q_blk, k_blk, dtype):  # q already scaled
+  return _product('bhqk,bhsk->bhqs', q_blk, k_blk, dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -306,11 +315,11 @@ def _blockwise_fwd(q, k, v, q_seg, kv_seg, causal, window, bq, bk):
     def key_block(j, carry):
       m, l, acc = carry  # running max [B, H, bq], normaliser [B, H, bq], numerator [B, H, bq, K]
       visible = _visible(qs, _block(kv_seg, j, bk, 1), i, j, bq, bk, causal, window)
-      s = jnp.where(visible, _logits(q_blk, _block(k, j, bk, 2)), _NEG)  # [B, H, bq, bk]
+      s = jnp.where(visible, _logits(q_blk, _block(k, j, bk, 2), q.dtype), _NEG)  # [B, H, bq, bk]
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
       correction = jnp.exp(m - m_new)
-      acc = acc * correction[..., None] + jnp.einsum('bhqs,bhsk->bhqk', p, _block(v, j, bk, 2).astype(jnp.float32))
+      acc = acc * correction[..., None] + _product('bhqs,bhsk->bhqk', p, _block(v, j, bk, 2), q.dtype)
       return m_new, l * correction + p.sum(-1), acc
 
     init = (jnp.full((b, h, bq), _NEG), jnp.zeros((b, h, bq)), jnp.zeros((b, h, bq, d)))
@@ -332,6 +341,7 @@ def _blockwise_bwd(causal, window, bq, bk, residuals, grad):
   b, h, t, d = q.shape
   scale = d**-0.5
   num_kv_blocks = k.shape[2] // bk
+  dt = q.dtype  # the products' operand dtype, as in the forward pass
   grad = grad.astype(jnp.float32)
   delta = jnp.sum(grad * out.astype(jnp.float32), axis=-1)  # [B, H, T]: rowsum(dO * O)
 
@@ -342,15 +352,15 @@ def _blockwise_bwd(causal, window, bq, bk, residuals, grad):
 
     def key_block(j, carry):
       dq, dk, dv = carry
-      k_blk, v_blk = _block(k, j, bk, 2).astype(jnp.float32), _block(v, j, bk, 2).astype(jnp.float32)
+      k_blk, v_blk = _block(k, j, bk, 2), _block(v, j, bk, 2)
       visible = _visible(qs, _block(kv_seg, j, bk, 1), i, j, bq, bk, causal, window)
-      p = jnp.where(visible, jnp.exp(_logits(q_blk * scale, k_blk) - lse_blk[..., None]), 0.0)  # softmax weights
-      dp = jnp.einsum('bhqk,bhsk->bhqs', g_blk, v_blk)
+      p = jnp.where(visible, jnp.exp(_logits(q_blk * scale, k_blk, dt) - lse_blk[..., None]), 0.0)  # weights
+      dp = _product('bhqk,bhsk->bhqs', g_blk, v_blk, dt)
       ds = p * (dp - delta_blk[..., None]) * scale  # d logits, with the 1/sqrt(K) of the product
-      dq = dq + jnp.einsum('bhqs,bhsk->bhqk', ds, k_blk)
+      dq = dq + _product('bhqs,bhsk->bhqk', ds, k_blk, dt)
       add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(acc, _block(acc, j, bk, 2) + x, j * bk, axis=2)
-      dk = add(dk, jnp.einsum('bhqs,bhqk->bhsk', ds, q_blk))
-      dv = add(dv, jnp.einsum('bhqs,bhqk->bhsk', p, g_blk))
+      dk = add(dk, _product('bhqs,bhqk->bhsk', ds, q_blk, dt))
+      dv = add(dv, _product('bhqs,bhqk->bhsk', p, g_blk, dt))
       return dq, dk, dv
 
     dk, dv = carry

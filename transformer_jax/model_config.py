@@ -20,7 +20,9 @@ from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 LAYER_NORM_EPSILON = 1e-5
 
 
-# Platforms whose matrix units run bfloat16 at full rate; CPUs do not (XLA:CPU's bf16 matmuls are slow).
+# Platforms whose matrix units run bfloat16 at full rate. On CPU 'auto' stays float32: XLA:CPU multiplies bfloat16
+# fast only on CPUs with bfloat16 instructions (AVX512-BF16, AMX); model.dtype=bfloat16 is there to choose
+# (benchmarks/bf16_training.py measures both).
 _BFLOAT16_PLATFORMS = ('tpu', 'gpu', 'cuda', 'rocm')
 
 
