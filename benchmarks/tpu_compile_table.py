@@ -5,12 +5,14 @@ in --out, and prints a Markdown table. --table_only re-prints it from the JSON f
 rate and MFU in it is an ESTIMATE (nothing runs on a TPU): the per-op roofline first (tpu_report.per_op_times),
 the ceiling (perfect overlap) in brackets, then the floor (no overlap) and libtpu's own per-instruction cycles.
 
-  python benchmarks/tpu_compile_table.py --out=benchmarks/tpu_compile
+  python benchmarks/tpu_compile_table.py --out=benchmarks/tpu_compile --hlo_dir=benchmarks/tpu_compile
+  python benchmarks/tpu_compile_table.py --table_only --reanalyse --hlo_dir=benchmarks/tpu_compile  # re-read HLO
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -56,12 +58,32 @@ def row(config: str, topology: str, payload: dict) -> str:
           f"{p.get('hbm_bytes_per_chip', float('nan')) / 2**30:.2f} | {_logical(c)} | {est} | {pct(fl)} | {pct(cy)} |")
 
 
+def reanalyse(payload: dict, hlo_text: str) -> None:
+  """Recomputes a saved train step's per-op, floor and libtpu-cycle figures from its HLO with this checkout's
+  tpu_report (the compiled program is the same; only its reading changed)."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from transformer_jax import tpu_chips, tpu_report  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  p = payload['programs'][0]
+  chip = tpu_chips.CHIPS[p['chip']]
+  torus = tuple(int(d) for d in p['topology'].split(':')[1].split(' ')[0].split('x'))
+  axes = ('data', 'fsdp', 'tensor')
+  per_op = tpu_report.per_op_times(hlo_text, chip, tuple(p['mesh'][a] for a in axes), axes, p['num_slices'],
+                                   torus=torus)
+  estimate, floor, cycles = tpu_report.per_op_fields(per_op, chip)
+  for e in (estimate, floor, cycles):
+    e['tokens_per_s'] = p['tokens_per_step'] / e['t_step_s']
+    e['mfu'] = tpu_chips.mfu(p['model_flops'], e['t_step_s'], chip, p['chips'])
+  p.update(per_op=estimate, floor=floor, libtpu_cycles=cycles, top_ops=[list(t) for t in per_op.top])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default='benchmarks/tpu_compile')
   parser.add_argument('--table_only', action='store_true')
   parser.add_argument('--only', default='', help='config:slice,... to compile, in this order (default: all)')
   parser.add_argument('--hlo_dir', default='', help='also keep each compiled HLO text here (CONFIG_SLICE.train.hlo.gz)')
+  parser.add_argument('--reanalyse', action='store_true', help='recompute the per-op figures of the JSON files in '
+                      '--out from the HLO kept in --hlo_dir, and rewrite them')
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   wanted = [tuple(p.split(':')) for p in args.only.split(',') if p]
@@ -72,6 +94,17 @@ def main() -> None:
     # the package this interpreter imports (a checkout on PYTHONPATH measures that checkout)
     subprocess.run([sys.executable, '-m', 'transformer_jax.cli'] + command(config, topology, path, hlo)[1:],
                    check=False)
+  if args.reanalyse:
+    for config in CONFIGS:
+      for topology in TOPOLOGIES:
+        path = os.path.join(args.out, f'{config}_{topology}.json')
+        hlo = os.path.join(args.hlo_dir, f'{config}_{topology}.train.hlo.gz')
+        if os.path.exists(path) and os.path.exists(hlo):
+          with open(path, encoding='utf-8') as f, gzip.open(hlo, 'rt', encoding='utf-8') as h:
+            payload = json.load(f)
+            reanalyse(payload, h.read())
+          with open(path, 'w', encoding='utf-8') as f:
+            json.dump(payload, f, indent=1, default=float)
   lines = [HEADER, '|' + '---|' * (HEADER.count('|') - 1)]
   for config in CONFIGS:
     for topology in TOPOLOGIES:

@@ -249,14 +249,7 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   estimate_xla_bytes = tpu_chips.roofline(chip, compute, accessed, ici)  # pessimistic: every XLA byte from HBM
   per_op = tpu_report.per_op_times(hlo, chip, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices,
                                    torus=topology.torus)
-  per_op_estimate = {'t_step_s': per_op.t_per_op_s, 't_floor_s': per_op.t_floor_s,
-                     't_compute_s': per_op.t_compute_s, 't_hbm_s': per_op.t_hbm_s, 't_ici_s': per_op.t_ici_s,
-                     't_ici_exposed_s': per_op.t_ici_exposed_s, 'dot_flops_per_chip': per_op.dot_flops,
-                     'executed': per_op.executed, 'dcn_collectives': per_op.dcn_collectives}
-  floor = {'t_step_s': per_op.t_floor_s}
-  cycles = {'cycles': per_op.cycles, 'clock_hz': chip.clock_hz,
-            't_step_s': per_op.cycles / chip.clock_hz if chip.clock_hz else float('nan'),
-            'missing_executions': per_op.cycles_missing, 'missing_ops': per_op.cycles_missing_ops}
+  per_op_estimate, floor, cycles = tpu_report.per_op_fields(per_op, chip)
   if per_op.dcn_collectives:
     notes = notes + [f'{per_op.dcn_collectives} collective runs cross slices (DCN): not in the per-op ICI term']
   if hbm.unknown_trip_counts:

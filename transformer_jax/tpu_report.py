@@ -666,6 +666,18 @@ def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: t
                sum(missing.values()), dict(missing.most_common()))
 
 
+def per_op_fields(per_op: PerOp, chip) -> tuple[dict, dict, dict]:
+  """ProgramReport's per_op, floor and libtpu_cycles dicts (times only: the caller adds tokens/s and MFU)."""
+  estimate = {'t_step_s': per_op.t_per_op_s, 't_floor_s': per_op.t_floor_s, 't_compute_s': per_op.t_compute_s,
+              't_hbm_s': per_op.t_hbm_s, 't_ici_s': per_op.t_ici_s, 't_ici_exposed_s': per_op.t_ici_exposed_s,
+              'dot_flops_per_chip': per_op.dot_flops, 'executed': per_op.executed,
+              'dcn_collectives': per_op.dcn_collectives}
+  cycles = {'cycles': per_op.cycles, 'clock_hz': chip.clock_hz,
+            't_step_s': per_op.cycles / chip.clock_hz if chip.clock_hz else float('nan'),
+            'missing_executions': per_op.cycles_missing, 'missing_ops': per_op.cycles_missing_ops}
+  return estimate, {'t_step_s': per_op.t_floor_s}, cycles
+
+
 def summarize(found: list[Collective]) -> dict:
   """{kind: {count, executions, bytes, ici_bytes, dcn_bytes, by_axes: {'fsdp': count, ...}, crossing_slices}}.
 
