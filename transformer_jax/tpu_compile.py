@@ -219,7 +219,6 @@ def _param_shapes(params) -> dict[str, tuple]:
 def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slices: int, compile_s: float,
             state, batch, notes: list[str]) -> tpu_report.ProgramReport:
   """The per-chip figures of a compiled program (memory, cost, collectives) and their roofline estimate."""
-  import jax  # pylint: disable=g-import-not-at-top
   config, chip, chips = setup.config, topology.chip, topology.chips * num_slices
   stats = compiled.memory_analysis()
   state_bytes, batch_bytes = _shard_bytes(state), _shard_bytes(batch)

@@ -779,8 +779,8 @@ def format_report(r: ProgramReport) -> list[str]:
   rate = lambda d: (f"{d['t_step_s'] * 1e3:.2f} ms, {d['tokens_per_s']:,.0f} target tokens/s, MFU {d['mfu'] * 100:.1f}%"
                     if r.tokens_per_step else f"{d['t_step_s'] * 1e3:.2f} ms")
   if p:
-    lines.append(f'  ESTIMATE per-op roofline (headline: each executed instruction takes max(dot FLOPs / bf16 peak, HBM '
-                 f'bytes / bandwidth), collectives what their overlap leaves exposed): {rate(p)}')
+    lines.append('  ESTIMATE per-op roofline (headline: each executed instruction takes max(dot FLOPs / bf16 peak, '
+                 f'HBM bytes / bandwidth), collectives what their overlap leaves exposed): {rate(p)}')
     lines.append(f"    terms: dot FLOPs {p['t_compute_s'] * 1e3:.2f} ms, HBM {p['t_hbm_s'] * 1e3:.2f} ms, ICI "
                  f"{p['t_ici_s'] * 1e3:.2f} ms of which {p['t_ici_exposed_s'] * 1e3:.2f} ms exposed "
                  f"({p['executed']:,} instructions executed)")
