@@ -61,13 +61,13 @@ CHIPS = {
 
 
 def roofline(chip: Chip, flops_per_chip: float, hbm_bytes_per_chip: float, ici_bytes_per_chip: float) -> dict:
-  """ESTIMATED step time: t_step = max(flops / peak_bf16, hbm bytes / hbm_bw, ici bytes / ici_bw), per chip.
+  """The CEILING step time: t_step = max(flops / peak_bf16, hbm bytes / hbm_bw, ici bytes / ici_bw), per chip.
 
   Optimistic: it assumes the three overlap perfectly and every FLOP runs at the bf16 peak (float32 matmuls do not).
   The `compile` command passes max(XLA's FLOPs, model FLOPs / chips) (XLA counts a loop body once) and
-  tpu_report.hbm_traffic's HBM estimate (HBM-resident operands and results after memory-space assignment), and
-  also reports the bound with XLA's 'bytes accessed' as HBM bytes, which counts VMEM-resident operands too
-  (pessimistic). No overlap would make the real time higher.
+  tpu_report.hbm_traffic's HBM estimate, and also reports it with XLA's 'bytes accessed' as HBM bytes (which counts
+  VMEM-resident operands too: still a perfect-overlap figure, not a bound). The headline is
+  tpu_report.per_op_times (instruction by instruction); no overlap at all is its floor.
   """
   times = {'compute': flops_per_chip / chip.peak_bf16_flops, 'hbm': hbm_bytes_per_chip / chip.hbm_bytes_per_s,
            'ici': ici_bytes_per_chip / chip.ici_bytes_per_s}

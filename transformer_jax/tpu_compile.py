@@ -245,7 +245,7 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   # floor of the work; HBM is the estimate from the HLO after memory-space assignment, not XLA's bytes accessed
   compute = max(flops, model_flops / chips)
   estimate = tpu_chips.roofline(chip, compute, hbm.bytes, ici)
-  estimate_xla_bytes = tpu_chips.roofline(chip, compute, accessed, ici)  # pessimistic: every XLA byte from HBM
+  estimate_xla_bytes = tpu_chips.roofline(chip, compute, accessed, ici)  # the ceiling if every XLA byte were HBM
   per_op = tpu_report.per_op_times(hlo, chip, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices,
                                    torus=topology.torus)
   per_op_estimate, floor, cycles = tpu_report.per_op_fields(per_op, chip)
