@@ -102,6 +102,21 @@ def test_a_bad_flag_is_refused_before_jax_and_nothing_is_written(tmp_path, args,
   assert sorted(os.listdir(tmp_path)) == ['workdir'] and os.listdir(workdir) == ['keep.txt']
 
 
+@pytest.mark.parametrize('command, flag, choices', [
+    ('evaluate', '--quantize=int4', '<none|int8>'),
+    ('translate', '--quantize=INT8', '<none|int8>'),
+    ('generate', '--weights_dtype=float16', '<float32|bfloat16>'),
+    ('evaluate', '--weights_dtype=bf16', '<float32|bfloat16>'),
+])
+def test_a_bad_weights_choice_is_refused_before_jax_naming_the_choices(tmp_path, command, flag, choices):
+  workdir = tmp_path / 'workdir'
+  workdir.mkdir()
+  result = run_cli(command, f'--workdir={workdir}', flag, stdin='a prompt\n')
+  assert result.returncode == 2
+  assert one_error_line(result) == f'error: flag {flag}: value should be one of {choices}', result.stderr
+  assert 'jax imported: False' in result.stdout and os.listdir(workdir) == []
+
+
 @pytest.mark.parametrize('command', ['evaluate', 'translate', 'generate', 'export'])
 def test_a_workdir_without_checkpoints_is_refused_before_jax(tmp_path, command):
   extra = ['--format=msgpack', f'--out={tmp_path / "out.msgpack"}'] if command == 'export' else []

@@ -3,6 +3,8 @@ matmul, and a model that keeps its logits and its greedy outputs with int8 or bf
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,135 @@ def test_int8_and_bfloat16_weights_keep_logits_and_greedy_outputs(seed):
   # an int8 grid coarser than the weights' own values would show: a 4-level grid is far off
   coarse = jax.tree.map(lambda x: np.round(x * 2) / 2 if x.ndim >= 2 else x, params)
   assert np.abs(_logits(coarse, cfg, inputs, targets) - reference).mean() / spread > 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# translate / evaluate / generate --quantize / --weights_dtype: the weights the decoder is given
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """A checkpointed translation workdir with a random model (test_inference's), in seconds."""
+  import json
+  import os
+  from transformer_jax import checkpoint as checkpoint_lib
+  from transformer_jax import optim
+  from transformer_jax import parallel
+  from transformer_jax import train as train_lib
+  from transformer_jax.data import sources
+  from transformer_jax.data import tokenizer as tokenizer_lib
+  import test_inference
+  config = test_inference._config()  # pylint: disable=protected-access
+  workdir = str(tmp_path_factory.mktemp('run'))
+  pairs = sources.load_text_pairs(config.dataset, config.train_split, source_lang=config.source_lang,
+                                  target_lang=config.target_lang, max_examples=400, cache_dir=workdir)
+  tokenizer_lib.load_or_train_tokenizer(os.path.join(workdir, 'spm.model'), lambda: (x for p in pairs for x in p),
+                                        config.model.vocab_size)
+  mesh = parallel.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    state, _ = train_lib.create_sharded_state(Transformer(train_lib.model_config(config)),
+                                              optim.make_optimizer(config), config, mesh, jax.random.key(1))
+  checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
+  checkpointer.save(7, state, {}, json.loads(config.to_json_best_effort()), force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  return workdir
+
+
+SENTENCES = ['one', 'two hundred', 'fifty-five thousand four hundred and twelve', 'seven million', 'three',
+             'eighty-one', 'four thousand', 'twelve', 'six', 'forty', 'ten thousand and one', 'five', 'eleven',
+             'nine hundred and ninety-nine', 'thirty-three', 'one hundred and five', 'twenty-one', 'sixty',
+             'eight thousand and eight', 'two million three hundred']
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _spy_translations(workdir, **weights):
+  """Greedy translations of SENTENCES through translate_workdir, and the parameters the decoder was given."""
+  from transformer_jax import evaluation
+  from transformer_jax import inference
+  seen = []
+  original = evaluation.translate_ids
+
+  def spy(params, *args, **kwargs):
+    seen.append(params)
+    return original(params, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluation, 'translate_ids', spy)
+    out = inference.translate_workdir(workdir, None, SENTENCES, beam_size=1, **weights)
+  assert len(seen) == 1
+  return out, _flat(seen[0])
+
+
+@pytest.fixture(scope='module')
+def float32_run(workdir):
+  return _spy_translations(workdir)
+
+
+@pytest.mark.parametrize('weights_dtype', ['float32', 'bfloat16'])
+def test_the_decoder_runs_int8_grid_weights_and_keeps_most_translations(workdir, float32_run, weights_dtype):
+  reference, params = float32_run
+  out, seen = _spy_translations(workdir, quantize='int8', weights_dtype=weights_dtype)
+  assert sorted(seen) == sorted(params)
+  quantized = 0
+  for name, w in params.items():
+    got = seen[name]
+    if name.endswith(("['kernel']", "['embedding']")):
+      axes = (0, 1) if "['out']['kernel']" in name and w.ndim == 3 else (0,) if 'kernel' in name else (1,)
+      scale = np.abs(w).max(axis=axes, keepdims=True) / 127
+      assert str(got.dtype) == weights_dtype, name
+      on_grid = np.clip(np.round(w / scale), -127, 127) * scale  # within scale / 2 of w: the property tests above
+      one_step = 1e-6 if weights_dtype == 'float32' else 2.0 ** -7  # bfloat16: within one of its own steps
+      np.testing.assert_allclose(got.astype(np.float32), on_grid.astype(got.dtype).astype(np.float32), rtol=one_step,
+                                 atol=0, err_msg=name)
+      assert not np.array_equal(got, w), name  # the rounding happened
+      quantized += 1
+    else:  # norms, biases, positions: untouched
+      np.testing.assert_array_equal(got, w, err_msg=name)
+  assert quantized >= 10
+  assert len(set(reference)) > 5  # the model's outputs depend on the input: agreement is not vacuous
+  same = np.mean([a == b for a, b in zip(out, reference)])
+  print(f'int8 {weights_dtype}: {same:.2f} of the greedy translations equal float32\'s')
+  assert same >= 0.7, list(zip(out, reference))
+
+
+def test_bfloat16_weights_are_the_float32_ones_rounded(workdir, float32_run):
+  reference, params = float32_run
+  out, seen = _spy_translations(workdir, weights_dtype='bfloat16')
+  bf16 = [n for n in params if n.endswith(("['kernel']", "['embedding']"))]
+  assert bf16 and all(seen[n].dtype == jnp.bfloat16 for n in bf16)
+  for name, w in params.items():
+    np.testing.assert_array_equal(seen[name], w.astype(seen[name].dtype), err_msg=name)
+  same = np.mean([a == b for a, b in zip(out, reference)])
+  print(f'bfloat16: {same:.2f} of the greedy translations equal float32\'s')
+  assert same >= 0.8, list(zip(out, reference))
+
+
+def test_the_choices_the_cli_names_without_jax_are_decoding_params_choices():
+  from transformer_jax import commands
+  assert commands.QUANTIZE_CHOICES == quantize.QUANTIZE_CHOICES
+  assert commands.WEIGHTS_DTYPES == quantize.WEIGHTS_DTYPES
+  with pytest.raises(ValueError, match='int4'):
+    quantize.decoding_params({}, 'int4')
+
+
+def test_cli_evaluate_with_int8_weights_writes_what_the_int8_decoder_translates(workdir):
+  import os
+  import helpers
+  from transformer_jax import inference
+  from transformer_jax.data import sources
+  result = helpers.cli('evaluate', f'--workdir={workdir}', '--quantize=int8', '--beam_size=1')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert re.fullmatch(r'bleu=\S+ chrf=\S+ exact_match=\S+', result.stdout.strip().splitlines()[-1]), result.stdout
+  loaded = inference.load_workdir(workdir, quantize='int8')
+  config = loaded.config
+  pairs = sources.load_text_pairs(config.dataset, config.eval_split, source_lang=config.source_lang,
+                                  target_lang=config.target_lang, max_examples=config.get('max_eval_examples'),
+                                  cache_dir=workdir)
+  want = inference.translate_sentences(loaded, [s for s, _ in pairs], beam_size=1)
+  with open(os.path.join(workdir, f'hypotheses_{config.eval_split}_step7_int8.txt')) as f:
+    assert f.read().splitlines() == want
+  assert not os.path.exists(os.path.join(workdir, f'hypotheses_{config.eval_split}_step7.txt'))

@@ -64,13 +64,31 @@ def _decoding_flags(flags, evaluate: bool) -> None:  # pylint: disable=redefined
   flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
 
 
+# quantize.QUANTIZE_CHOICES and quantize.WEIGHTS_DTYPES, here so that defining the flags imports no jax; a test
+# keeps the two equal.
+QUANTIZE_CHOICES = ('none', 'int8')
+WEIGHTS_DTYPES = ('float32', 'bfloat16')
+
+
+def _weights_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+  flags.DEFINE_enum('quantize', 'none', list(QUANTIZE_CHOICES), 'int8: every matmul kernel and the embedding rounded '
+                    'to a symmetric per-output-channel int8 grid (scale max|w|/127) after loading, then run by the '
+                    'usual float model: this measures the quality of int8 weights, not their speed (no int8 '
+                    'kernels run). Norms, biases and positions stay float32.')
+  flags.DEFINE_enum('weights_dtype', 'float32', list(WEIGHTS_DTYPES), 'Dtype those weights are stored in after '
+                    'loading (bfloat16: half the bytes; with --quantize=int8, the int8 weights dequantized to '
+                    'bfloat16). The activations keep the config\'s model.dtype.')
+
+
 def _evaluate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   _decoding_flags(flags, evaluate=True)
+  _weights_flags(flags)
   flags.DEFINE_string('split', None, 'Held-out split to score (default: the config\'s eval_split).')
 
 
 def _translate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   _decoding_flags(flags, evaluate=False)
+  _weights_flags(flags)
   flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin); writes one translation '
                       'per line, in input order (a progress bar on stderr for files). Empty lines give empty '
                       'translations; inputs longer than the config\'s max_length tokens are truncated; '
@@ -395,13 +413,15 @@ def _evaluate() -> None:
   from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top
   config = _run_config(FLAGS.workdir)
   if lm_inference.is_language_model_workdir(FLAGS.workdir, config):
-    results = lm_inference.evaluate_workdir(FLAGS.workdir, config, split=FLAGS.split)
+    results = lm_inference.evaluate_workdir(FLAGS.workdir, config, split=FLAGS.split, quantize=FLAGS.quantize,
+                                            weights_dtype=FLAGS.weights_dtype)
     print(f"eval_nll={results['eval_nll']:.4f} eval_accuracy={results['eval_accuracy']:.4f}")
     print(f"perplexity={results['perplexity']:.4f} bits_per_byte={results['bits_per_byte']:.4f}", flush=True)
     return
   results = inference.evaluate_workdir(FLAGS.workdir, config, split=FLAGS.split, beam_size=FLAGS.beam_size,
                                        alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
-                                       length_penalty=FLAGS.length_penalty)
+                                       length_penalty=FLAGS.length_penalty, quantize=FLAGS.quantize,
+                                       weights_dtype=FLAGS.weights_dtype)
   print(' '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
 
 
@@ -416,7 +436,8 @@ def _translate() -> None:
     lines = sys.stdin.read().splitlines()
   for line in inference.translate_workdir(FLAGS.workdir, _run_config(FLAGS.workdir), lines, beam_size=FLAGS.beam_size,
                                           alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
-                                          progress=bool(FLAGS.input), length_penalty=FLAGS.length_penalty):
+                                          progress=bool(FLAGS.input), length_penalty=FLAGS.length_penalty,
+                                          quantize=FLAGS.quantize, weights_dtype=FLAGS.weights_dtype):
     sys.stdout.write(line + '\n')
   sys.stdout.flush()
 
@@ -498,6 +519,7 @@ def _generate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set of tokens whose probability reaches top_p.')
   flags.DEFINE_integer('seed', 0, 'Random seed: the same seed gives the same samples.')
   flags.DEFINE_boolean('jsonl', False, 'One JSON object per prompt, {"prompt": ..., "completion": ...}.')
+  _weights_flags(flags)
 
 
 def _generate() -> None:

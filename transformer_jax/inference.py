@@ -12,14 +12,22 @@ from transformer_jax import decode as decode_lib
 from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import evaluation
 from transformer_jax import parallel
+from transformer_jax import quantize as quantize_lib
 from transformer_jax.data import sources
 from transformer_jax.workdir import Trained, Workdir
 
 
-def load_workdir(workdir: str, config=None) -> Trained:
+def load_workdir(workdir: str, config=None, *, quantize: str = 'none', weights_dtype: str = 'float32') -> Trained:
   """Newest good checkpoint of workdir (parameters only), onto this machine's mesh; config from the checkpoint
-  unless given."""
-  return Workdir(workdir).load(config)
+  unless given. quantize / weights_dtype: the weights decoding runs with (quantize.decoding_params)."""
+  loaded = Workdir(workdir).load(config)
+  loaded.params = quantize_lib.decoding_params(loaded.params, quantize, weights_dtype)
+  return loaded
+
+
+def weights_suffix(quantize: str = 'none', weights_dtype: str = 'float32') -> str:
+  """'' for the trained float32 weights, else e.g. '_int8_bfloat16': output files of other weights stay apart."""
+  return ''.join(f'_{v}' for v in (quantize, weights_dtype) if v not in ('none', 'float32'))
 
 
 def decode_length(loaded: Trained, longest_source: int) -> int:
@@ -65,17 +73,19 @@ def _batch_divisor(mesh) -> int:
   return mesh.shape['data'] * mesh.shape['fsdp']
 
 
-def translate_workdir(workdir: str, config, sentences: list[str], **kwargs) -> list[str]:
-  return translate_sentences(load_workdir(workdir, config), sentences, **kwargs)
+def translate_workdir(workdir: str, config, sentences: list[str], *, quantize: str = 'none',
+                      weights_dtype: str = 'float32', **kwargs) -> list[str]:
+  return translate_sentences(load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype), sentences,
+                             **kwargs)
 
 
 def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_size: int = 4, alpha: float = 0.6,
-                     **kwargs) -> dict[str, float]:
+                     quantize: str = 'none', weights_dtype: str = 'float32', **kwargs) -> dict[str, float]:
   """BLEU / chrF / exact match of the newest checkpoint on a held-out split (sacrebleu, cased, on the raw
   references), with beam search (keys bleu, chrf, exact_match) and, when beam_size > 1, greedy decoding too
   (keys bleu_greedy, ...). Hypotheses are written beside the checkpoints: WORKDIR/hypotheses_<split>_step<N>.txt
-  (beam) and ..._greedy.txt."""
-  loaded = load_workdir(workdir, config)
+  (beam) and ..._greedy.txt (other weights than the trained float32 ones: ..._step<N>_int8.txt etc.)."""
+  loaded = load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype)
   config = loaded.config
   split = split or config.eval_split
   pairs = sources.load_text_pairs(config.dataset, split, source_lang=config.source_lang,
@@ -83,6 +93,7 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_siz
                                   max_examples=config.get('max_eval_examples'),
                                   cache_dir=workdir if config.dataset.startswith('generated:') else None)
   sources_, references = [s for s, _ in pairs], [t for _, t in pairs]
+  weights = weights_suffix(quantize, weights_dtype)
   runs = [('', beam_size)] + ([('_greedy', 1)] if beam_size > 1 else [])
   results = {}
   for suffix, beams in runs:
@@ -90,7 +101,7 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_siz
     results.update({f'{k}{suffix}': v for k, v in evaluate_lib.text_metrics(
         hypotheses, references, config.get('bleu_tokenize', '13a')).items()})
     if jax.process_index() == 0:
-      path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{suffix}.txt')
+      path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{weights}{suffix}.txt')
       from transformer_jax import paths  # pylint: disable=g-import-not-at-top
       paths.write_text_atomic(path, '\n'.join(hypotheses) + '\n')
   return results

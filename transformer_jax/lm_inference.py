@@ -28,7 +28,8 @@ from transformer_jax.workdir import Workdir
 
 def run(FLAGS) -> None:  # pylint: disable=invalid-name
   prompts = [FLAGS.prompt.replace('\\n', '\n')] if FLAGS.prompt is not None else sys.stdin.read().splitlines()
-  loaded = inference.load_workdir(FLAGS.workdir, FLAGS.config)
+  loaded = inference.load_workdir(FLAGS.workdir, FLAGS.config, quantize=FLAGS.quantize,
+                                  weights_dtype=FLAGS.weights_dtype)
   if loaded.cfg.kind != 'decoder':
     raise ValueError(f'{FLAGS.workdir} holds a translation model; generate needs model.kind=decoder (use translate)')
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
@@ -56,10 +57,12 @@ def is_language_model_workdir(workdir: str, config=None) -> bool:
   return config.model.get('kind', 'encoder_decoder') == 'decoder'
 
 
-def evaluate_workdir(workdir: str, config=None, split: str | None = None) -> dict[str, float]:
+def evaluate_workdir(workdir: str, config=None, split: str | None = None, *, quantize: str = 'none',
+                     weights_dtype: str = 'float32') -> dict[str, float]:
   """Held-out per-token NLL, accuracy, perplexity and bits per byte of the newest checkpoint (every document of the
-  split, chunked and packed as in training)."""
-  loaded = inference.load_workdir(workdir, config)
+  split, chunked and packed as in training), with the weights quantize / weights_dtype give
+  (quantize.decoding_params)."""
+  loaded = inference.load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype)
   config = loaded.config
   docs = lm.load_documents(config, split or config.eval_split)
   if not docs:

@@ -15,6 +15,8 @@ Two uses:
   `dequantize_params` back to float32: a stored or shipped model, and the weights an int8 kernel consumes;
 - `fake_quantize(params)` -> float32 params holding exactly the int8-representable values, which the unchanged model
   runs: the quality of int8 weights, measured with today's decoders (not their speed).
+`decoding_params(params, quantize, weights_dtype)` is what translate / evaluate / generate run with --quantize and
+--weights_dtype (sharding kept).
 `int8_matmul(x, q, scale)` is the compute the speed comes from: activations quantized per row on the fly,
 int8 x int8 -> int32 (`preferred_element_type`, which XLA:CPU lowers to its VNNI/AMX int8 kernels), rescaled.
 """
@@ -104,6 +106,34 @@ def cast_params(params, dtype: Any = jnp.bfloat16, *, embeddings: bool = True):
   def cast(path, x):
     return jnp.asarray(x).astype(dtype) if _selected(_path_names(path), x, embeddings) else x
   return jax.tree_util.tree_map_with_path(cast, params)
+
+
+QUANTIZE_CHOICES = ('none', 'int8')
+WEIGHTS_DTYPES = ('float32', 'bfloat16')
+
+
+def decoding_params(params, quantize: str = 'none', weights_dtype: str = 'float32'):
+  """The parameters a decoder runs with: quantize='int8' puts every selected leaf on its int8 grid,
+  weights_dtype='bfloat16' stores the selected leaves in bfloat16 (with int8: the int8 weights dequantized to
+  bfloat16, as a weight-only int8 kernel feeding bfloat16 matmuls would see them). Other leaves are unchanged; each
+  leaf keeps its sharding."""
+  if quantize not in QUANTIZE_CHOICES:
+    raise ValueError(f'quantize={quantize!r}: expected one of {", ".join(QUANTIZE_CHOICES)}')
+  if weights_dtype not in WEIGHTS_DTYPES:
+    raise ValueError(f'weights_dtype={weights_dtype!r}: expected one of {", ".join(WEIGHTS_DTYPES)}')
+  if quantize == 'none' and weights_dtype == 'float32':
+    return params
+  dtype = jnp.dtype(weights_dtype)
+
+  def transform(tree):
+    if quantize == 'int8':
+      return dequantize_params(quantize_params(tree), dtype)
+    return cast_params(tree, dtype)
+
+  leaves = jax.tree.leaves(params)
+  if leaves and all(isinstance(x, jax.Array) for x in leaves):  # restored onto a mesh: the result stays there
+    return jax.jit(transform, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
+  return transform(params)
 
 
 def weight_bytes(tree) -> int:
