@@ -7,6 +7,7 @@ bfloat16 operands).
 
   python benchmarks/bf16_training.py [--configs=configs/tiny.py,configs/lm_tiny.py] [--workdir=/tmp/bf16_runs]
                                      [--override=num_train_steps=100 ...]
+  python benchmarks/bf16_training.py --step_times_only   # the train steps alone, alternating dtypes in one process
 
 Goals (issue: bf16 training end to end): exact match within 1 point, bits/byte within 2%.
 
@@ -128,6 +129,37 @@ def compiled_train_hlo(config, platform: str | None = None) -> str:
   return jax.jit(train.make_train_step(model, tx, config)).lower(state, batch, rng).compile().as_text()
 
 
+def step_times(config, rounds: int = 3, steps: int = 20) -> dict[str, float]:
+  """Seconds per train step of config in float32 and bfloat16, timed in alternating rounds in this process (so a
+  shared machine's load falls on both alike): the median over rounds of each round's mean. Random token batches."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from transformer_jax import optim, train, train_state  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(3, config.model.vocab_size, size=(config.batch_size, v.shape[1]), dtype=np.int32)
+           for k, v in train_state.dummy_batch(config).items()}
+  runs = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.model.dtype = dtype
+    model = build_model(train_state.model_config(config))
+    tx = optim.make_optimizer(config)
+    state = jax.jit(lambda r: nn.meta.unbox(train_state.init_boxed_state(model, tx, config, r)))(jax.random.key(0))
+    step = jax.jit(train.make_train_step(model, tx, config))
+    state, _ = step(state, batch, jax.random.key(1))
+    jax.block_until_ready(state)
+    runs[dtype] = [step, state, []]
+  for _ in range(rounds):
+    for dtype, run in runs.items():
+      start = time.perf_counter()
+      for _ in range(steps):
+        run[1], metrics = run[0](run[1], batch, jax.random.key(1))
+      jax.block_until_ready(metrics)
+      run[2].append((time.perf_counter() - start) / steps)
+  return {dtype: float(np.median(run[2])) for dtype, run in runs.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the runs
 
@@ -174,9 +206,17 @@ def main() -> None:
   parser.add_argument('--configs', default='configs/tiny.py,configs/lm_tiny.py')
   parser.add_argument('--workdir', default='/tmp/bf16_runs')
   parser.add_argument('--override', action='append', default=[], help='config override for every run, KEY=VALUE')
+  parser.add_argument('--step_times_only', action='store_true',
+                      help='only time the train steps of both dtypes in alternating rounds (no training runs)')
   args = parser.parse_args()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   command = 'python ' + ' '.join(shlex.quote(a) for a in sys.argv)
+  if args.step_times_only:
+    for config_path in args.configs.split(','):
+      times = step_times(_load_config(config_path))
+      print(f"{config_path}: train step float32 {1e3 * times['float32']:.1f} ms, bfloat16 "
+            f"{1e3 * times['bfloat16']:.1f} ms (bfloat16/float32 {times['bfloat16'] / times['float32']:.2f})")
+    return
   rows = []
   for config_path in args.configs.split(','):
     name = os.path.splitext(os.path.basename(config_path))[0]
