@@ -40,7 +40,7 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
-import jax  # noqa: E402  pylint: disable=wrong-import-position,unused-import  (reads the JAX_* variables above)
+import jax  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import  (reads the JAX_* variables above)
 
 
 # `--dist loadfile` hands each worker whole files in collection order, which is alphabetical: test_train.py (its
