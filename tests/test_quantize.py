@@ -247,3 +247,15 @@ def test_cli_evaluate_with_int8_weights_writes_what_the_int8_decoder_translates(
   with open(os.path.join(workdir, f'hypotheses_{config.eval_split}_step7_int8.txt')) as f:
     assert f.read().splitlines() == want
   assert not os.path.exists(os.path.join(workdir, f'hypotheses_{config.eval_split}_step7.txt'))
+
+
+@pytest.mark.parametrize('command', ['translate', 'evaluate', 'generate'])
+def test_help_names_the_weight_choices_once_and_says_int8_measures_quality(command):
+  from absl import flags
+  from transformer_jax import commands
+  fv = flags.FlagValues()
+  names = commands.define_flags(command, fv, argv=['transformer-jax', command])
+  text = commands.help_text(command, names, fv)
+  assert re.search(r'^  --quantize=<none\|int8>: int8: ', text, re.M), text
+  assert re.search(r'^  --weights_dtype=<float32\|bfloat16>: \w', text, re.M), text
+  assert 'quality of int8 weights, not their speed' in ' '.join(text.split())

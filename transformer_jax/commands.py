@@ -182,14 +182,17 @@ def define_flags(command: str, fv: flags.FlagValues = FLAGS, argv: list[str] | N
 
 def _flag_line(flag) -> str:
   parser = getattr(flag, 'parser', None)
+  choices = getattr(parser, 'enum_values', None)
+  text = flag.help
   if flag.flag_type() == 'bool':
     name = f'--[no]{flag.name}'
-  elif getattr(parser, 'enum_values', None):
-    name = f'--{flag.name}=<{"|".join(parser.enum_values)}>'
+  elif choices:
+    name = f'--{flag.name}=<{"|".join(choices)}>'
+    text = text.removeprefix(f'<{"|".join(choices)}>: ')  # absl's enum help starts with the choices: once is enough
   else:
     name = f'--{flag.name}'
   default = '' if flag.default is None or flag.name == 'config' else f' (default: {flag.default_as_str})'
-  text = f'{name}: {flag.help}{default}'
+  text = f'{name}: {text}{default}'
   return textwrap.fill(text, width=118, initial_indent='  ', subsequent_indent='      ')
 
 
