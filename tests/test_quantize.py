@@ -259,3 +259,26 @@ def test_help_names_the_weight_choices_once_and_says_int8_measures_quality(comma
   assert re.search(r'^  --quantize=<none\|int8>: int8: ', text, re.M), text
   assert re.search(r'^  --weights_dtype=<float32\|bfloat16>: \w', text, re.M), text
   assert 'quality of int8 weights, not their speed' in ' '.join(text.split())
+
+
+def test_generate_and_lm_evaluate_load_the_weights_they_are_given(monkeypatch):
+  """The language-model paths open the workdir through the same load_workdir, with the flags' values."""
+  import types
+  from transformer_jax import inference
+  from transformer_jax import lm_inference
+  asked = []
+
+  class Loaded(Exception):
+    pass
+
+  def load(workdir, config=None, **weights):
+    asked.append(weights)
+    raise Loaded
+
+  monkeypatch.setattr(inference, 'load_workdir', load)
+  flags = types.SimpleNamespace(prompt='x', workdir='w', config=None, quantize='int8', weights_dtype='bfloat16')
+  with pytest.raises(Loaded):
+    lm_inference.run(flags)
+  with pytest.raises(Loaded):
+    lm_inference.evaluate_workdir('w', None, quantize='int8', weights_dtype='float32')
+  assert asked == [{'quantize': 'int8', 'weights_dtype': 'bfloat16'}, {'quantize': 'int8', 'weights_dtype': 'float32'}]
