@@ -389,7 +389,8 @@ def test_sigterm_to_one_of_two_processes_saves_one_agreed_step(tmp_path, env, co
   workdir = str(tmp_path / 'workdir')
   seed_workdir(straight, workdir)
   process_env = dict(env, XLA_FLAGS=testenv.xla_flags(4))  # 2 x 4 = 8 devices
-  runs = [Run(workdir, process_env, f'--config.num_train_steps={NUM_STEPS * 5}', f'--process_id={i}',
+  # --verbosity=0: orbax's INFO line 'Reached preemption sync point' is the evidence both hosts agreed
+  runs = [Run(workdir, process_env, f'--config.num_train_steps={NUM_STEPS * 5}', f'--process_id={i}', '--verbosity=0',
               '--num_processes=2', f'--coordinator_address=127.0.0.1:{port}', config=config_path,
               log=str(tmp_path / f'process{i}')) for i in range(2)]
   try:
