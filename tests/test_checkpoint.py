@@ -28,7 +28,9 @@ from jax.sharding import PartitionSpec as P
 from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import optim
 from transformer_jax import parallel
+from transformer_jax import run_control
 from transformer_jax import train as train_lib
+from transformer_jax import train_state
 from transformer_jax import workdir as workdir_lib
 from transformer_jax.model import Transformer
 import helpers
@@ -256,11 +258,11 @@ def test_stop_if_not_finite_names_the_step_and_waits_for_pending_saves():
     def latest_step(self):
       return 8
 
-  train_lib._stop_if_not_finite({'loss': 1.0, 'grad_norm': 2.0}, 9, FakeCheckpointer())  # pylint: disable=protected-access
-  with pytest.raises(train_lib.NonFiniteLossError, match=r'loss=nan at step 10; .*last good checkpoint: step 8'):
-    train_lib._stop_if_not_finite({'loss': float('nan'), 'grad_norm': 1.0}, 10, FakeCheckpointer())  # pylint: disable=protected-access
-  with pytest.raises(train_lib.NonFiniteLossError, match=r'grad_norm=inf at step 11'):
-    train_lib._stop_if_not_finite({'loss': 1.0, 'grad_norm': float('inf')}, 11, FakeCheckpointer())  # pylint: disable=protected-access
+  run_control.stop_if_not_finite({'loss': 1.0, 'grad_norm': 2.0}, 9, FakeCheckpointer())  # pylint: disable=protected-access
+  with pytest.raises(run_control.NonFiniteLossError, match=r'loss=nan at step 10; .*last good checkpoint: step 8'):
+    run_control.stop_if_not_finite({'loss': float('nan'), 'grad_norm': 1.0}, 10, FakeCheckpointer())  # pylint: disable=protected-access
+  with pytest.raises(run_control.NonFiniteLossError, match=r'grad_norm=inf at step 11'):
+    run_control.stop_if_not_finite({'loss': 1.0, 'grad_norm': float('inf')}, 11, FakeCheckpointer())  # pylint: disable=protected-access
   assert calls == ['wait', 'wait']
 
 
@@ -269,9 +271,9 @@ def test_stop_if_not_finite_names_the_step_and_waits_for_pending_saves():
 
 
 def _train_pieces(config, mesh):
-  model = Transformer(train_lib.model_config(config))
+  model = Transformer(train_state.model_config(config))
   tx = optim.make_optimizer(config)
-  shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)
+  shardings = parallel.logical_shardings(train_state.state_logical_specs(model, tx, config), mesh)
   return model, tx, shardings
 
 
@@ -294,7 +296,7 @@ def test_checkpoint_from_a_2x2x2_mesh_restores_on_one_device_and_on_4x1x1_and_tr
     # Any values of the right shapes will do (and need no compilation): random floats, step 7.
     rng = np.random.default_rng(0)
     saved = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating)
-                         else np.full(a.shape, 7, a.dtype), train_lib.abstract_state(model, tx, config, shardings))
+                         else np.full(a.shape, 7, a.dtype), train_state.abstract_state(model, tx, config, shardings))
     state = jax.device_put(saved, shardings)
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))  # really sharded
     assert {x.sharding.spec for x in jax.tree.leaves(state.params)} >= {P('fsdp', 'tensor')}
@@ -310,7 +312,7 @@ def test_checkpoint_from_a_2x2x2_mesh_restores_on_one_device_and_on_4x1x1_and_tr
     target_mesh = parallel.make_mesh(target_config.mesh, devices=devices[:n])
     with jax.set_mesh(target_mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
       model, tx, shardings = _train_pieces(target_config, target_mesh)
-      abstract = train_lib.abstract_state(model, tx, target_config, shardings)
+      abstract = train_state.abstract_state(model, tx, target_config, shardings)
       checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
       restored, data_state, step = checkpointer.restore(abstract)
       checkpointer.close()

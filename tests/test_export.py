@@ -17,7 +17,7 @@ from configs import tiny
 from transformer_jax import decode
 from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import export
-from transformer_jax import train as train_lib
+from transformer_jax import train_state
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.model import Transformer, shift_right
 import helpers
@@ -39,7 +39,7 @@ def small_config(vocab_size: int = 64):
 def random_params(config, seed):
   """Every parameter random, layer-norm scales near 1 and biases near 0 (not exactly 1 and 0, or a mis-permuted
   one would not show). Shapes from jax.eval_shape: nothing to compile."""
-  model = Transformer(train_lib.model_config(config))
+  model = Transformer(train_state.model_config(config))
   dummy = jnp.ones((1, 4), jnp.int32)
   shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), dummy, dummy)['params'])
   rng = np.random.default_rng(seed)
@@ -339,7 +339,7 @@ def test_hf_marian_export_then_import_round_trips(source, tmp_path):
 def test_hf_marian_export_of_a_scan_layers_model_matches_the_loop(source):
   config = small_config()
   config.model.scan_layers = True
-  cfg = train_lib.model_config(config)
+  cfg = train_state.model_config(config)
   dummy = jnp.ones((1, 4), jnp.int32)
   shapes = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), dummy, dummy)['params'])
   stacked = dict(source.params)

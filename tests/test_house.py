@@ -103,6 +103,13 @@ def test_no_import_cycles():
   assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
 
 
+def test_only_the_cli_and_the_compile_check_import_the_trainer():
+  """Read-only tools (evaluate, translate, export, attention maps) reach evaluation.py, not the train step's module."""
+  graph = import_graph()
+  importers = {m for m, deps in graph.items() if 'transformer_jax.train' in deps}
+  assert importers == {'transformer_jax.commands', 'transformer_jax.tpu_compile'}, sorted(importers)
+
+
 def test_model_does_not_import_the_data_package():
   """Not directly, and not through another module: the model, decoding and the vocabulary run without files."""
   graph = import_graph()
@@ -168,14 +175,14 @@ def test_the_default_task_and_its_metrics_never_import_tensorflow(tmp_path):
   code = f'''
 import sys
 from configs import tiny
-from transformer_jax import train
+from transformer_jax import metrics
 from transformer_jax.data import pipeline
 config = tiny.get_config()
 config.update(max_train_examples=400, max_eval_examples=8, tokenizer_train_sentences=400)
 config.model.vocab_size = 96
 datasets = pipeline.build_datasets(config, {str(tmp_path)!r})
 next(datasets.train)
-train.MetricsWriter({str(tmp_path)!r}, enabled=True).write(1, {{'loss': 1.5}})
+metrics.MetricsWriter({str(tmp_path)!r}, enabled=True).write(1, {{'loss': 1.5}})
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets'))
 print('tensorflow modules:', loaded)
 '''

@@ -23,7 +23,7 @@ from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import inference
 from transformer_jax import optim
 from transformer_jax import parallel
-from transformer_jax import train as train_lib
+from transformer_jax import train_state
 from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
@@ -50,10 +50,10 @@ def workdir(tmp_path_factory):
   tokenizer_lib.load_or_train_tokenizer(os.path.join(workdir, 'spm.model'), lambda: (x for p in pairs for x in p),
                                         config.model.vocab_size)
   mesh = parallel.make_mesh(config.mesh)
-  model = Transformer(train_lib.model_config(config))
+  model = Transformer(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    state, _ = train_lib.create_sharded_state(model, tx, config, mesh, jax.random.key(1))
+    state, _ = train_state.create_sharded_state(model, tx, config, mesh, jax.random.key(1))
   checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
   checkpointer.save(7, state, {}, json.loads(config.to_json_best_effort()), force=True)
   checkpointer.wait()

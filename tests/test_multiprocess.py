@@ -146,8 +146,9 @@ def _worker_train(out_dir):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   import test_parallel  # pylint: disable=g-import-not-at-top
+  from transformer_jax import evaluation  # pylint: disable=g-import-not-at-top
   from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax import train_state  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
 
@@ -193,11 +194,11 @@ def _worker_train(out_dir):
   rows = parallel.process_batch_rows(mesh, config.batch_size)
   whole = [{k: v[rows] for k, v in b.items()}
            for b in pipeline.eval_batches(examples, batch_size=config.batch_size, **lengths)]
-  model = Transformer(train_lib.model_config(config))
+  model = Transformer(train_state.model_config(config))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    eval_step = jax.jit(train_lib.make_eval_step(model, config))
-    result['eval_split'] = train_lib.evaluate_loss(eval_step, state.params, local_batches, mesh)
-    result['eval_whole'] = train_lib.evaluate_loss(eval_step, state.params, whole, mesh)
+    eval_step = jax.jit(evaluation.make_eval_step(model, config))
+    result['eval_split'] = evaluation.evaluate_loss(eval_step, state.params, local_batches, mesh)
+    result['eval_whole'] = evaluation.evaluate_loss(eval_step, state.params, whole, mesh)
 
   # A mesh whose batch axes are coarser than the processes: a clear error, not silently wrong data.
   try:

@@ -15,6 +15,7 @@ from transformer_jax import info
 from transformer_jax import optim
 from transformer_jax import parallel
 from transformer_jax import train as train_lib
+from transformer_jax import train_state
 from transformer_jax.model import build_model
 
 NUM_STEPS = 3
@@ -72,13 +73,13 @@ def run_steps(config, mesh, batches):
 
   Each process feeds only the rows of each global batch that its devices hold (parallel.process_batch_rows).
   """
-  model = build_model(train_lib.model_config(config))
+  model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   losses = []
   rows = parallel.process_batch_rows(mesh, config.batch_size)
   local = lambda batch: {k: v[rows] for k, v in batch.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    state, shardings = train_lib.create_sharded_state(model, tx, config, mesh, jax.random.key(config.seed))
+    state, shardings = train_state.create_sharded_state(model, tx, config, mesh, jax.random.key(config.seed))
     initial = host_params(state.params)  # before the first step donates the state
     step = train_lib.jit_train_step(model, tx, config, mesh, shardings)
     for batch in batches:

@@ -24,8 +24,11 @@ from benchmarks import pipeline_throughput  # noqa: E402
 from benchmarks import train_throughput  # noqa: E402
 from configs import lm_tiny  # noqa: E402
 from configs import tiny  # noqa: E402
+from transformer_jax import evaluation
 from transformer_jax import parallel  # noqa: E402
+from transformer_jax import run_control
 from transformer_jax import train as train_lib  # noqa: E402
+from transformer_jax import train_state
 from transformer_jax.model import LanguageModel, ModelConfig, Transformer  # noqa: E402
 import helpers  # noqa: E402
 
@@ -55,7 +58,7 @@ def _loss_and_grads(cfg, params, batch):
   def loss_fn(p):
     logits = model.apply({'params': p}, **{k: jnp.asarray(v) for k, v in batch.items()}, deterministic=True)
     weights = (jnp.asarray(batch['targets']) != 0).astype(jnp.float32)
-    sums = train_lib.cross_entropy_sums(logits, jnp.asarray(batch['targets']), weights, 0.1)
+    sums = evaluation.cross_entropy_sums(logits, jnp.asarray(batch['targets']), weights, 0.1)
     return sums['loss_sum'] / sums['weight_sum']
 
   return jax.jit(jax.value_and_grad(loss_fn))(params)
@@ -87,7 +90,7 @@ def test_bfloat16_loss_within_tolerance_of_float32():
 def test_bfloat16_config_string_is_accepted():
   config = tiny.get_config()
   config.model.dtype = 'bfloat16'
-  assert train_lib.model_config(config).dtype == jnp.bfloat16
+  assert train_state.model_config(config).dtype == jnp.bfloat16
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,10 +138,10 @@ def _train_config(**overrides):
 
 def _one_step(config, params, batch, mesh, tx):
   """One jitted, sharded train step (train.jit_train_step) from `params`; returns (new params, metrics)."""
-  model = Transformer(train_lib.model_config(config))
+  model = Transformer(train_state.model_config(config))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    shardings = parallel.logical_shardings(train_lib.state_logical_specs(model, tx, config), mesh)
-    state = train_lib.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
+    shardings = parallel.logical_shardings(train_state.state_logical_specs(model, tx, config), mesh)
+    state = train_state.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
     state = jax.device_put(state, shardings)
     step = train_lib.jit_train_step(model, tx, config, mesh, shardings)
     new_state, metrics = step(state, parallel.global_batch(batch, mesh), jax.random.key(1))
@@ -156,7 +159,7 @@ def plain_step(mesh):
   """The reference: one SGD step on the whole batch, unrolled layers, no remat, no accumulation."""
   config = _train_config()
   batch = _batch(rows=16, inputs_length=16, targets_length=12, seed=3)
-  params = _init(train_lib.model_config(config), batch)
+  params = _init(train_state.model_config(config), batch)
   return config, params, batch, _one_step(config, params, batch, mesh, optax.sgd(1.0))
 
 
@@ -177,7 +180,7 @@ def test_train_step_metrics_count_only_the_real_target_tokens(plain_step):
   real = np.asarray(batch['targets_segmentation']) > 0
   assert 0 < real.sum() < real.size  # the batch has padding
   assert metrics['tokens'] == real.sum()
-  logits = jax.jit(Transformer(train_lib.model_config(config)).apply)(
+  logits = jax.jit(Transformer(train_state.model_config(config)).apply)(
       {'params': params}, **{k: jnp.asarray(v) for k, v in batch.items()})
   hits = np.argmax(np.asarray(logits), axis=-1) == np.asarray(batch['targets'])
   assert hits[real].any()  # so an accuracy that never counts a hit would show
@@ -192,8 +195,8 @@ def test_dropout_acts_in_the_train_step_only(plain_step, mesh):
   _, metrics_d = _one_step(dropped, params, batch, mesh, optax.sgd(1.0))
   assert abs(metrics_d['loss'] - metrics['loss']) > 1e-3 * metrics['loss'], (metrics_d['loss'], metrics['loss'])
   assert metrics_d['tokens'] == metrics['tokens']
-  model = Transformer(train_lib.model_config(dropped))
-  eval_step = jax.jit(train_lib.make_eval_step(model, dropped))
+  model = Transformer(train_state.model_config(dropped))
+  eval_step = jax.jit(evaluation.make_eval_step(model, dropped))
   sums = eval_step(params, {k: jnp.asarray(v) for k, v in batch.items()})
   assert float(sums['loss_sum'] / sums['weight_sum']) == pytest.approx(metrics['loss'], rel=1e-5)
 
@@ -312,7 +315,7 @@ def test_closed_form_loss_what_if_equals_the_train_loss():
   targets = jnp.asarray(rng.integers(0, 50, (3, 7)), jnp.int32)
   weights = jnp.asarray(rng.integers(0, 2, (3, 7)), jnp.float32)
   for ls in (0.0, 0.1):
-    want = train_lib.cross_entropy_sums(logits, targets, weights, ls)
+    want = evaluation.cross_entropy_sums(logits, targets, weights, ls)
     got = train_throughput.closed_form_cross_entropy_sums(logits, targets, weights, ls)
     for key in want:
       np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
@@ -351,7 +354,7 @@ def test_throughput_benchmark_runs_and_reports_mfu():
   assert results[1].paired_speedup == pytest.approx(statistics.median(b / t for b, t in zip(base, what_if)))
   # and the what-if is another program, not the train loss under a second name
   args = (jnp.zeros((2, 3, 8)), jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3)), 0.1)
-  assert str(jax.make_jaxpr(train_lib.cross_entropy_sums, static_argnums=3)(*args)) != str(
+  assert str(jax.make_jaxpr(evaluation.cross_entropy_sums, static_argnums=3)(*args)) != str(
       jax.make_jaxpr(train_throughput.closed_form_cross_entropy_sums, static_argnums=3)(*args))
   table = train_throughput.results_table(results)
   assert '| base |' in table and '| closed form |' in table
@@ -381,7 +384,7 @@ def test_pipeline_benchmark_measures_an_iterator():
 
 def test_profile_steps_writes_a_trace(tmp_path):
   assert tiny.get_config().profile_steps == ''
-  profiler = train_lib.Profiler('1,3', str(tmp_path))
+  profiler = run_control.Profiler('1,3', str(tmp_path))
   step_fn = jax.jit(lambda x: x @ x)
   x = jnp.ones((16, 16))
   with profiler:
@@ -391,11 +394,11 @@ def test_profile_steps_writes_a_trace(tmp_path):
       profiler.after_step(step + 1, x)
       assert profiler.active == (1 <= step < 2)
   assert glob.glob(str(tmp_path / 'profile' / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
-  assert not train_lib.Profiler('', str(tmp_path)).active
+  assert not run_control.Profiler('', str(tmp_path)).active
   with pytest.raises(ValueError):
-    train_lib.Profiler('5', str(tmp_path))
+    run_control.Profiler('5', str(tmp_path))
   with pytest.raises(ValueError):
-    train_lib.Profiler('3,3', str(tmp_path))
+    run_control.Profiler('3,3', str(tmp_path))
 
 
 _SHOW_TUNABLES = ('import os, sys; from transformer_jax import hugepages; hugepages.reexec_if_wanted(); '

@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from transformer_jax import decode
 from transformer_jax import quantize
+from transformer_jax import train_state
 from transformer_jax.model import ModelConfig, Transformer
 
 SHAPES = [((16, 48), (0,)), ((32, 4, 8), (0,)), ((4, 8, 32), (0, 1)), ((64, 16), (1,))]
@@ -129,7 +130,6 @@ def workdir(tmp_path_factory):
   from transformer_jax import checkpoint as checkpoint_lib
   from transformer_jax import optim
   from transformer_jax import parallel
-  from transformer_jax import train as train_lib
   from transformer_jax.data import sources
   from transformer_jax.data import tokenizer as tokenizer_lib
   import test_inference
@@ -141,7 +141,7 @@ def workdir(tmp_path_factory):
                                         config.model.vocab_size)
   mesh = parallel.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    state, _ = train_lib.create_sharded_state(Transformer(train_lib.model_config(config)),
+    state, _ = train_state.create_sharded_state(Transformer(train_state.model_config(config)),
                                               optim.make_optimizer(config), config, mesh, jax.random.key(1))
   checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
   checkpointer.save(7, state, {}, json.loads(config.to_json_best_effort()), force=True)

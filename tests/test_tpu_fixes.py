@@ -6,13 +6,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import base, big, tiny
+from transformer_jax import evaluation
 from transformer_jax import parallel
-from transformer_jax import train as train_lib
 from transformer_jax import train_state
 from transformer_jax.model import ModelConfig, Transformer, compute_dtype
 
@@ -69,7 +68,7 @@ def _random_case(seed, rows=4, length=8, vocab=64, scale=4.0):
 @pytest.mark.parametrize('label_smoothing', [0.0, 0.1])
 def test_loss_sums_match_the_dense_reference(seed, label_smoothing):
   logits, targets, weights = _random_case(seed)
-  got = jax.jit(train_lib.cross_entropy_sums, static_argnums=3)(logits, targets, weights, label_smoothing)
+  got = jax.jit(evaluation.cross_entropy_sums, static_argnums=3)(logits, targets, weights, label_smoothing)
   want = _reference_sums(logits, targets, weights, label_smoothing)
   for k in want:
     np.testing.assert_allclose(float(got[k]), want[k], rtol=2e-5, err_msg=k)
@@ -79,12 +78,12 @@ def test_bfloat16_logits_give_the_float32_loss_of_the_same_values():
   """bfloat16 logits are read in float32: the loss equals the float32 loss of the same (rounded) values."""
   logits, targets, weights = _random_case(7)
   rounded = jnp.asarray(logits, jnp.bfloat16)
-  got = train_lib.cross_entropy_sums(rounded, targets, weights, 0.1)
-  want = train_lib.cross_entropy_sums(rounded.astype(jnp.float32), targets, weights, 0.1)
+  got = evaluation.cross_entropy_sums(rounded, targets, weights, 0.1)
+  want = evaluation.cross_entropy_sums(rounded.astype(jnp.float32), targets, weights, 0.1)
   for k in want:
     np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-6, err_msg=k)
   # and the gradient flows back in the logits' dtype
-  grad = jax.grad(lambda z: train_lib.cross_entropy_sums(z, targets, weights, 0.1)['loss_sum'])(rounded)
+  grad = jax.grad(lambda z: evaluation.cross_entropy_sums(z, targets, weights, 0.1)['loss_sum'])(rounded)
   assert grad.dtype == jnp.bfloat16
 
 
@@ -95,7 +94,7 @@ def test_loss_and_gradient_under_vocab_sharding_equal_the_unsharded_ones():
   logits, targets, weights = _random_case(3, rows=8, length=4, vocab=128)
 
   def loss_and_grad(z, t, w):
-    f = lambda z: train_lib.cross_entropy_sums(z, t, w, 0.1)['loss_sum']
+    f = lambda z: evaluation.cross_entropy_sums(z, t, w, 0.1)['loss_sum']
     return jax.value_and_grad(f)(z)
 
   want_loss, want_grad = jax.jit(loss_and_grad)(logits, targets, weights)

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from transformer_jax import evaluation
 from transformer_jax import optim
 from transformer_jax import parallel
+from transformer_jax import run_control
 from transformer_jax import train as train_lib
+from transformer_jax import train_state
 from transformer_jax.model import Transformer
 import helpers
 
@@ -52,7 +55,6 @@ def test_cooldown_ramps_the_schedule_linearly_to_zero_over_the_last_fraction(num
 
 
 def test_phase_clock_reports_each_phase_in_order_on_one_stderr_line(capsys):
-  from transformer_jax import run_control  # pylint: disable=g-import-not-at-top
   clock = run_control.PhaseClock()
   sum(range(300_000))
   clock.mark('data').mark('steps 2..8')
@@ -68,7 +70,7 @@ def test_label_smoothing_matches_direct_computation():
   targets = rng.integers(1, 11, (2, 5))
   weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
   ls = 0.1
-  sums = train_lib.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), ls)
+  sums = evaluation.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), ls)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   q = np.full_like(logits, ls / 11)
   np.put_along_axis(q, targets[..., None], 1 - ls + ls / 11, axis=-1)
@@ -81,9 +83,9 @@ def test_label_smoothing_matches_direct_computation():
 
 def _setup(config, devices=None):
   mesh = parallel.make_mesh(config.mesh, devices=devices or jax.devices()[:1])
-  model = Transformer(train_lib.model_config(config))
+  model = Transformer(train_state.model_config(config))
   tx = optim.make_optimizer(config)
-  state, shardings = train_lib.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
+  state, shardings = train_state.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
   return mesh, model, tx, state, shardings
 
 
@@ -116,7 +118,7 @@ def test_loss_is_normalised_by_real_target_tokens():
   """Padding positions add nothing: the same real tokens give the same loss whatever the padding."""
   config = small_config()
   _, model, _, state, _ = _setup(config)
-  eval_step = jax.jit(train_lib.make_eval_step(model, config))
+  eval_step = jax.jit(evaluation.make_eval_step(model, config))
   batch = _batch(config, pad_from=5)
   sums = eval_step(state.params, batch)
   assert float(sums['weight_sum']) == config.batch_size * 5
@@ -136,14 +138,14 @@ def test_train_step_updates_step_and_reports_finite_metrics():
 
 
 def test_stall_detector_fails_loudly_on_a_plateau_and_not_on_progress():
-  falling = train_lib.StallDetector(patience=100, warmup_steps=50)
+  falling = run_control.StallDetector(patience=100, warmup_steps=50)
   for step in range(0, 1000, 10):
     falling.update(step, 6.0 * 0.997**step + 0.5)
-  stuck = train_lib.StallDetector(patience=100, warmup_steps=50)
-  with pytest.raises(train_lib.TrainingStalledError, match='stopped falling'):
+  stuck = run_control.StallDetector(patience=100, warmup_steps=50)
+  with pytest.raises(run_control.TrainingStalledError, match='stopped falling'):
     for step in range(0, 1000, 10):
       stuck.update(step, 3.0 + 0.001 * np.sin(step))
-  off = train_lib.StallDetector(patience=0, warmup_steps=50)
+  off = run_control.StallDetector(patience=0, warmup_steps=50)
   for step in range(0, 1000, 10):
     off.update(step, 3.0)
 

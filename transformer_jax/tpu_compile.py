@@ -21,6 +21,7 @@ import re
 import sys
 import time
 
+from transformer_jax import evaluation
 from transformer_jax import tpu_chips
 from transformer_jax import tpu_report
 
@@ -199,7 +200,7 @@ class _Setup:
         step = train.jit_train_step(self.model, self.tx, config, self.mesh, self.state_shardings)
         return step.lower(self.state, self.batch, self.rng), self.state, self.batch
       if program == 'eval':
-        return jax.jit(train.make_eval_step(self.model, config)).lower(params, self.batch), params, self.batch
+        return jax.jit(evaluation.make_eval_step(self.model, config)).lower(params, self.batch), params, self.batch
       if program == 'greedy':
         return (decode.greedy_decode.lower(params, self.decode_inputs, cfg=self.cfg,
                                            max_decode_len=config.max_length), params, self.decode_inputs)

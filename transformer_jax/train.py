@@ -34,16 +34,6 @@ BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation'
               'targets_position')
 
 
-# The state and its construction live in train_state.py (workdir.py uses them too); these names are the trainer's API.
-TrainState = train_state.TrainState
-model_config = train_state.model_config
-dummy_batch = train_state.dummy_batch
-state_logical_specs = train_state.state_logical_specs
-create_sharded_state = train_state.create_sharded_state
-abstract_state = train_state.abstract_state
-count_params = train_state.count_params
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Loss and steps
 
@@ -65,7 +55,7 @@ def make_train_step(model: Transformer, tx, config):
 
   grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
 
-  def train_step(state: TrainState, batch, rng):
+  def train_step(state: train_state.TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     if accum == 1:
       (_, sums), grads = grad_fn(state.params, batch, rng)
@@ -95,7 +85,7 @@ def make_train_step(model: Transformer, tx, config):
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state.step),
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return train_state.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
@@ -107,22 +97,8 @@ def jit_train_step(model, tx, config, mesh, state_shardings):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The run: setup -> steps -> final evaluation. Metrics files, signals and between-step checks have their own modules;
-# their names stay importable from here.
+# The run: setup -> steps -> final evaluation. Metrics files, signals and between-step checks have their own modules.
 
-cross_entropy_sums = evaluation.cross_entropy_sums
-make_eval_step = evaluation.make_eval_step
-translate_ids = evaluation.translate_ids
-evaluate_loss = evaluation.evaluate_loss
-Preempted = preemption_lib.Preempted
-NonFiniteLossError = run_control.NonFiniteLossError
-TrainingStalledError = run_control.TrainingStalledError
-StallDetector = run_control.StallDetector
-Profiler = run_control.Profiler
-_stop_if_not_finite = run_control.stop_if_not_finite
-MetricsWriter = metrics_lib.MetricsWriter
-read_metrics = metrics_lib.read_metrics
-plot_curves = metrics_lib.plot_curves
 
 
 def _config_json(config) -> dict:
@@ -152,7 +128,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         raise
       logging.info('stopping after a signal; the exception it became: %r', e)
       return preemption_lib.stop_preempted(preemption)
-    except Preempted:
+    except preemption_lib.Preempted:
       return preemption_lib.stop_preempted(preemption)
 
 
@@ -182,7 +158,7 @@ def _train_and_evaluate(config, workdir: str, preemption: preemption_lib.Preempt
     final = _final_evaluation(run, final, writer, preemption)
     clock.mark('final evaluation')
   if run.is_chief:
-    plot_curves(workdir, paths.join(workdir, 'curves.png'))
+    metrics_lib.plot_curves(workdir, paths.join(workdir, 'curves.png'))
     clock.report()
   return final
 
@@ -200,9 +176,9 @@ def _checked_resumable(config, workdir: str, mesh, tx):
   """The state's shardings and abstract shape; refuses a checkpoint of another architecture or vocabulary in
   workdir before anything is written there (shapes do not depend on the tokenizer's special ids)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    model = build_model(model_config(config))
-    shardings = parallel.logical_shardings(state_logical_specs(model, tx, config), mesh)
-    abstract = abstract_state(model, tx, config, shardings)
+    model = build_model(train_state.model_config(config))
+    shardings = parallel.logical_shardings(train_state.state_logical_specs(model, tx, config), mesh)
+    abstract = train_state.abstract_state(model, tx, config, shardings)
   workdir_lib.Workdir(workdir).check_resumable(abstract)  # outside the mesh: its agreement is a host collective
   return shardings, abstract
 
@@ -227,7 +203,7 @@ class _Run:
 def _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption) -> _Run:
   """The model, the state (restored, or born sharded), the jitted step and the evaluator. Under the mesh context."""
   is_chief = jax.process_index() == 0
-  cfg = model_config(config, special_ids=data.tokenizer.special_ids)
+  cfg = train_state.model_config(config, special_ids=data.tokenizer.special_ids)
   model = build_model(cfg)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   checkpointer = workdir_lib.Workdir(workdir).checkpointer(keep=config.keep_checkpoints,
@@ -239,9 +215,9 @@ def _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption) -> 
     if is_chief:
       print(f'resumed from step {restored_step}', flush=True)
   else:
-    state, _ = create_sharded_state(model, tx, config, mesh, init_rng)
+    state, _ = train_state.create_sharded_state(model, tx, config, mesh, init_rng)
   if is_chief:
-    logging.info('%d parameters; mesh %s', count_params(state.params), dict(mesh.shape))
+    logging.info('%d parameters; mesh %s', train_state.count_params(state.params), dict(mesh.shape))
   return _Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state,
               start_step=int(jax.device_get(state.step)),
               train_step=jit_train_step(model, tx, config, mesh, shardings), step_rng=step_rng,
@@ -272,9 +248,9 @@ def _train_steps(run: _Run, writer, preemption) -> dict[str, float]:
   compile_start, throughput = time.time(), run_control.Throughput()
   step = run.start_step
   pending, pending_counted = None, True
-  stall = StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
+  stall = run_control.StallDetector(int(config.get('stall_patience_steps', 0)), int(config.get('warmup_steps', 0)))
   preemption.phase = 'train'
-  with Profiler(config.get('profile_steps', ''), run.workdir) as profiler:
+  with run_control.Profiler(config.get('profile_steps', ''), run.workdir) as profiler:
     while step < num_steps:
       profiler.before_step(step)
       state, metrics = run.train_step(state, parallel.global_batch(next(run.data.train), run.mesh), run.step_rng)
@@ -291,7 +267,7 @@ def _train_steps(run: _Run, writer, preemption) -> dict[str, float]:
       # Read the previous step's metrics while this one runs: the host never waits on the device here.
       if pending is not None:
         last_train = {k: float(v) for k, v in jax.device_get(pending).items()}
-        _stop_if_not_finite(last_train, step - 1, checkpointer)
+        run_control.stop_if_not_finite(last_train, step - 1, checkpointer)
         throughput.tokens += last_train['tokens'] if pending_counted else 0.0
       pending, pending_counted = metrics, not first
       progress.update(1)
@@ -313,7 +289,7 @@ def _train_steps(run: _Run, writer, preemption) -> dict[str, float]:
       if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
         last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
         pending = None
-        _stop_if_not_finite(last_train, step, checkpointer, state)
+        run_control.stop_if_not_finite(last_train, step, checkpointer, state)
         checkpointer.save(step, state, run.data.train.get_state(), _config_json(config), force=True)
       if stop:
         checkpointer.wait()
