@@ -15,8 +15,8 @@ from flax import linen as nn
 
 from configs import tiny
 from transformer_jax import decode
-from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import export
+from transformer_jax import scores
 from transformer_jax import train_state
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.model import Transformer, shift_right
@@ -80,7 +80,7 @@ def source(workdir):
 @pytest.fixture(scope='module')
 def rows(source):
   tok = tokenizer_lib.Tokenizer.load(source.tokenizer_path)
-  return evaluate_lib.encode_sources(tok, SENTENCES, int(source.config.max_length))
+  return scores.encode_sources(tok, SENTENCES, int(source.config.max_length))
 
 
 def _greedy(params, cfg, rows, max_len):
@@ -252,11 +252,11 @@ def test_hf_marian_export_computes_our_function(source, rows, tmp_path):
   padded[:, :generated.shape[1]] = generated
   np.testing.assert_array_equal(padded, greedy)
   assert (greedy >= ours.vocab_size).any()  # ids without a piece occur (random model), and decode as ours do
-  assert tok.batch_decode(generated, skip_special_tokens=True) == evaluate_lib.decode_outputs(ours, greedy)
+  assert tok.batch_decode(generated, skip_special_tokens=True) == scores.decode_outputs(ours, greedy)
   with torch.no_grad():  # generation_config.json's defaults are greedy too
     full = model.generate(input_ids=torch.tensor(rows[:2], dtype=torch.long),
                           attention_mask=torch.tensor(rows[:2] != 0, dtype=torch.long))
-  assert tok.batch_decode(full, skip_special_tokens=True) == evaluate_lib.decode_outputs(ours, greedy[:2])
+  assert tok.batch_decode(full, skip_special_tokens=True) == scores.decode_outputs(ours, greedy[:2])
 
 
 def _random_marian(transformers, torch, vocab_size):

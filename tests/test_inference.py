@@ -19,10 +19,10 @@ from flax import linen as nn
 from configs import tiny
 from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import decode
-from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import inference
 from transformer_jax import optim
 from transformer_jax import parallel
+from transformer_jax import scores
 from transformer_jax import train_state
 from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tokenizer_lib
@@ -84,7 +84,7 @@ def test_translate_keeps_order_line_count_and_empty_lines(loaded, beam_size):
   assert permuted == [out[i] for i in perm]
   # and each line is what decoding its own source row gives
   real = [s for s in SENTENCES if s.strip()]
-  rows = evaluate_lib.encode_sources(loaded.tokenizer, real, loaded.config.max_length)
+  rows = scores.encode_sources(loaded.tokenizer, real, loaded.config.max_length)
   rows = np.pad(rows, ((0, 24 - len(rows)), (0, 0)))
   max_decode_len = inference.decode_length(loaded, int(np.max(np.sum(rows != PAD_ID, 1))))
   if beam_size == 1:
@@ -92,12 +92,12 @@ def test_translate_keeps_order_line_count_and_empty_lines(loaded, beam_size):
   else:
     tokens, _ = decode.beam_search(loaded.params, jnp.asarray(rows), cfg=loaded.cfg, beam_size=beam_size, alpha=0.6,
                                    max_decode_len=max_decode_len)
-  assert [o for o in out if o] == evaluate_lib.decode_outputs(loaded.tokenizer, tokens)[:len(real)]
+  assert [o for o in out if o] == scores.decode_outputs(loaded.tokenizer, tokens)[:len(real)]
 
 
 def test_long_inputs_truncated_and_unknown_characters_are_unk(loaded):
   config = loaded.config
-  rows = evaluate_lib.encode_sources(loaded.tokenizer, [SENTENCES[7], '日本 three ☃'], config.max_length)
+  rows = scores.encode_sources(loaded.tokenizer, [SENTENCES[7], '日本 three ☃'], config.max_length)
   assert rows[0, -1] == EOS_ID and np.all(rows[0] != PAD_ID)  # cut to max_length, EOS kept last
   assert UNK_ID in rows[1]
   assert inference.decode_length(loaded, 5) == config.max_length  # 5 + 50, capped at max_length

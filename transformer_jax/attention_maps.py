@@ -25,9 +25,9 @@ import numpy as np
 from flax import linen as nn
 
 from transformer_jax import evaluation
-from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import inference
 from transformer_jax import parallel
+from transformer_jax import scores
 from transformer_jax.model import Transformer
 
 KINDS = ('cross', 'encoder_self', 'decoder_self')
@@ -91,7 +91,7 @@ def compute(loaded, sentences: list[str], *, beam_size: int = 1, alpha: float = 
     raise ValueError(f'--beam_size must be >= 1, got {beam_size}')
   config, tokenizer = loaded.config, loaded.tokenizer
   special = tokenizer.special_ids
-  sources = evaluate_lib.encode_sources(tokenizer, sentences, config.max_length)
+  sources = scores.encode_sources(tokenizer, sentences, config.max_length)
   source_lengths = np.sum(sources != special.pad, axis=1)
   sources = sources[:, :int(source_lengths.max())]
   divisor = loaded.mesh.shape['data'] * loaded.mesh.shape['fsdp']

@@ -16,10 +16,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from transformer_jax import decode as decode_lib
-from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import generate
 from transformer_jax import parallel
 from transformer_jax import paths
+from transformer_jax import scores
 from transformer_jax.model import LanguageModel, ModelConfig, Transformer
 
 
@@ -132,7 +132,7 @@ class Evaluator:
     # pair: gather them all (original order), so every process translates and scores the same set.
     eval_pairs = parallel.gather_process_shards(data.eval_pairs)
     self.num_bleu = min(len(eval_pairs), int(config.get('eval_translate_examples', 1000)))
-    self.sources = evaluate_lib.encode_sources(data.tokenizer, [s for s, _ in eval_pairs[:self.num_bleu]],
+    self.sources = scores.encode_sources(data.tokenizer, [s for s, _ in eval_pairs[:self.num_bleu]],
                                                config.max_length)
     self.references = [t for _, t in eval_pairs[:self.num_bleu]]
 
@@ -144,14 +144,14 @@ class Evaluator:
                  + (f', then greedy decoding of {self.num_bleu} sentences' if self.num_bleu else ''), file=sys.stderr)
     results = evaluate_loss(self.eval_step, params, self.batches, self.mesh)
     if self.is_lm:
-      results.update(evaluate_lib.lm_metrics(results['eval_nll'], self.data.eval_tokens, self.data.eval_bytes))
+      results.update(scores.lm_metrics(results['eval_nll'], self.data.eval_tokens, self.data.eval_bytes))
       self._samples(params, step)
     if self.num_bleu:
       tokens = translate_ids(params, self.sources, cfg=self.cfg, mesh=self.mesh,
                              batch_size=int(config.get('eval_translate_batch_size', 256)),
                              max_decode_len=config.max_length, progress=self.is_chief)
-      hypotheses = evaluate_lib.decode_outputs(self.data.tokenizer, tokens)
-      results.update(evaluate_lib.text_metrics(hypotheses, self.references, config.get('bleu_tokenize', '13a')))
+      hypotheses = scores.decode_outputs(self.data.tokenizer, tokens)
+      results.update(scores.text_metrics(hypotheses, self.references, config.get('bleu_tokenize', '13a')))
       if self.is_chief and write:
         paths.write_text_atomic(paths.join(self.workdir, f'eval_hypotheses_{step}.txt'), '\n'.join(hypotheses) + '\n')
     return results

@@ -9,10 +9,10 @@ import numpy as np
 from flax import linen as nn
 
 from transformer_jax import decode as decode_lib
-from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import evaluation
 from transformer_jax import parallel
 from transformer_jax import quantize as quantize_lib
+from transformer_jax import scores
 from transformer_jax.data import sources
 from transformer_jax.workdir import Trained, Workdir
 
@@ -53,7 +53,7 @@ def translate_sentences(loaded: Trained, sentences: list[str], *, beam_size: int
   out = [''] * len(sentences)
   if not keep:
     return out
-  rows = evaluate_lib.encode_sources(loaded.tokenizer, [sentences[i] for i in keep], config.max_length)
+  rows = scores.encode_sources(loaded.tokenizer, [sentences[i] for i in keep], config.max_length)
   lengths = np.sum(rows != loaded.tokenizer.special_ids.pad, axis=1)
   order = np.argsort(-lengths, kind='stable')
   rows = rows[order, :int(lengths.max())]  # no all-PAD columns: the encoder runs over real lengths only
@@ -64,7 +64,7 @@ def translate_sentences(loaded: Trained, sentences: list[str], *, beam_size: int
     tokens = evaluation.translate_ids(loaded.params, rows, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=batch_size,
                                      max_decode_len=decode_length(loaded, int(lengths.max())), progress=progress,
                                      beam_size=beam_size, alpha=alpha, penalty=length_penalty)
-  for j, text in zip(order, evaluate_lib.decode_outputs(loaded.tokenizer, tokens)):
+  for j, text in zip(order, scores.decode_outputs(loaded.tokenizer, tokens)):
     out[keep[j]] = text
   return out
 
@@ -98,7 +98,7 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_siz
   results = {}
   for suffix, beams in runs:
     hypotheses = translate_sentences(loaded, sources_, beam_size=beams, alpha=alpha, **kwargs)
-    results.update({f'{k}{suffix}': v for k, v in evaluate_lib.text_metrics(
+    results.update({f'{k}{suffix}': v for k, v in scores.text_metrics(
         hypotheses, references, config.get('bleu_tokenize', '13a')).items()})
     if jax.process_index() == 0:
       path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{weights}{suffix}.txt')

@@ -12,11 +12,11 @@ import sys
 import jax
 from flax import linen as nn
 
-from transformer_jax import evaluate as evaluate_lib
 from transformer_jax import evaluation
 from transformer_jax import generate
 from transformer_jax import inference
 from transformer_jax import parallel
+from transformer_jax import scores
 from transformer_jax.data import lm
 from transformer_jax.model import build_model
 from transformer_jax.workdir import Workdir
@@ -77,5 +77,5 @@ def evaluate_workdir(workdir: str, config=None, split: str | None = None, *, qua
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     eval_step = jax.jit(evaluation.make_eval_step(build_model(loaded.cfg), config))
     results = evaluation.evaluate_loss(eval_step, loaded.params, batches, loaded.mesh)
-  results.update(evaluate_lib.lm_metrics(results['eval_nll'], data.eval_tokens, data.eval_bytes))
+  results.update(scores.lm_metrics(results['eval_nll'], data.eval_tokens, data.eval_bytes))
   return results

@@ -31,7 +31,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from transformer_jax import evaluate as evaluate_lib
+from transformer_jax import scores
 from transformer_jax.data import packing
 from transformer_jax.data import tensorflow_cpu
 from transformer_jax.data import tokenizer as tokenizer_lib
@@ -241,7 +241,7 @@ class LMDatasets:
     return out
 
 
-lm_metrics = evaluate_lib.lm_metrics  # the metric lives with the others
+lm_metrics = scores.lm_metrics  # the metric lives with the others
 
 
 def build_datasets(config, workdir: str, *, process_index: int = 0, process_count: int = 1) -> LMDatasets:
