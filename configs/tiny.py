@@ -49,6 +49,9 @@ def get_config():
   config.stall_patience_steps = 300  # stop with an error if the loss has not fallen for this many steps (0: off)
 
   config.seed = 0
+  # PRNG of the dropout bits: threefry2x32, rbg or unsafe_rbg (the chip's RngBitGenerator on TPU; see
+  # train.dropout_rng_impl for what each costs there).
+  config.rng_impl = 'threefry2x32'
   config.log_every_steps = 50
   config.eval_every_steps = 450  # greedy decoding of the 1000 held-out numbers: at the end only
   config.eval_translate_examples = 1000

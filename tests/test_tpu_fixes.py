@@ -1,6 +1,10 @@
 """What the TPU compile check led to: model.dtype='auto' (bfloat16 on TPU/GPU, float32 on CPU, for the platform
 the step targets) and a loss that reads [tokens, V] logits in the compute dtype, unsharded or split over the
-vocabulary (tensor axis) on 8 simulated CPU devices."""
+vocabulary (tensor axis) on 8 simulated CPU devices; the dropout PRNG on TPU."""
+
+import importlib.util
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +120,35 @@ def test_logits_come_out_in_the_compute_dtype():
   for dtype in (jnp.float32, jnp.bfloat16):
     logits = Transformer(ModelConfig(**{**cfg.__dict__, 'dtype': dtype})).apply({'params': params}, tokens, tokens)
     assert logits.dtype == dtype
+
+
+def _large_xors(hlo: str, at_least: int) -> int:
+  """xor instructions over u32 arrays of at least `at_least` elements in compiled HLO: threefry's mixing rounds
+  (inlined, their op_names say only _uniform/xor)."""
+  count = 0
+  for line in hlo.splitlines():
+    shape = re.match(r'\s*(?:ROOT )?%\S+ = u32\[([\d,]+)\]\S* xor\(', line)
+    count += bool(shape and math.prod(int(d) for d in shape.group(1).split(',')) >= at_least)
+  return count
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+def test_tpu_dropout_bits_come_from_the_rng_bit_generator_not_threefry():
+  """rng_impl='rbg' on TPU: the dropout masks are drawn by rng-bit-generator, and threefry is left with the key
+  arithmetic (a few words); under threefry2x32 its xor rounds run over arrays of the masks' size. Compiled for v5e:2x2, ~30 s
+  each."""
+  from transformer_jax import tpu_compile  # pylint: disable=import-outside-toplevel
+  hlo = {}
+  for impl in ('rbg', 'threefry2x32'):
+    config = tiny.get_config()
+    config.model.update(num_layers=1, d_model=64, d_ff=128, num_heads=4, dropout_rate=0.1)
+    config.update(packed_inputs_length=32, packed_targets_length=32, max_length=32, batch_size=16,
+                  eval_translate_batch_size=16, rng_impl=impl)
+    report, = tpu_compile.compile_programs(config, 'v5e:2x2', programs=('train',), keep_compiled=True,
+                                           progress=lambda line: None)
+    hlo[impl] = report.compiled.as_text()
+  mask = 16 * 32 * 64 // 4  # one residual dropout mask's elements per chip (batch split over 4 chips)
+  assert 'rng-bit-generator(' in hlo['rbg'] and 'rng-bit-generator(' not in hlo['threefry2x32']
+  assert _large_xors(hlo['threefry2x32'], mask // 2) >= 20  # 20 rounds per mask, at least one mask
+  assert _large_xors(hlo['rbg'], mask // 2) == 0

@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -176,3 +177,46 @@ def test_default_config_learns_at_its_learning_rate(tmp_path):
   final = {k: float(v) for k, v in (kv.split('=') for kv in last[len('final: '):].split())}
   assert final['eval_loss'] < 4.4, final
   assert final['eval_accuracy'] > 0.33, final
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg', 'unsafe_rbg'])
+def test_dropout_rng_impl_reads_the_config(impl):
+  assert train_lib.dropout_rng_impl(small_config(rng_impl=impl)) == impl
+
+
+def test_dropout_rng_impl_is_threefry_for_a_config_without_the_key():
+  assert train_lib.dropout_rng_impl(ml_collections.ConfigDict({'seed': 0})) == 'threefry2x32'
+
+
+def test_dropout_rng_impl_refuses_an_unknown_name():
+  with pytest.raises(ValueError, match='rng_impl'):
+    train_lib.dropout_rng_impl(small_config(rng_impl='philox'))
+
+
+@pytest.mark.parametrize('impl', ['rbg', 'unsafe_rbg'])
+def test_rbg_dropout_step_is_a_function_of_the_threefry_key(impl):
+  """The step's key stays threefry2x32 (what a run derives from config.seed again on resume); under rbg the same
+  key gives the same step bit for bit, another key other dropout masks, and the masks are not threefry's."""
+  config = small_config(lr_schedule='constant', learning_rate=3e-3)
+  config.model.dropout_rate = 0.3
+  mesh, model, tx, state, shardings = _setup(config)
+  batch = parallel.global_batch(_batch(config), mesh)
+  host = jax.device_get(state)
+
+  def one_step(rng_impl, key):
+    fresh = jax.device_put(host, shardings)
+    config.rng_impl = rng_impl
+    step = train_lib.jit_train_step(model, tx, config, mesh, shardings)
+    new_state, metrics = step(fresh, batch, key)
+    return jax.device_get(new_state.params), float(metrics['loss'])
+
+  params, loss = one_step(impl, jax.random.key(1))
+  again, loss_again = one_step(impl, jax.random.key(1))
+  other, other_loss = one_step(impl, jax.random.key(2))
+  threefry, threefry_loss = one_step('threefry2x32', jax.random.key(1))
+  assert np.isfinite(loss) and loss == loss_again
+  jax.tree.map(np.testing.assert_array_equal, params, again)
+  assert other_loss != loss and threefry_loss != loss
+  leaves = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+  assert not np.array_equal(leaves(params), leaves(other))
+  assert not np.array_equal(leaves(params), leaves(threefry))

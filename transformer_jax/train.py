@@ -38,17 +38,41 @@ BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation'
 # Loss and steps
 
 
-def make_train_step(model: Transformer, tx, config):
+RNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
+
+
+def dropout_rng_impl(config) -> str:
+  """The PRNG that draws the step's dropout bits (config.rng_impl, default threefry2x32). On TPU, rbg draws them
+  with the chip's RngBitGenerator instead of threefry's element-wise rounds, but its bits are written to HBM as u32
+  arrays where threefry's fuse into their consumers: the per-operation estimate charges rbg
+  more HBM traffic, libtpu's cycle counts charge threefry more vector work."""
+  impl = config.get('rng_impl', 'threefry2x32')
+  if impl not in RNG_IMPLS:
+    raise ValueError(f"rng_impl={impl!r}; expected one of {', '.join(RNG_IMPLS)}")
+  return impl
+
+
+def as_rng_impl(key, impl: str):
+  """key (threefry2x32) as a key of `impl`: its two words repeated to the rbg key's four, as rbg's own seeding lays
+  out a threefry seed, so the step's key still fixes the stream and nothing about the key saved or passed changes."""
+  if impl == 'threefry2x32':
+    return key
+  data = jax.random.key_data(key)
+  return jax.random.wrap_key_data(jnp.concatenate([data, data], axis=-1), impl=impl)
+
+
+def make_train_step(model: Transformer, tx, config, rng_impl: str = 'threefry2x32'):
   """Builds train_step(state, batch, rng) -> (state, metrics). Loss is normalised by real target tokens over the
   GLOBAL batch (sums inside, one division), so it does not depend on how the batch is split over devices or
-  micro-batches."""
+  micro-batches. rng is a threefry2x32 key; the dropout bits come from `rng_impl` (see dropout_rng_impl)."""
   label_smoothing = float(config.label_smoothing)
   accum = int(config.get('grad_accum_steps', 1))
   schedule = optim.make_schedule(config)
   pad_id = model.cfg.special_ids.pad
 
   def micro_sums(params, micro, rng):
-    logits = evaluation.apply_model(model, params, micro, deterministic=False, rngs={'dropout': rng})
+    rngs = {'dropout': as_rng_impl(rng, rng_impl)}
+    logits = evaluation.apply_model(model, params, micro, deterministic=False, rngs=rngs)
     sums = evaluation.cross_entropy_sums(logits, micro['targets'], evaluation.target_weights(micro, pad_id),
                                          label_smoothing)
     return sums['loss_sum'], sums
@@ -91,7 +115,7 @@ def make_train_step(model: Transformer, tx, config):
 
 
 def jit_train_step(model, tx, config, mesh, state_shardings):
-  return jax.jit(make_train_step(model, tx, config),
+  return jax.jit(make_train_step(model, tx, config, dropout_rng_impl(config)),
                  in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 
