@@ -2,6 +2,7 @@
 by the code before special ids moved into the vocabulary and loading moved into workdir.py) still loads unchanged."""
 
 import ast
+import gc
 import os
 import subprocess
 import sys
@@ -23,12 +24,25 @@ def _modules() -> dict[str, str]:
   return out
 
 
+def _parse(path: str) -> ast.AST:
+  # No garbage collection while CPython 3.11 builds the tree: a finalizer run inside it (an orbax asyncio task left
+  # by another test in this worker) upsets the AST constructor's recursion count ("AST constructor recursion depth
+  # mismatch", SystemError).
+  gc.collect()
+  gc.disable()
+  try:
+    with open(path) as f:
+      return ast.parse(f.read())
+  finally:
+    gc.enable()
+
+
 def import_graph() -> dict[str, set[str]]:
   """module -> project modules it imports (at any level: a function-level import is still an edge)."""
   modules = _modules()
   graph = {m: set() for m in modules}
   for module, path in modules.items():
-    for node in ast.walk(ast.parse(open(path).read())):
+    for node in ast.walk(_parse(path)):
       if isinstance(node, ast.Import):
         names = [a.name for a in node.names]
       elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
