@@ -44,13 +44,19 @@ PAD, EOS, BOS = 0, 1, 3  # transformer_jax.data.tokenizer ids, also given to the
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--systems', default='jax,hf', help='comma-separated: jax, hf')
+  p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads for HF')
+  add_work_flags(p)
+  return p.parse_args(argv)
+
+
+def add_work_flags(p: argparse.ArgumentParser) -> None:
+  """The work and the model every decoding benchmark shares (serve_throughput.py too)."""
   p.add_argument('--beams', default='1,4', help='comma-separated beam sizes; 1 = greedy')
   p.add_argument('--sentences', type=int, default=64)
   p.add_argument('--source_len', type=int, default=20, help='tokens per source, EOS included')
   p.add_argument('--new_tokens', type=int, default=40, help='exact output length (EOS disabled)')
   p.add_argument('--alpha', type=float, default=0.6)
   p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads for HF')
   p.add_argument('--d_model', type=int, default=512)
   p.add_argument('--num_layers', type=int, default=6)
   p.add_argument('--d_ff', type=int, default=2048)
@@ -58,7 +64,6 @@ def parse_args(argv=None):
   p.add_argument('--vocab', type=int, default=8000)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--worker', default='', help=argparse.SUPPRESS)
-  return p.parse_args(argv)
 
 
 def sources(args):
