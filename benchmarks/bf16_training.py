@@ -115,8 +115,10 @@ def compiled_train_hlo(config, platform: str | None = None) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax import optim, train, train_state  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train
+  from transformer_jax.training import train_state
+  from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
   model = build_model(train_state.model_config(config, platform=platform))
   tx = optim.make_optimizer(config)
   state = jax.eval_shape(lambda: nn.meta.unbox(train_state.init_boxed_state(model, tx, config, jax.random.key(0))))
@@ -135,8 +137,10 @@ def step_times(config, rounds: int = 3, steps: int = 20) -> dict[str, float]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax import optim, train, train_state  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train
+  from transformer_jax.training import train_state
+  from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(3, config.model.vocab_size, size=(config.batch_size, v.shape[1]), dtype=np.int32)
            for k, v in train_state.dummy_batch(config).items()}

@@ -41,10 +41,11 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train_state  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from transformer_jax import parallel
+  from transformer_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import Transformer  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   config.unlock()

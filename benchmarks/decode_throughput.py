@@ -81,8 +81,8 @@ class JaxSystem:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from transformer_jax import decode  # pylint: disable=g-import-not-at-top
-    from transformer_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+    from transformer_jax.inference import decode  # pylint: disable=g-import-not-at-top
+    from transformer_jax.model.transformer import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
     self.jax, self.decode, self.args = jax, decode, args
     self.cfg = ModelConfig(vocab_size=args.vocab, num_layers=args.num_layers, d_model=args.d_model,
                            num_heads=args.num_heads, d_ff=args.d_ff, dropout_rate=0.0,

@@ -49,7 +49,7 @@ if _REPO not in sys.path:
 
 from transformer_jax import hugepages  # noqa: E402  (no jax: workers import their system themselves)
 
-PAD, EOS, BOS = 0, 1, 3  # transformer_jax.vocab.DEFAULT_SPECIAL_IDS, also in the exported GPT-2 config
+PAD, EOS, BOS = 0, 1, 3  # transformer_jax.model.vocab.DEFAULT_SPECIAL_IDS, also in the exported GPT-2 config
 
 
 def parse_args(argv=None):
@@ -79,7 +79,7 @@ def parse_args(argv=None):
 
 def model_cfg(args):
   from configs import lm_tiny  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import ModelConfig  # pylint: disable=g-import-not-at-top
   config = lm_tiny.get_config()
   config.model.update(vocab_size=args.vocab, num_layers=args.num_layers, d_model=args.d_model,
                       num_heads=args.num_heads, d_ff=args.d_ff, dropout_rate=0.0, dtype='float32')
@@ -104,7 +104,7 @@ def prepare(args):
   from transformer_jax.export import files  # pylint: disable=g-import-not-at-top
   from transformer_jax.export import hf_gpt2  # pylint: disable=g-import-not-at-top
   from transformer_jax.export.safetensors import write_safetensors  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import LanguageModel  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import LanguageModel  # pylint: disable=g-import-not-at-top
   cfg = model_cfg(args)
   model = LanguageModel(cfg)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(args.seed), jnp.ones((1, 8), jnp.int32))['params'])
@@ -140,7 +140,7 @@ class JaxSystem:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from flax import serialization  # pylint: disable=g-import-not-at-top
-    from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+    from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
     self.jax, self.generate, self.args = jax, generate, args
     self.cfg = model_cfg(args)
     with open(os.path.join(args.dir, 'params.msgpack'), 'rb') as f:

@@ -30,7 +30,7 @@ def train_step_and_args(kind: str, length: int, block: int, device=None):
   """(jitted loss-and-grad step, abstract params, abstract tokens) of the one-layer model."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import LanguageModel, ModelConfig  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import LanguageModel, ModelConfig  # pylint: disable=g-import-not-at-top
   attention, window = KINDS[kind]
   cfg = ModelConfig(vocab_size=256, num_layers=1, d_model=64, num_heads=2, d_ff=256, dropout_rate=0.0,
                     max_len=length, kind='decoder', pre_norm=True, attention=attention, attention_window=window,

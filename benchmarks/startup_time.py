@@ -8,7 +8,7 @@ interpreter, `--repeats` times; the table gives the median user+system CPU and w
 shared 2-core machine runs out of; wall seconds include waiting on the disk). Rows:
 
 - `import ml_dtypes`: jax's dtype extension (0.7.0 took 1.4 s of CPU here, 0.6.0 0.03 s: pyproject keeps < 0.7);
-- `import jax`, `import transformer_jax.train` (jax, flax, optax, orbax: what `train` imports);
+- `import jax`, `import transformer_jax.training.train` (jax, flax, optax, orbax: what `train` imports);
 - `transformer-jax evaluate --workdir=MISSING`: the CLI up to its one-line refusal;
 - bad flags on an existing (empty) workdir: `generate --temperature=-1`, `translate --beam_size=0`,
   `evaluate --batch_size=0` (refused before jax is imported or a checkpoint opened).
@@ -28,7 +28,7 @@ import time
 ROWS = (
     ('import ml_dtypes', [sys.executable, '-c', 'import ml_dtypes']),
     ('import jax', [sys.executable, '-c', 'import jax']),
-    ('import transformer_jax.train', [sys.executable, '-c', 'import transformer_jax.train']),
+    ('import transformer_jax.training.train', [sys.executable, '-c', 'import transformer_jax.training.train']),
     ('transformer-jax evaluate --workdir=MISSING', [sys.executable, '-m', 'transformer_jax.cli', 'evaluate',
                                                     '--workdir={missing}']),
     ('transformer-jax generate --temperature=-1', [sys.executable, '-m', 'transformer_jax.cli', 'generate',

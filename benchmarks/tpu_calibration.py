@@ -37,8 +37,8 @@ import sys
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-from transformer_jax import tpu_chips  # pylint: disable=wrong-import-position
-from transformer_jax import tpu_report  # pylint: disable=wrong-import-position
+from transformer_jax.tpu import chips as tpu_chips  # pylint: disable=wrong-import-position
+from transformer_jax.tpu import report as tpu_report  # pylint: disable=wrong-import-position
 
 SOURCE = 'MaxText configs/v5e/README.md, 1x v5e-256'
 # name: (measured MFU, layers, d_model, heads, d_ff, per-device batch, topology)

@@ -62,7 +62,8 @@ def reanalyse(payload: dict, hlo_text: str) -> None:
   """Recomputes a saved train step's per-op, floor and libtpu-cycle figures from its HLO with this checkout's
   tpu_report (the compiled program is the same; only its reading changed)."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from transformer_jax import tpu_chips, tpu_report  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from transformer_jax.tpu import chips as tpu_chips  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from transformer_jax.tpu import report as tpu_report
   p = payload['programs'][0]
   chip = tpu_chips.CHIPS[p['chip']]
   torus = tuple(int(d) for d in p['topology'].split(':')[1].split(' ')[0].split('x'))

@@ -415,9 +415,12 @@ class _Variant:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
-    from transformer_jax import evaluation, train as train_lib, train_state  # pylint: disable=g-import-not-at-top
-    from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+    from transformer_jax import parallel
+    from transformer_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import train as train_lib
+    from transformer_jax.training import train_state
+    from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
 
     self.name, self.config, self.mesh = name, config, mesh
     self.devices = list(mesh.devices.flat)
@@ -525,9 +528,11 @@ def compile_time(config, mesh=None) -> tuple[float, float, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax import optim, parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train as train_lib, train_state  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from transformer_jax import parallel
+  from transformer_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train_state
+  from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
   model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)

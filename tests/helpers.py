@@ -171,8 +171,8 @@ def load_state(workdir: str, step: int | None = None):
   """(state as numpy, data item, step) of a workdir checkpoint, restored onto this process's 8-device mesh."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   config = ml_collections.ConfigDict(checkpointer.restore_config(step))
   abstract, mesh = workdir_lib.trainer_abstract_state(config)

@@ -10,11 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from transformer_jax import attention
+from transformer_jax.model import attention
 from transformer_jax import config_checks
-from transformer_jax import decode
-from transformer_jax import generate
-from transformer_jax.model import LanguageModel, ModelConfig, Transformer
+from transformer_jax.inference import decode
+from transformer_jax.inference import generate
+from transformer_jax.model.transformer import LanguageModel, ModelConfig, Transformer
 
 B, H, K = 2, 2, 8
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from transformer_jax import attention_maps
-from transformer_jax.model import ModelConfig, MultiHeadAttention, Transformer
+from transformer_jax.inference import attention_maps
+from transformer_jax.model.transformer import ModelConfig, MultiHeadAttention, Transformer
 import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,8 +18,8 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 from benchmarks import bf16_training as hlo_lib  # noqa: E402  pylint: disable=wrong-import-position
-from transformer_jax import attention  # noqa: E402
-from transformer_jax import train as train_lib  # noqa: E402
+from transformer_jax.model import attention  # noqa: E402
+from transformer_jax.training import train as train_lib  # noqa: E402
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                   reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
@@ -49,7 +49,7 @@ def tpu_train(request):
   translation model with dense attention, the language model with blockwise attention (two blocks of 16)."""
   if importlib.util.find_spec('libtpu') is None:
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
-  from transformer_jax import tpu_compile  # pylint: disable=import-outside-toplevel
+  from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=import-outside-toplevel
   kind, attention_kind = request.param
   config = _config(kind, attention=attention_kind, attention_block_size=16)
   report, = tpu_compile.compile_programs(config, 'v5e:2x2', programs=('train',), keep_compiled=True,
@@ -226,8 +226,9 @@ def _run(config, dtype: str):
   """(losses per step, compiled HLO text) of STEPS steps of the train step in model.dtype=dtype."""
   config.model.dtype = dtype
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  from transformer_jax import optim, train_state  # pylint: disable=import-outside-toplevel
-  from transformer_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  from transformer_jax.training import optim  # pylint: disable=import-outside-toplevel
+  from transformer_jax.training import train_state
+  from transformer_jax.model.transformer import build_model  # pylint: disable=import-outside-toplevel
   model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   state = jax.jit(lambda r: nn.meta.unbox(train_state.init_boxed_state(model, tx, config, r)))(jax.random.key(0))

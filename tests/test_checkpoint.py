@@ -25,14 +25,14 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from transformer_jax import checkpoint as checkpoint_lib
-from transformer_jax import optim
+from transformer_jax.training import checkpoint as checkpoint_lib
+from transformer_jax.training import optim
 from transformer_jax import parallel
-from transformer_jax import run_control
-from transformer_jax import train as train_lib
-from transformer_jax import train_state
-from transformer_jax import workdir as workdir_lib
-from transformer_jax.model import Transformer
+from transformer_jax.training import run_control
+from transformer_jax.training import train as train_lib
+from transformer_jax.training import train_state
+from transformer_jax.storage import workdir as workdir_lib
+from transformer_jax.model.transformer import Transformer
 import helpers
 from helpers import (Run, bitwise_equal, committed_steps, error_lines, interrupt, load_state,  # noqa: F401
                      seed_workdir, snapshot)
@@ -349,7 +349,7 @@ def test_average_trees_is_the_exact_mean():
 
 
 def test_average_command_writes_a_workdir_that_inference_loads(tmp_path, env, straight):
-  from transformer_jax import inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import translate as inference  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'averaged')
   run = Run(straight, env, '--last=3', f'--out={out}', command='average', log=str(tmp_path / 'average'))
   assert run.wait() == 0, run.describe()

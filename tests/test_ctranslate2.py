@@ -15,12 +15,12 @@ import pytest
 from flax import linen as nn
 
 from transformer_jax import export as export_lib
-from transformer_jax import generate
-from transformer_jax import inference
+from transformer_jax.inference import generate
+from transformer_jax.inference import translate as inference
 from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.export import ctranslate2 as ct2_export
-from transformer_jax.model import LanguageModel, ModelConfig, Transformer
+from transformer_jax.model.transformer import LanguageModel, ModelConfig, Transformer
 
 ctranslate2 = pytest.importorskip('ctranslate2')
 
@@ -122,7 +122,7 @@ def test_positions_must_be_ours(trained, ours, tmp_path, monkeypatch):
   loaded, _, sentences = trained
   source = export_lib.Exportable(config=loaded.config, cfg=loaded.cfg, params=jax.tree.map(np.asarray, loaded.params),
                                  tokenizer_path=loaded.tokenizer_path, step=loaded.step)
-  import transformer_jax.model as model_lib  # pylint: disable=g-import-not-at-top
+  import transformer_jax.model.transformer as model_lib  # pylint: disable=g-import-not-at-top
   table = model_lib.sinusoidal_table
   halves = lambda n, d: np.concatenate([table(n, d)[:, 0::2], table(n, d)[:, 1::2]], axis=1)
   out = str(tmp_path / 'halves')

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from transformer_jax import decode
+from transformer_jax.inference import decode
 from transformer_jax import parallel
 from transformer_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax.model.transformer import ModelConfig, Transformer
 
 # Vocabulary PAD, EOS, UNK, BOS + 2 real tokens: decoding may emit EOS, UNK, 4, 5 (never PAD or BOS).
 TINY = ModelConfig(vocab_size=6, num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0, max_len=16)

@@ -17,7 +17,7 @@ from absl import flags
 
 from transformer_jax import commands
 from transformer_jax import config_checks
-from transformer_jax import faults
+from transformer_jax.training import faults
 from transformer_jax import host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,7 +238,7 @@ def test_a_splash_workdir_translates_on_cpu_with_blockwise_and_says_so_once(tmp_
 
 
 def test_splash_stays_splash_on_a_tpu_and_when_interpreted():
-  from transformer_jax import workdir  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import workdir  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(dict(model=dict(attention='splash', attention_interpret=False)))
   assert workdir.attention_for_this_host(config, 'tpu') is config
   assert workdir.attention_for_this_host(config, 'cpu').model.attention == 'blockwise'
@@ -248,7 +248,7 @@ def test_splash_stays_splash_on_a_tpu_and_when_interpreted():
 
 
 def test_incomplete_steps_local_and_gcs(tmp_path, monkeypatch):
-  from transformer_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   for name in ('6', '12', '18.orbax-checkpoint-tmp-99', '12.orbax-checkpoint-tmp-98'):
     (tmp_path / name).mkdir()
   assert [s for s, _ in checkpoint.incomplete_steps(str(tmp_path))] == [18]  # 12 was committed after all
@@ -260,7 +260,7 @@ def test_incomplete_steps_local_and_gcs(tmp_path, monkeypatch):
 
 
 def test_a_run_killed_in_its_first_save_is_reported_not_restarted_silently(tmp_path, capsys):
-  from transformer_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   (tmp_path / 'checkpoints' / '20.orbax-checkpoint-tmp-5').mkdir(parents=True)
   writer = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   assert writer.all_steps() == []
@@ -280,7 +280,7 @@ def test_library_warnings_are_quiet_unless_verbose():
   assert not quiet.filter(record(f'{site}/orbax/checkpoint/checkpoint_manager.py', py_logging.WARNING))
   assert not quiet.filter(record(f'{site}/gcsfs/credentials.py', py_logging.WARNING))
   assert quiet.filter(record(f'{site}/orbax/checkpoint/checkpoint_manager.py', py_logging.ERROR))
-  assert quiet.filter(record(f'{REPO}/transformer_jax/train.py', py_logging.WARNING))
+  assert quiet.filter(record(f'{REPO}/transformer_jax/training/train.py', py_logging.WARNING))
 
 
 def test_the_platform_is_chosen_before_jax_only_where_there_is_no_tpu(monkeypatch):

@@ -14,12 +14,12 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from transformer_jax import decode
+from transformer_jax.inference import decode
 from transformer_jax import export
-from transformer_jax import scores
-from transformer_jax import train_state
+from transformer_jax.inference import scores
+from transformer_jax.training import train_state
 from transformer_jax.data import tokenizer as tokenizer_lib
-from transformer_jax.model import Transformer, shift_right
+from transformer_jax.model.transformer import Transformer, shift_right
 import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,7 +275,7 @@ def _random_marian(transformers, torch, vocab_size):
 
 def test_import_of_an_hf_marian_model_gives_its_logits(source, rows, tmp_path):
   torch, transformers = _torch_modules()
-  from transformer_jax import inference
+  from transformer_jax.inference import translate as inference
   vocab_size = source.cfg.vocab_size
   hf_dir = tmp_path / 'hf'
   model = _random_marian(transformers, torch, vocab_size)

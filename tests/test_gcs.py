@@ -171,7 +171,8 @@ def _load_states(genv, *workdirs: str) -> list[list[str]]:
   restored in one subprocess (its environment points tensorstore at the server)."""
   code = f'''
 import jax, ml_collections, numpy as np, hashlib
-from transformer_jax import checkpoint as c, workdir as w
+from transformer_jax.training import checkpoint as c
+from transformer_jax.storage import workdir as w
 for workdir in {list(workdirs)!r}:
   ck = c.Checkpointer(workdir, read_only=True)
   config = ml_collections.ConfigDict(ck.restore_config())
@@ -344,7 +345,7 @@ def test_bad_targets_give_one_line_and_a_non_zero_exit(genv, bucket, config_path
 
 
 def test_the_gcs_lock_store_keeps_the_generation_preconditions(genv, bucket):
-  from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import lock as workdir_lock  # pylint: disable=g-import-not-at-top
   store = workdir_lock.GCSStore.__new__(workdir_lock.GCSStore)
   store._client, store._timeout = _client(genv), 30  # pylint: disable=protected-access
   name = f'gs://{bucket}/locktest/.lock'

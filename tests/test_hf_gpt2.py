@@ -13,12 +13,12 @@ from flax import linen as nn
 
 from configs import lm_tiny
 from transformer_jax import export as export_lib
-from transformer_jax import generate
-from transformer_jax import workdir as workdir_lib
+from transformer_jax.inference import generate
+from transformer_jax.storage import workdir as workdir_lib
 from transformer_jax.export import hf_gpt2
 from transformer_jax.data import lm
 from transformer_jax.data import tokenizer as tokenizer_lib
-from transformer_jax.model import LanguageModel, ModelConfig
+from transformer_jax.model.transformer import LanguageModel, ModelConfig
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -97,7 +97,7 @@ def test_auto_tokenizer_gives_our_ids_and_our_text(exported):
 
 
 def test_a_random_hf_gpt2_imports_with_its_logits_and_trains_on(tmp_path):
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
       vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, activation_function='gelu_new',

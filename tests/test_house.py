@@ -113,22 +113,22 @@ def test_cycle_finder_has_teeth():
 
 def test_no_import_cycles():
   graph = import_graph()
-  assert 'transformer_jax.workdir' in graph and graph['transformer_jax.commands']  # the graph was really read
+  assert 'transformer_jax.storage.workdir' in graph and graph['transformer_jax.commands']  # the graph was really read
   assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
 
 
 def test_only_the_cli_and_the_compile_check_import_the_trainer():
   """Read-only tools (evaluate, translate, export, attention maps) reach evaluation.py, not the train step's module."""
   graph = import_graph()
-  importers = {m for m, deps in graph.items() if 'transformer_jax.train' in deps}
-  assert importers == {'transformer_jax.commands', 'transformer_jax.tpu_compile'}, sorted(importers)
+  importers = {m for m, deps in graph.items() if 'transformer_jax.training.train' in deps}
+  assert importers == {'transformer_jax.commands', 'transformer_jax.tpu.compile'}, sorted(importers)
 
 
 def test_model_does_not_import_the_data_package():
   """Not directly, and not through another module: the model, decoding and the vocabulary run without files."""
   graph = import_graph()
-  for module in ('transformer_jax.model', 'transformer_jax.decode', 'transformer_jax.vocab'):
-    assert graph[module] or module == 'transformer_jax.vocab', module  # the graph was really read
+  for module in ('transformer_jax.model.transformer', 'transformer_jax.inference.decode', 'transformer_jax.model.vocab'):
+    assert graph[module] or module == 'transformer_jax.model.vocab', module  # the graph was really read
     data = {m: path for m, path in reachable(graph, module).items() if m.startswith('transformer_jax.data')}
     assert not data, ' -> '.join(next(iter(data.values())))
 
@@ -149,8 +149,9 @@ def test_old_workdir_loads_unchanged(tmp_path):
   """tests/data/workdir_v1 was trained (2 steps) by the code before this change, which also exported its parameters
   (workdir_v1_params.safetensors) and translated two sentences greedily (workdir_v1_greedy.txt). Today's
   parameters-only restore gives the same parameters bit for bit, and the same translations."""
-  from transformer_jax import export, inference
-  from transformer_jax.workdir import Workdir
+  from transformer_jax import export
+  from transformer_jax.inference import translate as inference
+  from transformer_jax.storage.workdir import Workdir
   trained = Workdir(os.path.join(DATA, 'workdir_v1')).load()
   assert trained.tokenizer.special_ids.to_dict() == {'pad': 0, 'eos': 1, 'unk': 2, 'bos': 3}
   assert trained.cfg.special_ids == trained.tokenizer.special_ids
@@ -167,7 +168,7 @@ def test_old_workdir_loads_unchanged(tmp_path):
 def test_params_only_restore_reads_no_optimizer_state(monkeypatch):
   """Workdir.load restores a tree of parameters only: Adam's moments are never asked for."""
   import orbax.checkpoint as ocp
-  from transformer_jax.workdir import Workdir
+  from transformer_jax.storage.workdir import Workdir
   asked = []
   original = ocp.CheckpointManager.restore
 
@@ -189,7 +190,7 @@ def test_the_default_task_and_its_metrics_never_import_tensorflow(tmp_path):
   code = f'''
 import sys
 from configs import tiny
-from transformer_jax import metrics
+from transformer_jax.training import metrics
 from transformer_jax.data import pipeline
 config = tiny.get_config()
 config.update(max_train_examples=400, max_eval_examples=8, tokenizer_train_sentences=400)

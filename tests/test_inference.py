@@ -17,17 +17,17 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from transformer_jax import checkpoint as checkpoint_lib
-from transformer_jax import decode
-from transformer_jax import inference
-from transformer_jax import optim
+from transformer_jax.training import checkpoint as checkpoint_lib
+from transformer_jax.inference import decode
+from transformer_jax.inference import translate as inference
+from transformer_jax.training import optim
 from transformer_jax import parallel
-from transformer_jax import scores
-from transformer_jax import train_state
+from transformer_jax.inference import scores
+from transformer_jax.training import train_state
 from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
-from transformer_jax.model import Transformer
+from transformer_jax.model.transformer import Transformer
 import testenv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ from flax import linen as nn
 import helpers
 
 from transformer_jax import parallel
-from transformer_jax.model import LanguageModel, ModelConfig
+from transformer_jax.model.transformer import LanguageModel, ModelConfig
 
 VOCAB = 64
 LENGTH = 24
@@ -150,7 +150,7 @@ def test_lm_train_step_on_a_mesh_equals_one_device(shape, one_device_lm_run):
 
 
 def test_cached_decoding_gives_the_full_forward_pass_logits_at_every_step(model_and_params):
-  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
   model, _, params = model_and_params
   rng = np.random.default_rng(3)
   targets = rng.integers(4, VOCAB, (2, LENGTH)).astype(np.int32)
@@ -165,7 +165,7 @@ def test_cached_decoding_gives_the_full_forward_pass_logits_at_every_step(model_
 
 
 def test_top_k_and_top_p_never_allow_a_token_outside_their_set():
-  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(4)
   for trial in range(30):
     logits = rng.normal(0, 1 + 3 * rng.random(), (4, 40)).astype(np.float32)
@@ -189,7 +189,7 @@ def test_top_k_and_top_p_never_allow_a_token_outside_their_set():
 def test_top_p_keeps_the_smallest_set_that_reaches_it_even_at_a_tie():
   """Two tokens of probability exactly 1/2: top_p = 1/2 is reached by one of them, so one is kept; a hair above
   needs both."""
-  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
   logits = np.full((1, 16), -1e9, np.float32)
   logits[0, [5, 9]] = 0.0
   count = lambda top_p: int((np.asarray(generate.filter_logits(jnp.asarray(logits), 0, top_p)) > -1e8).sum())
@@ -214,7 +214,7 @@ class _Ids:
 
 
 def test_generation_is_reproducible_by_seed_and_greedy_is_the_argmax_of_the_full_pass(model_and_params):
-  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
   model, apply, params = model_and_params
   prompts = ['5 6 7', '9', '10 11 12 13 14 15']
   kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9)
@@ -240,7 +240,7 @@ def test_generation_is_reproducible_by_seed_and_greedy_is_the_argmax_of_the_full
 
 def test_a_prompt_longer_than_the_context_is_cut_from_the_left_with_a_note(model_and_params):
   import io  # pylint: disable=g-import-not-at-top
-  from transformer_jax import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
   model, _, params = model_and_params
   long = ' '.join(str(4 + i % 50) for i in range(LENGTH + 5))
   notes = io.StringIO()

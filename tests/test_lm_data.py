@@ -72,7 +72,7 @@ def test_chunks_pack_whole_into_rows_and_the_stream_resumes_by_step(tokenizer):
 
 
 def test_a_short_run_on_a_few_files_learns(tmp_path):
-  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   text = tmp_path / 'text'
   text.mkdir()
   for rel, path in lm.stdlib_files()[:60]:

@@ -22,13 +22,13 @@ transformers = pytest.importorskip('transformers')
 spm = pytest.importorskip('sentencepiece')
 
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
-from transformer_jax import decode  # pylint: disable=wrong-import-position
+from transformer_jax.inference import decode  # pylint: disable=wrong-import-position
 from transformer_jax import export  # pylint: disable=wrong-import-position
-from transformer_jax import inference  # pylint: disable=wrong-import-position
+from transformer_jax.inference import translate as inference  # pylint: disable=wrong-import-position
 from transformer_jax import run_config  # pylint: disable=wrong-import-position
-from transformer_jax import train as train_lib  # pylint: disable=wrong-import-position
+from transformer_jax.training import train as train_lib  # pylint: disable=wrong-import-position
 from transformer_jax.data import marian_vocab  # pylint: disable=wrong-import-position
-from transformer_jax.model import Transformer, shift_right  # pylint: disable=wrong-import-position
+from transformer_jax.model.transformer import Transformer, shift_right  # pylint: disable=wrong-import-position
 
 EN = ['the cat sat on the mat', 'a dog runs in the park', 'the house is big', 'we eat bread and cheese',
       'my friend reads a book', 'the sun is warm today', 'she sings a song', 'they walk to school']

@@ -7,9 +7,9 @@ import pytest
 from flax import linen as nn
 
 from configs import base, big
-from transformer_jax import decode
+from transformer_jax.inference import decode
 from transformer_jax import info
-from transformer_jax.model import ModelConfig, Transformer, shift_right, sinusoidal_table
+from transformer_jax.model.transformer import ModelConfig, Transformer, shift_right, sinusoidal_table
 
 CFG = ModelConfig(vocab_size=48, num_layers=2, d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0, max_len=64)
 

@@ -146,11 +146,11 @@ def _worker_train(out_dir):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   import test_parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
   from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax import train_state  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train_state  # pylint: disable=g-import-not-at-top
   from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import Transformer  # pylint: disable=g-import-not-at-top
 
   me = jax.process_index()
   result = dict(process_count=jax.process_count(), device_count=jax.device_count(),

@@ -12,11 +12,11 @@ from jax.sharding import PartitionSpec as P
 
 from configs import big, tiny
 from transformer_jax import info
-from transformer_jax import optim
+from transformer_jax.training import optim
 from transformer_jax import parallel
-from transformer_jax import train as train_lib
-from transformer_jax import train_state
-from transformer_jax.model import build_model
+from transformer_jax.training import train as train_lib
+from transformer_jax.training import train_state
+from transformer_jax.model.transformer import build_model
 
 NUM_STEPS = 3
 GLOBAL_ROWS = 16

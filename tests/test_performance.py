@@ -24,12 +24,12 @@ from benchmarks import pipeline_throughput  # noqa: E402
 from benchmarks import train_throughput  # noqa: E402
 from configs import lm_tiny  # noqa: E402
 from configs import tiny  # noqa: E402
-from transformer_jax import evaluation
+from transformer_jax.inference import evaluation
 from transformer_jax import parallel  # noqa: E402
-from transformer_jax import run_control
-from transformer_jax import train as train_lib  # noqa: E402
-from transformer_jax import train_state
-from transformer_jax.model import LanguageModel, ModelConfig, Transformer  # noqa: E402
+from transformer_jax.training import run_control
+from transformer_jax.training import train as train_lib  # noqa: E402
+from transformer_jax.training import train_state
+from transformer_jax.model.transformer import LanguageModel, ModelConfig, Transformer  # noqa: E402
 import helpers  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0, max_len=32)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from transformer_jax import decode
-from transformer_jax import quantize
-from transformer_jax import train_state
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax.inference import decode
+from transformer_jax.model import quantize
+from transformer_jax.training import train_state
+from transformer_jax.model.transformer import ModelConfig, Transformer
 
 SHAPES = [((16, 48), (0,)), ((32, 4, 8), (0,)), ((4, 8, 32), (0, 1)), ((64, 16), (1,))]
 
@@ -127,8 +127,8 @@ def workdir(tmp_path_factory):
   """A checkpointed translation workdir with a random model (test_inference's), in seconds."""
   import json
   import os
-  from transformer_jax import checkpoint as checkpoint_lib
-  from transformer_jax import optim
+  from transformer_jax.training import checkpoint as checkpoint_lib
+  from transformer_jax.training import optim
   from transformer_jax import parallel
   from transformer_jax.data import sources
   from transformer_jax.data import tokenizer as tokenizer_lib
@@ -162,8 +162,8 @@ def _flat(tree):
 
 def _spy_translations(workdir, **weights):
   """Greedy translations of SENTENCES through translate_workdir, and the parameters the decoder was given."""
-  from transformer_jax import evaluation
-  from transformer_jax import inference
+  from transformer_jax.inference import evaluation
+  from transformer_jax.inference import translate as inference
   seen = []
   original = evaluation.translate_ids
 
@@ -233,7 +233,7 @@ def test_the_choices_the_cli_names_without_jax_are_decoding_params_choices():
 def test_cli_evaluate_with_int8_weights_writes_what_the_int8_decoder_translates(workdir):
   import os
   import helpers
-  from transformer_jax import inference
+  from transformer_jax.inference import translate as inference
   from transformer_jax.data import sources
   result = helpers.cli('evaluate', f'--workdir={workdir}', '--quantize=int8', '--beam_size=1')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -264,8 +264,8 @@ def test_help_names_the_weight_choices_once_and_says_int8_measures_quality(comma
 def test_generate_and_lm_evaluate_load_the_weights_they_are_given(monkeypatch):
   """The language-model paths open the workdir through the same load_workdir, with the flags' values."""
   import types
-  from transformer_jax import inference
-  from transformer_jax import lm_inference
+  from transformer_jax.inference import translate as inference
+  from transformer_jax.inference import lm_inference
   asked = []
 
   class Loaded(Exception):

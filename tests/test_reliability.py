@@ -22,9 +22,9 @@ import pytest
 
 import helpers
 from helpers import Run, committed_steps, error_lines, load_state, seed_workdir
-from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax.training import checkpoint as checkpoint_lib
 from transformer_jax import config_checks
-from transformer_jax import workdir_lock
+from transformer_jax.storage import lock as workdir_lock
 
 NUM_STEPS = 8
 EVERY = 4
@@ -370,7 +370,7 @@ def test_callbacks_on_a_closed_event_loop_go_to_the_detail_log_and_other_errors_
   at any moment (the disk-full run was flaky with them): the CLI's hooks send exactly those to the detail log."""
   import asyncio  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(faults, 'detail_log_path', lambda: str(tmp_path / 'detail.log'))
   monkeypatch.setattr(faults, '_detail_file', None)
   monkeypatch.setattr(sys, 'excepthook', sys.__excepthook__)

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from transformer_jax import tpu_chips
-from transformer_jax import tpu_compile
-from transformer_jax import tpu_report
+from transformer_jax.tpu import chips as tpu_chips
+from transformer_jax.tpu import compile as tpu_compile
+from transformer_jax.tpu import report as tpu_report
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
@@ -148,7 +148,7 @@ def test_the_compiled_train_step_is_the_trained_one(v5e):
   """Same shardings in as training's jit_train_step, and the activation constraints active: lowered without the
   mesh context the same step has none (and XLA gathers whole-batch activations on every chip)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from transformer_jax import train  # pylint: disable=import-outside-toplevel
+  from transformer_jax.training import train  # pylint: disable=import-outside-toplevel
   config, reports = v5e
   r = reports['train']
   state_in, batch_in, _ = r.compiled.input_shardings[0]

@@ -14,10 +14,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import base, big, tiny
-from transformer_jax import evaluation
+from transformer_jax.inference import evaluation
 from transformer_jax import parallel
-from transformer_jax import train_state
-from transformer_jax.model import ModelConfig, Transformer, compute_dtype
+from transformer_jax.training import train_state
+from transformer_jax.model.transformer import ModelConfig, Transformer, compute_dtype
 
 
 @pytest.mark.parametrize('platform,expected', [('tpu', jnp.bfloat16), ('gpu', jnp.bfloat16), ('cuda', jnp.bfloat16),
@@ -138,7 +138,7 @@ def test_tpu_dropout_bits_come_from_the_rng_bit_generator_not_threefry():
   """rng_impl='rbg' on TPU: the dropout masks are drawn by rng-bit-generator, and threefry is left with the key
   arithmetic (a few words); under threefry2x32 its xor rounds run over arrays of the masks' size. Compiled for v5e:2x2, ~30 s
   each."""
-  from transformer_jax import tpu_compile  # pylint: disable=import-outside-toplevel
+  from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=import-outside-toplevel
   hlo = {}
   for impl in ('rbg', 'threefry2x32'):
     config = tiny.get_config()

@@ -3,8 +3,8 @@ the syntax libtpu prints: no compiler, no jax."""
 
 import pytest
 
-from transformer_jax import tpu_chips
-from transformer_jax import tpu_report
+from transformer_jax.tpu import chips as tpu_chips
+from transformer_jax.tpu import report as tpu_report
 
 MIB = 2**20
 

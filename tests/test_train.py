@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from transformer_jax import evaluation
-from transformer_jax import optim
+from transformer_jax.inference import evaluation
+from transformer_jax.training import optim
 from transformer_jax import parallel
-from transformer_jax import run_control
-from transformer_jax import train as train_lib
-from transformer_jax import train_state
-from transformer_jax.model import Transformer
+from transformer_jax.training import run_control
+from transformer_jax.training import train as train_lib
+from transformer_jax.training import train_state
+from transformer_jax.model.transformer import Transformer
 import helpers
 
 

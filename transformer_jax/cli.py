@@ -72,7 +72,7 @@ def _parse_flags(argv: list[str], command: str, names: list[str]) -> list[str]:
     verbose = any(a.startswith(('--verbosity', '-v')) for a in argv[1:])
     if not verbose:
       logging.set_verbosity(logging.WARNING)  # progress bar and result lines, not library chatter (-v 0 for INFO)
-    from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
     faults.quiet_library_warnings(verbose)
     if flags.FLAGS.config is not None:
       list(flags.FLAGS.config.keys())  # config files load lazily: surface their errors here

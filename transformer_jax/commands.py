@@ -238,7 +238,7 @@ def flag_errors(command: str, names: list[str], fv: flags.FlagValues = FLAGS) ->
     elif not (fv['text'].value or '').strip() and fv['input'].value is None:
       errors.append('--text=\'...\' (a sentence) or --input=FILE is needed')
   if command == 'compile':
-    from transformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top  (no jax at import)
+    from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=g-import-not-at-top  (no jax at import)
     unknown = [p for p in fv['programs'].value if p not in tpu_compile.PROGRAMS]
     if unknown:
       errors.append(f'--programs: unknown {", ".join(unknown)}; expected some of {", ".join(tpu_compile.PROGRAMS)}')
@@ -257,7 +257,7 @@ def run(command: str, args, names: list[str] | None = None) -> None:
     sys.stderr.flush()
     sys.exit(2)
   _check_inputs(command)  # bad config values and paths: before anything is read or written
-  from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
   faults.divert_library_errors()
   spec = COMMANDS[command]
   try:
@@ -268,9 +268,9 @@ def run(command: str, args, names: list[str] | None = None) -> None:
     with _writer_lock(command):  # before the slow imports: a second writer is refused at once
       spec.run()
   except Exception as e:  # pylint: disable=broad-except
-    from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-    from transformer_jax import run_control  # pylint: disable=g-import-not-at-top
-    from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import run_control  # pylint: disable=g-import-not-at-top
+    from transformer_jax.storage import lock as workdir_lock  # pylint: disable=g-import-not-at-top
     if isinstance(e, checkpoint_lib.CheckpointSaveError):
       print(f'error: {str(e).splitlines()[0]}', file=sys.stderr, flush=True)
       # orbax's failed background writers report again while the interpreter shuts down: to the log, not here
@@ -291,7 +291,7 @@ def run(command: str, args, names: list[str] | None = None) -> None:
 
 def _check_buckets(command: str) -> None:
   """gs:// paths: the bucket exists (readers) and takes a probe object (writers), else paths.BucketError."""
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   spec = COMMANDS[command]
   written = spec.writes() if spec.writes is not None else None
   if command == 'export':  # the probe object goes beside a one-file export, not under it
@@ -314,7 +314,7 @@ def _writer_lock(command: str):
   if COMMANDS[command].writes is None:
     return contextlib.nullcontext()
   import jax  # pylint: disable=g-import-not-at-top
-  from transformer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import lock as workdir_lock  # pylint: disable=g-import-not-at-top
   path = COMMANDS[command].writes()
   return workdir_lock.lock_workdir(path, 'transformer-jax ' + ' '.join(sys.argv[1:]), process_index=jax.process_index())
 
@@ -350,7 +350,7 @@ def _check_inputs(command: str) -> None:
     out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
     if not os.path.isdir(out_dir):
       errors.append(f'--out={FLAGS.out}: directory {out_dir} does not exist')
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   if command == 'export':
     errors.append(paths.check(FLAGS.out, '--out'))  # a file or a directory, by format: the format checks the rest
   if command == 'import':
@@ -376,7 +376,7 @@ def _run_config(workdir: str | None):
 
 
 def _train() -> None:
-  from transformer_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   workdir = _workdir()
   final = train_lib.train_and_evaluate(_run_config(workdir), workdir)
@@ -388,13 +388,13 @@ def _compile_flags(flags) -> None:  # pylint: disable=redefined-outer-name
   # Compiling for TPU runs on the CPU: before any jax import picks a backend (with libtpu installed it would try
   # to open a TPU).
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from transformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top  (no jax at import)
+  from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=g-import-not-at-top  (no jax at import)
   tpu_compile.define_flags(flags)
 
 
 def _compile() -> None:
   from transformer_jax import host  # pylint: disable=g-import-not-at-top
-  from transformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top
+  from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=g-import-not-at-top
   try:
     topology = tpu_compile.parse_topology(FLAGS.topology)
   except ValueError:
@@ -412,8 +412,8 @@ def _info() -> None:
 
 
 def _evaluate() -> None:
-  from transformer_jax import inference  # pylint: disable=g-import-not-at-top
-  from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import translate as inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import lm_inference  # pylint: disable=g-import-not-at-top
   config = _run_config(FLAGS.workdir)
   if lm_inference.is_language_model_workdir(FLAGS.workdir, config):
     results = lm_inference.evaluate_workdir(FLAGS.workdir, config, split=FLAGS.split, quantize=FLAGS.quantize,
@@ -429,8 +429,8 @@ def _evaluate() -> None:
 
 
 def _translate() -> None:
-  from transformer_jax import inference  # pylint: disable=g-import-not-at-top
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import translate as inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   if FLAGS.input:
     if not paths.exists(FLAGS.input):
       raise FileNotFoundError(f'--input={FLAGS.input} does not exist')
@@ -449,9 +449,9 @@ def _export() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   export.check_target(FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                       tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   if paths.exists(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME)):  # damaged: one line, before any work
-    from transformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     workdir_lib.Workdir(FLAGS.workdir).tokenizer()
   source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
   written = export.export(source, FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
@@ -462,7 +462,7 @@ def _export() -> None:
 def _import() -> None:
   from transformer_jax import export  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   gpt2 = FLAGS.format == 'hf-gpt2'
   source = paths.local_copy(FLAGS.path)  # gs://: downloaded once (the HF loaders read local files)
   if config is None and not os.path.exists(os.path.join(source, 'transformer_jax_config.json')):
@@ -477,7 +477,7 @@ def _import() -> None:
 
 def _average() -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from transformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   result = workdir_lib.average_workdir(FLAGS.workdir, FLAGS.out, last=FLAGS.last, config=FLAGS.config)
   if jax.process_index() == 0:
     print(f"averaged steps {','.join(map(str, result['steps']))} -> {result['out']} (step {result['step']}; "
@@ -499,7 +499,7 @@ def _attention_flags(flags) -> None:  # pylint: disable=redefined-outer-name
 
 
 def _attention() -> None:
-  from transformer_jax import attention_maps  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import attention_maps  # pylint: disable=g-import-not-at-top
   attention_maps.run(FLAGS)
 
 
@@ -526,12 +526,12 @@ def _generate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
 
 
 def _generate() -> None:
-  from transformer_jax import lm_inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import lm_inference  # pylint: disable=g-import-not-at-top
   lm_inference.run(FLAGS)
 
 
 def _signals_help() -> str:
-  from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
   return faults.SIGNALS_HELP
 
 

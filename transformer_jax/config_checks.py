@@ -133,7 +133,7 @@ def _attention_errors(config, bad: set[str], platform_checks: bool, length_check
   kind = _get(config, 'model.attention')
   if kind is _MISSING or kind == 'dense':
     return []
-  from transformer_jax import attention  # pylint: disable=g-import-not-at-top  (jax: only for the block kernels)
+  from transformer_jax.model import attention  # pylint: disable=g-import-not-at-top  (jax: only for the block kernels)
   if kind not in attention.KINDS:
     return [f"config model.attention={kind!r}: must be one of {', '.join(attention.KINDS)}"]
   errors = []
@@ -183,7 +183,7 @@ def stored_config_errors(config: dict) -> list[str]:
 def directory_error(path: str | None, flag: str) -> str | None:
   """Why `path` cannot be (or become) a directory: a scheme other than gs://, or it is a file, or one of its parents
   is. None when fine."""
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   if not path or '://' in path:
     return paths.check(path, flag)
   probe = os.path.abspath(path)
@@ -203,7 +203,7 @@ def directory_error(path: str | None, flag: str) -> str | None:
 def file_error(path: str | None, flag: str) -> str | None:
   """Why `path` cannot be read as a file: an unsupported scheme, or it is a directory. None when fine (absence is the
   caller's to report)."""
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   if path and '://' in path:
     return paths.check(path, flag)
   if path and '://' not in path and os.path.isdir(path):

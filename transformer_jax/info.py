@@ -13,10 +13,10 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax import optim
+from transformer_jax.training import optim
 from transformer_jax import parallel
-from transformer_jax import train_state
-from transformer_jax.model import build_model
+from transformer_jax.training import train_state
+from transformer_jax.model.transformer import build_model
 
 
 def _bytes(leaf) -> int:

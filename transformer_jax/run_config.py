@@ -49,10 +49,10 @@ def _set(config, path: str, value: Any) -> None:
 
 
 def _has_checkpoint(workdir: str | None) -> bool:
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   if not workdir:
     return False
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   directory = checkpoint_lib.checkpoint_dir(workdir)
   return paths.isdir(directory) and any(name.isdigit() for name in paths.listdir(directory))  # gs:// too
 
@@ -76,5 +76,5 @@ def resolve(workdir: str | None, config, *, explicit: bool, overrides: dict[str,
   """The config to run with (see the module docstring). `explicit`: --config=FILE was on the command line."""
   if explicit or not _has_checkpoint(workdir):
     return config
-  from transformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   return stored_with_overrides(workdir_lib.Workdir(workdir).stored_config(), dict(overrides or {}), workdir)

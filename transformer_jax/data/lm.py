@@ -31,7 +31,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from transformer_jax import scores
+from transformer_jax.inference import scores
 from transformer_jax.data import packing
 from transformer_jax.data import tensorflow_cpu
 from transformer_jax.data import tokenizer as tokenizer_lib

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from transformer_jax.vocab import SpecialIds
+from transformer_jax.model.vocab import SpecialIds
 
 DIRECTORY = 'marian'  # inside a workdir
 FILES = ('source.spm', 'target.spm', 'vocab.json', 'special_ids.json')

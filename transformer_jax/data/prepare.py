@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from absl import logging
 import numpy as np
 
-from transformer_jax import paths
+from transformer_jax.storage import paths
 from transformer_jax.data import sources
 from transformer_jax.data import tensorflow_cpu
 from transformer_jax.data import tokenizer as tokenizer_lib

@@ -166,7 +166,7 @@ def _load_generated(task: str, split: str, *, source_lang: str, target_lang: str
 
 
 def _read_tsv_cache(path: str) -> list[tuple[str, str]] | None:
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   if not paths.exists(path):
     return None
   data = paths.read_text(path)  # garbage fails the sha1 check below, not here
@@ -180,7 +180,7 @@ def _read_tsv_cache(path: str) -> list[tuple[str, str]] | None:
 
 
 def _write_tsv_cache(path: str, pairs: list[tuple[str, str]]) -> None:
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   body = "".join(f"{s}\t{t}\n" for s, t in pairs)
   data = f"# pairs={len(pairs)} sha1={hashlib.sha1(body.encode()).hexdigest()}\n{body}"
   try:

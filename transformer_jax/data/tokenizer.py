@@ -1,6 +1,6 @@
 """SentencePiece tokenizer: train once (process 0), write atomically, everyone else loads.
 
-The special ids belong to the vocabulary (`transformer_jax.vocab.SpecialIds`): a Tokenizer reads them from its
+The special ids belong to the vocabulary (`transformer_jax.model.vocab.SpecialIds`): a Tokenizer reads them from its
 SentencePiece model (`Tokenizer.special_ids`) and the trainer hands them to the model as configuration. Models this
 project trains use the defaults, PAD 0, EOS 1, UNK 2, BOS 3 (the names below are those defaults, kept for callers
 that build batches by hand).
@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from absl import logging
 import sentencepiece as spm
 
-from transformer_jax import paths
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
+from transformer_jax.storage import paths
+from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 PAD_ID = DEFAULT_SPECIAL_IDS.pad
 EOS_ID = DEFAULT_SPECIAL_IDS.eos

@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from transformer_jax import parallel
-from transformer_jax import train_state
-from transformer_jax import workdir as workdir_lib
+from transformer_jax.training import train_state
+from transformer_jax.storage import workdir as workdir_lib
 from transformer_jax.export import ctranslate2 as ctranslate2_format
 from transformer_jax.export import files
 from transformer_jax.export import hf_gpt2

@@ -31,7 +31,7 @@ import numpy as np
 
 from transformer_jax.export import files
 from transformer_jax.export.files import ExportError, Exportable, flatten
-from transformer_jax.model_config import LAYER_NORM_EPSILON
+from transformer_jax.model.config import LAYER_NORM_EPSILON
 
 NAME = 'ctranslate2'
 SUMMARY = 'a directory ctranslate2.Translator / Generator loads (the [serve] extra)'
@@ -165,7 +165,7 @@ class _Weights:
 def _stack(w: _Weights, spec, side: str, embedding, cross: bool):
   """Embeddings, positions, layers and final norm of one side (spec: a TransformerEncoderSpec/DecoderSpec)."""
   cfg = w.cfg
-  from transformer_jax.model import sinusoidal_table  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import sinusoidal_table  # pylint: disable=g-import-not-at-top
   embeddings = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
   embeddings.weight = embedding
   spec.scale_embeddings = True if cfg.scale_embeddings else False  # True: CTranslate2 multiplies by sqrt(D)

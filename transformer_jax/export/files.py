@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transformer_jax import paths
+from transformer_jax.storage import paths
 
 DTYPES = ('float32', 'bfloat16')
 TOKENIZER_NAME = 'spm.model'

@@ -24,12 +24,12 @@ import shutil
 
 import numpy as np
 
-from transformer_jax import workdir as workdir_lib
+from transformer_jax.storage import workdir as workdir_lib
 from transformer_jax.export import files
 from transformer_jax.export.files import ExportError
 from transformer_jax.export.hf_marian import _unscan
 from transformer_jax.export.safetensors import read_safetensors, write_safetensors
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS
+from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS
 
 # GPT-2 directories written here keep our SentencePiece ids (the project's defaults).
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = (DEFAULT_SPECIAL_IDS.pad, DEFAULT_SPECIAL_IDS.eos, DEFAULT_SPECIAL_IDS.unk,

@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax import train_state
-from transformer_jax import workdir as workdir_lib
+from transformer_jax.training import train_state
+from transformer_jax.storage import workdir as workdir_lib
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.export import files
 from transformer_jax.export.files import ExportError, Exportable, flatten, unflatten
 from transformer_jax.export.safetensors import read_safetensors, write_safetensors
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
+from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 # This format keeps the SentencePiece ids as the model's ids: the project's defaults (pad 0, eos 1, unk 2, bos 3).
 IDS = DEFAULT_SPECIAL_IDS

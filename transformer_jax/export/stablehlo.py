@@ -29,7 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from transformer_jax import decode as decode_lib
+from transformer_jax.inference import decode as decode_lib
 from transformer_jax.export import files
 
 NAME = 'stablehlo'

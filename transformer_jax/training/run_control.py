@@ -12,7 +12,7 @@ import time
 import jax
 from absl import logging
 
-from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax.training import checkpoint as checkpoint_lib
 
 
 class NonFiniteLossError(RuntimeError):

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from transformer_jax import attention as attention_lib
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
+from transformer_jax.model import attention as attention_lib
+from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 # torch's nn.LayerNorm default: one constant so exported HF Marian models compute the same function.
 LAYER_NORM_EPSILON = 1e-5

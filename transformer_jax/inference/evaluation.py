@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from transformer_jax import decode as decode_lib
-from transformer_jax import generate
+from transformer_jax.inference import decode as decode_lib
+from transformer_jax.inference import generate
 from transformer_jax import parallel
-from transformer_jax import paths
-from transformer_jax import scores
-from transformer_jax.model import LanguageModel, ModelConfig, Transformer
+from transformer_jax.storage import paths
+from transformer_jax.inference import scores
+from transformer_jax.model.transformer import LanguageModel, ModelConfig, Transformer
 
 
 def cross_entropy_sums(logits, targets, weights, label_smoothing: float) -> dict[str, jax.Array]:

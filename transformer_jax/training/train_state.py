@@ -13,9 +13,9 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
-from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax.training import checkpoint as checkpoint_lib
 from transformer_jax import parallel
-from transformer_jax.model import ModelConfig
+from transformer_jax.model.transformer import ModelConfig
 
 
 @struct.dataclass

@@ -23,9 +23,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.model import ModelConfig, Transformer
+from transformer_jax.model.transformer import ModelConfig, Transformer
 from transformer_jax.parallel import BATCH_AXES as _BATCH_AXES
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
+from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 P = jax.sharding.PartitionSpec
 

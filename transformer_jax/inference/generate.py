@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS
-from transformer_jax.model import LanguageModel, ModelConfig
+from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS
+from transformer_jax.model.transformer import LanguageModel, ModelConfig
 
 NEG_INF = -1.0e9
 # The ids of the vocabularies this project trains (the LM's SentencePiece model keeps the defaults).

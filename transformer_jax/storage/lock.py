@@ -231,7 +231,7 @@ class GCSStore(ObjectStore):
   """ObjectStore over a GCS bucket: names are gs:// URIs; writes and deletes carry if_generation_match."""
 
   def __init__(self, timeout_s: float = 30.0):
-    from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+    from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
     self._client = paths._storage_client()  # pylint: disable=protected-access
     self._timeout = timeout_s
 

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax import attention as attention_lib
-from transformer_jax.attention import MaskSpec
+from transformer_jax.model import attention as attention_lib
+from transformer_jax.model.attention import MaskSpec
 # ModelConfig and the choices it names live in model_config.py; imported from here by the rest of the package too.
-from transformer_jax.model_config import ACTIVATIONS, LAYER_NORM_EPSILON, ModelConfig, compute_dtype  # noqa: F401
-from transformer_jax.vocab import DEFAULT_SPECIAL_IDS
+from transformer_jax.model.config import ACTIVATIONS, LAYER_NORM_EPSILON, ModelConfig, compute_dtype  # noqa: F401
+from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS
 
 
 def _param_init(init: Callable, names: tuple[str | None, ...]):

@@ -14,7 +14,7 @@ import time
 
 from absl import logging
 
-from transformer_jax import paths
+from transformer_jax.storage import paths
 
 METRICS_NAME = 'metrics.jsonl'
 METRICS_PARTS = 'metrics'  # gs:// workdirs: WORKDIR/metrics/<part>.jsonl (an object store has no append)

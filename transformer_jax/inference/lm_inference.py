@@ -12,14 +12,14 @@ import sys
 import jax
 from flax import linen as nn
 
-from transformer_jax import evaluation
-from transformer_jax import generate
-from transformer_jax import inference
+from transformer_jax.inference import evaluation
+from transformer_jax.inference import generate
+from transformer_jax.inference import translate as inference
 from transformer_jax import parallel
-from transformer_jax import scores
+from transformer_jax.inference import scores
 from transformer_jax.data import lm
-from transformer_jax.model import build_model
-from transformer_jax.workdir import Workdir
+from transformer_jax.model.transformer import build_model
+from transformer_jax.storage.workdir import Workdir
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ import re
 import sys
 import time
 
-from transformer_jax import evaluation
-from transformer_jax import tpu_chips
-from transformer_jax import tpu_report
+from transformer_jax.inference import evaluation
+from transformer_jax.tpu import chips as tpu_chips
+from transformer_jax.tpu import report as tpu_report
 
 PROGRAMS = ('train', 'eval', 'greedy', 'beam', 'sample')
 _BATCH_KEYS = {'encoder_decoder': ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation',
@@ -163,8 +163,10 @@ class _Setup:
   def __init__(self, config, devices):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from transformer_jax import optim, parallel, train_state  # pylint: disable=g-import-not-at-top
-    from transformer_jax.model import build_model  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+    from transformer_jax import parallel
+    from transformer_jax.training import train_state
+    from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
     self.config = config
     self.mesh = build_mesh(config, devices)
     if config.batch_size % (self.mesh.shape['data'] * self.mesh.shape['fsdp']):
@@ -193,7 +195,10 @@ class _Setup:
     """(lowered, state-like args, batch-like args) of one program, lowered under the mesh and the rules."""
     import jax  # pylint: disable=g-import-not-at-top
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from transformer_jax import decode, generate, parallel, train  # pylint: disable=g-import-not-at-top
+    from transformer_jax.inference import decode  # pylint: disable=g-import-not-at-top
+    from transformer_jax.inference import generate
+    from transformer_jax import parallel
+    from transformer_jax.training import train
     params, config = self.state.params, self.config
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
       if program == 'train':

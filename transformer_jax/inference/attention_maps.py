@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax import evaluation
-from transformer_jax import inference
+from transformer_jax.inference import evaluation
+from transformer_jax.inference import translate as inference
 from transformer_jax import parallel
-from transformer_jax import scores
-from transformer_jax.model import Transformer
+from transformer_jax.inference import scores
+from transformer_jax.model.transformer import Transformer
 
 KINDS = ('cross', 'encoder_self', 'decoder_self')
 _MODULES = {'encoder_self': ('encoder', 'self_attention'), 'decoder_self': ('decoder', 'self_attention'),
@@ -237,7 +237,7 @@ def run(FLAGS) -> None:  # pylint: disable=invalid-name
     if not (FLAGS.text or '').strip():
       raise ValueError('--text is empty: give a sentence to translate (or --input=FILE)')
     sentences = [FLAGS.text]
-  from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
   if not paths.isdir(FLAGS.workdir):  # a gs:// workdir too (the image --out is written locally)
     raise FileNotFoundError(f'--workdir={FLAGS.workdir} does not exist')
   out_dir = os.path.dirname(os.path.abspath(FLAGS.out))

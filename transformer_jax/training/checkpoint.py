@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from transformer_jax import paths
+from transformer_jax.storage import paths
 
 ITEMS = ('state', 'data', 'config')
 DAMAGED_DIR = 'checkpoints_damaged'
@@ -161,7 +161,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict, config_json: dict, *, force: bool = True) -> bool:
     """Starts saving (returns once the arrays are on the host when async; after the commit when not)."""
-    from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
     self.check_for_errors()  # the previous save's outcome first
     need = tree_nbytes(state)
     free = faults.free_bytes(self.directory) if jax.process_index() == 0 else None
@@ -197,7 +197,7 @@ class Checkpointer:
 
   def _failure(self, e: BaseException, step: int, need: int, free: int | None = None) -> CheckpointSaveError:
     """The one-line error of a failed save; the traceback goes to the detail log, the half-written step is removed."""
-    from transformer_jax import faults  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
     log = faults.log_exception(e, f'saving checkpoint step {step} to {self.directory} failed')
     if jax.process_index() == 0 and not paths.is_gcs(self.directory):  # gs://: no tmp dirs (commit markers)
       for tmp in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):  # no save is in flight now
@@ -336,7 +336,7 @@ class Checkpointer:
       if damaged and not self.read_only:
         self._quarantine([d for d, _ in damaged])
       if jax.process_count() > 1:  # every host restored; the quarantine (process 0) is done before anyone saves
-        multihost_utils.sync_global_devices('transformer_jax.checkpoint.restore')
+        multihost_utils.sync_global_devices('transformer_jax.training.checkpoint.restore')
         self.manager.reload()
       return result, s
     raise NoReadableCheckpointError(

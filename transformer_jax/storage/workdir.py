@@ -29,13 +29,13 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from transformer_jax import checkpoint as checkpoint_lib
-from transformer_jax import optim
+from transformer_jax.training import checkpoint as checkpoint_lib
+from transformer_jax.training import optim
 from transformer_jax import parallel
-from transformer_jax import paths
-from transformer_jax import train_state
+from transformer_jax.storage import paths
+from transformer_jax.training import train_state
 from transformer_jax.data import tokenizer as tokenizer_lib
-from transformer_jax.model import ModelConfig, build_model
+from transformer_jax.model.transformer import ModelConfig, build_model
 
 TOKENIZER_NAME = 'spm.model'
 

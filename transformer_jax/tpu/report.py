@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from transformer_jax import tpu_chips
+from transformer_jax.tpu import chips as tpu_chips
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _OP = re.compile(r'^\s+(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|'

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax import decode as decode_lib
-from transformer_jax import evaluation
+from transformer_jax.inference import decode as decode_lib
+from transformer_jax.inference import evaluation
 from transformer_jax import parallel
-from transformer_jax import quantize as quantize_lib
-from transformer_jax import scores
+from transformer_jax.model import quantize as quantize_lib
+from transformer_jax.inference import scores
 from transformer_jax.data import sources
-from transformer_jax.workdir import Trained, Workdir
+from transformer_jax.storage.workdir import Trained, Workdir
 
 
 def load_workdir(workdir: str, config=None, *, quantize: str = 'none', weights_dtype: str = 'float32') -> Trained:
@@ -102,7 +102,7 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_siz
         hypotheses, references, config.get('bleu_tokenize', '13a')).items()})
     if jax.process_index() == 0:
       path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{weights}{suffix}.txt')
-      from transformer_jax import paths  # pylint: disable=g-import-not-at-top
+      from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
       paths.write_text_atomic(path, '\n'.join(hypotheses) + '\n')
   return results
 

@@ -18,17 +18,17 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from transformer_jax import evaluation
-from transformer_jax import faults
-from transformer_jax import metrics as metrics_lib
-from transformer_jax import optim
+from transformer_jax.inference import evaluation
+from transformer_jax.training import faults
+from transformer_jax.training import metrics as metrics_lib
+from transformer_jax.training import optim
 from transformer_jax import parallel
-from transformer_jax import paths
-from transformer_jax import preemption as preemption_lib
-from transformer_jax import run_control
-from transformer_jax import train_state
-from transformer_jax import workdir as workdir_lib
-from transformer_jax.model import Transformer, build_model
+from transformer_jax.storage import paths
+from transformer_jax.training import preemption as preemption_lib
+from transformer_jax.training import run_control
+from transformer_jax.training import train_state
+from transformer_jax.storage import workdir as workdir_lib
+from transformer_jax.model.transformer import Transformer, build_model
 
 BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position',
               'targets_position')
