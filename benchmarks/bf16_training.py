@@ -75,8 +75,11 @@ def instructions(hlo: str) -> list[Instruction]:
     types[name] = _dtype(type_text)
     operands = tuple(d or types.get(n, '?') for d, n in _OPERAND.findall(_arguments(rest)))
     op_name = _OP_NAME.search(line)
-    out.append(Instruction(computation, name, opcode, _dtype(type_text), operands,
-                           op_name.group(1) if op_name else '', bool(root), line))
+    out.append(
+      Instruction(
+        computation, name, opcode, _dtype(type_text), operands, op_name.group(1) if op_name else '', bool(root), line
+      )
+    )
   return out
 
 
@@ -112,20 +115,28 @@ def entry_parameters(hlo: str) -> list[Instruction]:
 
 def compiled_train_hlo(config, platform: str | None = None) -> str:
   """The HLO text of config's train step compiled for this process's backend (unsharded, one device)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from transformer_jax.training import optim
   from transformer_jax.training import train
   from transformer_jax.training import train_state
-  from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import build_model
+
   model = build_model(train_state.model_config(config, platform=platform))
   tx = optim.make_optimizer(config)
   state = jax.eval_shape(lambda: nn.meta.unbox(train_state.init_boxed_state(model, tx, config, jax.random.key(0))))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-           for k, v in train_state.dummy_batch(config, rows=config.batch_size).items()}
-  batch.update({f'{k}_{s}': jax.ShapeDtypeStruct(v.shape, jnp.int32) for k, v in list(batch.items())
-                for s in ('segmentation', 'position')})
+  batch = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+    for k, v in train_state.dummy_batch(config, rows=config.batch_size).items()
+  }
+  batch.update(
+    {
+      f'{k}_{s}': jax.ShapeDtypeStruct(v.shape, jnp.int32)
+      for k, v in list(batch.items())
+      for s in ('segmentation', 'position')
+    }
+  )
   key = jax.random.key(0)
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype)
   return jax.jit(train.make_train_step(model, tx, config)).lower(state, batch, rng).compile().as_text()
@@ -134,16 +145,19 @@ def compiled_train_hlo(config, platform: str | None = None) -> str:
 def step_times(config, rounds: int = 3, steps: int = 20) -> dict[str, float]:
   """Seconds per train step of config in float32 and bfloat16, timed in alternating rounds in this process (so a
   shared machine's load falls on both alike): the median over rounds of each round's mean. Random token batches."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from flax import linen as nn
+  from transformer_jax.training import optim
   from transformer_jax.training import train
   from transformer_jax.training import train_state
-  from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import build_model
+
   rng = np.random.default_rng(0)
-  batch = {k: rng.integers(3, config.model.vocab_size, size=(config.batch_size, v.shape[1]), dtype=np.int32)
-           for k, v in train_state.dummy_batch(config).items()}
+  batch = {
+    k: rng.integers(3, config.model.vocab_size, size=(config.batch_size, v.shape[1]), dtype=np.int32)
+    for k, v in train_state.dummy_batch(config).items()
+  }
   runs = {}
   for dtype in ('float32', 'bfloat16'):
     config.model.dtype = dtype
@@ -169,7 +183,8 @@ def step_times(config, rounds: int = 3, steps: int = 20) -> dict[str, float]:
 
 
 def _load_config(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
+
   spec = importlib.util.spec_from_file_location('bench_config', os.path.join(_REPO, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -179,13 +194,21 @@ def _load_config(path: str):
 def _train(config_path: str, dtype: str, workdir: str, data_dir: str, overrides: list[str]) -> dict:
   if os.path.isdir(workdir):
     shutil.rmtree(workdir)  # a run left from before would resume (or just evaluate) instead of training
-  cmd = [sys.executable, '-m', 'transformer_jax.cli', 'train', f'--config={config_path}', f'--workdir={workdir}',
-         f'--config.model.dtype={dtype}', f'--config.prepared_data_dir={data_dir}'] + [f'--config.{o}' for o in
-                                                                                        overrides]
+  cmd = [
+    sys.executable,
+    '-m',
+    'transformer_jax.cli',
+    'train',
+    f'--config={config_path}',
+    f'--workdir={workdir}',
+    f'--config.model.dtype={dtype}',
+    f'--config.prepared_data_dir={data_dir}',
+  ] + [f'--config.{o}' for o in overrides]
   print('$ ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
   start = time.time()
-  proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-                        check=False)
+  proc = subprocess.run(
+    cmd, cwd=_REPO, capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False
+  )
   wall = time.time() - start
   if proc.returncode:
     sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
@@ -193,8 +216,11 @@ def _train(config_path: str, dtype: str, workdir: str, data_dir: str, overrides:
   final = re.findall(r'^final: (.*)$', proc.stdout, re.M)[-1]
   metrics = {k: float(v) for k, v in re.findall(r'(\w+)=([-\d.e+naif]+)', final)}
   steps = re.search(r'steps \d+\.\.\d+ ([\d.]+) s \(cpu ([\d.]+) s\)', proc.stderr)
-  metrics.update(wall_s=wall, steps_wall_s=float(steps.group(1)) if steps else float('nan'),
-                 steps_cpu_s=float(steps.group(2)) if steps else float('nan'))
+  metrics.update(
+    wall_s=wall,
+    steps_wall_s=float(steps.group(1)) if steps else float('nan'),
+    steps_cpu_s=float(steps.group(2)) if steps else float('nan'),
+  )
   return metrics
 
 
@@ -210,16 +236,21 @@ def main() -> None:
   parser.add_argument('--configs', default='configs/tiny.py,configs/lm_tiny.py')
   parser.add_argument('--workdir', default='/tmp/bf16_runs')
   parser.add_argument('--override', action='append', default=[], help='config override for every run, KEY=VALUE')
-  parser.add_argument('--step_times_only', action='store_true',
-                      help='only time the train steps of both dtypes in alternating rounds (no training runs)')
+  parser.add_argument(
+    '--step_times_only',
+    action='store_true',
+    help='only time the train steps of both dtypes in alternating rounds (no training runs)',
+  )
   args = parser.parse_args()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   command = 'python ' + ' '.join(shlex.quote(a) for a in sys.argv)
   if args.step_times_only:
     for config_path in args.configs.split(','):
       times = step_times(_load_config(config_path))
-      print(f"{config_path}: train step float32 {1e3 * times['float32']:.1f} ms, bfloat16 "
-            f"{1e3 * times['bfloat16']:.1f} ms (bfloat16/float32 {times['bfloat16'] / times['float32']:.2f})")
+      print(
+        f'{config_path}: train step float32 {1e3 * times["float32"]:.1f} ms, bfloat16 '
+        f'{1e3 * times["bfloat16"]:.1f} ms (bfloat16/float32 {times["bfloat16"] / times["float32"]:.2f})'
+      )
     return
   rows = []
   for config_path in args.configs.split(','):
@@ -236,8 +267,10 @@ def main() -> None:
   print('|---|---|---|---|---|---|---|')
   for name, r, _ in rows:
     f, b = r['float32'], r['bfloat16']
-    ratios = (f"{b['steps_wall_s'] / f['steps_wall_s']:.2f} ({b['steps_wall_s']:.0f} / {f['steps_wall_s']:.0f} s)",
-              f"{b['steps_cpu_s'] / f['steps_cpu_s']:.2f} ({b['steps_cpu_s']:.0f} / {f['steps_cpu_s']:.0f} s)")
+    ratios = (
+      f'{b["steps_wall_s"] / f["steps_wall_s"]:.2f} ({b["steps_wall_s"]:.0f} / {f["steps_wall_s"]:.0f} s)',
+      f'{b["steps_cpu_s"] / f["steps_cpu_s"]:.2f} ({b["steps_cpu_s"]:.0f} / {f["steps_cpu_s"]:.0f} s)',
+    )
     for metric in ('exact_match', 'chrf', 'bits_per_byte', 'nll'):
       if metric not in f:
         continue

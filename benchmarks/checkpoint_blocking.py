@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -39,13 +39,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+  import jax
+  from flax import linen as nn
+  from transformer_jax.training import checkpoint as checkpoint_lib
+  from transformer_jax.training import optim
   from transformer_jax import parallel
-  from transformer_jax.training import train_state  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train_state
+  from transformer_jax.model.transformer import Transformer
 
   config = FLAGS.config
   config.unlock()
@@ -85,10 +85,14 @@ def main(argv):
       shutil.rmtree(root, ignore_errors=True)
 
   print(f'command: python {" ".join(sys.argv)}')
-  print(f'device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.node()}; '
-        f'load average {os.getloadavg()[0]:.1f}; jax {jax.__version__}; {time.strftime("%Y-%m-%d")}')
-  print(f'state: {params:,} parameters; TrainState {nbytes / 2**20:.0f} MiB (params + Adam moments, float32); '
-        f'written under {root}')
+  print(
+    f'device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.node()}; '
+    f'load average {os.getloadavg()[0]:.1f}; jax {jax.__version__}; {time.strftime("%Y-%m-%d")}'
+  )
+  print(
+    f'state: {params:,} parameters; TrainState {nbytes / 2**20:.0f} MiB (params + Adam moments, float32); '
+    f'written under {root}'
+  )
   print()
   print('| mode  | save() blocks the loop (s) | until committed (s) | blocking, each save (s) |')
   print('|-------|----------------------------|---------------------|-------------------------|')

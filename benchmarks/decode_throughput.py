@@ -67,7 +67,8 @@ def add_work_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sources(args):
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
   rng = np.random.default_rng(args.seed)
   rows = rng.integers(4, args.vocab, (args.sentences, args.source_len)).astype(np.int32)
   rows[:, -1] = EOS
@@ -78,15 +79,22 @@ class JaxSystem:
   name = 'ours (JAX, jit)'
 
   def __init__(self, args, rows):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from transformer_jax.inference import decode  # pylint: disable=g-import-not-at-top
-    from transformer_jax.model.transformer import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+    from transformer_jax.inference import decode
+    from transformer_jax.model.transformer import ModelConfig, Transformer
+
     self.jax, self.decode, self.args = jax, decode, args
-    self.cfg = ModelConfig(vocab_size=args.vocab, num_layers=args.num_layers, d_model=args.d_model,
-                           num_heads=args.num_heads, d_ff=args.d_ff, dropout_rate=0.0,
-                           max_len=max(args.source_len, args.new_tokens))
+    self.cfg = ModelConfig(
+      vocab_size=args.vocab,
+      num_layers=args.num_layers,
+      d_model=args.d_model,
+      num_heads=args.num_heads,
+      d_ff=args.d_ff,
+      dropout_rate=0.0,
+      max_len=max(args.source_len, args.new_tokens),
+    )
     self.inputs = jnp.asarray(rows)
     init = jax.jit(Transformer(self.cfg).init)
     self.params = nn.meta.unbox(init(jax.random.key(args.seed), self.inputs, self.inputs)['params'])
@@ -97,8 +105,15 @@ class JaxSystem:
     if beams == 1:
       out = self.decode.greedy_decode(self.params, self.inputs, cfg=self.cfg, max_decode_len=n, min_decode_len=n)
     else:
-      out, _ = self.decode.beam_search(self.params, self.inputs, cfg=self.cfg, beam_size=beams, alpha=self.args.alpha,
-                                       max_decode_len=n, min_decode_len=n)
+      out, _ = self.decode.beam_search(
+        self.params,
+        self.inputs,
+        cfg=self.cfg,
+        beam_size=beams,
+        alpha=self.args.alpha,
+        max_decode_len=n,
+        min_decode_len=n,
+      )
     out = self.jax.block_until_ready(out)
     return int((out != PAD).sum(axis=1).min()), int((out != PAD).sum(axis=1).max())
 
@@ -107,31 +122,56 @@ class HfSystem:
   name = 'HF MarianMTModel.generate (PyTorch)'
 
   def __init__(self, args, rows):
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
+    import torch
+    import transformers
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = transformers.MarianConfig(
-        vocab_size=args.vocab, decoder_vocab_size=args.vocab, d_model=args.d_model,
-        encoder_layers=args.num_layers, decoder_layers=args.num_layers, encoder_attention_heads=args.num_heads,
-        decoder_attention_heads=args.num_heads, encoder_ffn_dim=args.d_ff, decoder_ffn_dim=args.d_ff,
-        max_position_embeddings=max(512, args.source_len + args.new_tokens + 1), dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, activation_function='relu', scale_embedding=True,
-        share_encoder_decoder_embeddings=True, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS,
-        decoder_start_token_id=BOS, forced_eos_token_id=None)
+      vocab_size=args.vocab,
+      decoder_vocab_size=args.vocab,
+      d_model=args.d_model,
+      encoder_layers=args.num_layers,
+      decoder_layers=args.num_layers,
+      encoder_attention_heads=args.num_heads,
+      decoder_attention_heads=args.num_heads,
+      encoder_ffn_dim=args.d_ff,
+      decoder_ffn_dim=args.d_ff,
+      max_position_embeddings=max(512, args.source_len + args.new_tokens + 1),
+      dropout=0.0,
+      attention_dropout=0.0,
+      activation_dropout=0.0,
+      activation_function='relu',
+      scale_embedding=True,
+      share_encoder_decoder_embeddings=True,
+      pad_token_id=PAD,
+      eos_token_id=EOS,
+      bos_token_id=BOS,
+      decoder_start_token_id=BOS,
+      forced_eos_token_id=None,
+    )
     self.torch, self.args = torch, args
     self.model = transformers.MarianMTModel(config).eval()
     self.inputs = torch.as_tensor(rows, dtype=torch.long)
     self.mask = torch.ones_like(self.inputs)
-    self.device = (f'cpu, torch {torch.__version__} ({torch.get_num_threads()} threads), '
-                   f'transformers {transformers.__version__}')
+    self.device = (
+      f'cpu, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}'
+    )
 
   def run(self, beams: int):
     n = self.args.new_tokens
     with self.torch.inference_mode():
-      out = self.model.generate(input_ids=self.inputs, attention_mask=self.mask, num_beams=beams, do_sample=False,
-                                min_new_tokens=n, max_new_tokens=n, length_penalty=self.args.alpha,
-                                early_stopping=False, num_return_sequences=1)
+      out = self.model.generate(
+        input_ids=self.inputs,
+        attention_mask=self.mask,
+        num_beams=beams,
+        do_sample=False,
+        min_new_tokens=n,
+        max_new_tokens=n,
+        length_penalty=self.args.alpha,
+        early_stopping=False,
+        num_return_sequences=1,
+      )
     generated = out[:, 1:]  # without the decoder start token
     lengths = (generated != PAD).sum(dim=1)
     return int(lengths.min()), int(lengths.max())
@@ -157,8 +197,6 @@ def worker(args):
   print(json.dumps(result), flush=True)
 
 
-
-
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
@@ -168,17 +206,24 @@ def main(argv=None):
   results = []
   for system in args.systems.split(','):
     # Each system in its own process: XLA's and OpenMP's thread pools would otherwise compete for the 2 cores.
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--worker={system}', *argv],
-                          capture_output=True, text=True, env=hugepages.child_environ(), check=False)
+    proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), f'--worker={system}', *argv],
+      capture_output=True,
+      text=True,
+      env=hugepages.child_environ(),
+      check=False,
+    )
     if proc.returncode:
       sys.exit(f'{system} failed:\n{proc.stderr[-3000:]}')
     results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
   print(f'\n    python benchmarks/decode_throughput.py {" ".join(argv)}'.rstrip() + '\n')
-  print(f'base Transformer (d_model {args.d_model}, {args.num_layers}+{args.num_layers} layers, d_ff {args.d_ff}, '
-        f'{args.num_heads} heads, vocab {args.vocab}, random weights, float32); {args.sentences} sources of '
-        f'{args.source_len} tokens in one batch, exactly {args.new_tokens} new tokens each; {args.repeats} timed '
-        f'runs after a warm-up; {platform.machine()}, {os.cpu_count()} CPUs')
+  print(
+    f'base Transformer (d_model {args.d_model}, {args.num_layers}+{args.num_layers} layers, d_ff {args.d_ff}, '
+    f'{args.num_heads} heads, vocab {args.vocab}, random weights, float32); {args.sentences} sources of '
+    f'{args.source_len} tokens in one batch, exactly {args.new_tokens} new tokens each; {args.repeats} timed '
+    f'runs after a warm-up; {platform.machine()}, {os.cpu_count()} CPUs'
+  )
   for r in results:
     print(f'  {r["name"]}: {r["device"]}')
   print()
@@ -192,10 +237,14 @@ def main(argv=None):
     cpus = [statistics.median(r['cpu'][str(b)]) for r in results]
     label = 'greedy' if b == 1 else f'beam {b}'
     cells = ' | '.join(f'{m:.1f} ({x:.1f}); {c:.2f}' for m, x, c in zip(medians, bests, cpus))
-    ratio = (f' {medians[0] / medians[1]:.2f}x ({bests[0] / bests[1]:.2f}x); {cpus[1] / cpus[0]:.2f}x |'
-             if len(results) == 2 else '')
+    ratio = (
+      f' {medians[0] / medians[1]:.2f}x ({bests[0] / bests[1]:.2f}x); {cpus[1] / cpus[0]:.2f}x |'
+      if len(results) == 2
+      else ''
+    )
     print(f'| {label} | {cells} |{ratio}')
   print(f'\nload average (1, 5, 15 min) at the end: {", ".join(f"{x:.2f}" for x in os.getloadavg())}')
+
 
 if __name__ == '__main__':
   main()

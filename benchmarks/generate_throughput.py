@@ -72,23 +72,31 @@ def parse_args(argv=None):
   p.add_argument('--dir', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if 1 + args.prompt_len + args.new_tokens > args.context:
-    p.error(f'1 + prompt_len + new_tokens = {1 + args.prompt_len + args.new_tokens} exceeds the context '
-            f'{args.context}')
+    p.error(f'1 + prompt_len + new_tokens = {1 + args.prompt_len + args.new_tokens} exceeds the context {args.context}')
   return args
 
 
 def model_cfg(args):
-  from configs import lm_tiny  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model.transformer import ModelConfig  # pylint: disable=g-import-not-at-top
+  from configs import lm_tiny
+  from transformer_jax.model.transformer import ModelConfig
+
   config = lm_tiny.get_config()
-  config.model.update(vocab_size=args.vocab, num_layers=args.num_layers, d_model=args.d_model,
-                      num_heads=args.num_heads, d_ff=args.d_ff, dropout_rate=0.0, dtype='float32')
+  config.model.update(
+    vocab_size=args.vocab,
+    num_layers=args.num_layers,
+    d_model=args.d_model,
+    num_heads=args.num_heads,
+    d_ff=args.d_ff,
+    dropout_rate=0.0,
+    dtype='float32',
+  )
   return ModelConfig.from_config(config.model, max_len=args.context)
 
 
 def prompts(args):
   """[batch, 1 + prompt_len]: BOS then random ordinary tokens (never PAD/EOS/UNK/BOS)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
   rows = np.random.default_rng(args.seed).integers(4, args.vocab, (args.batch, 1 + args.prompt_len)).astype(np.int32)
   rows[:, 0] = BOS
   return rows
@@ -96,22 +104,24 @@ def prompts(args):
 
 def prepare(args):
   """Random parameters that never pick EOS (module docstring) -> DIR/params.msgpack and DIR/hf (GPT-2)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  from transformer_jax.export import files  # pylint: disable=g-import-not-at-top
-  from transformer_jax.export import hf_gpt2  # pylint: disable=g-import-not-at-top
-  from transformer_jax.export.safetensors import write_safetensors  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model.transformer import LanguageModel  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import linen as nn
+  from flax import serialization
+  from transformer_jax.export import files
+  from transformer_jax.export import hf_gpt2
+  from transformer_jax.export.safetensors import write_safetensors
+  from transformer_jax.model.transformer import LanguageModel
+
   cfg = model_cfg(args)
   model = LanguageModel(cfg)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(args.seed), jnp.ones((1, 8), jnp.int32))['params'])
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(args.seed + 1), len(leaves))
-  params = jax.tree.unflatten(tree, [np.array(x + args.noise * jax.random.normal(k, x.shape), np.float32)
-                                     for x, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(
+    tree, [np.array(x + args.noise * jax.random.normal(k, x.shape), np.float32) for x, k in zip(leaves, keys)]
+  )
   d = cfg.d_model
   norm = params['decoder']['final_norm']
   gain, beta = 1.0, 1.0
@@ -126,8 +136,9 @@ def prepare(args):
     f.write(serialization.msgpack_serialize(params))
   hf_dir = os.path.join(args.dir, 'hf')
   os.makedirs(hf_dir)
-  write_safetensors(os.path.join(hf_dir, 'model.safetensors'), hf_gpt2.to_gpt2_state_dict(params, cfg),
-                    {'format': 'pt'})
+  write_safetensors(
+    os.path.join(hf_dir, 'model.safetensors'), hf_gpt2.to_gpt2_state_dict(params, cfg), {'format': 'pt'}
+  )
   files.write_json(os.path.join(hf_dir, 'config.json'), hf_gpt2.gpt2_config(cfg))
   print(json.dumps({'eos_logit': float(-c * beta * d), 'other_logits_bound': float(bound)}), flush=True)
 
@@ -136,51 +147,71 @@ class JaxSystem:
   name = 'ours (JAX, jit, generate_ids)'
 
   def __init__(self, args, rows):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from flax import serialization  # pylint: disable=g-import-not-at-top
-    from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import serialization
+    from transformer_jax.inference import generate
+
     self.jax, self.generate, self.args = jax, generate, args
     self.cfg = model_cfg(args)
     with open(os.path.join(args.dir, 'params.msgpack'), 'rb') as f:
       self.params = jax.device_put(serialization.msgpack_restore(f.read()))
     seq = np.full((args.batch, 1 + args.prompt_len + args.new_tokens), PAD, np.int32)
-    seq[:, :rows.shape[1]] = rows
+    seq[:, : rows.shape[1]] = rows
     self.seq = jnp.asarray(seq)
     self.lengths = jnp.full((args.batch,), args.prompt_len, jnp.int32)
     self.device = f'{jax.devices()[0].platform} ({len(jax.devices())} device), jax {jax.__version__}'
 
   def run(self):
-    out = self.generate.generate_ids(self.params, self.seq, self.lengths, self.jax.random.key(0),
-                                     self.jax.numpy.float32(0.0), self.jax.numpy.float32(1.0),
-                                     self.jax.numpy.int32(self.args.new_tokens), cfg=self.cfg, top_k=0)
+    out = self.generate.generate_ids(
+      self.params,
+      self.seq,
+      self.lengths,
+      self.jax.random.key(0),
+      self.jax.numpy.float32(0.0),
+      self.jax.numpy.float32(1.0),
+      self.jax.numpy.int32(self.args.new_tokens),
+      cfg=self.cfg,
+      top_k=0,
+    )
     out = self.jax.device_get(self.jax.block_until_ready(out))
-    return out[:, 1 + self.args.prompt_len:].tolist()
+    return out[:, 1 + self.args.prompt_len :].tolist()
 
 
 class HfSystem:
   name = 'HF GPT2LMHeadModel.generate (PyTorch)'
 
   def __init__(self, args, rows):
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
+    import torch
+    import transformers
+
     torch.set_num_threads(args.threads)
     self.torch, self.args = torch, args
-    self.model = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(args.dir, 'hf'), dtype=torch.float32,
-                                                              local_files_only=True).eval()
+    self.model = transformers.GPT2LMHeadModel.from_pretrained(
+      os.path.join(args.dir, 'hf'), dtype=torch.float32, local_files_only=True
+    ).eval()
     self.inputs = torch.as_tensor(rows, dtype=torch.long)
     self.mask = torch.ones_like(self.inputs)
-    self.device = (f'cpu, torch {torch.__version__} ({torch.get_num_threads()} threads), '
-                   f'transformers {transformers.__version__}')
+    self.device = (
+      f'cpu, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}'
+    )
 
   def run(self):
     n = self.args.new_tokens
     with self.torch.inference_mode():
-      out = self.model.generate(input_ids=self.inputs, attention_mask=self.mask, do_sample=False, num_beams=1,
-                                max_new_tokens=n, suppress_tokens=[PAD, BOS, EOS], pad_token_id=PAD,
-                                eos_token_id=EOS, use_cache=True)
-    return out[:, self.inputs.shape[1]:].tolist()
+      out = self.model.generate(
+        input_ids=self.inputs,
+        attention_mask=self.mask,
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=n,
+        suppress_tokens=[PAD, BOS, EOS],
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        use_cache=True,
+      )
+    return out[:, self.inputs.shape[1] :].tolist()
 
 
 def worker(args):
@@ -201,9 +232,19 @@ def worker(args):
     cpu.append(time.process_time() - start_cpu)
     if again != tokens:
       raise RuntimeError(f'{system.name}: greedy output changed between runs')
-  print(json.dumps({'name': system.name, 'device': system.device, 'times': times, 'cpu': cpu, 'tokens': tokens,
-                    'threads': getattr(getattr(system, 'torch', None), 'get_num_threads', lambda: None)()}),
-        flush=True)
+  print(
+    json.dumps(
+      {
+        'name': system.name,
+        'device': system.device,
+        'times': times,
+        'cpu': cpu,
+        'tokens': tokens,
+        'threads': getattr(getattr(system, 'torch', None), 'get_num_threads', lambda: None)(),
+      }
+    ),
+    flush=True,
+  )
 
 
 def cpu_model() -> str:
@@ -218,13 +259,16 @@ def cpu_model() -> str:
 
 
 def _subprocess(name: str, argv: list[str], directory: str) -> dict:
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--worker={name}', f'--dir={directory}', *argv],
-                        capture_output=True, text=True, env=hugepages.child_environ(), check=False)
+  proc = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), f'--worker={name}', f'--dir={directory}', *argv],
+    capture_output=True,
+    text=True,
+    env=hugepages.child_environ(),
+    check=False,
+  )
   if proc.returncode:
     sys.exit(f'error: {name} failed:\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 
 
 def main(argv=None):
@@ -243,11 +287,13 @@ def main(argv=None):
 
   new = args.batch * args.new_tokens
   print(f'\n    python benchmarks/generate_throughput.py {" ".join(argv)}'.rstrip() + '\n')
-  print(f'decoder-only LM, GPT-2 architecture (lm_tiny: {args.num_layers} layers, d_model {args.d_model}, '
-        f'{args.num_heads} heads, d_ff {args.d_ff}, vocab {args.vocab}, context {args.context}; random weights, '
-        f'float32); {args.batch} prompts of {args.prompt_len} tokens (+ BOS) in one batch, greedy, exactly '
-        f'{args.new_tokens} new tokens each (EOS logit {eos["eos_logit"]:.0f}, others within '
-        f'+-{eos["other_logits_bound"]:.0f}; HF: suppress_tokens); {args.repeats} timed runs after a warm-up')
+  print(
+    f'decoder-only LM, GPT-2 architecture (lm_tiny: {args.num_layers} layers, d_model {args.d_model}, '
+    f'{args.num_heads} heads, d_ff {args.d_ff}, vocab {args.vocab}, context {args.context}; random weights, '
+    f'float32); {args.batch} prompts of {args.prompt_len} tokens (+ BOS) in one batch, greedy, exactly '
+    f'{args.new_tokens} new tokens each (EOS logit {eos["eos_logit"]:.0f}, others within '
+    f'+-{eos["other_logits_bound"]:.0f}; HF: suppress_tokens); {args.repeats} timed runs after a warm-up'
+  )
   print(f'CPU: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.machine()}')
   for r in results:
     print(f'  {r["name"]}: {r["device"]}')
@@ -256,24 +302,33 @@ def main(argv=None):
     differ = sum(x != y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     first = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
     diverged = [i for i in first if i is not None]
-    print(f'greedy outputs equal: {"yes" if a == b else "NO"} ({differ} of {new} tokens differ'
-          + (f'; first divergence at new token {min(diverged)}' if diverged else '')
-          + f'; {len({t for row in a for t in row})} distinct token ids in ours)')
+    print(
+      f'greedy outputs equal: {"yes" if a == b else "NO"} ({differ} of {new} tokens differ'
+      + (f'; first divergence at new token {min(diverged)}' if diverged else '')
+      + f'; {len({t for row in a for t in row})} distinct token ids in ours)'
+    )
   print()
   columns = [f'{r["name"]}: new tok/s median (best); CPU s/run' for r in results]
-  header = '| generation | ' + ' | '.join(columns) + (' | ours / HF: median (best); CPU |' if len(results) == 2 else ' |')
+  header = (
+    '| generation | ' + ' | '.join(columns) + (' | ours / HF: median (best); CPU |' if len(results) == 2 else ' |')
+  )
   print(header)
   print('|' + '---|' * (header.count('|') - 1))
   medians = [new / statistics.median(r['times']) for r in results]
   bests = [new / min(r['times']) for r in results]
   cpus = [statistics.median(r['cpu']) for r in results]
   cells = ' | '.join(f'{m:,.0f} ({x:,.0f}); {c:.2f}' for m, x, c in zip(medians, bests, cpus))
-  ratio = (f' {medians[0] / medians[1]:.2f}x ({bests[0] / bests[1]:.2f}x); {cpus[1] / cpus[0]:.2f}x |'
-           if len(results) == 2 else '')
+  ratio = (
+    f' {medians[0] / medians[1]:.2f}x ({bests[0] / bests[1]:.2f}x); {cpus[1] / cpus[0]:.2f}x |'
+    if len(results) == 2
+    else ''
+  )
   print(f'| greedy, batch {args.batch}, {args.prompt_len} + {args.new_tokens} tokens | {cells} |{ratio}')
   threads = [r['threads'] for r in results if r.get('threads')]
-  print(f'\ntorch threads: {threads[0] if threads else "n/a"}; XLA: its default pool; '
-        f'load average (1, 5, 15 min) at the end: {", ".join(f"{x:.2f}" for x in os.getloadavg())}')
+  print(
+    f'\ntorch threads: {threads[0] if threads else "n/a"}; XLA: its default pool; '
+    f'load average (1, 5, 15 min) at the end: {", ".join(f"{x:.2f}" for x in os.getloadavg())}'
+  )
 
 
 if __name__ == '__main__':

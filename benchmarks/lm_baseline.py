@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transformer_jax.data import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+from transformer_jax.data import lm
 
 
 def _bits(train_seqs, eval_seqs, vocab: int) -> tuple[float, float]:
@@ -56,7 +56,8 @@ def main() -> None:
   print(f'byte bigram: bits_per_byte={b / num_bytes:.4f}')
   spm_path = os.path.join(args.workdir or '', 'spm.model')
   if args.workdir and os.path.exists(spm_path):
-    from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.data import tokenizer as tokenizer_lib
+
     tok = tokenizer_lib.Tokenizer.load(spm_path)
     ids = lambda docs: [np.asarray(i + [1], np.int64) for i in tok.encode_batch(docs)]
     u, b = _bits(ids(train), ids(held_out), tok.vocab_size)

@@ -22,19 +22,37 @@ import subprocess
 import sys
 import time
 
-KINDS = {'dense': ('dense', 0), 'blockwise': ('blockwise', 0), 'windowed': ('blockwise', 512),
-         'splash': ('splash', 0), 'splash_windowed': ('splash', 512)}
+KINDS = {
+  'dense': ('dense', 0),
+  'blockwise': ('blockwise', 0),
+  'windowed': ('blockwise', 512),
+  'splash': ('splash', 0),
+  'splash_windowed': ('splash', 512),
+}
 
 
 def train_step_and_args(kind: str, length: int, block: int, device=None):
   """(jitted loss-and-grad step, abstract params, abstract tokens) of the one-layer model."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model.transformer import LanguageModel, ModelConfig  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from transformer_jax.model.transformer import LanguageModel, ModelConfig
+
   attention, window = KINDS[kind]
-  cfg = ModelConfig(vocab_size=256, num_layers=1, d_model=64, num_heads=2, d_ff=256, dropout_rate=0.0,
-                    max_len=length, kind='decoder', pre_norm=True, attention=attention, attention_window=window,
-                    attention_block_size=block, dtype=jnp.bfloat16 if device is not None else jnp.float32)
+  cfg = ModelConfig(
+    vocab_size=256,
+    num_layers=1,
+    d_model=64,
+    num_heads=2,
+    d_ff=256,
+    dropout_rate=0.0,
+    max_len=length,
+    kind='decoder',
+    pre_norm=True,
+    attention=attention,
+    attention_window=window,
+    attention_block_size=block,
+    dtype=jnp.bfloat16 if device is not None else jnp.float32,
+  )
   model = LanguageModel(cfg)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))['params'])
   tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
@@ -51,13 +69,18 @@ def train_step_and_args(kind: str, length: int, block: int, device=None):
 
 
 def measure_one(kind: str, length: int, block: int, steps: int, run_limit_gib: float) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+
   step, params, tokens = train_step_and_args(kind, length, block)
   start = time.perf_counter()
   compiled = step.lower(params, tokens).compile()
-  result = dict(kind=kind, length=length, compile_s=time.perf_counter() - start,
-                temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
+  result = dict(
+    kind=kind,
+    length=length,
+    compile_s=time.perf_counter() - start,
+    temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
+  )
   if result['temp_bytes'] > run_limit_gib * 2**30:
     return result
   real_params = jax.tree.map(lambda x: np.random.default_rng(0).normal(0, 0.05, x.shape).astype(x.dtype), params)
@@ -75,22 +98,40 @@ def measure_one(kind: str, length: int, block: int, steps: int, run_limit_gib: f
 
 def compile_tpu(kind: str, length: int, block: int) -> dict:
   """Ahead-of-time compile for one chip of a v5e 2x2 topology (a single chip is not a valid topology name)."""
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies
+
   device = topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu').devices[0]
   step, params, tokens = train_step_and_args(kind, length, block, device=device)
   start = time.perf_counter()
   compiled = step.lower(params, tokens).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return dict(kind=kind, length=length, compile_s=time.perf_counter() - start,
-              temp_bytes=compiled.memory_analysis().temp_size_in_bytes, flops=float(cost.get('flops', 0.0)))
+  return dict(
+    kind=kind,
+    length=length,
+    compile_s=time.perf_counter() - start,
+    temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
+    flops=float(cost.get('flops', 0.0)),
+  )
 
 
 def _child(args, *extra) -> dict:
   # libtpu's lockfile admits one process per host; an ahead-of-time compile touches no chip, so sharing is safe.
   env = dict(os.environ, JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
-  out = subprocess.run([sys.executable, __file__, *extra, f'--block={args.block}', f'--steps={args.steps}',
-                        f'--run_limit_gib={args.run_limit_gib}'], env=env, capture_output=True, text=True, check=False)
+  out = subprocess.run(
+    [
+      sys.executable,
+      __file__,
+      *extra,
+      f'--block={args.block}',
+      f'--steps={args.steps}',
+      f'--run_limit_gib={args.run_limit_gib}',
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if out.returncode:
     return dict(error=(out.stderr.strip().splitlines() or ['?'])[-1][:160])
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -131,8 +172,11 @@ def main():
       temp_x = f'{r["temp_bytes"] / base["temp_bytes"]:.1f}' if base.get('temp_bytes') else '-'
       step_x = f'{r["step_s"] / base["step_s"]:.1f}' if 'step_s' in r and base.get('step_s') else '-'
       step = f'{r["step_s"]:.3f}' if 'step_s' in r else 'not run (plan only)'
-      print(f'| {kind} | {t} | {_mib(r["temp_bytes"])} | {temp_x} | {step} | {step_x} | '
-            f'{_mib(r.get("peak_rss_bytes"))} | {r["compile_s"]:.1f} |', flush=True)
+      print(
+        f'| {kind} | {t} | {_mib(r["temp_bytes"])} | {temp_x} | {step} | {step_x} | '
+        f'{_mib(r.get("peak_rss_bytes"))} | {r["compile_s"]:.1f} |',
+        flush=True,
+      )
   if args.tpu:
     print('\nTPU v5e, one chip, bfloat16, ahead-of-time compile (nothing runs):')
     print('| attention | T | planned temps MiB | GFLOP per step | compile s |')
@@ -143,8 +187,9 @@ def main():
         if 'error' in r:
           print(f'| {kind} | {t} | error: {r["error"]} |', flush=True)
           continue
-        print(f'| {kind} | {t} | {_mib(r["temp_bytes"])} | {r["flops"] / 1e9:,.1f} | {r["compile_s"]:.1f} |',
-              flush=True)
+        print(
+          f'| {kind} | {t} | {_mib(r["temp_bytes"])} | {r["flops"] / 1e9:,.1f} | {r["compile_s"]:.1f} |', flush=True
+        )
 
 
 if __name__ == '__main__':

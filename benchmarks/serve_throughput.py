@@ -66,31 +66,44 @@ class Ct2System:
 
   def __init__(self, args, rows, compute_type: str):
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-    import ctranslate2  # pylint: disable=g-import-not-at-top
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from transformer_jax.export import Exportable  # pylint: disable=g-import-not-at-top
-    from transformer_jax.export import ctranslate2 as ct2_export  # pylint: disable=g-import-not-at-top
+    import ctranslate2
+    import ml_collections
+    import numpy as np
+    from transformer_jax.export import Exportable
+    from transformer_jax.export import ctranslate2 as ct2_export
+
     ours = base.JaxSystem(args, rows)  # the same random weights as ours (same seed)
     tokens = ['<pad>', '</s>', '<unk>', '<s>'] + [f't{i}' for i in range(4, args.vocab)]
-    source = Exportable(config=ml_collections.ConfigDict(), cfg=ours.cfg,
-                        params=__import__('jax').tree.map(np.asarray, ours.params), tokenizer_path='', step=0)
+    source = Exportable(
+      config=ml_collections.ConfigDict(),
+      cfg=ours.cfg,
+      params=__import__('jax').tree.map(np.asarray, ours.params),
+      tokenizer_path='',
+      step=0,
+    )
     spec = ct2_export.model_spec(source, tokens)
     spec.validate()
     spec.optimize(quantization='float32')
     self.directory = tempfile.TemporaryDirectory()
     spec.save(self.directory.name)
     del ours, source, spec
-    self.translator = ctranslate2.Translator(self.directory.name, device='cpu', compute_type=compute_type,
-                                             intra_threads=args.threads, inter_threads=1)
+    self.translator = ctranslate2.Translator(
+      self.directory.name, device='cpu', compute_type=compute_type, intra_threads=args.threads, inter_threads=1
+    )
     self.sources = [[tokens[t] for t in row if t != base.EOS] for row in rows]  # the model appends EOS itself
     self.args, self.name = args, f'CTranslate2 {compute_type}'
     self.device = f'cpu, ctranslate2 {ctranslate2.__version__} ({args.threads} threads, compute_type={compute_type})'
 
   def run(self, beams: int):
     n = self.args.new_tokens
-    results = self.translator.translate_batch(self.sources, beam_size=beams, length_penalty=self.args.alpha,
-                                              min_decoding_length=n, max_decoding_length=n, max_batch_size=0)
+    results = self.translator.translate_batch(
+      self.sources,
+      beam_size=beams,
+      length_penalty=self.args.alpha,
+      min_decoding_length=n,
+      max_decoding_length=n,
+      max_batch_size=0,
+    )
     lengths = [len(r.hypotheses[0]) for r in results]
     return min(lengths), max(lengths)
 
@@ -98,7 +111,7 @@ class Ct2System:
 def worker(args):
   rows = base.sources(args)
   if args.worker.startswith('ct2-'):
-    system = Ct2System(args, rows, args.worker[len('ct2-'):])
+    system = Ct2System(args, rows, args.worker[len('ct2-') :])
   else:
     system = {'jax': base.JaxSystem, 'hf': base.HfSystem}[args.worker](args, rows)
   result = {'name': system.name, 'device': system.device, 'times': {}}
@@ -129,20 +142,27 @@ def main(argv=None):
   for system in systems:
     if system.startswith('ct2-'):
       try:
-        import ctranslate2  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+        import ctranslate2  # noqa: F401
       except ImportError:
         print(f'skipping {system}: the ctranslate2 package is not installed (pip install ".[serve]")')
         continue
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--worker={system}', *argv],
-                          capture_output=True, text=True, env=hugepages.child_environ(), check=False)
+    proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), f'--worker={system}', *argv],
+      capture_output=True,
+      text=True,
+      env=hugepages.child_environ(),
+      check=False,
+    )
     if proc.returncode:
       sys.exit(f'{system} failed:\n{proc.stderr[-3000:]}')
     results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
   print(f'\n    python benchmarks/serve_throughput.py {" ".join(argv)}'.rstrip() + '\n')
-  print(f'base Transformer (d_model {args.d_model}, {args.num_layers}+{args.num_layers} layers, d_ff {args.d_ff}, '
-        f'{args.num_heads} heads, vocab {args.vocab}, random weights); {args.sentences} sources of {args.source_len} '
-        f'tokens in one batch, exactly {args.new_tokens} new tokens each; {args.repeats} timed runs after a warm-up')
+  print(
+    f'base Transformer (d_model {args.d_model}, {args.num_layers}+{args.num_layers} layers, d_ff {args.d_ff}, '
+    f'{args.num_heads} heads, vocab {args.vocab}, random weights); {args.sentences} sources of {args.source_len} '
+    f'tokens in one batch, exactly {args.new_tokens} new tokens each; {args.repeats} timed runs after a warm-up'
+  )
   print(f'CPU: {cpu_kind()}, {os.cpu_count()} CPUs visible')
   for r in results:
     print(f'  {r["name"]}: {r["device"]}')
@@ -163,8 +183,9 @@ def main(argv=None):
     print()
     for r in results:
       if r['name'] != ours:
-        ratios = ', '.join(f'{label} {medians[(ours, b)] / medians[(r["name"], b)]:.2f}x'
-                           for b, label in zip(beams, labels))
+        ratios = ', '.join(
+          f'{label} {medians[(ours, b)] / medians[(r["name"], b)]:.2f}x' for b, label in zip(beams, labels)
+        )
         print(f'ours / {r["name"]} (medians): {ratios}')
   print(f'\nload average (1, 5, 15 min) at the end: {", ".join(f"{x:.2f}" for x in os.getloadavg())}')
 

@@ -26,17 +26,25 @@ import tempfile
 import time
 
 ROWS = (
-    ('import ml_dtypes', [sys.executable, '-c', 'import ml_dtypes']),
-    ('import jax', [sys.executable, '-c', 'import jax']),
-    ('import transformer_jax.training.train', [sys.executable, '-c', 'import transformer_jax.training.train']),
-    ('transformer-jax evaluate --workdir=MISSING', [sys.executable, '-m', 'transformer_jax.cli', 'evaluate',
-                                                    '--workdir={missing}']),
-    ('transformer-jax generate --temperature=-1', [sys.executable, '-m', 'transformer_jax.cli', 'generate',
-                                                   '--workdir={empty}', '--temperature=-1', '--prompt=x']),
-    ('transformer-jax translate --beam_size=0', [sys.executable, '-m', 'transformer_jax.cli', 'translate',
-                                                 '--workdir={empty}', '--beam_size=0']),
-    ('transformer-jax evaluate --batch_size=0', [sys.executable, '-m', 'transformer_jax.cli', 'evaluate',
-                                                 '--workdir={empty}', '--batch_size=0']),
+  ('import ml_dtypes', [sys.executable, '-c', 'import ml_dtypes']),
+  ('import jax', [sys.executable, '-c', 'import jax']),
+  ('import transformer_jax.training.train', [sys.executable, '-c', 'import transformer_jax.training.train']),
+  (
+    'transformer-jax evaluate --workdir=MISSING',
+    [sys.executable, '-m', 'transformer_jax.cli', 'evaluate', '--workdir={missing}'],
+  ),
+  (
+    'transformer-jax generate --temperature=-1',
+    [sys.executable, '-m', 'transformer_jax.cli', 'generate', '--workdir={empty}', '--temperature=-1', '--prompt=x'],
+  ),
+  (
+    'transformer-jax translate --beam_size=0',
+    [sys.executable, '-m', 'transformer_jax.cli', 'translate', '--workdir={empty}', '--beam_size=0'],
+  ),
+  (
+    'transformer-jax evaluate --batch_size=0',
+    [sys.executable, '-m', 'transformer_jax.cli', 'evaluate', '--workdir={empty}', '--batch_size=0'],
+  ),
 )
 
 
@@ -44,8 +52,9 @@ def measure(argv: list[str], env: dict) -> tuple[float, float]:
   """(CPU seconds, wall seconds) of one run of argv, its children included."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
-  subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                 check=False)
+  subprocess.run(
+    argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, check=False
+  )
   wall = time.perf_counter() - start
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
@@ -56,7 +65,8 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import ml_dtypes
+
   print(f'ml_dtypes {ml_dtypes.__version__}; median of {args.repeats} runs, each in a fresh interpreter\n')
   print('| what | CPU s | wall s |\n|---|---|---|')
   with tempfile.TemporaryDirectory() as tmp:
@@ -65,8 +75,10 @@ def main() -> None:
     for name, argv in ROWS:
       argv = [a.format(missing=missing, empty=empty) for a in argv]
       runs = [measure(argv, env) for _ in range(args.repeats)]
-      print(f'| {name} | {statistics.median(c for c, _ in runs):.2f} | {statistics.median(w for _, w in runs):.2f} |',
-            flush=True)
+      print(
+        f'| {name} | {statistics.median(c for c, _ in runs):.2f} | {statistics.median(w for _, w in runs):.2f} |',
+        flush=True,
+      )
   print(f'\ncommand: python benchmarks/startup_time.py --repeats={args.repeats}')
 
 

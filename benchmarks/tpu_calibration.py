@@ -37,14 +37,14 @@ import sys
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-from transformer_jax.tpu import chips as tpu_chips  # pylint: disable=wrong-import-position
-from transformer_jax.tpu import report as tpu_report  # pylint: disable=wrong-import-position
+from transformer_jax.tpu import chips as tpu_chips
+from transformer_jax.tpu import report as tpu_report
 
 SOURCE = 'MaxText configs/v5e/README.md, 1x v5e-256'
 # name: (measured MFU, layers, d_model, heads, d_ff, per-device batch, topology)
 CASES = {
-    'maxtext_16b': (0.6110, 32, 4096, 32, 51200, 6, 'v5e-256'),
-    'maxtext_32b': (0.6686, 32, 8192, 64, 43008, 4, 'v5e-256'),
+  'maxtext_16b': (0.6110, 32, 4096, 32, 51200, 6, 'v5e-256'),
+  'maxtext_32b': (0.6686, 32, 8192, 64, 43008, 4, 'v5e-256'),
 }
 AXES = ('data', 'fsdp', 'tensor')
 
@@ -52,15 +52,39 @@ AXES = ('data', 'fsdp', 'tensor')
 def command(name: str, out: str) -> list[str]:
   _, layers, d_model, heads, d_ff, per_device, topology = CASES[name]
   chips = int(topology.split('-')[1])
-  model = dict(kind='decoder', vocab_size=32000, num_layers=layers, d_model=d_model, num_heads=heads, d_ff=d_ff,
-               activation='silu', use_bias=False, share_embeddings=False, dtype='auto', remat='full',
-               scan_layers=True, attention='splash', attention_block_size=512, dropout_rate=0.0)
-  return (['transformer-jax', 'compile', '--config=configs/lm_tiny.py']
-          + [f'--config.model.{k}={v}' for k, v in model.items()]
-          + ['--config.max_length=2048', '--config.packed_inputs_length=2048', '--config.packed_targets_length=2048',
-             f'--config.batch_size={per_device * chips}', '--config.mesh.data=1', '--config.mesh.fsdp=-1',
-             f'--topology={topology}', '--programs=train', f'--json={os.path.join(out, name + ".json")}',
-             f'--hlo={os.path.join(out, name)}'])
+  model = dict(
+    kind='decoder',
+    vocab_size=32000,
+    num_layers=layers,
+    d_model=d_model,
+    num_heads=heads,
+    d_ff=d_ff,
+    activation='silu',
+    use_bias=False,
+    share_embeddings=False,
+    dtype='auto',
+    remat='full',
+    scan_layers=True,
+    attention='splash',
+    attention_block_size=512,
+    dropout_rate=0.0,
+  )
+  return (
+    ['transformer-jax', 'compile', '--config=configs/lm_tiny.py']
+    + [f'--config.model.{k}={v}' for k, v in model.items()]
+    + [
+      '--config.max_length=2048',
+      '--config.packed_inputs_length=2048',
+      '--config.packed_targets_length=2048',
+      f'--config.batch_size={per_device * chips}',
+      '--config.mesh.data=1',
+      '--config.mesh.fsdp=-1',
+      f'--topology={topology}',
+      '--programs=train',
+      f'--json={os.path.join(out, name + ".json")}',
+      f'--hlo={os.path.join(out, name)}',
+    ]
+  )
 
 
 def evaluate(name: str, out: str) -> dict:
@@ -74,19 +98,36 @@ def evaluate(name: str, out: str) -> dict:
   per_op = tpu_report.per_op_times(hlo, chip, tuple(p['mesh'][a] for a in AXES), AXES, torus=torus)
   mfu = lambda t: tpu_chips.mfu(p['model_flops'], t, chip, p['chips'])
   measured = CASES[name][0]
-  return {'case': name, 'chips': p['chips'], 'measured_mfu': measured, 'per_op_mfu': mfu(per_op.t_per_op_s),
-          'ceiling_mfu': p['estimate']['mfu'], 'floor_mfu': mfu(per_op.t_floor_s),
-          'cycles_mfu': mfu(per_op.cycles / chip.clock_hz), 't_per_op_s': per_op.t_per_op_s,
-          't_measured_s': p['model_flops'] / (measured * chip.peak_bf16_flops * p['chips']),
-          't_compute_s': per_op.t_compute_s, 't_hbm_s': per_op.t_hbm_s, 't_ici_s': per_op.t_ici_s,
-          't_ici_exposed_s': per_op.t_ici_exposed_s, 'gib_per_chip': p['memory']['total'] / 2**30, 'fits': p['fits'],
-          'compile_s': p['compile_s']}
+  return {
+    'case': name,
+    'chips': p['chips'],
+    'measured_mfu': measured,
+    'per_op_mfu': mfu(per_op.t_per_op_s),
+    'ceiling_mfu': p['estimate']['mfu'],
+    'floor_mfu': mfu(per_op.t_floor_s),
+    'cycles_mfu': mfu(per_op.cycles / chip.clock_hz),
+    't_per_op_s': per_op.t_per_op_s,
+    't_measured_s': p['model_flops'] / (measured * chip.peak_bf16_flops * p['chips']),
+    't_compute_s': per_op.t_compute_s,
+    't_hbm_s': per_op.t_hbm_s,
+    't_ici_s': per_op.t_ici_s,
+    't_ici_exposed_s': per_op.t_ici_exposed_s,
+    'gib_per_chip': p['memory']['total'] / 2**30,
+    'fits': p['fits'],
+    'compile_s': p['compile_s'],
+  }
 
 
 def calibration_line(rows: list[dict]) -> str:
-  return '; '.join(f"MaxText {r['case'].split('_')[1].upper()} on v5e-"
-                   f"{r['chips']}: per-op {r['per_op_mfu'] * 100:.1f}% vs measured {r['measured_mfu'] * 100:.2f}% "
-                   f"(x{r['per_op_mfu'] / r['measured_mfu']:.2f})" for r in rows) + f' [{SOURCE}]'
+  return (
+    '; '.join(
+      f'MaxText {r["case"].split("_")[1].upper()} on v5e-'
+      f'{r["chips"]}: per-op {r["per_op_mfu"] * 100:.1f}% vs measured {r["measured_mfu"] * 100:.2f}% '
+      f'(x{r["per_op_mfu"] / r["measured_mfu"]:.2f})'
+      for r in rows
+    )
+    + f' [{SOURCE}]'
+  )
 
 
 def main() -> None:
@@ -105,15 +146,19 @@ def main() -> None:
       # exit 1 = compiled but over HBM: still a step time to compare (the table says it does not fit)
       subprocess.run([sys.executable, '-m', 'transformer_jax.cli'] + cmd[1:], check=False, cwd=_REPO)
   rows = [evaluate(n, args.out) for n in names]
-  print('| case (v5e) | chips | GiB per chip | measured MFU | per-op est. | est. / measured | ceiling | floor | '
-        "libtpu cycles | per-op terms: dot FLOPs / HBM / ICI (exposed) s | est. / measured step s |")
+  print(
+    '| case (v5e) | chips | GiB per chip | measured MFU | per-op est. | est. / measured | ceiling | floor | '
+    'libtpu cycles | per-op terms: dot FLOPs / HBM / ICI (exposed) s | est. / measured step s |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['case']} | {r['chips']} | {r['gib_per_chip']:.2f}{'' if r['fits'] else ' (over 16)'} | "
-          f"{r['measured_mfu'] * 100:.2f}% | "
-          f"{r['per_op_mfu'] * 100:.1f}% | {r['per_op_mfu'] / r['measured_mfu']:.2f} | {r['ceiling_mfu'] * 100:.1f}% | "
-          f"{r['floor_mfu'] * 100:.1f}% | {r['cycles_mfu'] * 100:.1f}% | {r['t_compute_s']:.2f} / {r['t_hbm_s']:.2f} / "
-          f"{r['t_ici_s']:.2f} ({r['t_ici_exposed_s']:.2f}) | {r['t_per_op_s']:.2f} / {r['t_measured_s']:.2f} |")
+    print(
+      f'| {r["case"]} | {r["chips"]} | {r["gib_per_chip"]:.2f}{"" if r["fits"] else " (over 16)"} | '
+      f'{r["measured_mfu"] * 100:.2f}% | '
+      f'{r["per_op_mfu"] * 100:.1f}% | {r["per_op_mfu"] / r["measured_mfu"]:.2f} | {r["ceiling_mfu"] * 100:.1f}% | '
+      f'{r["floor_mfu"] * 100:.1f}% | {r["cycles_mfu"] * 100:.1f}% | {r["t_compute_s"]:.2f} / {r["t_hbm_s"]:.2f} / '
+      f'{r["t_ici_s"]:.2f} ({r["t_ici_exposed_s"]:.2f}) | {r["t_per_op_s"]:.2f} / {r["t_measured_s"]:.2f} |'
+    )
   with open(os.path.join(args.out, 'calibration.json'), 'w', encoding='utf-8') as f:
     json.dump(rows, f, indent=1)
   print(f'calibrated on: {calibration_line(rows)}')

@@ -89,15 +89,17 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Flags are defined only when run as a script (the functions below are importable by tests)."""
-  config_flags.DEFINE_config_file('config', os.path.join(_REPO, 'configs', 'tiny.py'),
-                                  'Python config file; override keys with --config.key=value.')
+  config_flags.DEFINE_config_file(
+    'config', os.path.join(_REPO, 'configs', 'tiny.py'), 'Python config file; override keys with --config.key=value.'
+  )
   flags.DEFINE_integer('steps', 5, 'Timed steps per variant (median reported).')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
   flags.DEFINE_string('variants', 'base', "';'-separated variants, each 'key=value,key=value' or 'base'.")
   flags.DEFINE_string('compile_depths', '', "e.g. '6,24': compile-time table, scan_layers off/on.")
   flags.DEFINE_bool('only_compile', False, 'Only the compile-time table.')
-  flags.DEFINE_integer('peak_size', 0, 'Matmul size n for the peak (0: the fastest of 1024/2048/4096 on CPU, 8192 '
-                       'elsewhere).')
+  flags.DEFINE_integer(
+    'peak_size', 0, 'Matmul size n for the peak (0: the fastest of 1024/2048/4096 on CPU, 8192 elsewhere).'
+  )
   flags.DEFINE_integer('peak_reps', 5, 'Timed matmuls (after an untimed one) before the steps and after each step.')
   flags.DEFINE_float('pause', 0.5, 'Seconds between a step and the peak samples after it.')
   flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'pipeline'], 'Where batches come from.')
@@ -110,15 +112,15 @@ def define_flags() -> None:
 # Vendor dense peaks in TFLOP/s per device (no sparsity), by a substring of device_kind; fp32 on NVIDIA is the
 # TF32 tensor-core figure (XLA's default precision for float32 matmuls there).
 VENDOR_PEAK_TFLOPS = {
-    'H200': {'bfloat16': 989.0, 'float16': 989.0, 'float32': 494.0},
-    'H100': {'bfloat16': 989.0, 'float16': 989.0, 'float32': 494.0},  # SXM; PCIe is ~756/378
-    'A100': {'bfloat16': 312.0, 'float16': 312.0, 'float32': 156.0},
-    'L4': {'bfloat16': 121.0, 'float16': 121.0, 'float32': 60.0},
-    'TPU v6': {'bfloat16': 918.0},
-    'TPU v5p': {'bfloat16': 459.0},
-    'TPU v5 lite': {'bfloat16': 197.0},
-    'TPU v5e': {'bfloat16': 197.0},
-    'TPU v4': {'bfloat16': 275.0},
+  'H200': {'bfloat16': 989.0, 'float16': 989.0, 'float32': 494.0},
+  'H100': {'bfloat16': 989.0, 'float16': 989.0, 'float32': 494.0},  # SXM; PCIe is ~756/378
+  'A100': {'bfloat16': 312.0, 'float16': 312.0, 'float32': 156.0},
+  'L4': {'bfloat16': 121.0, 'float16': 121.0, 'float32': 60.0},
+  'TPU v6': {'bfloat16': 918.0},
+  'TPU v5p': {'bfloat16': 459.0},
+  'TPU v5 lite': {'bfloat16': 197.0},
+  'TPU v5e': {'bfloat16': 197.0},
+  'TPU v4': {'bfloat16': 275.0},
 }
 
 
@@ -126,8 +128,9 @@ VENDOR_PEAK_TFLOPS = {
 # FLOPs
 
 
-def forward_flops_per_row(d_model: int, d_ff: int, num_layers: int, vocab_size: int, inputs_length: int,
-                          targets_length: int) -> int:
+def forward_flops_per_row(
+  d_model: int, d_ff: int, num_layers: int, vocab_size: int, inputs_length: int, targets_length: int
+) -> int:
   """Matmul FLOPs of one packed row's forward pass (the formula in this file's docstring)."""
   D, F, N, V, S, T = d_model, d_ff, num_layers, vocab_size, inputs_length, targets_length
   encoder_layer = S * (8 * D * D + 4 * D * F) + 4 * S * S * D
@@ -150,16 +153,24 @@ def train_flops_per_step(config, rows: int | None = None) -> int:
   m = config.model
   rows = int(config.batch_size) if rows is None else rows
   if is_lm(config):
-    return 3 * rows * lm_forward_flops_per_row(m.d_model, m.d_ff, m.num_layers, m.vocab_size,
-                                               int(config.packed_targets_length))
-  return 3 * rows * forward_flops_per_row(m.d_model, m.d_ff, m.num_layers, m.vocab_size,
-                                          int(config.packed_inputs_length), int(config.packed_targets_length))
+    return (
+      3
+      * rows
+      * lm_forward_flops_per_row(m.d_model, m.d_ff, m.num_layers, m.vocab_size, int(config.packed_targets_length))
+    )
+  return (
+    3
+    * rows
+    * forward_flops_per_row(
+      m.d_model, m.d_ff, m.num_layers, m.vocab_size, int(config.packed_inputs_length), int(config.packed_targets_length)
+    )
+  )
 
 
 def xla_flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
@@ -171,8 +182,9 @@ def closed_form_cross_entropy_sums(logits, targets, weights, label_smoothing: fl
   [tokens, V] one-hot / smoothed-label tensors and the argmax. With q = (1 - ls) one_hot + ls / V,
   -sum_v q_v log p_v = (1 - ls) nll + ls (logsumexp(z) - mean_v z_v); correct = (z_target >= max_v z) (equal to
   argmax == target except on exact ties)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -180,24 +192,44 @@ def closed_form_cross_entropy_sums(logits, targets, weights, label_smoothing: fl
   loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - jnp.mean(logits, axis=-1)) if label_smoothing else nll
   correct = target_logit >= jnp.max(logits, axis=-1)
   real = weights > 0  # as train.py: a non-finite value in a padding slot must not reach the sums
-  return {'loss_sum': jnp.sum(jnp.where(real, loss * weights, 0.0)),
-          'nll_sum': jnp.sum(jnp.where(real, nll * weights, 0.0)),
-          'correct_sum': jnp.sum(correct * weights), 'weight_sum': jnp.sum(weights)}
+  return {
+    'loss_sum': jnp.sum(jnp.where(real, loss * weights, 0.0)),
+    'nll_sum': jnp.sum(jnp.where(real, nll * weights, 0.0)),
+    'correct_sum': jnp.sum(correct * weights),
+    'weight_sum': jnp.sum(weights),
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Batches
 
 
-def synthetic_batch(rows: int, inputs_length: int, targets_length: int, vocab_size: int, *, fill: float = 0.97,
-                    segments: int = 3, seed: int = 0) -> dict[str, Any]:
+def synthetic_batch(
+  rows: int,
+  inputs_length: int,
+  targets_length: int,
+  vocab_size: int,
+  *,
+  fill: float = 0.97,
+  segments: int = 3,
+  seed: int = 0,
+) -> dict[str, Any]:
   """Packed rows as data/packing.py makes them: `segments` examples of random lengths per row filling `fill` of the
   slots; segment ids 1..k (0 = padding), positions restarting at 0 per example, EOS (1) ending each example."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
   rng = np.random.default_rng(seed)
-  batch = {k: np.zeros((rows, n), np.int32) for k, n in (
-      ('inputs', inputs_length), ('inputs_segmentation', inputs_length), ('inputs_position', inputs_length),
-      ('targets', targets_length), ('targets_segmentation', targets_length), ('targets_position', targets_length))}
+  batch = {
+    k: np.zeros((rows, n), np.int32)
+    for k, n in (
+      ('inputs', inputs_length),
+      ('inputs_segmentation', inputs_length),
+      ('inputs_position', inputs_length),
+      ('targets', targets_length),
+      ('targets_segmentation', targets_length),
+      ('targets_position', targets_length),
+    )
+  }
   for side, length in (('inputs', inputs_length), ('targets', targets_length)):
     k = max(1, min(segments, length // 2))
     real = max(k * 2, int(round(fill * length)))
@@ -222,14 +254,16 @@ class MatmulPeak:
   sharded over the d devices), in `dtype`. Operands are made and the matmul compiled once; sample() times it."""
 
   def __init__(self, dtype, devices, n: int):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
     self.flops = 2.0 * len(devices) * n**3
     sharding = NamedSharding(Mesh(np.asarray(devices), ('d',)), P('d'))
-    make = jax.jit(lambda key: jax.random.normal(key, (len(devices), n, n), jnp.float32).astype(dtype),
-                   out_shardings=sharding)
+    make = jax.jit(
+      lambda key: jax.random.normal(key, (len(devices), n, n), jnp.float32).astype(dtype), out_shardings=sharding
+    )
     self._a, self._b = make(jax.random.key(1)), make(jax.random.key(2))
     self._matmul = jax.jit(lambda x, y: jnp.einsum('dij,djk->dik', x, y), out_shardings=sharding)
     self._matmul(self._a, self._b).block_until_ready()  # compile + warm
@@ -264,13 +298,18 @@ _BEST_SIZE: dict[tuple[str, int], int] = {}
 def best_peak_size(dtype, devices, sizes=PEAK_SIZES, reps: int = 5) -> int:
   """The square size whose matmul runs fastest here (over `reps` runs), once per dtype and device count; the
   peak is then the highest rate this machine shows, so MFU is not flattered by a slow reference."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+
   key = (jnp.dtype(dtype).name, len(devices))
   if key not in _BEST_SIZE:
     rates = {n: mean_rate(MatmulPeak(dtype, devices, n).sample(reps)) for n in sizes}
     _BEST_SIZE[key] = max(rates, key=rates.get)
-    print(f'# peak size for {key[0]}: ' + ', '.join(f'{n}: {r / 1e9:.0f} GFLOP/s' for n, r in rates.items())
-          + f' -> {_BEST_SIZE[key]}', flush=True)
+    print(
+      f'# peak size for {key[0]}: '
+      + ', '.join(f'{n}: {r / 1e9:.0f} GFLOP/s' for n, r in rates.items())
+      + f' -> {_BEST_SIZE[key]}',
+      flush=True,
+    )
   return _BEST_SIZE[key]
 
 
@@ -294,7 +333,7 @@ def parse_overrides(spec: str) -> list[tuple[str, str]]:
   for item in spec.split(','):
     key, sep, value = item.strip().partition('=')
     if not sep:
-      raise ValueError(f"variant item {item!r} is not key=value")
+      raise ValueError(f'variant item {item!r} is not key=value')
     out.append((key.strip(), value.strip()))
   return out
 
@@ -323,7 +362,7 @@ def apply_overrides(config, overrides: list[tuple[str, str]]):
   return config
 
 
-class _null:  # pylint: disable=invalid-name
+class _null:
   def __enter__(self):
     return self
 
@@ -375,7 +414,7 @@ class Result:
 def _memory_plan_bytes(compiled) -> float | None:
   try:
     m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
   if m is None:
     return None
@@ -387,22 +426,31 @@ def _peak_memory(devices) -> float | None:
   for d in devices:
     try:
       stats = d.memory_stats()
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       stats = None
     if stats and 'peak_bytes_in_use' in stats:
       values.append(stats['peak_bytes_in_use'])
   return float(max(values)) if values else None
 
 
-def make_batch(config, *, data: str = 'synthetic', fill: float = 0.97, segments: int = 0, workdir: str | None = None,
-               seed: int = 0):
+def make_batch(
+  config, *, data: str = 'synthetic', fill: float = 0.97, segments: int = 0, workdir: str | None = None, seed: int = 0
+):
   if data == 'pipeline':
-    from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from transformer_jax.data import pipeline
+
     workdir = workdir or os.path.join(_REPO, 'runs', 'bench_pipeline')
     return next(pipeline.build_datasets(config, workdir).train)
   segments = segments or max(1, int(config.packed_targets_length) // max(1, int(config.max_length) // 2))
-  batch = synthetic_batch(int(config.batch_size), int(config.packed_inputs_length), int(config.packed_targets_length),
-                          int(config.model.vocab_size), fill=fill, segments=segments, seed=seed)
+  batch = synthetic_batch(
+    int(config.batch_size),
+    int(config.packed_inputs_length),
+    int(config.packed_targets_length),
+    int(config.model.vocab_size),
+    fill=fill,
+    segments=segments,
+    seed=seed,
+  )
   if is_lm(config):  # a language model's batch is its packed documents only
     batch = {k: v for k, v in batch.items() if k.startswith('targets')}
   return batch
@@ -412,15 +460,15 @@ class _Variant:
   """One variant's compiled step and state, its peak reference and its measurements."""
 
   def __init__(self, name: str, config, batch_np, mesh, *, warmup: int, peak_size: int, peak_reps: int):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+    from transformer_jax.training import optim
     from transformer_jax import parallel
-    from transformer_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
+    from transformer_jax.inference import evaluation
     from transformer_jax.training import train as train_lib
     from transformer_jax.training import train_state
-    from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
+    from transformer_jax.model.transformer import build_model
 
     self.name, self.config, self.mesh = name, config, mesh
     self.devices = list(mesh.devices.flat)
@@ -459,7 +507,8 @@ class _Variant:
     jax.block_until_ready((self.state, self.metrics))
 
   def step(self, pause: float) -> None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
+
     start, cpu_start = time.perf_counter(), time.process_time()
     self.state, self.metrics = self.compiled(self.state, self.batch, self.rng)
     jax.block_until_ready((self.state, self.metrics))
@@ -477,31 +526,54 @@ class _Variant:
     if self.devices[0].platform == 'cpu':
       cpu_mfu = model_flops / statistics.median(self.cpu_times) / mean_rate(self.peak.cpu_rates)
     result = Result(
-        name=self.name, step_s=statistics.median(self.times), step_times=list(self.times),
-        tokens=float(self.metrics['tokens']), model_flops=model_flops, xla_flops=xla_flops(self.compiled),
-        peak=mean_rate(peaks), peak_dtype=self.dtype.name, vendor_peak=vendor_peak(self.devices[0], self.dtype.name),
-        compile_s=self.compile_s, memory_peak=_peak_memory(self.devices),
-        memory_plan=_memory_plan_bytes(self.compiled), loss=float(self.metrics['loss']), peak_samples=peaks,
-        peak_n=self.peak_size, mfu_paired=statistics.median(paired) if paired else None, mfu_cpu_time=cpu_mfu,
-        xla_loops=bool(self.cfg.scan_layers) or int(self.config.get('grad_accum_steps', 1)) > 1)
+      name=self.name,
+      step_s=statistics.median(self.times),
+      step_times=list(self.times),
+      tokens=float(self.metrics['tokens']),
+      model_flops=model_flops,
+      xla_flops=xla_flops(self.compiled),
+      peak=mean_rate(peaks),
+      peak_dtype=self.dtype.name,
+      vendor_peak=vendor_peak(self.devices[0], self.dtype.name),
+      compile_s=self.compile_s,
+      memory_peak=_peak_memory(self.devices),
+      memory_plan=_memory_plan_bytes(self.compiled),
+      loss=float(self.metrics['loss']),
+      peak_samples=peaks,
+      peak_n=self.peak_size,
+      mfu_paired=statistics.median(paired) if paired else None,
+      mfu_cpu_time=cpu_mfu,
+      xla_loops=bool(self.cfg.scan_layers) or int(self.config.get('grad_accum_steps', 1)) > 1,
+    )
     self.state = self.batch = None  # free the device memory
     return result
 
 
-def run_variants(variants: list[tuple[str, Any]], batch_np, *, steps: int, warmup: int, peak_size: int,
-                 peak_reps: int, mesh=None, pause: float = 0.5) -> list[Result]:
+def run_variants(
+  variants: list[tuple[str, Any]],
+  batch_np,
+  *,
+  steps: int,
+  warmup: int,
+  peak_size: int,
+  peak_reps: int,
+  mesh=None,
+  pause: float = 0.5,
+) -> list[Result]:
   """Compiles every variant (name, config) and warms it up, then times them ROUND-ROBIN: step i of every variant
   runs before step i + 1 of any, so load that comes and goes on a shared machine falls on all of them alike (their
   ratios are then per-round ratios). Each step is followed by `pause` and a group of peak matmuls.
 
   The benchmark-only config key `bench_loss='closed_form'` (a variant override) builds that variant's step with
   closed_form_cross_entropy_sums in place of train.cross_entropy_sums: a measured what-if, not a training option."""
-  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
+  from transformer_jax import parallel
+
   built = []
   for name, config in variants:
     variant_mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    built.append(_Variant(name, config, batch_np, variant_mesh, warmup=warmup, peak_size=peak_size,
-                          peak_reps=peak_reps))
+    built.append(
+      _Variant(name, config, batch_np, variant_mesh, warmup=warmup, peak_size=peak_size, peak_reps=peak_reps)
+    )
     print(f'# {name}: compiled in {built[-1].compile_s:.1f} s', flush=True)
   for _ in range(steps):
     for v in built:
@@ -516,23 +588,33 @@ def run_variants(variants: list[tuple[str, Any]], batch_np, *, steps: int, warmu
   return results
 
 
-def run_variant(name: str, config, batch_np, *, steps: int, warmup: int, peak_size: int, peak_reps: int,
-                mesh=None, pause: float = 0.5) -> Result:
+def run_variant(
+  name: str, config, batch_np, *, steps: int, warmup: int, peak_size: int, peak_reps: int, mesh=None, pause: float = 0.5
+) -> Result:
   """One variant alone (see run_variants)."""
-  return run_variants([(name, config)], batch_np, steps=steps, warmup=warmup, peak_size=peak_size,
-                      peak_reps=peak_reps, mesh=mesh, pause=pause)[0]
+  return run_variants(
+    [(name, config)],
+    batch_np,
+    steps=steps,
+    warmup=warmup,
+    peak_size=peak_size,
+    peak_reps=peak_reps,
+    mesh=mesh,
+    pause=pause,
+  )[0]
 
 
 def compile_time(config, mesh=None) -> tuple[float, float, Any]:
   """(lower seconds, compile seconds, compiled) of config's train step from abstract shapes (nothing allocated)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from transformer_jax.training import optim
   from transformer_jax import parallel
-  from transformer_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train as train_lib
   from transformer_jax.training import train_state
-  from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import build_model
+
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
   model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)
@@ -540,12 +622,18 @@ def compile_time(config, mesh=None) -> tuple[float, float, Any]:
     shardings = parallel.logical_shardings(train_state.state_logical_specs(model, tx, config), mesh)
     state = train_state.abstract_state(model, tx, config, shardings)
     bs = parallel.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((int(config.batch_size), int(config[f'packed_{side}_length'])), jnp.int32,
-                                     sharding=bs)
-             for k, side in (('inputs', 'inputs'), ('targets', 'targets'), ('inputs_segmentation', 'inputs'),
-                             ('targets_segmentation', 'targets'), ('inputs_position', 'inputs'),
-                             ('targets_position', 'targets'))
-             if not is_lm(config) or side == 'targets'}
+    batch = {
+      k: jax.ShapeDtypeStruct((int(config.batch_size), int(config[f'packed_{side}_length'])), jnp.int32, sharding=bs)
+      for k, side in (
+        ('inputs', 'inputs'),
+        ('targets', 'targets'),
+        ('inputs_segmentation', 'inputs'),
+        ('targets_segmentation', 'targets'),
+        ('inputs_position', 'inputs'),
+        ('targets_position', 'targets'),
+      )
+      if not is_lm(config) or side == 'targets'
+    }
     step_fn = train_lib.jit_train_step(model, tx, config, mesh, shardings)
     start = time.perf_counter()
     lowered = step_fn.lower(state, batch, jax.random.key(0))
@@ -558,7 +646,7 @@ def compile_time(config, mesh=None) -> tuple[float, float, Any]:
 def _temp_bytes(compiled) -> float | None:
   try:
     return float(compiled.memory_analysis().temp_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
 
 
@@ -580,93 +668,128 @@ def _mib(x: float | None) -> str:
 
 def results_table(results: list[Result]) -> str:
   lines = [
-      '| variant | step s (median) | speed vs first (per round) | target tok/s | model GFLOP/step | XLA GFLOP/step '
-      '| achieved GFLOP/s | peak GFLOP/s: mean, max (measured, dtype) | MFU | MFU paired | MFU best | MFU CPU-time '
-      '| vendor peak | compile s | peak mem/device | XLA plan/device | loss |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| variant | step s (median) | speed vs first (per round) | target tok/s | model GFLOP/step | XLA GFLOP/step '
+    '| achieved GFLOP/s | peak GFLOP/s: mean, max (measured, dtype) | MFU | MFU paired | MFU best | MFU CPU-time '
+    '| vendor peak | compile s | peak mem/device | XLA plan/device | loss |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in results:
     mfu_vendor = '' if r.vendor_peak is None else f' (MFU {r.achieved / r.vendor_peak:.1%})'
     max_peak = max(r.peak_samples or [r.peak])
     lines.append(
-        f'| {r.name} | {r.step_s:.3f} | {r.paired_speedup:.2f}x | {r.tokens_per_s:,.0f} | '
-        f'{r.model_flops / 1e9:.1f} | {_g(r.xla_flops)}{"*" if r.xla_loops else ""} | {r.achieved / 1e9:.1f} | '
-        f'{r.peak / 1e9:.0f}, {max_peak / 1e9:.0f} ({r.peak_dtype}, n={r.peak_n}) | **{r.mfu:.1%}** | '
-        f'{_pct(r.mfu_paired)} | {r.mfu_best:.1%} | {_pct(r.mfu_cpu_time)} | '
-        f'{_g(r.vendor_peak, 1e12, "{:.0f} TFLOP/s")}{mfu_vendor} | '
-        f'{r.compile_s:.1f} | {_mib(r.memory_peak)} | {_mib(r.memory_plan)} | {r.loss:.4f} |')
+      f'| {r.name} | {r.step_s:.3f} | {r.paired_speedup:.2f}x | {r.tokens_per_s:,.0f} | '
+      f'{r.model_flops / 1e9:.1f} | {_g(r.xla_flops)}{"*" if r.xla_loops else ""} | {r.achieved / 1e9:.1f} | '
+      f'{r.peak / 1e9:.0f}, {max_peak / 1e9:.0f} ({r.peak_dtype}, n={r.peak_n}) | **{r.mfu:.1%}** | '
+      f'{_pct(r.mfu_paired)} | {r.mfu_best:.1%} | {_pct(r.mfu_cpu_time)} | '
+      f'{_g(r.vendor_peak, 1e12, "{:.0f} TFLOP/s")}{mfu_vendor} | '
+      f'{r.compile_s:.1f} | {_mib(r.memory_peak)} | {_mib(r.memory_plan)} | {r.loss:.4f} |'
+    )
   if any(r.xla_loops for r in results):
-    lines.append('\n\\* XLA\'s cost_analysis counts a while-loop body once (scanned layers: one layer; gradient '
-                 'accumulation: one micro-batch).')
+    lines.append(
+      "\n\\* XLA's cost_analysis counts a while-loop body once (scanned layers: one layer; gradient "
+      'accumulation: one micro-batch).'
+    )
   return '\n'.join(lines)
 
 
 def _command() -> str:
-  return 'python ' + ' '.join(a if ' ' not in a and ';' not in a else repr(a) for a in
-                              [os.path.relpath(sys.argv[0], os.getcwd())] + sys.argv[1:])
+  return 'python ' + ' '.join(
+    a if ' ' not in a and ';' not in a else repr(a) for a in [os.path.relpath(sys.argv[0], os.getcwd())] + sys.argv[1:]
+  )
 
 
 def main(argv):
   del argv
   if FLAGS.cpu_devices:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
+
     jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
-  import jax  # pylint: disable=g-import-not-at-top
-  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
+  import jax
+  from transformer_jax import parallel
 
   config = FLAGS.config
   mesh = parallel.make_mesh(config.mesh)
   device = jax.devices()[0]
   peak_size = FLAGS.peak_size or (0 if device.platform == 'cpu' else 8192)
   print(f'# command: {_command()}')
-  print(f'# device: {jax.device_count()} x {device.platform} {getattr(device, "device_kind", "")}, '
-        f'mesh {dict(mesh.shape)}, jax {jax.__version__}, {time.strftime("%Y-%m-%d %H:%M")}, '
-        f'os.cpu_count()={os.cpu_count()}')
+  print(
+    f'# device: {jax.device_count()} x {device.platform} {getattr(device, "device_kind", "")}, '
+    f'mesh {dict(mesh.shape)}, jax {jax.__version__}, {time.strftime("%Y-%m-%d %H:%M")}, '
+    f'os.cpu_count()={os.cpu_count()}'
+  )
   m = config.model
-  lengths = (f'{config.packed_targets_length} tokens (decoder-only LM)' if is_lm(config) else
-             f'{config.packed_inputs_length}/{config.packed_targets_length} tokens')
-  print(f'# model: N={m.num_layers} D={m.d_model} F={m.d_ff} h={m.num_heads} V={m.vocab_size}; batch '
-        f'{config.batch_size} rows x {lengths}; '
-        f'data={FLAGS.data}; peak: {peak_size or "fastest of " + "/".join(map(str, PEAK_SIZES))}^3 matmul '
-        f'x{FLAGS.peak_reps} before the steps and after each', flush=True)
+  lengths = (
+    f'{config.packed_targets_length} tokens (decoder-only LM)'
+    if is_lm(config)
+    else f'{config.packed_inputs_length}/{config.packed_targets_length} tokens'
+  )
+  print(
+    f'# model: N={m.num_layers} D={m.d_model} F={m.d_ff} h={m.num_heads} V={m.vocab_size}; batch '
+    f'{config.batch_size} rows x {lengths}; '
+    f'data={FLAGS.data}; peak: {peak_size or "fastest of " + "/".join(map(str, PEAK_SIZES))}^3 matmul '
+    f'x{FLAGS.peak_reps} before the steps and after each',
+    flush=True,
+  )
 
   if FLAGS.only_compile and FLAGS.variants.strip() != 'base':
-    rows = ['| variant | compile s | XLA temporaries/device | XLA plan/device (args + outputs + temps - aliased) |',
-            '|---|---|---|---|']
+    rows = [
+      '| variant | compile s | XLA temporaries/device | XLA plan/device (args + outputs + temps - aliased) |',
+      '|---|---|---|---|',
+    ]
     for spec in FLAGS.variants.split(';'):
       lower_s, compile_s, compiled = compile_time(apply_overrides(config, parse_overrides(spec)), mesh)
-      rows.append(f'| {spec.strip() or "base"} | {lower_s + compile_s:.1f} | {_mib(_temp_bytes(compiled))} | '
-                  f'{_mib(_memory_plan_bytes(compiled))} |')
+      rows.append(
+        f'| {spec.strip() or "base"} | {lower_s + compile_s:.1f} | {_mib(_temp_bytes(compiled))} | '
+        f'{_mib(_memory_plan_bytes(compiled))} |'
+      )
       print(f'# {spec.strip()}: compile {lower_s + compile_s:.1f} s', flush=True)
     print()
     print('\n'.join(rows))
     print(flush=True)
 
   if not FLAGS.only_compile:
-    batch_np = make_batch(config, data=FLAGS.data, fill=FLAGS.fill, segments=FLAGS.segments,
-                          workdir=FLAGS.workdir, seed=int(config.seed))
+    batch_np = make_batch(
+      config, data=FLAGS.data, fill=FLAGS.fill, segments=FLAGS.segments, workdir=FLAGS.workdir, seed=int(config.seed)
+    )
     real_targets = float((batch_np['targets'] != 0).sum()) / batch_np['targets'].size
-    real_inputs = (f'{float((batch_np["inputs"] != 0).sum()) / batch_np["inputs"].size:.3f}' if 'inputs' in batch_np
-                   else 'none (LM)')
-    print(f'# batch: real target slots {real_targets:.3f}, real input slots {real_inputs}, '
-          f'{int(batch_np["targets_segmentation"].max())} examples max per row', flush=True)
-    variants = [(spec.strip() or 'base', apply_overrides(config, parse_overrides(spec)))
-                for spec in FLAGS.variants.split(';')]
-    results = run_variants(variants, batch_np, steps=FLAGS.steps, warmup=FLAGS.warmup, peak_size=peak_size,
-                           peak_reps=FLAGS.peak_reps, mesh=mesh, pause=FLAGS.pause)
+    real_inputs = (
+      f'{float((batch_np["inputs"] != 0).sum()) / batch_np["inputs"].size:.3f}' if 'inputs' in batch_np else 'none (LM)'
+    )
+    print(
+      f'# batch: real target slots {real_targets:.3f}, real input slots {real_inputs}, '
+      f'{int(batch_np["targets_segmentation"].max())} examples max per row',
+      flush=True,
+    )
+    variants = [
+      (spec.strip() or 'base', apply_overrides(config, parse_overrides(spec))) for spec in FLAGS.variants.split(';')
+    ]
+    results = run_variants(
+      variants,
+      batch_np,
+      steps=FLAGS.steps,
+      warmup=FLAGS.warmup,
+      peak_size=peak_size,
+      peak_reps=FLAGS.peak_reps,
+      mesh=mesh,
+      pause=FLAGS.pause,
+    )
     print()
     print(results_table(results))
     print(flush=True)
 
   if FLAGS.compile_depths:
-    rows = ['| N (layers per side) | scan_layers | lower s | compile s | total s | XLA temporaries/device |',
-            '|---|---|---|---|---|---|']
+    rows = [
+      '| N (layers per side) | scan_layers | lower s | compile s | total s | XLA temporaries/device |',
+      '|---|---|---|---|---|---|',
+    ]
     for depth in [int(d) for d in FLAGS.compile_depths.split(',') if d.strip()]:
       for scan in (False, True):
         variant = apply_overrides(config, [('model.num_layers', str(depth)), ('model.scan_layers', str(scan))])
         lower_s, compile_s, compiled = compile_time(variant, mesh)
-        rows.append(f'| {depth} | {scan} | {lower_s:.1f} | {compile_s:.1f} | {lower_s + compile_s:.1f} | '
-                    f'{_mib(_temp_bytes(compiled))} |')
+        rows.append(
+          f'| {depth} | {scan} | {lower_s:.1f} | {compile_s:.1f} | {lower_s + compile_s:.1f} | '
+          f'{_mib(_temp_bytes(compiled))} |'
+        )
         del compiled
         print(f'# compile N={depth} scan_layers={scan}: lower {lower_s:.1f} s, compile {compile_s:.1f} s', flush=True)
     print()
@@ -674,7 +797,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
+  from transformer_jax import hugepages
+
   hugepages.reexec_if_wanted(one_heap=True)  # as the CLI's `train` does: XLA's step buffers on one heap, huge pages
   define_flags()
   app.run(main)

@@ -13,8 +13,16 @@ from configs import lm_tiny
 
 def get_config():
   config = lm_tiny.get_config()
-  config.model.update(num_layers=2, d_model=64, num_heads=2, d_ff=256, positional='sinusoidal',
-                      attention='blockwise', attention_block_size=512, attention_window=512)
+  config.model.update(
+    num_layers=2,
+    d_model=64,
+    num_heads=2,
+    d_ff=256,
+    positional='sinusoidal',
+    attention='blockwise',
+    attention_block_size=512,
+    attention_window=512,
+  )
 
   config.max_length = 8192  # tokens per row and chunk length: documents up to 8k tokens stay whole
   config.packed_inputs_length = 8192

@@ -22,12 +22,32 @@ def get_config():
   config.max_eval_documents = ml_collections.config_dict.placeholder(int)
   config.tokenizer_train_sentences = 50_000  # lines, sampled evenly over the training files
 
-  config.model = ml_collections.ConfigDict(dict(
-      kind='decoder', vocab_size=2048, num_layers=4, d_model=128, num_heads=4, d_ff=512, dropout_rate=0.0,
-      share_embeddings=True, pre_norm=True, positional='learned', activation='gelu', use_bias=True,
-      scale_embeddings=False, dtype='float32', attention_impl='auto', remat='none', scan_layers=False,
+  config.model = ml_collections.ConfigDict(
+    dict(
+      kind='decoder',
+      vocab_size=2048,
+      num_layers=4,
+      d_model=128,
+      num_heads=4,
+      d_ff=512,
+      dropout_rate=0.0,
+      share_embeddings=True,
+      pre_norm=True,
+      positional='learned',
+      activation='gelu',
+      use_bias=True,
+      scale_embeddings=False,
+      dtype='float32',
+      attention_impl='auto',
+      remat='none',
+      scan_layers=False,
       # attention.py: 'dense' | 'blockwise' | 'splash' (TPU); window 0 = full attention
-      attention='dense', attention_block_size=512, attention_window=0, attention_interpret=False))
+      attention='dense',
+      attention_block_size=512,
+      attention_window=0,
+      attention_interpret=False,
+    )
+  )
 
   config.max_length = 128  # context: tokens per row; documents are cut into chunks of this many tokens
   config.packed_inputs_length = 128

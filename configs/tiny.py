@@ -20,12 +20,28 @@ def get_config():
   config.tokenizer_train_sentences = 50_000  # sentences sampled to train the SentencePiece model
   config.prepared_data_dir = ml_collections.config_dict.placeholder(str)  # token-id shards (None: WORKDIR/data)
 
-  config.model = ml_collections.ConfigDict(dict(
-      vocab_size=512, num_layers=3, d_model=128, num_heads=8, d_ff=512, dropout_rate=0.0,
-      share_embeddings=True, pre_norm=False, positional='sinusoidal', dtype='float32', attention_impl='auto',
-      remat='none', scan_layers=False,
+  config.model = ml_collections.ConfigDict(
+    dict(
+      vocab_size=512,
+      num_layers=3,
+      d_model=128,
+      num_heads=8,
+      d_ff=512,
+      dropout_rate=0.0,
+      share_embeddings=True,
+      pre_norm=False,
+      positional='sinusoidal',
+      dtype='float32',
+      attention_impl='auto',
+      remat='none',
+      scan_layers=False,
       # attention.py: 'dense' | 'blockwise' | 'splash' (TPU); window 0 = full attention
-      attention='dense', attention_block_size=512, attention_window=0, attention_interpret=False))
+      attention='dense',
+      attention_block_size=512,
+      attention_window=0,
+      attention_interpret=False,
+    )
+  )
 
   # Sources are ~3x longer than targets, so packed rows give each side its own length (>= 95% real target slots).
   config.max_length = 32  # per example, EOS included; longer pairs are dropped

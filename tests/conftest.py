@@ -25,8 +25,10 @@ sys.dont_write_bytecode = False
 # their last bits from the default flags' (configs/tiny.py's initial parameters do), so tests compare runs made under
 # the same flags or with tolerances. The test that runs 100 real steps (test_train's learning-rate test) runs its
 # subprocess with the default flags.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 '
-                                   '--xla_cpu_use_fusion_emitters=false')
+os.environ.setdefault(
+  'XLA_FLAGS',
+  '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false',
+)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
@@ -35,20 +37,27 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TRANSFORMER_JAX_ONE_HEAP', '0')
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(_REPO, '.pytest_cache', 'd', 'transformer_jax_compilation_cache'))
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(_REPO, '.pytest_cache', 'd', 'transformer_jax_compilation_cache')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
-import jax  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import  (reads the JAX_* variables above)
+import jax  # noqa: E402,F401  (reads the JAX_* variables above)
 
 
 # `--dist loadfile` hands each worker whole files in collection order, which is alphabetical: test_train.py (its
 # 100-step learning-rate test is its longest) came last, so it could run alone at the end. The
 # longest files go first (longest-processing-time scheduling); the rest keep their order. (Cold-cache suite in the
 # dev tree: 508 -> 499 s, within this host's noise.)
-_LONGEST_FIRST = ('test_train.py', 'test_checkpoint.py', 'test_multiprocess.py', 'test_gcs.py', 'test_reliability.py',
-                  'test_performance.py')
+_LONGEST_FIRST = (
+  'test_train.py',
+  'test_checkpoint.py',
+  'test_multiprocess.py',
+  'test_gcs.py',
+  'test_reliability.py',
+  'test_performance.py',
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -56,9 +65,9 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests within a file keep their order
 
 
-import pytest  # noqa: E402  pylint: disable=wrong-import-position
+import pytest  # noqa: E402
 
-import helpers  # noqa: E402  pylint: disable=wrong-import-position
+import helpers  # noqa: E402
 
 
 @pytest.fixture(scope='session')

@@ -28,18 +28,26 @@ SMALL_MODEL = dict(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=12
 def small_config_file(model: dict | None = None, **settings) -> str:
   """A config file (Python source) of configs/tiny.py with SMALL_MODEL (updated by `model`) and `settings`: the
   short runs' defaults (2,000 training examples, batch 8, no decoding during training) unless given."""
-  settings = {'train_split': 'train[:2000]', 'max_eval_examples': 16, 'eval_translate_examples': 0, 'batch_size': 8,
-              **settings}
+  settings = {
+    'train_split': 'train[:2000]',
+    'max_eval_examples': 16,
+    'eval_translate_examples': 0,
+    'batch_size': 8,
+    **settings,
+  }
   lines = '\n'.join(f'  config.{key} = {value!r}' for key, value in settings.items())
-  return (f'from configs import tiny\n\n\ndef get_config():\n  config = tiny.get_config()\n'
-          f'  config.model.update(**{dict(SMALL_MODEL, **(model or {}))!r})\n{lines}\n  return config\n')
+  return (
+    f'from configs import tiny\n\n\ndef get_config():\n  config = tiny.get_config()\n'
+    f'  config.model.update(**{dict(SMALL_MODEL, **(model or {}))!r})\n{lines}\n  return config\n'
+  )
 
 
 def to_scan_layout(tree, num_layers: int):
   """Unrolled parameters (layers_0..layers_{N-1}) -> the scanned model's layout (one 'layers' entry, stacked on axis
   0)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+
   if not isinstance(tree, dict):
     return tree
   out = {k: to_scan_layout(v, num_layers) for k, v in tree.items() if not k.startswith('layers_')}
@@ -51,13 +59,14 @@ def to_scan_layout(tree, num_layers: int):
 def mock_tfds_pairs(num_examples: int, languages=('de', 'en')):
   """tfds.load of any dataset inside this context gives `num_examples` examples with known text: example i has
   '<language> i' under each language (so a swapped pair, a skipped or repeated example, or an ignored cap shows)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
 
   def as_dataset(self, *args, **kwargs):
     del self, args, kwargs
-    return tf.data.Dataset.from_tensor_slices({lang: [f'{lang} {i}' for i in range(num_examples)]
-                                               for lang in languages})
+    return tf.data.Dataset.from_tensor_slices(
+      {lang: [f'{lang} {i}' for i in range(num_examples)] for lang in languages}
+    )
 
   return tfds.testing.mock_data(as_dataset_fn=as_dataset)
 
@@ -67,7 +76,7 @@ def load_config_file(text: str):
   namespace: dict = {}
   sys.path.insert(0, REPO)
   try:
-    exec(compile(text, 'small_config', 'exec'), namespace)  # pylint: disable=exec-used
+    exec(compile(text, 'small_config', 'exec'), namespace)
   finally:
     sys.path.remove(REPO)
   return namespace['get_config']()
@@ -81,18 +90,33 @@ def cli_env(devices: int | None = None, **extra) -> dict:
   return env
 
 
-def cli(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 300,
-        cwd: str = REPO) -> subprocess.CompletedProcess:
+def cli(
+  *args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 300, cwd: str = REPO
+) -> subprocess.CompletedProcess:
   """`transformer-jax ARGS` in a fresh process, its output captured as text."""
-  return subprocess.run([sys.executable, '-m', 'transformer_jax.cli', *args], capture_output=True, text=True,
-                        input=stdin, timeout=timeout, cwd=cwd, env=env if env is not None else cli_env())
+  return subprocess.run(
+    [sys.executable, '-m', 'transformer_jax.cli', *args],
+    capture_output=True,
+    text=True,
+    input=stdin,
+    timeout=timeout,
+    cwd=cwd,
+    env=env if env is not None else cli_env(),
+  )
 
 
 class Run:
   """One `transformer-jax train` (or `command`) subprocess in the background, its output in files."""
 
-  def __init__(self, workdir: str, env: dict, *extra: str, command: str = 'train', config: str | None = None,
-               log: str | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    env: dict,
+    *extra: str,
+    command: str = 'train',
+    config: str | None = None,
+    log: str | None = None,
+  ):
     self.workdir = workdir
     log = log or workdir
     self.out_path, self.err_path = log + '.stdout', log + '.stderr'
@@ -121,7 +145,8 @@ class Run:
 
 def interrupt(workdir: str, env: dict, config_path: str, sig: int, delay: float, log: str) -> tuple[Run, int, list]:
   """Starts a run in workdir and sends `sig` `delay` seconds after it commits its first new checkpoint."""
-  import pytest  # pylint: disable=g-import-not-at-top
+  import pytest
+
   start = max(committed_steps(workdir), default=0)
   run = Run(workdir, env, config=config_path, log=log)
   deadline = time.time() + 300
@@ -140,7 +165,7 @@ def interrupt(workdir: str, env: dict, config_path: str, sig: int, delay: float,
 
 def error_lines(run) -> list[str]:
   """`error: ...` lines of a Run or CompletedProcess (the progress bar on stderr ends its updates with \\r)."""
-  return [line[line.index('error:'):] for line in re.split(r'[\r\n]', run.stdout + run.stderr) if 'error:' in line]
+  return [line[line.index('error:') :] for line in re.split(r'[\r\n]', run.stdout + run.stderr) if 'error:' in line]
 
 
 def committed_steps(workdir: str) -> list[int]:
@@ -162,17 +187,21 @@ def snapshot(directory: str) -> dict[str, tuple[int, int, str]]:
     for name in files:
       path = os.path.join(root, name)
       with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
-                                                 hashlib.sha256(f.read()).hexdigest())
+        out[os.path.relpath(path, directory)] = (
+          os.path.getsize(path),
+          os.stat(path).st_mtime_ns,
+          hashlib.sha256(f.read()).hexdigest(),
+        )
   return out
 
 
 def load_state(workdir: str, step: int | None = None):
   """(state as numpy, data item, step) of a workdir checkpoint, restored onto this process's 8-device mesh."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  import jax
+  import ml_collections
+  from transformer_jax.training import checkpoint as checkpoint_lib
+  from transformer_jax.storage import workdir as workdir_lib
+
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   config = ml_collections.ConfigDict(checkpointer.restore_config(step))
   abstract, mesh = workdir_lib.trainer_abstract_state(config)
@@ -184,8 +213,14 @@ def load_state(workdir: str, step: int | None = None):
 
 def bitwise_equal(a, b) -> bool:
   """Same tree structure, dtypes and bytes."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return (jax.tree.structure(a) == jax.tree.structure(b) and len(la) == len(lb)
-          and all(np.asarray(x).dtype == np.asarray(y).dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-                  for x, y in zip(la, lb)))
+  return (
+    jax.tree.structure(a) == jax.tree.structure(b)
+    and len(la) == len(lb)
+    and all(
+      np.asarray(x).dtype == np.asarray(y).dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+      for x, y in zip(la, lb)
+    )
+  )

@@ -24,8 +24,9 @@ def random_segments(rng, length: int, max_segments: int = 4) -> np.ndarray:
   rows = []
   for _ in range(B):
     used = int(rng.integers(length // 2, length + 1))
-    cuts = np.sort(rng.choice(np.arange(1, used), size=min(used - 1, int(rng.integers(0, max_segments))),
-                              replace=False))
+    cuts = np.sort(
+      rng.choice(np.arange(1, used), size=min(used - 1, int(rng.integers(0, max_segments))), replace=False)
+    )
     row = np.zeros(length, np.int32)
     for i, (lo, hi) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, used])):
       row[lo:hi] = i + 1
@@ -147,8 +148,9 @@ def test_blockwise_and_dense_equal_the_reference_on_random_cases(seed):
 
 
 def test_blockwise_skips_key_blocks_outside_the_band():
-  visited = lambda i, causal, window: tuple(int(x) for x in attention._key_blocks(  # pylint: disable=protected-access
-      jnp.int32(i), 16, 16, 8, causal, window))
+  visited = lambda i, causal, window: tuple(
+    int(x) for x in attention._key_blocks(jnp.int32(i), 16, 16, 8, causal, window)
+  )
   assert visited(3, True, 0) == (0, 4)
   assert visited(3, True, 16) == (2, 4)  # rows 48..63 see keys 33..63
   assert visited(3, False, 16) == (2, 5)
@@ -161,8 +163,9 @@ def test_splash_interpret_equals_the_reference_on_random_cases(kind, window, see
   # bidirectional window spans two key blocks and is shorter than the 239 queries, so its edges are inside the rows.
   q, k, v, spec, mask = random_case(seed, 128, kind, window, max_blocks=2)
   assert kind != 'bidirectional' or q.shape[1] > window
-  assert_same(reference_loss_and_grads(q, k, v, mask),
-              loss_and_grads('splash', q, k, v, spec, block_size=128, interpret=True))
+  assert_same(
+    reference_loss_and_grads(q, k, v, mask), loss_and_grads('splash', q, k, v, spec, block_size=128, interpret=True)
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,25 +185,47 @@ def _packed_batch(rng, length, vocab):
 @pytest.mark.parametrize('window', [0, 5])
 def test_transformer_blockwise_logits_equal_dense_on_a_packed_batch(window):
   rng = np.random.default_rng(window)
-  cfg = ModelConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0, max_len=64,
-                    attention_window=window, attention_block_size=16)
+  cfg = ModelConfig(
+    vocab_size=32,
+    num_layers=1,
+    d_model=16,
+    num_heads=2,
+    d_ff=32,
+    dropout_rate=0.0,
+    max_len=64,
+    attention_window=window,
+    attention_block_size=16,
+  )
   inputs, inputs_seg, inputs_pos = _packed_batch(rng, 48, 32)
   targets, targets_seg, targets_pos = _packed_batch(rng, 32, 32)
   # Target segment i reads source segment i: keep the segment counts equal.
   targets_seg = jnp.minimum(targets_seg, inputs_seg.max(axis=1, keepdims=True))
   args = (inputs, targets, inputs_seg, targets_seg, inputs_pos, targets_pos)
   params = jax.jit(Transformer(cfg).init)(jax.random.key(0), *args)['params']
-  logits = {kind: jax.jit(Transformer(ModelConfig(**{**cfg.__dict__, 'attention': kind})).apply)({'params': params},
-                                                                                                 *args)
-            for kind in ('dense', 'blockwise')}
+  logits = {
+    kind: jax.jit(Transformer(ModelConfig(**{**cfg.__dict__, 'attention': kind})).apply)({'params': params}, *args)
+    for kind in ('dense', 'blockwise')
+  }
   real = np.asarray(targets_seg > 0)
   np.testing.assert_allclose(np.asarray(logits['dense'])[real], np.asarray(logits['blockwise'])[real], atol=1e-5)
 
 
 def _lm(window, max_len=24, kind='dense'):
-  return ModelConfig(vocab_size=32, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0,
-                     max_len=max_len, kind='decoder', pre_norm=True, positional='learned', attention=kind,
-                     attention_window=window, attention_block_size=8)
+  return ModelConfig(
+    vocab_size=32,
+    num_layers=2,
+    d_model=16,
+    num_heads=2,
+    d_ff=32,
+    dropout_rate=0.0,
+    max_len=max_len,
+    kind='decoder',
+    pre_norm=True,
+    positional='learned',
+    attention=kind,
+    attention_window=window,
+    attention_block_size=8,
+  )
 
 
 @pytest.mark.parametrize('window', [1, 3, 7])
@@ -209,8 +234,9 @@ def test_windowed_decoding_over_the_ring_buffer_equals_teacher_forcing(window):
   tokens = jnp.asarray(np.random.default_rng(window).integers(4, 32, size=(B, 20)), jnp.int32)
   params = LanguageModel(cfg).init(jax.random.key(1), tokens)['params']
   teacher = LanguageModel(cfg).apply({'params': params}, tokens, method=LanguageModel.decode)
-  blockwise = LanguageModel(_lm(window, kind='blockwise')).apply({'params': params}, tokens,
-                                                                 method=LanguageModel.decode)
+  blockwise = LanguageModel(_lm(window, kind='blockwise')).apply(
+    {'params': params}, tokens, method=LanguageModel.decode
+  )
   np.testing.assert_allclose(teacher, blockwise, atol=1e-5)
   model = generate.decoding_model(cfg)
   cache = generate.init_cache(model, params, B, tokens.shape[1])
@@ -222,8 +248,9 @@ def test_windowed_decoding_over_the_ring_buffer_equals_teacher_forcing(window):
 
 
 def test_windowed_translation_decoding_equals_teacher_forcing():
-  cfg = ModelConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0, max_len=24,
-                    attention_window=4)
+  cfg = ModelConfig(
+    vocab_size=32, num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0, max_len=24, attention_window=4
+  )
   rng = np.random.default_rng(0)
   inputs = jnp.asarray(rng.integers(4, 32, size=(B, 12)), jnp.int32)
   decoder_inputs = jnp.asarray(rng.integers(4, 32, size=(B, 16)), jnp.int32)
@@ -245,8 +272,7 @@ def test_windowed_translation_decoding_equals_teacher_forcing():
 
 def planned_temp_bytes(kind: str, length: int, window: int = 0) -> int:
   """XLA's planned temporaries of one LM train step (loss, gradients) at `length` tokens per row."""
-  cfg = ModelConfig(**{**_lm(window, max_len=length, kind=kind).__dict__, 'num_layers': 1,
-                       'attention_block_size': 256})
+  cfg = ModelConfig(**{**_lm(window, max_len=length, kind=kind).__dict__, 'num_layers': 1, 'attention_block_size': 256})
   model = LanguageModel(cfg)
   tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))['params'])
@@ -272,17 +298,26 @@ def test_blockwise_train_step_temporaries_grow_linearly_in_length():
 
 
 def _config(max_length=1000, **model):
-  return ml_collections.ConfigDict(dict(max_length=max_length, packed_inputs_length=1024,
-                                        packed_targets_length=1024, model=dict(d_model=16, num_heads=2, **model)))
+  return ml_collections.ConfigDict(
+    dict(
+      max_length=max_length,
+      packed_inputs_length=1024,
+      packed_targets_length=1024,
+      model=dict(d_model=16, num_heads=2, **model),
+    )
+  )
 
 
-@pytest.mark.parametrize('model, expected', [
+@pytest.mark.parametrize(
+  'model, expected',
+  [
     (dict(attention='flash'), "model.attention='flash': must be one of dense, blockwise, splash"),
     (dict(attention='blockwise', attention_window=-1), 'model.attention_window=-1: must be an integer >= 0'),
     (dict(attention='blockwise', attention_block_size=256), 'must divide max_length=1000'),
     (dict(attention='splash', attention_block_size=512), "model.attention='splash': a TPU kernel"),
     (dict(attention='splash', attention_block_size=200), 'splash blocks must be multiples of 128'),
-])
+  ],
+)
 def test_bad_settings_are_one_line_errors(model, expected):
   errors = config_checks.config_errors(_config(**model))
   assert any(expected in e for e in errors), errors
@@ -294,8 +329,9 @@ def test_splash_is_allowed_off_tpu_in_interpret_mode_and_in_stored_configs():
   assert not config_checks.config_errors(_config(1024, attention='splash'), platform_checks=False)
 
 
-@pytest.mark.parametrize('field, value', [('attention', 'flash'), ('attention_window', -2),
-                                          ('attention_block_size', 0)])
+@pytest.mark.parametrize(
+  'field, value', [('attention', 'flash'), ('attention_window', -2), ('attention_block_size', 0)]
+)
 def test_model_config_refuses_bad_attention_settings(field, value):
   with pytest.raises(ValueError, match=field) as e:
     ModelConfig.from_config({'vocab_size': 32, field: value})
@@ -304,7 +340,8 @@ def test_model_config_refuses_bad_attention_settings(field, value):
 
 @pytest.mark.parametrize('fmt', ['hf-gpt2', 'hf-marian'])
 def test_a_windowed_model_refuses_hf_formats_in_one_line(fmt, tmp_path):
-  from transformer_jax import export  # pylint: disable=g-import-not-at-top
+  from transformer_jax import export
+
   source = export.Exportable(config=None, cfg=_lm(4), params={}, tokenizer_path='', step=0)
   with pytest.raises(export.ExportError, match='cannot express model.attention_window=4') as e:
     export.export(source, fmt, str(tmp_path / 'out'))
@@ -314,8 +351,9 @@ def test_a_windowed_model_refuses_hf_formats_in_one_line(fmt, tmp_path):
 
 def test_splash_under_a_mesh_runs_per_shard():
   # Batch over 'data', heads over 'tensor' (parallel.py's rules): the kernel runs under shard_map, same numbers.
-  mesh = jax.make_mesh((2, 2), ('data', 'tensor'), devices=jax.devices()[:4],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh(
+    (2, 2), ('data', 'tensor'), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
   q, k, v, spec = make_case('causal_window', 4, t=256, s=256)
   dense = loss_and_grads('dense', q, k, v, spec)
   with jax.set_mesh(mesh):

@@ -27,10 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0, max_len=32)
 
 # Two packed rows: 3 source / 3 target segments, then 2 and padding; positions restart per segment.
-INPUTS_SEGMENTATION = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0],
-                                [1, 1, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0]], np.int32)
-TARGETS_SEGMENTATION = np.array([[1, 1, 1, 2, 2, 3, 3, 0],
-                                 [1, 1, 2, 2, 2, 2, 0, 0]], np.int32)
+INPUTS_SEGMENTATION = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0], [1, 1, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0]], np.int32)
+TARGETS_SEGMENTATION = np.array([[1, 1, 1, 2, 2, 3, 3, 0], [1, 1, 2, 2, 2, 2, 0, 0]], np.int32)
 
 
 def _positions(segmentation):
@@ -45,20 +43,24 @@ def _batch(seed=0):
   rng = np.random.default_rng(seed)
   inputs = np.where(INPUTS_SEGMENTATION > 0, rng.integers(4, CFG.vocab_size, INPUTS_SEGMENTATION.shape), 0)
   targets = np.where(TARGETS_SEGMENTATION > 0, rng.integers(4, CFG.vocab_size, TARGETS_SEGMENTATION.shape), 0)
-  return dict(inputs=jnp.asarray(inputs, jnp.int32), targets=jnp.asarray(targets, jnp.int32),
-              inputs_segmentation=jnp.asarray(INPUTS_SEGMENTATION), targets_segmentation=jnp.asarray(
-                  TARGETS_SEGMENTATION), inputs_position=jnp.asarray(_positions(INPUTS_SEGMENTATION)),
-              targets_position=jnp.asarray(_positions(TARGETS_SEGMENTATION)))
+  return dict(
+    inputs=jnp.asarray(inputs, jnp.int32),
+    targets=jnp.asarray(targets, jnp.int32),
+    inputs_segmentation=jnp.asarray(INPUTS_SEGMENTATION),
+    targets_segmentation=jnp.asarray(TARGETS_SEGMENTATION),
+    inputs_position=jnp.asarray(_positions(INPUTS_SEGMENTATION)),
+    targets_position=jnp.asarray(_positions(TARGETS_SEGMENTATION)),
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(cfg):
   batch = _batch()
   init = jax.jit(lambda rng: Transformer(cfg).init(rng, batch['inputs'], batch['targets'])['params'])
   return nn.unbox(init(jax.random.key(0)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _explicit(cfg):
   """(logits, weights) of the explicit path, jitted, shared by the tests of one config."""
   return jax.jit(lambda p, b: attention_maps.attention_weights(p, cfg, **b))(_params(cfg), _batch())
@@ -117,18 +119,19 @@ def test_weights_are_the_ones_each_layer_used():
   assert len(calls) == 3 * CFG.num_layers
 
   def recompute(kind, layer, w):
-    stack, module = attention_maps._MODULES[kind]  # pylint: disable=protected-access
+    stack, module = attention_maps._MODULES[kind]
     p = params[stack][f'layers_{layer}'][module]
     inputs_kv, _ = calls[(stack, f'layers_{layer}', module)]
     value = jnp.einsum('bsd,dhk->bshk', inputs_kv, p['value']['kernel'])
     return jnp.einsum('bthk,hkd->btd', jnp.einsum('bhts,bshk->bthk', w, value), p['out']['kernel'])
 
   for kind in attention_maps.KINDS:
-    stack, module = attention_maps._MODULES[kind]  # pylint: disable=protected-access
+    stack, module = attention_maps._MODULES[kind]
     for layer in range(CFG.num_layers):
       _, output = calls[(stack, f'layers_{layer}', module)]
-      np.testing.assert_allclose(recompute(kind, layer, weights[kind][layer]), output, atol=1e-5, rtol=1e-5,
-                                 err_msg=f'{kind} layer {layer}')
+      np.testing.assert_allclose(
+        recompute(kind, layer, weights[kind][layer]), output, atol=1e-5, rtol=1e-5, err_msg=f'{kind} layer {layer}'
+      )
     # the test can fail: another layer's weights do not reproduce this layer's output
     other = np.abs(recompute(kind, 1, weights[kind][0]) - calls[(stack, 'layers_1', module)][1]).max()
     assert other > 1e-3, (kind, other)
@@ -137,11 +140,23 @@ def test_weights_are_the_ones_each_layer_used():
 # ---------------------------------------------------------------------------------------------------------------------
 # The command, over a short real run's workdir
 
-SMALL = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.model.num_heads=4',
-         '--config.model.d_ff=64', '--config.model.vocab_size=128', '--config.max_train_examples=1000',
-         '--config.max_eval_examples=8', '--config.eval_translate_examples=2', '--config.batch_size=8',
-         '--config.num_train_steps=4', '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4',
-         '--config.log_every_steps=2', '--config.tokenizer_train_sentences=1000', '--config.async_checkpointing=False']
+SMALL = [
+  '--config.model.num_layers=1',
+  '--config.model.d_model=32',
+  '--config.model.num_heads=4',
+  '--config.model.d_ff=64',
+  '--config.model.vocab_size=128',
+  '--config.max_train_examples=1000',
+  '--config.max_eval_examples=8',
+  '--config.eval_translate_examples=2',
+  '--config.batch_size=8',
+  '--config.num_train_steps=4',
+  '--config.eval_every_steps=4',
+  '--config.checkpoint_every_steps=4',
+  '--config.log_every_steps=2',
+  '--config.tokenizer_train_sentences=1000',
+  '--config.async_checkpointing=False',
+]
 
 
 def _cli(*args, timeout=300):
@@ -165,8 +180,15 @@ def _png_size(path):
 
 def test_command_writes_the_png_json_and_alignment(workdir, tmp_path):
   out, raw = str(tmp_path / 'attention.png'), str(tmp_path / 'weights.json')
-  result = _cli('attention', f'--workdir={workdir}', '--text=three thousand and twenty-one', f'--out={out}',
-                f'--json={raw}', '--layers=1', '--max_tokens=6')
+  result = _cli(
+    'attention',
+    f'--workdir={workdir}',
+    '--text=three thousand and twenty-one',
+    f'--out={out}',
+    f'--json={raw}',
+    '--layers=1',
+    '--max_tokens=6',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.load(open(raw, encoding='utf-8'))
   assert record['layers'] == [1] and record['heads'] == [1, 2, 3, 4]
@@ -180,7 +202,7 @@ def test_command_writes_the_png_json_and_alignment(workdir, tmp_path):
   assert np.asarray(sentence['decoder_self']).shape == (1, 4, len(target), len(target))
   # one `target -> source` line per target token: the source token with the most mean cross-attention
   lines = result.stdout.split('(target -> most attended source, last layer, mean of heads):\n')[1].splitlines()
-  pairs = [line.strip().split(' -> ') for line in lines[:len(target)]]
+  pairs = [line.strip().split(' -> ') for line in lines[: len(target)]]
   assert pairs == [[t, source[j]] for t, j in zip(target, cross[-1].mean(axis=0).argmax(axis=-1))]
   expected = attention_maps.layout(num_layers=1, num_heads=4, num_sentences=1, max_tokens=6)['size_pixels']
   assert _png_size(out) == expected
@@ -189,8 +211,11 @@ def test_command_writes_the_png_json_and_alignment(workdir, tmp_path):
 
 def test_command_refuses_a_missing_workdir_and_an_empty_text(workdir, tmp_path):
   out = tmp_path / 'a.png'
-  for args in ([f'--workdir={tmp_path / "nope"}', '--text=one'], [f'--workdir={workdir}', '--text=  '],
-               [f'--workdir={workdir}', '--text=one', '--layers=2']):
+  for args in (
+    [f'--workdir={tmp_path / "nope"}', '--text=one'],
+    [f'--workdir={workdir}', '--text=  '],
+    [f'--workdir={workdir}', '--text=one', '--layers=2'],
+  ):
     result = _cli('attention', *args, f'--out={out}')
     assert result.returncode != 0, args
     lines = result.stderr.strip().splitlines()

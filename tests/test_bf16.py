@@ -17,20 +17,24 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
-from benchmarks import bf16_training as hlo_lib  # noqa: E402  pylint: disable=wrong-import-position
+from benchmarks import bf16_training as hlo_lib  # noqa: E402
 from transformer_jax.model import attention  # noqa: E402
 from transformer_jax.training import train as train_lib  # noqa: E402
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec('libtpu') is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
 
 
 def _config(kind: str, **model):
-  from configs import lm_tiny, tiny  # pylint: disable=import-outside-toplevel
+  from configs import lm_tiny, tiny
+
   config = (lm_tiny if kind == 'decoder' else tiny).get_config()
   config.model.update(num_layers=1, d_model=64, d_ff=128, num_heads=4, dtype='bfloat16', **model)
-  config.update(packed_inputs_length=32, packed_targets_length=32, max_length=32, batch_size=16,
-                eval_translate_batch_size=16)
+  config.update(
+    packed_inputs_length=32, packed_targets_length=32, max_length=32, batch_size=16, eval_translate_batch_size=16
+  )
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   return config
 
@@ -49,11 +53,13 @@ def tpu_train(request):
   translation model with dense attention, the language model with blockwise attention (two blocks of 16)."""
   if importlib.util.find_spec('libtpu') is None:
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
-  from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=import-outside-toplevel
+  from transformer_jax.tpu import compile as tpu_compile
+
   kind, attention_kind = request.param
   config = _config(kind, attention=attention_kind, attention_block_size=16)
-  report, = tpu_compile.compile_programs(config, 'v5e:2x2', programs=('train',), keep_compiled=True,
-                                         progress=lambda line: None)
+  (report,) = tpu_compile.compile_programs(
+    config, 'v5e:2x2', programs=('train',), keep_compiled=True, progress=lambda line: None
+  )
   return config, report.compiled.as_text(), report.setup.state
 
 
@@ -78,7 +84,7 @@ ENTRY %main.9 (p.0: f32[4,32,32], p.1: bf16[4,32,16]) -> f32[4,32,16] {
 
 def test_the_checker_sees_a_float32_operand_by_name():
   """Compiled HLO prints operands by name only: their types come from their definitions."""
-  dot, = hlo_lib.dots(_F32_OPERAND)
+  (dot,) = hlo_lib.dots(_F32_OPERAND)
   assert (dot.operands, dot.dtype) == (('f32', 'bf16'), 'f32')
   assert hlo_lib.dot_dtypes(_F32_OPERAND) == {'f32 x bf16 -> f32': 1}
   assert [p.dtype for p in hlo_lib.entry_parameters(_F32_OPERAND)] == ['f32', 'bf16']
@@ -90,8 +96,7 @@ def test_the_checker_sees_what_jnp_einsum_gradients_do():
   q = jax.ShapeDtypeStruct((2, 8, 2, 16), jnp.bfloat16)
   plain = lambda a, b: jnp.einsum('bthk,bshk->bhts', a, b, preferred_element_type=jnp.float32)
   ours = lambda a, b: attention.einsum_f32('bthk,bshk->bhts', a, b, jnp.bfloat16)
-  hlo = lambda f: jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(f(a, b))), (0, 1))).lower(q, q).as_text(
-      dialect='hlo')
+  hlo = lambda f: jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(f(a, b))), (0, 1))).lower(q, q).as_text(dialect='hlo')
   assert any('f32' in d.operands for d in hlo_lib.dots(hlo(plain)))
   assert all(d.operands == ('bf16', 'bf16') and d.dtype == 'f32' for d in hlo_lib.dots(hlo(ours)))
 
@@ -100,10 +105,17 @@ def test_the_checker_sees_what_jnp_einsum_gradients_do():
 # einsum_f32 and dense_attention: the same functions as their float32 references
 
 
-@pytest.mark.parametrize('equation, shapes', [
-    ('btd,dhk->bthk', ((2, 5, 8), (8, 2, 4))), ('bthk,hkd->btd', ((2, 5, 2, 4), (2, 4, 8))),
-    ('bld,vd->blv', ((2, 5, 8), (11, 8))), ('bld,df->blf', ((2, 5, 8), (8, 6))),
-    ('bthk,bshk->bhts', ((2, 5, 2, 4), (2, 7, 2, 4))), ('bhts,bshk->bthk', ((2, 2, 5, 7), (2, 7, 2, 4)))])
+@pytest.mark.parametrize(
+  'equation, shapes',
+  [
+    ('btd,dhk->bthk', ((2, 5, 8), (8, 2, 4))),
+    ('bthk,hkd->btd', ((2, 5, 2, 4), (2, 4, 8))),
+    ('bld,vd->blv', ((2, 5, 8), (11, 8))),
+    ('bld,df->blf', ((2, 5, 8), (8, 6))),
+    ('bthk,bshk->bhts', ((2, 5, 2, 4), (2, 7, 2, 4))),
+    ('bhts,bshk->bthk', ((2, 2, 5, 7), (2, 7, 2, 4))),
+  ],
+)
 def test_einsum_f32_value_and_gradients_match_float32(equation, shapes):
   rng = np.random.default_rng(len(equation))
   a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
@@ -133,14 +145,17 @@ def test_dense_attention_is_jax_dot_product_attention():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32) for _ in range(3))
   mask = jnp.asarray(rng.random((2, 1, 6, 6)) < 0.7).at[:, :, :, 0].set(True)
-  np.testing.assert_allclose(attention.dense_attention(q, k, v, mask),
-                             jax.nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    attention.dense_attention(q, k, v, mask), jax.nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6
+  )
   q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
   got = attention.dense_attention(q16, k16, v16, mask)
   assert got.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(got, np.float32),
-                             np.asarray(jax.nn.dot_product_attention(q16, k16, v16, mask=mask), np.float32),
-                             atol=0.02)
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32),
+    np.asarray(jax.nn.dot_product_attention(q16, k16, v16, mask=mask), np.float32),
+    atol=0.02,
+  )
 
 
 def test_bfloat16_blockwise_attention_and_its_gradients_follow_dense():
@@ -152,8 +167,8 @@ def test_bfloat16_blockwise_attention_and_its_gradients_follow_dense():
   segments = jnp.asarray(np.repeat([[1] * 40 + [2] * 24], 2, axis=0), jnp.int32)
   mask = attention.MaskSpec(segments, segments, causal=True)
   run = lambda kind: jax.value_and_grad(
-      lambda *x: jnp.sum(jnp.sin(attention.attend(*x, mask, kind=kind, block_size=16).astype(jnp.float32))),
-      (0, 1, 2))(q, k, v)
+    lambda *x: jnp.sum(jnp.sin(attention.attend(*x, mask, kind=kind, block_size=16).astype(jnp.float32))), (0, 1, 2)
+  )(q, k, v)
   (blockwise, grads), (dense, dense_grads) = run('blockwise'), run('dense')
   assert all(g.dtype == jnp.bfloat16 for g in grads)
   np.testing.assert_allclose(blockwise, dense, rtol=2e-3)
@@ -205,7 +220,8 @@ STEPS = 40
 
 
 def _train_config():
-  from configs import lm_tiny  # pylint: disable=import-outside-toplevel
+  from configs import lm_tiny
+
   config = lm_tiny.get_config()
   config.model.update(vocab_size=32, num_layers=1, d_model=64, num_heads=4, d_ff=128)
   config.update(packed_targets_length=32, max_length=32, batch_size=16, warmup_steps=10)
@@ -225,10 +241,11 @@ def _batches(config, steps: int):
 def _run(config, dtype: str):
   """(losses per step, compiled HLO text) of STEPS steps of the train step in model.dtype=dtype."""
   config.model.dtype = dtype
-  from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  from transformer_jax.training import optim  # pylint: disable=import-outside-toplevel
+  from flax import linen as nn
+  from transformer_jax.training import optim
   from transformer_jax.training import train_state
-  from transformer_jax.model.transformer import build_model  # pylint: disable=import-outside-toplevel
+  from transformer_jax.model.transformer import build_model
+
   model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   state = jax.jit(lambda r: nn.meta.unbox(train_state.init_boxed_state(model, tx, config, r)))(jax.random.key(0))
@@ -238,8 +255,11 @@ def _run(config, dtype: str):
   for batch in batches:
     state, metrics = step(state, batch, jax.random.key(1))
     losses.append(float(metrics['loss']))
-  assert {jnp.dtype(x.dtype) for x in jax.tree.leaves((state.params, state.opt_state))
-          if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+  assert {
+    jnp.dtype(x.dtype)
+    for x in jax.tree.leaves((state.params, state.opt_state))
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  } == {jnp.dtype(jnp.float32)}
   return np.asarray(losses), step.as_text()
 
 
@@ -265,6 +285,5 @@ def test_bfloat16_cpu_train_step_multiplies_bfloat16(cpu_runs):
   """On XLA:CPU too: every product takes bfloat16 operands (a bfloat16 x bfloat16 -> bfloat16 dot would be computed
   in float32 on converted copies: its operands in the compiled HLO are float32)."""
   products = hlo_lib.dots(cpu_runs['bfloat16'][1])
-  assert products and all(d.operands == ('bf16', 'bf16') for d in products), hlo_lib.dot_dtypes(
-      cpu_runs['bfloat16'][1])
+  assert products and all(d.operands == ('bf16', 'bf16') for d in products), hlo_lib.dot_dtypes(cpu_runs['bfloat16'][1])
   assert all(d.operands == ('f32', 'f32') for d in hlo_lib.dots(cpu_runs['float32'][1]))

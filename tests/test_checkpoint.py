@@ -34,8 +34,16 @@ from transformer_jax.training import train_state
 from transformer_jax.storage import workdir as workdir_lib
 from transformer_jax.model.transformer import Transformer
 import helpers
-from helpers import (Run, bitwise_equal, committed_steps, error_lines, interrupt, load_state,  # noqa: F401
-                     seed_workdir, snapshot)
+from helpers import (
+  Run,
+  bitwise_equal,
+  committed_steps,
+  error_lines,
+  interrupt,
+  load_state,  # noqa: F401
+  seed_workdir,
+  snapshot,
+)
 import testenv
 
 NUM_STEPS = 20
@@ -43,9 +51,15 @@ EVERY = 4
 
 # The small run every test shares (configs/tiny.py with helpers.SMALL_MODEL at 8 heads).
 OVERRIDES = dict(helpers.SMALL_MODEL, num_heads=8)
-CONFIG_FILE = helpers.small_config_file(OVERRIDES, max_eval_examples=64, num_train_steps=NUM_STEPS,
-                                        checkpoint_every_steps=EVERY, eval_every_steps=1000, log_every_steps=1000,
-                                        keep_checkpoints=3)
+CONFIG_FILE = helpers.small_config_file(
+  OVERRIDES,
+  max_eval_examples=64,
+  num_train_steps=NUM_STEPS,
+  checkpoint_every_steps=EVERY,
+  eval_every_steps=1000,
+  log_every_steps=1000,
+  keep_checkpoints=3,
+)
 
 
 def small_config() -> ml_collections.ConfigDict:
@@ -79,8 +93,11 @@ def chain(tmp_path_factory, env, config_path, straight):
   seed_workdir(straight, workdir)
   rng = random.Random(2017)
   out = {}
-  for name, sig, delay in (('sigterm', signal.SIGTERM, 0.0), ('kill_1', signal.SIGKILL, 0.0),
-                           ('kill_2', signal.SIGKILL, rng.uniform(0.0, 0.3))):
+  for name, sig, delay in (
+    ('sigterm', signal.SIGTERM, 0.0),
+    ('kill_1', signal.SIGKILL, 0.0),
+    ('kill_2', signal.SIGKILL, rng.uniform(0.0, 0.3)),
+  ):
     out[name] = interrupt(workdir, env, config_path, sig, delay, str(root / name))
   final = Run(workdir, env, config=config_path, log=str(root / 'final'))
   assert final.wait() == 0, final.describe()
@@ -207,7 +224,8 @@ def test_a_read_only_restore_falls_back_but_moves_nothing(tmp_path, straight, ca
   _, _, step = load_state(workdir)
   assert step == NUM_STEPS - EVERY and 'damaged' in capfd.readouterr().err
   assert committed_steps(workdir)[-1] == NUM_STEPS and not os.path.exists(
-      os.path.join(workdir, checkpoint_lib.DAMAGED_DIR))
+    os.path.join(workdir, checkpoint_lib.DAMAGED_DIR)
+  )
 
 
 def test_non_finite_update_stops_with_the_step_and_saves_nothing(tmp_path, env, config_path, straight):
@@ -239,8 +257,14 @@ def test_non_finite_update_stops_with_the_step_and_saves_nothing(tmp_path, env, 
     checkpointer.save(NUM_STEPS, poisoned, data_state, config.to_dict())
     checkpointer.close()
   before = snapshot(os.path.join(workdir, 'checkpoints'))
-  run = Run(workdir, env, f'--config.num_train_steps={NUM_STEPS + 4}', '--config.checkpoint_every_steps=1',
-            config=config_path, log=str(tmp_path / 'nan'))
+  run = Run(
+    workdir,
+    env,
+    f'--config.num_train_steps={NUM_STEPS + 4}',
+    '--config.checkpoint_every_steps=1',
+    config=config_path,
+    log=str(tmp_path / 'nan'),
+  )
   assert run.wait() == 1, run.describe()
   errors = error_lines(run)
   assert len(errors) == 1, run.describe()
@@ -258,11 +282,11 @@ def test_stop_if_not_finite_names_the_step_and_waits_for_pending_saves():
     def latest_step(self):
       return 8
 
-  run_control.stop_if_not_finite({'loss': 1.0, 'grad_norm': 2.0}, 9, FakeCheckpointer())  # pylint: disable=protected-access
+  run_control.stop_if_not_finite({'loss': 1.0, 'grad_norm': 2.0}, 9, FakeCheckpointer())
   with pytest.raises(run_control.NonFiniteLossError, match=r'loss=nan at step 10; .*last good checkpoint: step 8'):
-    run_control.stop_if_not_finite({'loss': float('nan'), 'grad_norm': 1.0}, 10, FakeCheckpointer())  # pylint: disable=protected-access
+    run_control.stop_if_not_finite({'loss': float('nan'), 'grad_norm': 1.0}, 10, FakeCheckpointer())
   with pytest.raises(run_control.NonFiniteLossError, match=r'grad_norm=inf at step 11'):
-    run_control.stop_if_not_finite({'loss': 1.0, 'grad_norm': float('inf')}, 11, FakeCheckpointer())  # pylint: disable=protected-access
+    run_control.stop_if_not_finite({'loss': 1.0, 'grad_norm': float('inf')}, 11, FakeCheckpointer())
   assert calls == ['wait', 'wait']
 
 
@@ -279,10 +303,14 @@ def _train_pieces(config, mesh):
 
 def _batch(config, seed: int) -> dict:
   rng = np.random.default_rng(seed)
-  return {'inputs': rng.integers(4, config.model.vocab_size, (config.batch_size, config.packed_inputs_length),
-                                 dtype=np.int32),
-          'targets': rng.integers(4, config.model.vocab_size, (config.batch_size, config.packed_targets_length),
-                                  dtype=np.int32)}
+  return {
+    'inputs': rng.integers(
+      4, config.model.vocab_size, (config.batch_size, config.packed_inputs_length), dtype=np.int32
+    ),
+    'targets': rng.integers(
+      4, config.model.vocab_size, (config.batch_size, config.packed_targets_length), dtype=np.int32
+    ),
+  }
 
 
 def test_checkpoint_from_a_2x2x2_mesh_restores_on_one_device_and_on_4x1x1_and_trains_on(tmp_path):
@@ -295,8 +323,14 @@ def test_checkpoint_from_a_2x2x2_mesh_restores_on_one_device_and_on_4x1x1_and_tr
     model, tx, shardings = _train_pieces(config, mesh)
     # Any values of the right shapes will do (and need no compilation): random floats, step 7.
     rng = np.random.default_rng(0)
-    saved = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating)
-                         else np.full(a.shape, 7, a.dtype), train_state.abstract_state(model, tx, config, shardings))
+    saved = jax.tree.map(
+      lambda a: (
+        rng.normal(size=a.shape).astype(a.dtype)
+        if jnp.issubdtype(a.dtype, jnp.floating)
+        else np.full(a.shape, 7, a.dtype)
+      ),
+      train_state.abstract_state(model, tx, config, shardings),
+    )
     state = jax.device_put(saved, shardings)
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))  # really sharded
     assert {x.sharding.spec for x in jax.tree.leaves(state.params)} >= {P('fsdp', 'tensor')}
@@ -320,8 +354,9 @@ def test_checkpoint_from_a_2x2x2_mesh_restores_on_one_device_and_on_4x1x1_and_tr
       assert all(x.sharding.mesh.devices.size == n for x in jax.tree.leaves(restored))
       assert bitwise_equal(jax.device_get(restored), saved)
       train_step = train_lib.jit_train_step(model, tx, target_config, target_mesh, shardings)
-      restored, metrics = train_step(restored, parallel.global_batch(_batch(target_config, 1), target_mesh),
-                                     jax.random.key(1))
+      restored, metrics = train_step(
+        restored, parallel.global_batch(_batch(target_config, 1), target_mesh), jax.random.key(1)
+      )
       assert int(restored.step) == 8 and np.isfinite(float(metrics['loss']))
       assert not bitwise_equal(jax.device_get(restored.params), saved.params)
       losses.append(float(metrics['loss']))
@@ -349,20 +384,22 @@ def test_average_trees_is_the_exact_mean():
 
 
 def test_average_command_writes_a_workdir_that_inference_loads(tmp_path, env, straight):
-  from transformer_jax.inference import translate as inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import translate as inference
+
   out = str(tmp_path / 'averaged')
   run = Run(straight, env, '--last=3', f'--out={out}', command='average', log=str(tmp_path / 'average'))
   assert run.wait() == 0, run.describe()
   steps = [NUM_STEPS - 2 * EVERY, NUM_STEPS - EVERY, NUM_STEPS]
-  assert f"averaged steps {','.join(map(str, steps))}" in run.stdout
+  assert f'averaged steps {",".join(map(str, steps))}' in run.stdout
   assert committed_steps(out) == [NUM_STEPS]
   assert os.path.exists(os.path.join(out, 'spm.model'))
   summary = json.load(open(os.path.join(out, 'averaged.json')))
   assert summary['steps'] == steps and summary['optimizer_state'] == f'copied from step {NUM_STEPS}'
 
   sources = [load_state(straight, s)[0] for s in steps]
-  want = jax.tree.map(lambda *xs: (sum(np.asarray(x, np.float64) for x in xs) / len(xs)).astype(np.float32),
-                      *[s.params for s in sources])
+  want = jax.tree.map(
+    lambda *xs: (sum(np.asarray(x, np.float64) for x in xs) / len(xs)).astype(np.float32), *[s.params for s in sources]
+  )
   got, got_data, _ = load_state(out)
   assert bitwise_equal(got.params, want)
   assert bitwise_equal(got.opt_state, sources[-1].opt_state) and int(got.step) == NUM_STEPS
@@ -384,7 +421,8 @@ def test_average_command_writes_a_workdir_that_inference_loads(tmp_path, env, st
 
 
 def test_sigterm_to_one_of_two_processes_saves_one_agreed_step(tmp_path, env, config_path, straight):
-  import socket  # pylint: disable=g-import-not-at-top
+  import socket
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
@@ -392,9 +430,20 @@ def test_sigterm_to_one_of_two_processes_saves_one_agreed_step(tmp_path, env, co
   seed_workdir(straight, workdir)
   process_env = dict(env, XLA_FLAGS=testenv.xla_flags(4))  # 2 x 4 = 8 devices
   # --verbosity=0: orbax's INFO line 'Reached preemption sync point' is the evidence both hosts agreed
-  runs = [Run(workdir, process_env, f'--config.num_train_steps={NUM_STEPS * 5}', f'--process_id={i}', '--verbosity=0',
-              '--num_processes=2', f'--coordinator_address=127.0.0.1:{port}', config=config_path,
-              log=str(tmp_path / f'process{i}')) for i in range(2)]
+  runs = [
+    Run(
+      workdir,
+      process_env,
+      f'--config.num_train_steps={NUM_STEPS * 5}',
+      f'--process_id={i}',
+      '--verbosity=0',
+      '--num_processes=2',
+      f'--coordinator_address=127.0.0.1:{port}',
+      config=config_path,
+      log=str(tmp_path / f'process{i}'),
+    )
+    for i in range(2)
+  ]
   try:
     deadline = time.time() + 300
     while not committed_steps(workdir):

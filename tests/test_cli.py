@@ -7,11 +7,22 @@ import pytest
 from helpers import cli
 
 # A model and data small enough for a few seconds of training on 2 CPU cores (8 simulated devices, data-parallel).
-SMALL = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.model.num_heads=4',
-         '--config.model.d_ff=64', '--config.model.vocab_size=128', '--config.max_train_examples=3000',
-         '--config.max_eval_examples=64', '--config.eval_translate_examples=32', '--config.batch_size=8',
-         '--config.num_train_steps=12', '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6',
-         '--config.log_every_steps=3', '--config.tokenizer_train_sentences=3000']
+SMALL = [
+  '--config.model.num_layers=1',
+  '--config.model.d_model=32',
+  '--config.model.num_heads=4',
+  '--config.model.d_ff=64',
+  '--config.model.vocab_size=128',
+  '--config.max_train_examples=3000',
+  '--config.max_eval_examples=64',
+  '--config.eval_translate_examples=32',
+  '--config.batch_size=8',
+  '--config.num_train_steps=12',
+  '--config.eval_every_steps=6',
+  '--config.checkpoint_every_steps=6',
+  '--config.log_every_steps=3',
+  '--config.tokenizer_train_sentences=3000',
+]
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +37,7 @@ def test_train_writes_everything_and_ends_with_the_final_line(trained):
   workdir, result = trained
   last = result.stdout.strip().splitlines()[-1]
   assert last.startswith('final: step=12 ')
-  fields = dict(kv.split('=') for kv in last[len('final: '):].split())
+  fields = dict(kv.split('=') for kv in last[len('final: ') :].split())
   for key in ('loss', 'bleu', 'chrf', 'exact_match', 'eval_loss'):
     float(fields[key])
   for name in ('spm.model', 'curves.png', 'metrics.jsonl', 'tensorboard', 'checkpoints'):
@@ -36,9 +47,16 @@ def test_train_writes_everything_and_ends_with_the_final_line(trained):
 
 def test_train_again_resumes_and_says_so(trained):
   workdir, _ = trained
-  result = cli('train', f'--workdir={workdir}', *SMALL[:-4], '--config.num_train_steps=14',
-               '--config.eval_every_steps=100', '--config.checkpoint_every_steps=100', '--config.log_every_steps=1',
-               '--config.tokenizer_train_sentences=3000')
+  result = cli(
+    'train',
+    f'--workdir={workdir}',
+    *SMALL[:-4],
+    '--config.num_train_steps=14',
+    '--config.eval_every_steps=100',
+    '--config.checkpoint_every_steps=100',
+    '--config.log_every_steps=1',
+    '--config.tokenizer_train_sentences=3000',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from step 12' in result.stdout
   assert result.stdout.strip().splitlines()[-1].startswith('final: step=14 ')
@@ -70,8 +88,15 @@ def test_other_architecture_on_a_trained_workdir_is_refused(trained):
 
 
 def test_train_with_no_workdir_writes_runs_tiny_under_the_current_directory(tmp_path):
-  result = cli('train', *SMALL[:-4], '--config.num_train_steps=2', '--config.eval_every_steps=100',
-               '--config.checkpoint_every_steps=100', '--config.tokenizer_train_sentences=3000', cwd=str(tmp_path))
+  result = cli(
+    'train',
+    *SMALL[:-4],
+    '--config.num_train_steps=2',
+    '--config.eval_every_steps=100',
+    '--config.checkpoint_every_steps=100',
+    '--config.tokenizer_train_sentences=3000',
+    cwd=str(tmp_path),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert os.path.isdir(tmp_path / 'runs' / 'tiny' / 'checkpoints' / '2')
 
@@ -120,8 +145,16 @@ def test_non_utf8_lines_are_skipped_and_training_runs(tmp_path):
   en = b''.join(b'number %d\n' % i for i in range(200)) + b'bad \xff\xfe line\n'
   de = b''.join(b'nummer %d\n' % i for i in range(200)) + b'schlecht\n'
   data = _text_workdir(tmp_path, en, de)
-  result = cli('train', f'--workdir={tmp_path / "w"}', f'--config.dataset=text:{data}', *SMALL[:5],
-               '--config.batch_size=8', '--config.num_train_steps=2', '--config.eval_translate_examples=2',
-               '--config.checkpoint_every_steps=100', '--config.eval_every_steps=100')
+  result = cli(
+    'train',
+    f'--workdir={tmp_path / "w"}',
+    f'--config.dataset=text:{data}',
+    *SMALL[:5],
+    '--config.batch_size=8',
+    '--config.num_train_steps=2',
+    '--config.eval_translate_examples=2',
+    '--config.checkpoint_every_steps=100',
+    '--config.eval_every_steps=100',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().splitlines()[-1].startswith('final: step=2')

@@ -27,18 +27,31 @@ ctranslate2 = pytest.importorskip('ctranslate2')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A model trained long enough that its outputs are number words ending in EOS (held-out accuracy ~0.8): enough for
 # its decisions to have margins, as a real model's do.
-TRAIN = ['--config.model.num_layers=2', '--config.model.d_model=64', '--config.model.num_heads=4',
-         '--config.model.d_ff=128', '--config.model.vocab_size=128', '--config.max_train_examples=6000',
-         '--config.max_eval_examples=64', '--config.eval_translate_examples=0', '--config.batch_size=16',
-         '--config.num_train_steps=500', '--config.eval_every_steps=1000', '--config.checkpoint_every_steps=500',
-         '--config.log_every_steps=100', '--config.tokenizer_train_sentences=3000', '--config.warmup_steps=100',
-         '--config.learning_rate=1.0']
+TRAIN = [
+  '--config.model.num_layers=2',
+  '--config.model.d_model=64',
+  '--config.model.num_heads=4',
+  '--config.model.d_ff=128',
+  '--config.model.vocab_size=128',
+  '--config.max_train_examples=6000',
+  '--config.max_eval_examples=64',
+  '--config.eval_translate_examples=0',
+  '--config.batch_size=16',
+  '--config.num_train_steps=500',
+  '--config.eval_every_steps=1000',
+  '--config.checkpoint_every_steps=500',
+  '--config.log_every_steps=100',
+  '--config.tokenizer_train_sentences=3000',
+  '--config.warmup_steps=100',
+  '--config.learning_rate=1.0',
+]
 
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'transformer_jax.cli', *args], capture_output=True, text=True,
-                        timeout=600, cwd=REPO, env=env)
+  return subprocess.run(
+    [sys.executable, '-m', 'transformer_jax.cli', *args], capture_output=True, text=True, timeout=600, cwd=REPO, env=env
+  )
 
 
 @pytest.fixture(scope='module')
@@ -51,8 +64,9 @@ def trained(tmp_path_factory):
   result = _cli('export', f'--workdir={workdir}', '--format=ctranslate2', f'--out={out}')
   assert result.returncode == 0, result.stderr[-3000:]
   loaded = inference.load_workdir(workdir)
-  pairs = sources.load_text_pairs('generated:numbers_en_de', 'validation', source_lang='en', target_lang='de',
-                                  max_examples=64, cache_dir=workdir)
+  pairs = sources.load_text_pairs(
+    'generated:numbers_en_de', 'validation', source_lang='en', target_lang='de', max_examples=64, cache_dir=workdir
+  )
   return loaded, out, [s for s, _ in pairs]
 
 
@@ -75,8 +89,14 @@ def ours(trained):
 def _theirs(trained, compute_type, beam_size):
   loaded, out, sentences = trained
   longest = max(len(loaded.tokenizer.encode(s)) for s in sentences) + 1
-  return _translate(out, sentences, compute_type, beam_size=beam_size, length_penalty=0.0,
-                    max_decoding_length=inference.decode_length(loaded, longest))
+  return _translate(
+    out,
+    sentences,
+    compute_type,
+    beam_size=beam_size,
+    length_penalty=0.0,
+    max_decoding_length=inference.decode_length(loaded, longest),
+  )
 
 
 def test_the_directory_holds_ctranslate2_files_and_the_tokenizer(trained):
@@ -105,8 +125,9 @@ def test_scores_are_our_log_probabilities(trained):
   sp = tokenizer_lib.Tokenizer.load(os.path.join(out, 'spm.model')).processor
   translations = inference.translate_sentences(loaded, sentences[:8], beam_size=1)
   translator = ctranslate2.Translator(out, compute_type='float32')
-  scores = translator.score_batch([sp.encode(s, out_type=str) for s in sentences[:8]],
-                                  [sp.encode(t, out_type=str) for t in translations])
+  scores = translator.score_batch(
+    [sp.encode(s, out_type=str) for s in sentences[:8]], [sp.encode(t, out_type=str) for t in translations]
+  )
   params = jax.tree.map(jnp.asarray, loaded.params)
   for source, target, score in zip(sentences[:8], translations, scores):
     inputs = jnp.asarray([sp.encode(source) + [1]], jnp.int32)
@@ -120,9 +141,15 @@ def test_scores_are_our_log_probabilities(trained):
 def test_positions_must_be_ours(trained, ours, tmp_path, monkeypatch):
   """The explicit interleaved sinusoid table matters: CTranslate2's own (sin half, cos half) scores differently."""
   loaded, _, sentences = trained
-  source = export_lib.Exportable(config=loaded.config, cfg=loaded.cfg, params=jax.tree.map(np.asarray, loaded.params),
-                                 tokenizer_path=loaded.tokenizer_path, step=loaded.step)
-  import transformer_jax.model.transformer as model_lib  # pylint: disable=g-import-not-at-top
+  source = export_lib.Exportable(
+    config=loaded.config,
+    cfg=loaded.cfg,
+    params=jax.tree.map(np.asarray, loaded.params),
+    tokenizer_path=loaded.tokenizer_path,
+    step=loaded.step,
+  )
+  import transformer_jax.model.transformer as model_lib
+
   table = model_lib.sinusoidal_table
   halves = lambda n, d: np.concatenate([table(n, d)[:, 0::2], table(n, d)[:, 1::2]], axis=1)
   out = str(tmp_path / 'halves')
@@ -149,15 +176,25 @@ def language_model(tmp_path_factory):
   lines = [' '.join(rng.choice(words, rng.integers(2, 9))) for _ in range(2000)]
   spm_path = root / 'spm.model'
   spm_path.write_bytes(tokenizer_lib.train_tokenizer_proto(lines, 60))
-  cfg = ModelConfig(vocab_size=LM_VOCAB, num_layers=2, d_model=32, num_heads=4, d_ff=48, dropout_rate=0.0,
-                    kind='decoder', pre_norm=True, positional='learned', activation='gelu', use_bias=True,
-                    max_len=LM_LENGTH)
+  cfg = ModelConfig(
+    vocab_size=LM_VOCAB,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    d_ff=48,
+    dropout_rate=0.0,
+    kind='decoder',
+    pre_norm=True,
+    positional='learned',
+    activation='gelu',
+    use_bias=True,
+    max_len=LM_LENGTH,
+  )
   model = LanguageModel(cfg)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, LM_LENGTH), jnp.int32))['params'])
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [np.asarray(x + 0.3 * jax.random.normal(k, x.shape))
-                                     for x, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(tree, [np.asarray(x + 0.3 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
   config = ml_collections.ConfigDict({'model': dict(cfg.__dict__, dtype='float32')})
   source = export_lib.Exportable(config=config, cfg=cfg, params=params, tokenizer_path=str(spm_path), step=1)
   out = str(root / 'ct2')
@@ -176,17 +213,25 @@ def test_generator_scores_and_greedy_continuations_equal_ours(language_model):
   theirs = generator.score_batch([['<s>'] + sp.encode(prompts[0], out_type=str) + ['</s>']])[0].log_probs
   np.testing.assert_allclose(theirs, ours, atol=1e-4)
   completions = generate.generate_texts(source.params, source.cfg, tok, prompts, max_new_tokens=10, temperature=0.0)
-  results = generator.generate_batch([['<s>'] + sp.encode(p, out_type=str) for p in prompts], max_length=10,
-                                     sampling_topk=1, include_prompt_in_result=False)
+  results = generator.generate_batch(
+    [['<s>'] + sp.encode(p, out_type=str) for p in prompts],
+    max_length=10,
+    sampling_topk=1,
+    include_prompt_in_result=False,
+  )
   assert [tok.decode(r.sequences_ids[0]) for r in results] == completions
   assert sum(len(c) for c in completions) > 20  # text, not empty continuations on both sides
 
 
 def test_what_ctranslate2_cannot_express_is_refused(language_model, tmp_path):
   source, _, _, _ = language_model
-  windowed = export_lib.Exportable(config=source.config, cfg=ModelConfig(**{**source.cfg.__dict__,
-                                                                             'attention_window': 8}),
-                                   params=source.params, tokenizer_path=source.tokenizer_path, step=1)
+  windowed = export_lib.Exportable(
+    config=source.config,
+    cfg=ModelConfig(**{**source.cfg.__dict__, 'attention_window': 8}),
+    params=source.params,
+    tokenizer_path=source.tokenizer_path,
+    step=1,
+  )
   with pytest.raises(export_lib.ExportError, match='attention_window'):
     export_lib.export(windowed, 'ctranslate2', str(tmp_path / 'w'))
   with pytest.raises(export_lib.ExportError, match='exists and is not empty'):

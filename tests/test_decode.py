@@ -33,7 +33,7 @@ ALLOWED = _allowed(TINY)
 BATCH, SOURCE = 8, 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_init(cfg):
   return jax.jit(Transformer(cfg).init)
 
@@ -44,7 +44,7 @@ def _random_model(cfg, seed, batch=BATCH, src=SOURCE, sharpen=3.0):
   rng = np.random.default_rng(seed)
   inputs = np.zeros((batch, src), np.int32)
   for b, n in enumerate(rng.integers(1, src + 1, batch)):
-    inputs[b, :n - 1] = rng.integers(4, cfg.vocab_size, n - 1)
+    inputs[b, : n - 1] = rng.integers(4, cfg.vocab_size, n - 1)
     inputs[b, n - 1] = EOS_ID
   params = nn.meta.unbox(_jit_init(cfg)(jax.random.key(seed), inputs, inputs)['params'])
   return jax.tree.map(lambda x: x * sharpen, params), jnp.asarray(inputs)
@@ -72,7 +72,7 @@ def _full_log_probs(cfg, params, inputs, sequences):
 
 
 def _gnmt(length, alpha):
-  return ((5.0 + length) / 6.0)**alpha  # written out here, independently of decode.length_penalty
+  return ((5.0 + length) / 6.0) ** alpha  # written out here, independently of decode.length_penalty
 
 
 def _hypothesis(row):
@@ -101,7 +101,7 @@ def _limits(inputs, extra, cap):
 def test_length_penalty_is_gnmt():
   for alpha in (0.0, 0.6, 1.0):
     for n in (1, 2, 7, 50):
-      assert float(decode.length_penalty(n, alpha)) == pytest.approx(((5 + n) / 6)**alpha, rel=1e-6)
+      assert float(decode.length_penalty(n, alpha)) == pytest.approx(((5 + n) / 6) ** alpha, rel=1e-6)
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
@@ -141,7 +141,7 @@ def test_beam_expanded_cache_with_reordering_matches_full_forward(scan_layers):
   # one full pass over every step's histories (positions after t cannot affect position t: causal)
   full = np.asarray(_teacher_forced(cfg, params, jnp.tile(inputs, (steps, 1)), np.concatenate(snapshots)))
   for t in range(steps):
-    np.testing.assert_allclose(cached[t], full[t * batch:(t + 1) * batch, :, t], atol=1e-4, err_msg=f'step {t}')
+    np.testing.assert_allclose(cached[t], full[t * batch : (t + 1) * batch, :, t], atol=1e-4, err_msg=f'step {t}')
 
 
 def _exhaustive(cfg, params, inputs, length, alpha, limits):
@@ -167,8 +167,15 @@ def test_large_beam_equals_exhaustive_search(seed, alpha, extra):
   length = 4
   params, inputs = _random_model(TINY, seed)
   n = len(ALLOWED)
-  tokens, scores = decode.beam_search(params, inputs, cfg=TINY, beam_size=n * (n - 1)**(length - 1), alpha=alpha,
-                                      max_decode_len=length, extra_length=extra)
+  tokens, scores = decode.beam_search(
+    params,
+    inputs,
+    cfg=TINY,
+    beam_size=n * (n - 1) ** (length - 1),
+    alpha=alpha,
+    max_decode_len=length,
+    extra_length=extra,
+  )
   limits = _limits(inputs, extra, length)
   ranked = _exhaustive(TINY, params, inputs, length, alpha, limits)
   np.testing.assert_allclose(scores, _score(TINY, params, inputs, tokens, alpha), atol=1e-4)
@@ -192,13 +199,15 @@ def _reference_beam_search(cfg, params, inputs, beams, alpha, length, limits):
     decoder_inputs = np.full((batch, beams, length), BOS_ID, np.int32)
     for b in range(batch):
       for w, (seq, _) in enumerate(alive[b]):
-        decoder_inputs[b, w, 1:t + 1] = seq
+        decoder_inputs[b, w, 1 : t + 1] = seq
     log_probs = np.asarray(_teacher_forced(cfg, params, inputs, decoder_inputs))[:, :, t]  # [B, W, V]
     for b in range(batch):
       if t >= limits[b]:
         continue
-      candidates = sorted(((seq + (tok,), lp + log_probs[b, w, tok]) for w, (seq, lp) in enumerate(alive[b])
-                           for tok in _allowed(cfg)), key=lambda c: -c[1])[:2 * beams]
+      candidates = sorted(
+        ((seq + (tok,), lp + log_probs[b, w, tok]) for w, (seq, lp) in enumerate(alive[b]) for tok in _allowed(cfg)),
+        key=lambda c: -c[1],
+      )[: 2 * beams]
       for rank, (seq, lp) in enumerate(candidates):
         if (seq[-1] == EOS_ID and rank < beams) or (seq[-1] != EOS_ID and t + 1 == limits[b]):
           finished[b].append((seq, lp / _gnmt(t + 1, alpha)))
@@ -251,8 +260,11 @@ def test_min_length_and_source_length_limit():
   for out in (greedy, np.asarray(tokens)):
     assert not np.any(out == EOS_ID)
     assert [len(_hypothesis(row)) for row in out] == list(limits)
-  log_probs = np.asarray(_teacher_forced(TINY, params, inputs, np.concatenate(
-      [np.full((BATCH, 1), BOS_ID, np.int32), greedy[:, :-1]], 1)[:, None]))[:, 0].copy()
+  log_probs = np.asarray(
+    _teacher_forced(
+      TINY, params, inputs, np.concatenate([np.full((BATCH, 1), BOS_ID, np.int32), greedy[:, :-1]], 1)[:, None]
+    )
+  )[:, 0].copy()
   log_probs[..., [EOS_ID, PAD_ID, BOS_ID]] = -np.inf
   for b, limit in enumerate(limits):
     np.testing.assert_array_equal(greedy[b, :limit], np.argmax(log_probs[b, :limit], -1))

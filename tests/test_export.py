@@ -23,10 +23,20 @@ from transformer_jax.model.transformer import Transformer, shift_right
 import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SENTENCES = ['one hundred and five', 'seventy', 'three thousand four hundred and twelve', 'nine', 'forty-two',
-             'twenty thousand', 'eleven', 'five hundred']
-WORDS = ('one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty sixty seventy '
-         'eighty ninety hundred thousand million and').split()
+SENTENCES = [
+  'one hundred and five',
+  'seventy',
+  'three thousand four hundred and twelve',
+  'nine',
+  'forty-two',
+  'twenty thousand',
+  'eleven',
+  'five hundred',
+]
+WORDS = (
+  'one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty sixty seventy '
+  'eighty ninety hundred thousand million and'
+).split()
 
 
 def small_config(vocab_size: int = 64):
@@ -84,8 +94,9 @@ def rows(source):
 
 
 def _greedy(params, cfg, rows, max_len):
-  return np.asarray(decode.greedy_decode(jax.tree.map(jnp.asarray, params), jnp.asarray(rows), cfg=cfg,
-                                         max_decode_len=max_len))
+  return np.asarray(
+    decode.greedy_decode(jax.tree.map(jnp.asarray, params), jnp.asarray(rows), cfg=cfg, max_decode_len=max_len)
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -124,8 +135,9 @@ def test_round_trip_is_bitwise_and_translates_identically(source, rows, tmp_path
     assert a.tobytes() == b.tobytes()  # bitwise
   loaded = export.load_export(out)
   max_len = int(source.config.max_length)
-  np.testing.assert_array_equal(_greedy(loaded.params, loaded.cfg, rows, max_len),
-                                _greedy(source.params, source.cfg, rows, max_len))
+  np.testing.assert_array_equal(
+    _greedy(loaded.params, loaded.cfg, rows, max_len), _greedy(source.params, source.cfg, rows, max_len)
+  )
   # bfloat16: the stored values are the rounded parameters
   out16 = str(tmp_path / ('bf16-' + name))
   export.export(source, fmt, out16, dtype='bfloat16')
@@ -136,7 +148,8 @@ def test_round_trip_is_bitwise_and_translates_identically(source, rows, tmp_path
 
 
 def test_safetensors_is_readable_by_the_reference_reader(source, tmp_path):
-  import safetensors  # pylint: disable=g-import-not-at-top  (a core dependency: missing is a failure, not a skip)
+  import safetensors  # (a core dependency: missing is a failure, not a skip)
+
   out = str(tmp_path / 'model.safetensors')
   export.export(source, 'safetensors', out)
   with safetensors.safe_open(out, framework='np') as f:
@@ -183,9 +196,10 @@ def test_cli_refuses_an_existing_target_and_an_empty_workdir(workdir, tmp_path):
   assert result.returncode != 0
   assert result.stderr.strip().splitlines() == [f'error: {out} exists; pass --overwrite to replace it']
   assert out.read_bytes() == b'precious'
-  for args, expected in (((f'--workdir={tmp_path}', '--format=msgpack', f'--out={tmp_path / "m.msgpack"}'),
-                          'no checkpoint'),
-                         ((f'--workdir={workdir}', '--format=onnx', f'--out={tmp_path / "m"}'), 'onnx')):
+  for args, expected in (
+    ((f'--workdir={tmp_path}', '--format=msgpack', f'--out={tmp_path / "m.msgpack"}'), 'no checkpoint'),
+    ((f'--workdir={workdir}', '--format=onnx', f'--out={tmp_path / "m"}'), 'onnx'),
+  ):
     result = _cli('export', *args)
     errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert result.returncode != 0 and len(errors) == 1 and expected in errors[0], result.stderr
@@ -206,9 +220,11 @@ def _torch_modules():
 
 def _hf_logits(torch, model, inputs, decoder_inputs):
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(np.asarray(inputs), dtype=torch.long),
-                attention_mask=torch.tensor(np.asarray(inputs) != 0, dtype=torch.long),
-                decoder_input_ids=torch.tensor(np.asarray(decoder_inputs), dtype=torch.long))
+    out = model(
+      input_ids=torch.tensor(np.asarray(inputs), dtype=torch.long),
+      attention_mask=torch.tensor(np.asarray(inputs) != 0, dtype=torch.long),
+      decoder_input_ids=torch.tensor(np.asarray(decoder_inputs), dtype=torch.long),
+    )
   return out.logits.numpy()
 
 
@@ -238,37 +254,62 @@ def test_hf_marian_export_computes_our_function(source, rows, tmp_path):
   max_len = int(source.config.max_length)
   greedy = _greedy(source.params, source.cfg, rows, max_len)
   with torch.no_grad():
-    generated = model.generate(input_ids=torch.tensor(rows, dtype=torch.long),
-                               attention_mask=torch.tensor(rows != 0, dtype=torch.long), num_beams=1,
-                               do_sample=False, max_new_tokens=max_len).numpy()
-  unconstrained = model.generate(input_ids=torch.tensor(rows, dtype=torch.long),
-                                 attention_mask=torch.tensor(rows != 0, dtype=torch.long), num_beams=1,
-                                 do_sample=False, max_new_tokens=max_len, bad_words_ids=None).numpy()
-  before_eos = [row[:list(row).index(1)] if 1 in row else row for row in unconstrained[:, 1:].tolist()]
+    generated = model.generate(
+      input_ids=torch.tensor(rows, dtype=torch.long),
+      attention_mask=torch.tensor(rows != 0, dtype=torch.long),
+      num_beams=1,
+      do_sample=False,
+      max_new_tokens=max_len,
+    ).numpy()
+  unconstrained = model.generate(
+    input_ids=torch.tensor(rows, dtype=torch.long),
+    attention_mask=torch.tensor(rows != 0, dtype=torch.long),
+    num_beams=1,
+    do_sample=False,
+    max_new_tokens=max_len,
+    bad_words_ids=None,
+  ).numpy()
+  before_eos = [row[: list(row).index(1)] if 1 in row else row for row in unconstrained[:, 1:].tolist()]
   assert any(t in (tokenizer_lib.PAD_ID, tokenizer_lib.BOS_ID) for row in before_eos for t in row)  # has teeth
   assert (generated[:, 0] == tokenizer_lib.BOS_ID).all()
   generated = generated[:, 1:]
   padded = np.zeros_like(greedy)
-  padded[:, :generated.shape[1]] = generated
+  padded[:, : generated.shape[1]] = generated
   np.testing.assert_array_equal(padded, greedy)
   assert (greedy >= ours.vocab_size).any()  # ids without a piece occur (random model), and decode as ours do
   assert tok.batch_decode(generated, skip_special_tokens=True) == scores.decode_outputs(ours, greedy)
   with torch.no_grad():  # generation_config.json's defaults are greedy too
-    full = model.generate(input_ids=torch.tensor(rows[:2], dtype=torch.long),
-                          attention_mask=torch.tensor(rows[:2] != 0, dtype=torch.long))
+    full = model.generate(
+      input_ids=torch.tensor(rows[:2], dtype=torch.long), attention_mask=torch.tensor(rows[:2] != 0, dtype=torch.long)
+    )
   assert tok.batch_decode(full, skip_special_tokens=True) == scores.decode_outputs(ours, greedy[:2])
 
 
 def _random_marian(transformers, torch, vocab_size):
   config = transformers.MarianConfig(
-      vocab_size=vocab_size, decoder_vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
-      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-      activation_function='relu', scale_embedding=True, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
-      decoder_start_token_id=3, forced_eos_token_id=None, dropout=0.0, share_encoder_decoder_embeddings=True)
+    vocab_size=vocab_size,
+    decoder_vocab_size=vocab_size,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    activation_function='relu',
+    scale_embedding=True,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=3,
+    forced_eos_token_id=None,
+    dropout=0.0,
+    share_encoder_decoder_embeddings=True,
+  )
   model = transformers.MarianMTModel(config).eval()
   with torch.no_grad():  # give the parameters HF initialises to 1/0 random values too
     for name, p in model.named_parameters():
-      if ('layer_norm' in name or name.endswith('fc1.bias') or name.endswith('fc2.bias')):
+      if 'layer_norm' in name or name.endswith('fc1.bias') or name.endswith('fc2.bias'):
         p.add_(torch.randn_like(p) * 0.2)
   return model
 
@@ -276,6 +317,7 @@ def _random_marian(transformers, torch, vocab_size):
 def test_import_of_an_hf_marian_model_gives_its_logits(source, rows, tmp_path):
   torch, transformers = _torch_modules()
   from transformer_jax.inference import translate as inference
+
   vocab_size = source.cfg.vocab_size
   hf_dir = tmp_path / 'hf'
   model = _random_marian(transformers, torch, vocab_size)
@@ -321,16 +363,16 @@ def test_hf_marian_without_the_permutation_would_differ(source, rows, tmp_path, 
   model = transformers.MarianMTModel.from_pretrained(out, local_files_only=True).eval()
   targets = _targets(source.cfg.vocab_size, len(rows), 7)
   decoder_inputs = np.asarray(shift_right(jnp.asarray(targets), jnp.broadcast_to(jnp.arange(7), targets.shape)))
-  diff = np.max(np.abs(_logits(source.params, source.cfg, rows, targets) - _hf_logits(torch, model, rows,
-                                                                                       decoder_inputs)))
+  diff = np.max(
+    np.abs(_logits(source.params, source.cfg, rows, targets) - _hf_logits(torch, model, rows, decoder_inputs))
+  )
   assert diff > 1e-2
 
 
 def test_hf_marian_export_then_import_round_trips(source, tmp_path):
   out = str(tmp_path / 'marian')
   export.export(source, 'hf-marian', out)
-  back = export.from_marian_state_dict(export.read_safetensors(os.path.join(out, 'model.safetensors'))[0],
-                                       source.cfg)
+  back = export.from_marian_state_dict(export.read_safetensors(os.path.join(out, 'model.safetensors'))[0], source.cfg)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(source.params)):
     assert a.tobytes() == b.tobytes()
   assert jax.tree.structure(back) == jax.tree.structure(source.params)
@@ -375,8 +417,9 @@ def test_stablehlo_reloads_without_the_model_code(source, rows, tmp_path):
       assert not any(m.startswith('transformer_jax') for m in sys.modules), 'project code was imported'
       """)
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=str(tmp_path),
-                          env=env, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-c', script], capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert (rows[:5, 9:] == 0).all()  # the cut-off columns were padding, so the translations must not change
   np.testing.assert_array_equal(np.load(tmp_path / 'outputs.npy'), expected)

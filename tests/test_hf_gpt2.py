@@ -24,16 +24,33 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 VOCAB, LENGTH = 400, 48
-TEXTS = ['def read_config(path):\n    return open(path).read()\n', 'x = "h\u00e9llo \u2603\t"  # \u65e5\u672c\n\n',
-         '    class A(object):  pass', '', '<0x41> literally']
+TEXTS = [
+  'def read_config(path):\n    return open(path).read()\n',
+  'x = "h\u00e9llo \u2603\t"  # \u65e5\u672c\n\n',
+  '    class A(object):  pass',
+  '',
+  '<0x41> literally',
+]
 # Not in TEXTS: a literal '<s>' / '</s>' in the text, which HF tokenizers read as the special token (SentencePiece
 # never does).
 
 
 def _cfg(**overrides):
-  values = dict(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, d_ff=48, dropout_rate=0.0, kind='decoder',
-                pre_norm=True, positional='learned', activation='gelu', use_bias=True, scale_embeddings=True,
-                max_len=LENGTH)
+  values = dict(
+    vocab_size=VOCAB,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    d_ff=48,
+    dropout_rate=0.0,
+    kind='decoder',
+    pre_norm=True,
+    positional='learned',
+    activation='gelu',
+    use_bias=True,
+    scale_embeddings=True,
+    max_len=LENGTH,
+  )
   values.update(overrides)
   return ModelConfig(**values)
 
@@ -51,8 +68,7 @@ def exported(tmp_path_factory):
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, LENGTH), jnp.int32))['params'])
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [np.asarray(x + 0.2 * jax.random.normal(k, x.shape))
-                                     for x, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(tree, [np.asarray(x + 0.2 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
   config = ml_collections.ConfigDict({'model': dict(cfg.__dict__, dtype='float32')})
   source = export_lib.Exportable(config=config, cfg=cfg, params=params, tokenizer_path=str(spm_path), step=7)
   out = str(root / 'hf')
@@ -64,7 +80,7 @@ def test_gpt2_logits_and_greedy_continuation_equal_ours(exported):
   source, out, tok, _ = exported
   hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
   model = LanguageModel(source.cfg)
-  ids = [3] + tok.encode(TEXTS[0])[:LENGTH - 9]
+  ids = [3] + tok.encode(TEXTS[0])[: LENGTH - 9]
   ours = np.asarray(model.apply({'params': source.params}, jnp.asarray([ids[1:] + [4]], jnp.int32)))[0]
   with torch.no_grad():
     theirs = hf(torch.tensor([ids])).logits[0].numpy()
@@ -73,9 +89,15 @@ def test_gpt2_logits_and_greedy_continuation_equal_ours(exported):
   completion = generate.generate_texts(source.params, source.cfg, tok, [prompt], max_new_tokens=8, temperature=0.0)
   with torch.no_grad():
     logits_processor = transformers.LogitsProcessorList([_Forbid()])
-    sequence = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, logits_processor=logits_processor,
-                           pad_token_id=0, eos_token_id=1)[0].tolist()
-  assert tok.decode(sequence[len(ids):]) == completion[0]
+    sequence = hf.generate(
+      torch.tensor([ids]),
+      max_new_tokens=8,
+      do_sample=False,
+      logits_processor=logits_processor,
+      pad_token_id=0,
+      eos_token_id=1,
+    )[0].tolist()
+  assert tok.decode(sequence[len(ids) :]) == completion[0]
 
 
 class _Forbid:
@@ -97,11 +119,23 @@ def test_auto_tokenizer_gives_our_ids_and_our_text(exported):
 
 
 def test_a_random_hf_gpt2_imports_with_its_logits_and_trains_on(tmp_path):
-  from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint as checkpoint_lib
+
   torch.manual_seed(0)
-  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, activation_function='gelu_new',
-      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+  hf = transformers.GPT2LMHeadModel(
+    transformers.GPT2Config(
+      vocab_size=96,
+      n_positions=32,
+      n_embd=32,
+      n_layer=2,
+      n_head=4,
+      n_inner=64,
+      activation_function='gelu_new',
+      resid_pdrop=0.0,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+    )
+  ).eval()
   with torch.no_grad():  # random biases and norms too (fresh GPT-2 has zero biases, unit norms)
     for p in hf.parameters():
       p.add_(0.1 * torch.randn_like(p))
@@ -120,14 +154,26 @@ def test_a_random_hf_gpt2_imports_with_its_logits_and_trains_on(tmp_path):
   with torch.no_grad():
     theirs = hf(torch.tensor(np.concatenate([np.full((2, 1), 3), ids[:, :-1]], 1))).logits.numpy()
   params = jax.device_get(state.params)
-  ours = np.asarray(LanguageModel(_cfg(vocab_size=96, max_len=32, d_ff=64, scale_embeddings=False)).apply({'params': params}, jnp.asarray(ids, jnp.int32)))
+  ours = np.asarray(
+    LanguageModel(_cfg(vocab_size=96, max_len=32, d_ff=64, scale_embeddings=False)).apply(
+      {'params': params}, jnp.asarray(ids, jnp.int32)
+    )
+  )
   assert np.abs(ours - theirs).max() <= 1e-4
   with pytest.raises(export_lib.ExportError, match='already has checkpoints'):
     hf_gpt2.import_gpt2(str(tmp_path / 'hf'), workdir, config=lm_tiny.get_config())
 
 
-@pytest.mark.parametrize('change', [dict(pre_norm=False), dict(positional='sinusoidal'), dict(activation='relu'),
-                                    dict(use_bias=False), dict(kind='encoder_decoder')])
+@pytest.mark.parametrize(
+  'change',
+  [
+    dict(pre_norm=False),
+    dict(positional='sinusoidal'),
+    dict(activation='relu'),
+    dict(use_bias=False),
+    dict(kind='encoder_decoder'),
+  ],
+)
 def test_a_model_gpt2_cannot_represent_is_refused_in_one_line(change):
   with pytest.raises(export_lib.ExportError) as e:
     hf_gpt2.check_representable(_cfg(**change))

@@ -20,7 +20,7 @@ def _modules() -> dict[str, str]:
     for name in names:
       if name.endswith('.py'):
         rel = os.path.relpath(os.path.join(root, name), REPO)[:-3].replace(os.sep, '.')
-        out[rel[:-len('.__init__')] if rel.endswith('.__init__') else rel] = os.path.join(root, name)
+        out[rel[: -len('.__init__')] if rel.endswith('.__init__') else rel] = os.path.join(root, name)
   return out
 
 
@@ -47,8 +47,7 @@ def import_graph() -> dict[str, set[str]]:
         names = [a.name for a in node.names]
       elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
         # `from pkg import sub` depends on pkg.sub when that is a module, else on pkg itself.
-        names = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in modules else node.module
-                 for a in node.names]
+        names = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in modules else node.module for a in node.names]
       else:
         continue
       for name in names:
@@ -69,7 +68,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == 1:
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         found = visit(nxt)
         if found:
@@ -127,7 +126,11 @@ def test_only_the_cli_and_the_compile_check_import_the_trainer():
 def test_model_does_not_import_the_data_package():
   """Not directly, and not through another module: the model, decoding and the vocabulary run without files."""
   graph = import_graph()
-  for module in ('transformer_jax.model.transformer', 'transformer_jax.inference.decode', 'transformer_jax.model.vocab'):
+  for module in (
+    'transformer_jax.model.transformer',
+    'transformer_jax.inference.decode',
+    'transformer_jax.model.vocab',
+  ):
     assert graph[module] or module == 'transformer_jax.model.vocab', module  # the graph was really read
     data = {m: path for m, path in reachable(graph, module).items() if m.startswith('transformer_jax.data')}
     assert not data, ' -> '.join(next(iter(data.values())))
@@ -135,12 +138,14 @@ def test_model_does_not_import_the_data_package():
 
 def test_every_module_imports_alone_in_a_fresh_interpreter():
   """Each module imports on its own (dependency order is Python's): a cycle hidden behind import order fails here."""
-  script = ('import importlib, sys\n'
-            f'for name in {sorted(_modules())!r}:\n'
-            '  for m in [k for k in sys.modules if k.startswith("transformer_jax")]:\n'
-            '    del sys.modules[m]\n'
-            '  importlib.import_module(name)\n'
-            'print("ok")\n')
+  script = (
+    'import importlib, sys\n'
+    f'for name in {sorted(_modules())!r}:\n'
+    '  for m in [k for k in sys.modules if k.startswith("transformer_jax")]:\n'
+    '    del sys.modules[m]\n'
+    '  importlib.import_module(name)\n'
+    'print("ok")\n'
+  )
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, timeout=300)
   assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
 
@@ -152,6 +157,7 @@ def test_old_workdir_loads_unchanged(tmp_path):
   from transformer_jax import export
   from transformer_jax.inference import translate as inference
   from transformer_jax.storage.workdir import Workdir
+
   trained = Workdir(os.path.join(DATA, 'workdir_v1')).load()
   assert trained.tokenizer.special_ids.to_dict() == {'pad': 0, 'eos': 1, 'unk': 2, 'bos': 3}
   assert trained.cfg.special_ids == trained.tokenizer.special_ids
@@ -169,6 +175,7 @@ def test_params_only_restore_reads_no_optimizer_state(monkeypatch):
   """Workdir.load restores a tree of parameters only: Adam's moments are never asked for."""
   import orbax.checkpoint as ocp
   from transformer_jax.storage.workdir import Workdir
+
   asked = []
   original = ocp.CheckpointManager.restore
 
@@ -187,7 +194,7 @@ def test_params_only_restore_reads_no_optimizer_state(monkeypatch):
 def test_the_default_task_and_its_metrics_never_import_tensorflow(tmp_path):
   """TensorFlow is an input library here, imported only for TFDS: the generated default task, its tokenizer,
   prepared shards and the TensorBoard events never import it (~4-5 s of CPU per start on 2 cores)."""
-  code = f'''
+  code = f"""
 import sys
 from configs import tiny
 from transformer_jax.training import metrics
@@ -200,11 +207,12 @@ next(datasets.train)
 metrics.MetricsWriter({str(tmp_path)!r}, enabled=True).write(1, {{'loss': 1.5}})
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets'))
 print('tensorflow modules:', loaded)
-'''
+"""
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'tensorflow modules: []' in result.stdout, result.stdout[-2000:]
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator
+
   events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
   events.Reload()
   assert [(e.step, e.value) for e in events.Scalars('loss')] == [(1, 1.5)]

@@ -36,8 +36,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config():
   config = tiny.get_config()
   config.model.update(num_layers=1, d_model=32, num_heads=4, d_ff=64, vocab_size=128, dropout_rate=0.0)
-  config.update(max_length=16, packed_inputs_length=16, packed_targets_length=16, batch_size=8,
-                max_eval_examples=12, async_checkpointing=False)
+  config.update(
+    max_length=16,
+    packed_inputs_length=16,
+    packed_targets_length=16,
+    batch_size=8,
+    max_eval_examples=12,
+    async_checkpointing=False,
+  )
   return config
 
 
@@ -45,10 +51,17 @@ def _config():
 def workdir(tmp_path_factory):
   config = _config()
   workdir = str(tmp_path_factory.mktemp('run'))
-  pairs = sources.load_text_pairs(config.dataset, config.train_split, source_lang=config.source_lang,
-                                  target_lang=config.target_lang, max_examples=400, cache_dir=workdir)
-  tokenizer_lib.load_or_train_tokenizer(os.path.join(workdir, 'spm.model'), lambda: (x for p in pairs for x in p),
-                                        config.model.vocab_size)
+  pairs = sources.load_text_pairs(
+    config.dataset,
+    config.train_split,
+    source_lang=config.source_lang,
+    target_lang=config.target_lang,
+    max_examples=400,
+    cache_dir=workdir,
+  )
+  tokenizer_lib.load_or_train_tokenizer(
+    os.path.join(workdir, 'spm.model'), lambda: (x for p in pairs for x in p), config.model.vocab_size
+  )
   mesh = parallel.make_mesh(config.mesh)
   model = Transformer(train_state.model_config(config))
   tx = optim.make_optimizer(config)
@@ -66,9 +79,28 @@ def loaded(workdir):
   return inference.load_workdir(workdir)
 
 
-SENTENCES = ['one', 'two hundred', '', 'fifty-five thousand four hundred and twelve', '   ', 'seven million',
-             'three', 'nine hundred and ninety-nine ' * 20, 'eighty-one', 'four thousand', 'one', '日本 three ☃',
-             'twelve', 'six', 'forty', 'two hundred', 'ten thousand and one', 'five', 'eleven', '']
+SENTENCES = [
+  'one',
+  'two hundred',
+  '',
+  'fifty-five thousand four hundred and twelve',
+  '   ',
+  'seven million',
+  'three',
+  'nine hundred and ninety-nine ' * 20,
+  'eighty-one',
+  'four thousand',
+  'one',
+  '日本 three ☃',
+  'twelve',
+  'six',
+  'forty',
+  'two hundred',
+  'ten thousand and one',
+  'five',
+  'eleven',
+  '',
+]
 
 
 @pytest.mark.parametrize('beam_size', [1, 4])
@@ -90,9 +122,10 @@ def test_translate_keeps_order_line_count_and_empty_lines(loaded, beam_size):
   if beam_size == 1:
     tokens = decode.greedy_decode(loaded.params, jnp.asarray(rows), cfg=loaded.cfg, max_decode_len=max_decode_len)
   else:
-    tokens, _ = decode.beam_search(loaded.params, jnp.asarray(rows), cfg=loaded.cfg, beam_size=beam_size, alpha=0.6,
-                                   max_decode_len=max_decode_len)
-  assert [o for o in out if o] == scores.decode_outputs(loaded.tokenizer, tokens)[:len(real)]
+    tokens, _ = decode.beam_search(
+      loaded.params, jnp.asarray(rows), cfg=loaded.cfg, beam_size=beam_size, alpha=0.6, max_decode_len=max_decode_len
+    )
+  assert [o for o in out if o] == scores.decode_outputs(loaded.tokenizer, tokens)[: len(real)]
 
 
 def test_long_inputs_truncated_and_unknown_characters_are_unk(loaded):
@@ -108,8 +141,14 @@ def test_long_inputs_truncated_and_unknown_characters_are_unk(loaded):
 def _cli(*args):
   """`transformer-jax ARGS` in a fresh process (8 simulated CPU devices, like the tests)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=testenv.xla_flags(8))
-  return subprocess.Popen([sys.executable, '-c', 'from transformer_jax.cli import main; main()', *args], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-c', 'from transformer_jax.cli import main; main()', *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def test_cli_translate_and_evaluate(workdir, loaded):
@@ -127,8 +166,11 @@ def test_cli_translate_and_evaluate(workdir, loaded):
   stdout, stderr = evaluate.communicate(timeout=600)
   assert evaluate.returncode == 0, stderr
   last = stdout.strip().splitlines()[-1]
-  assert re.fullmatch(r'bleu=[\d.]+ chrf=[\d.]+ exact_match=[\d.]+ bleu_greedy=[\d.]+ chrf_greedy=[\d.]+ '
-                      r'exact_match_greedy=[\d.]+', last), last
+  assert re.fullmatch(
+    r'bleu=[\d.]+ chrf=[\d.]+ exact_match=[\d.]+ bleu_greedy=[\d.]+ chrf_greedy=[\d.]+ '
+    r'exact_match_greedy=[\d.]+',
+    last,
+  ), last
   for suffix in ('', '_greedy'):
     with open(os.path.join(workdir, f'hypotheses_validation_step7{suffix}.txt')) as f:
       assert len(f.read().splitlines()) == 12

@@ -20,9 +20,21 @@ LENGTH = 24
 
 
 def lm_cfg(**overrides) -> ModelConfig:
-  values = dict(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0, kind='decoder',
-                pre_norm=True, positional='learned', activation='gelu', use_bias=True, scale_embeddings=False,
-                max_len=LENGTH)
+  values = dict(
+    vocab_size=VOCAB,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    d_ff=64,
+    dropout_rate=0.0,
+    kind='decoder',
+    pre_norm=True,
+    positional='learned',
+    activation='gelu',
+    use_bias=True,
+    scale_embeddings=False,
+    max_len=LENGTH,
+  )
   values.update(overrides)
   return ModelConfig(**values)
 
@@ -30,8 +42,11 @@ def lm_cfg(**overrides) -> ModelConfig:
 @pytest.fixture(scope='module', params=['gpt2', 'paper'])
 def model_and_params(request):
   # 'paper': post-norm, sinusoidal, relu, no biases, scaled embeddings; 'gpt2': the LM config's choices.
-  cfg = lm_cfg() if request.param == 'gpt2' else lm_cfg(pre_norm=False, positional='sinusoidal', activation='relu',
-                                                         use_bias=False, scale_embeddings=True)
+  cfg = (
+    lm_cfg()
+    if request.param == 'gpt2'
+    else lm_cfg(pre_norm=False, positional='sinusoidal', activation='relu', use_bias=False, scale_embeddings=True)
+  )
   model = LanguageModel(cfg)
   params = model.init(jax.random.key(0), jnp.ones((1, LENGTH), jnp.int32))['params']
   # Random biases/norms, so a test cannot pass because some parameter happens to be zero.
@@ -45,9 +60,9 @@ def _packed_row(rng, lengths):
   tokens, segmentation, position = (np.zeros(LENGTH, np.int32) for _ in range(3))
   start = 0
   for seg, n in enumerate(lengths, start=1):
-    tokens[start:start + n] = rng.integers(4, VOCAB, n)
-    segmentation[start:start + n] = seg
-    position[start:start + n] = np.arange(n)
+    tokens[start : start + n] = rng.integers(4, VOCAB, n)
+    segmentation[start : start + n] = seg
+    position[start : start + n] = np.arange(n)
     start += n
   return tokens, segmentation, position
 
@@ -85,8 +100,9 @@ def test_packed_rows_score_each_document_as_if_it_were_alone(model_and_params):
   for s, n in enumerate(lengths, start=1):
     alone = np.zeros(LENGTH, np.int32)
     alone[:n] = tok[seg == s]
-    want = _doc_nll(apply(params, alone[None], (alone > 0).astype(np.int32)[None],
-                          np.arange(LENGTH, dtype=np.int32)[None])[0], alone)[:n]
+    want = _doc_nll(
+      apply(params, alone[None], (alone > 0).astype(np.int32)[None], np.arange(LENGTH, dtype=np.int32)[None])[0], alone
+    )[:n]
     np.testing.assert_allclose(packed[seg == s], want, rtol=1e-5, atol=1e-5)
 
 
@@ -104,8 +120,10 @@ def test_scan_layers_gives_the_same_logits_as_unrolled_layers(model_and_params):
   got = jax.jit(scanned.apply)({'params': stacked}, tokens)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # the layers differ: the layers in the other order compute something else, so the comparison can tell
-  reversed_layers = {**stacked, 'decoder': {**stacked['decoder'],
-                                            'layers': jax.tree.map(lambda x: x[::-1], stacked['decoder']['layers'])}}
+  reversed_layers = {
+    **stacked,
+    'decoder': {**stacked['decoder'], 'layers': jax.tree.map(lambda x: x[::-1], stacked['decoder']['layers'])},
+  }
   assert np.abs(jax.jit(scanned.apply)({'params': reversed_layers}, tokens) - want).max() > 1e-2
 
 
@@ -115,8 +133,9 @@ def test_scan_layers_gives_the_same_logits_as_unrolled_layers(model_and_params):
 
 def lm_train_config(mesh=(1, 1, 1)):
   config = test_parallel.small_config(mesh)
-  config.model.update(kind='decoder', pre_norm=True, positional='learned', activation='gelu', use_bias=True,
-                      scale_embeddings=False)
+  config.model.update(
+    kind='decoder', pre_norm=True, positional='learned', activation='gelu', use_bias=True, scale_embeddings=False
+  )
   config.label_smoothing = 0.0
   return config
 
@@ -128,8 +147,9 @@ def lm_batches(config, num=3):
 @pytest.fixture(scope='module')
 def one_device_lm_run():
   config = lm_train_config()
-  losses, initial, state = test_parallel.run_steps(config, parallel.make_mesh(config.mesh, devices=jax.devices()[:1]),
-                                                   lm_batches(config))
+  losses, initial, state = test_parallel.run_steps(
+    config, parallel.make_mesh(config.mesh, devices=jax.devices()[:1]), lm_batches(config)
+  )
   params = test_parallel.host_params(state.params)
   assert max(np.abs(params[k] - initial[k]).max() for k in params) > 1e-3  # the steps moved the weights
   assert any('bias' in k and 'query' in k for k in params)  # GPT-2's attention biases are trained too
@@ -150,7 +170,8 @@ def test_lm_train_step_on_a_mesh_equals_one_device(shape, one_device_lm_run):
 
 
 def test_cached_decoding_gives_the_full_forward_pass_logits_at_every_step(model_and_params):
-  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate
+
   model, _, params = model_and_params
   rng = np.random.default_rng(3)
   targets = rng.integers(4, VOCAB, (2, LENGTH)).astype(np.int32)
@@ -165,7 +186,8 @@ def test_cached_decoding_gives_the_full_forward_pass_logits_at_every_step(model_
 
 
 def test_top_k_and_top_p_never_allow_a_token_outside_their_set():
-  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate
+
   rng = np.random.default_rng(4)
   for trial in range(30):
     logits = rng.normal(0, 1 + 3 * rng.random(), (4, 40)).astype(np.float32)
@@ -179,17 +201,21 @@ def test_top_k_and_top_p_never_allow_a_token_outside_their_set():
         order = order[:top_k]
       p = np.exp(logits[b, order] - logits[b, order].max())
       p /= p.sum()
-      nucleus = order[:int(np.searchsorted(np.cumsum(p), top_p - 1e-6) + 1)]  # smallest prefix reaching top_p
+      nucleus = order[: int(np.searchsorted(np.cumsum(p), top_p - 1e-6) + 1)]  # smallest prefix reaching top_p
       assert set(np.flatnonzero(kept[b])) == set(nucleus), (trial, b, top_k, top_p)
-    draws = np.asarray(jax.vmap(lambda k: generate.sample(jnp.asarray(logits), k, 1.0, top_k, top_p))(
-        jax.random.split(jax.random.key(trial), 64)))
+    draws = np.asarray(
+      jax.vmap(lambda k: generate.sample(jnp.asarray(logits), k, 1.0, top_k, top_p))(
+        jax.random.split(jax.random.key(trial), 64)
+      )
+    )
     assert kept[np.arange(4)[None, :], draws].all()
 
 
 def test_top_p_keeps_the_smallest_set_that_reaches_it_even_at_a_tie():
   """Two tokens of probability exactly 1/2: top_p = 1/2 is reached by one of them, so one is kept; a hair above
   needs both."""
-  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate
+
   logits = np.full((1, 16), -1e9, np.float32)
   logits[0, [5, 9]] = 0.0
   count = lambda top_p: int((np.asarray(generate.filter_logits(jnp.asarray(logits), 0, top_p)) > -1e8).sum())
@@ -198,6 +224,7 @@ def test_top_p_keeps_the_smallest_set_that_reaches_it_even_at_a_tie():
 
 class _Ids:
   """A stand-in tokenizer: text is space-separated ids."""
+
   vocab_size = VOCAB
 
   def encode_batch(self, texts):
@@ -214,7 +241,8 @@ class _Ids:
 
 
 def test_generation_is_reproducible_by_seed_and_greedy_is_the_argmax_of_the_full_pass(model_and_params):
-  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import generate
+
   model, apply, params = model_and_params
   prompts = ['5 6 7', '9', '10 11 12 13 14 15']
   kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9)
@@ -227,24 +255,26 @@ def test_generation_is_reproducible_by_seed_and_greedy_is_the_argmax_of_the_full
     seq = [int(t) for t in prompt.split()]
     for _ in range(6):  # the full forward pass (one padded shape: causal, so padding changes nothing), one more token
       row = np.zeros((1, LENGTH), np.int32)
-      row[0, :len(seq) + 1] = seq + [4]
+      row[0, : len(seq) + 1] = seq + [4]
       logits = np.array(apply(params, row, (row > 0).astype(np.int32), np.arange(LENGTH, dtype=np.int32)[None]))[
-          0, len(seq)]
+        0, len(seq)
+      ]
       logits[[0, 3]] = -np.inf
       token = int(np.argmax(logits))
       if token == 1:
         break
       seq.append(token)
-    assert completion.split() == [str(t) for t in seq[len(prompt.split()):]]
+    assert completion.split() == [str(t) for t in seq[len(prompt.split()) :]]
 
 
 def test_a_prompt_longer_than_the_context_is_cut_from_the_left_with_a_note(model_and_params):
-  import io  # pylint: disable=g-import-not-at-top
-  from transformer_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  import io
+  from transformer_jax.inference import generate
+
   model, _, params = model_and_params
   long = ' '.join(str(4 + i % 50) for i in range(LENGTH + 5))
   notes = io.StringIO()
   got = generate.generate_texts(params, model.cfg, _Ids(), [long], max_new_tokens=4, temperature=0.0, notes=notes)
-  kept = ' '.join(long.split()[-(LENGTH - 1 - 4):])
+  kept = ' '.join(long.split()[-(LENGTH - 1 - 4) :])
   assert 'kept its last' in notes.getvalue()
   assert got == generate.generate_texts(params, model.cfg, _Ids(), [kept], max_new_tokens=4, temperature=0.0)

@@ -24,8 +24,9 @@ def _config(**overrides):
 
 def test_pystdlib_split_is_a_hash_of_the_path_and_disjoint():
   files = lm.stdlib_files()
-  assert len(files) > 100 and not any(rel.split(os.sep)[0] in ('test', 'idlelib', 'lib2to3', 'site-packages')
-                                      for rel, _ in files)
+  assert len(files) > 100 and not any(
+    rel.split(os.sep)[0] in ('test', 'idlelib', 'lib2to3', 'site-packages') for rel, _ in files
+  )
   held = {rel for rel, _ in files if lm.is_held_out(rel, 5)}
   assert 0 < len(held) < 0.15 * len(files)
   config = _config()
@@ -37,8 +38,9 @@ def test_pystdlib_split_is_a_hash_of_the_path_and_disjoint():
 @pytest.fixture(scope='module')
 def tokenizer():
   lines = [line for _, p in lm.stdlib_files()[:30] for line in open(p, encoding='utf-8').read().splitlines()]
-  return tokenizer_lib.Tokenizer(tokenizer_lib.train_tokenizer_proto(lines, 400, max_sentences=10_000,
-                                                                      options=lm.LM_TOKENIZER_OPTIONS))
+  return tokenizer_lib.Tokenizer(
+    tokenizer_lib.train_tokenizer_proto(lines, 400, max_sentences=10_000, options=lm.LM_TOKENIZER_OPTIONS)
+  )
 
 
 def test_tokenizer_round_trips_any_text(tokenizer):
@@ -55,8 +57,11 @@ def test_chunks_pack_whole_into_rows_and_the_stream_resumes_by_step(tokenizer):
   assert all(1 <= len(c) <= 64 for c in chunks)
   assert sum(int(c[-1] == 1) for c in chunks) == len(docs)  # one EOS per document, at its end
   rows = lm.pack_chunks(chunks, 64)
-  got = sorted(tuple(rows['targets'][r][rows['targets_segmentation'][r] == s])
-               for r in range(len(rows['targets'])) for s in range(1, rows['targets_segmentation'][r].max() + 1))
+  got = sorted(
+    tuple(rows['targets'][r][rows['targets_segmentation'][r] == s])
+    for r in range(len(rows['targets']))
+    for s in range(1, rows['targets_segmentation'][r].max() + 1)
+  )
   assert got == sorted(tuple(c) for c in chunks)
   seg, pos = rows['targets_segmentation'], rows['targets_position']
   starts = (seg > 0) & ((np.roll(seg, 1, axis=1) != seg) | (np.arange(64) == 0))
@@ -72,15 +77,28 @@ def test_chunks_pack_whole_into_rows_and_the_stream_resumes_by_step(tokenizer):
 
 
 def test_a_short_run_on_a_few_files_learns(tmp_path):
-  from transformer_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train as train_lib
+
   text = tmp_path / 'text'
   text.mkdir()
   for rel, path in lm.stdlib_files()[:60]:
     (text / rel.replace(os.sep, '_')).write_text(open(path, encoding='utf-8').read())
-  config = _config(dataset=f'text:{text}', eval_percent=10, num_train_steps=60, eval_every_steps=1000,
-                   log_every_steps=1000, checkpoint_every_steps=1000, max_length=64, packed_inputs_length=64,
-                   packed_targets_length=64, batch_size=8, tokenizer_train_sentences=5000, warmup_steps=20,
-                   lm_sample_prompts=('def ',), lm_sample_tokens=8)
+  config = _config(
+    dataset=f'text:{text}',
+    eval_percent=10,
+    num_train_steps=60,
+    eval_every_steps=1000,
+    log_every_steps=1000,
+    checkpoint_every_steps=1000,
+    max_length=64,
+    packed_inputs_length=64,
+    packed_targets_length=64,
+    batch_size=8,
+    tokenizer_train_sentences=5000,
+    warmup_steps=20,
+    lm_sample_prompts=('def ',),
+    lm_sample_tokens=8,
+  )
   config.model.update(vocab_size=512, num_layers=1, d_model=32, num_heads=4, d_ff=64)
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, dcn_data=1, num_devices=1))
   final = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -90,7 +108,7 @@ def test_a_short_run_on_a_few_files_learns(tmp_path):
   assert final['perplexity'] == pytest.approx(math.exp(final['eval_nll']))
 
 
-LM_CONFIG_FILE = '''
+LM_CONFIG_FILE = """
 import ml_collections
 from configs import lm_tiny
 
@@ -110,12 +128,13 @@ def get_config():
   config.lm_sample_prompts = ()
   config.keep_checkpoints = 5
   return config
-'''
+"""
 
 
 def test_lm_kill_9_and_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
-  import signal  # pylint: disable=g-import-not-at-top
-  import helpers as ckpt  # pylint: disable=g-import-not-at-top
+  import signal
+  import helpers as ckpt
+
   text = tmp_path / 'text'
   text.mkdir()
   for rel, path in lm.stdlib_files()[:30]:

@@ -21,19 +21,35 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 spm = pytest.importorskip('sentencepiece')
 
-from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
-from transformer_jax.inference import decode  # pylint: disable=wrong-import-position
-from transformer_jax import export  # pylint: disable=wrong-import-position
-from transformer_jax.inference import translate as inference  # pylint: disable=wrong-import-position
-from transformer_jax import run_config  # pylint: disable=wrong-import-position
-from transformer_jax.training import train as train_lib  # pylint: disable=wrong-import-position
-from transformer_jax.data import marian_vocab  # pylint: disable=wrong-import-position
-from transformer_jax.model.transformer import Transformer, shift_right  # pylint: disable=wrong-import-position
+from configs import tiny
+from transformer_jax.inference import decode
+from transformer_jax import export
+from transformer_jax.inference import translate as inference
+from transformer_jax import run_config
+from transformer_jax.training import train as train_lib
+from transformer_jax.data import marian_vocab
+from transformer_jax.model.transformer import Transformer, shift_right
 
-EN = ['the cat sat on the mat', 'a dog runs in the park', 'the house is big', 'we eat bread and cheese',
-      'my friend reads a book', 'the sun is warm today', 'she sings a song', 'they walk to school']
-DE = ['die katze sass auf der matte', 'ein hund rennt im park', 'das haus ist gross', 'wir essen brot und kaese',
-      'mein freund liest ein buch', 'die sonne ist heute warm', 'sie singt ein lied', 'sie gehen zur schule']
+EN = [
+  'the cat sat on the mat',
+  'a dog runs in the park',
+  'the house is big',
+  'we eat bread and cheese',
+  'my friend reads a book',
+  'the sun is warm today',
+  'she sings a song',
+  'they walk to school',
+]
+DE = [
+  'die katze sass auf der matte',
+  'ein hund rennt im park',
+  'das haus ist gross',
+  'wir essen brot und kaese',
+  'mein freund liest ein buch',
+  'die sonne ist heute warm',
+  'sie singt ein lied',
+  'sie gehen zur schule',
+]
 # unknown characters (not in either corpus), a language code, digits, an empty string
 PROBES = ['the cat runs', 'Zebra 42 ünd ß!', '>>de<< the dog', 'x y z', '', '你好 the park ✓', 'a  b\tc']
 
@@ -41,17 +57,35 @@ PROBES = ['the cat runs', 'Zebra 42 ünd ß!', '>>de<< the dog', 'x y z', '', '�
 def _spm(sentences, vocab_size, seed):
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences * 4), model_writer=model, vocab_size=vocab_size,
-                                 hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(sentences * 4),
+    model_writer=model,
+    vocab_size=vocab_size,
+    hard_vocab_limit=False,
+    character_coverage=1.0,
+    minloglevel=2,
+  )
   return model.getvalue()
 
 
 def small_config(vocab_size):
   config = tiny.get_config()
   config.model.update(num_layers=2, d_model=32, num_heads=4, d_ff=64, vocab_size=vocab_size, dropout_rate=0.0)
-  config.update(max_length=16, packed_inputs_length=32, packed_targets_length=32, batch_size=8, warmup_steps=1,
-                lr_schedule='constant', learning_rate=3e-3, eval_every_steps=1000, checkpoint_every_steps=1000,
-                log_every_steps=1, stall_patience_steps=0, eval_translate_examples=0, async_checkpointing=False)
+  config.update(
+    max_length=16,
+    packed_inputs_length=32,
+    packed_targets_length=32,
+    batch_size=8,
+    warmup_steps=1,
+    lr_schedule='constant',
+    learning_rate=3e-3,
+    eval_every_steps=1000,
+    checkpoint_every_steps=1000,
+    log_every_steps=1,
+    stall_patience_steps=0,
+    eval_translate_examples=0,
+    async_checkpointing=False,
+  )
   config.mesh.update(data=1, num_devices=1)
   return config
 
@@ -75,12 +109,29 @@ def released(tmp_path_factory):
   (root / 'vocab.json').write_text(json.dumps(vocab))
   torch.manual_seed(0)
   config = transformers.MarianConfig(
-      vocab_size=size, decoder_vocab_size=size, d_model=32, encoder_layers=2, decoder_layers=2,
-      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-      activation_function='swish', scale_embedding=True, max_position_embeddings=64, pad_token_id=size - 1,
-      eos_token_id=0, decoder_start_token_id=size - 1, forced_eos_token_id=0, dropout=0.0,
-      share_encoder_decoder_embeddings=True, bad_words_ids=[[size - 1]], num_beams=4, max_length=64,
-      init_std=0.2)  # larger than HF's 0.02: outputs depend on the input
+    vocab_size=size,
+    decoder_vocab_size=size,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    activation_function='swish',
+    scale_embedding=True,
+    max_position_embeddings=64,
+    pad_token_id=size - 1,
+    eos_token_id=0,
+    decoder_start_token_id=size - 1,
+    forced_eos_token_id=0,
+    dropout=0.0,
+    share_encoder_decoder_embeddings=True,
+    bad_words_ids=[[size - 1]],
+    num_beams=4,
+    max_length=64,
+    init_std=0.2,
+  )  # larger than HF's 0.02: outputs depend on the input
   model = transformers.MarianMTModel(config).eval()
   with torch.no_grad():  # every bias, layer norm and the final_logits_bias random (HF initialises them to 0 / 1)
     for name, p in model.named_parameters():
@@ -89,8 +140,13 @@ def released(tmp_path_factory):
     model.final_logits_bias.copy_(torch.randn_like(model.final_logits_bias) * 0.5)
     model.final_logits_bias[0, 0] = 5.0  # EOS competes: searches end at different lengths
   model.save_pretrained(str(root))
-  tok = transformers.MarianTokenizer(source_spm=str(root / 'source.spm'), target_spm=str(root / 'target.spm'),
-                                     vocab=str(root / 'vocab.json'), source_lang='en', target_lang='de')
+  tok = transformers.MarianTokenizer(
+    source_spm=str(root / 'source.spm'),
+    target_spm=str(root / 'target.spm'),
+    vocab=str(root / 'vocab.json'),
+    source_lang='en',
+    target_lang='de',
+  )
   tok.save_pretrained(str(root))
   tok = transformers.MarianTokenizer.from_pretrained(str(root))
   return str(root), model, tok
@@ -107,9 +163,11 @@ def imported(released, tmp_path_factory):
 def _hf_logits(model, inputs, decoder_inputs):
   pad = model.config.pad_token_id
   with torch.no_grad():
-    return model(input_ids=torch.tensor(inputs, dtype=torch.long),
-                 attention_mask=torch.tensor(inputs != pad, dtype=torch.long),
-                 decoder_input_ids=torch.tensor(decoder_inputs, dtype=torch.long)).logits.numpy()
+    return model(
+      input_ids=torch.tensor(inputs, dtype=torch.long),
+      attention_mask=torch.tensor(inputs != pad, dtype=torch.long),
+      decoder_input_ids=torch.tensor(decoder_inputs, dtype=torch.long),
+    ).logits.numpy()
 
 
 def _batch(tok, sentences, targets, pad):
@@ -141,7 +199,7 @@ def test_tokenizer_is_marian_tokenizers(released, imported):
     assert ours.decode(ids) == tok.decode(ids, skip_special_tokens=True), text
   for _ in range(20):  # random ids: specials, pieces of only one side's model; ours stop at the first EOS (0)
     ids = rng.integers(0, len(tok), 8).tolist()
-    upto = ids[:ids.index(0)] if 0 in ids else ids
+    upto = ids[: ids.index(0)] if 0 in ids else ids
     assert ours.decode(ids) == tok.decode(upto, skip_special_tokens=True), ids
 
 
@@ -152,9 +210,11 @@ def test_imported_logits_equal_marian(released, imported):
   pad = model.config.pad_token_id
   inputs, targets = _batch(tok, EN[:4] + PROBES[:2], DE[:4] + PROBES[:2], pad)
   ours = _our_logits(loaded, inputs, targets)
-  decoder_inputs = np.asarray(shift_right(jnp.asarray(targets), jnp.broadcast_to(jnp.arange(targets.shape[1]),
-                                                                                   targets.shape),
-                                          bos_id=pad, pad_id=pad))
+  decoder_inputs = np.asarray(
+    shift_right(
+      jnp.asarray(targets), jnp.broadcast_to(jnp.arange(targets.shape[1]), targets.shape), bos_id=pad, pad_id=pad
+    )
+  )
   hf = _hf_logits(model, inputs, decoder_inputs)
   real = targets != pad
   diff = np.max(np.abs(ours - hf)[real])
@@ -170,13 +230,20 @@ def test_greedy_and_beam_equal_generate(released, imported):
   max_len = 12
   with torch.no_grad():
     attention = torch.tensor(inputs != pad, dtype=torch.long)
-    hf_greedy = model.generate(input_ids=torch.tensor(inputs, dtype=torch.long), attention_mask=attention,
-                               num_beams=1, do_sample=False, max_length=max_len + 1, forced_eos_token_id=None)
-  ours = np.asarray(decode.greedy_decode(loaded.params, jnp.asarray(inputs), cfg=loaded.cfg, max_decode_len=max_len,
-                                         extra_length=None))
+    hf_greedy = model.generate(
+      input_ids=torch.tensor(inputs, dtype=torch.long),
+      attention_mask=attention,
+      num_beams=1,
+      do_sample=False,
+      max_length=max_len + 1,
+      forced_eos_token_id=None,
+    )
+  ours = np.asarray(
+    decode.greedy_decode(loaded.params, jnp.asarray(inputs), cfg=loaded.cfg, max_decode_len=max_len, extra_length=None)
+  )
   for row, want in zip(ours, hf_greedy.numpy()):
     want = want[1:].tolist()  # without the decoder start
-    got = row.tolist()[:len(want)]
+    got = row.tolist()[: len(want)]
     assert got == want, (got, want)
   assert tok.batch_decode(hf_greedy, skip_special_tokens=True) == [loaded.tokenizer.decode(r) for r in ours]
 
@@ -184,15 +251,30 @@ def test_greedy_and_beam_equal_generate(released, imported):
   results = {}
   for alpha in (1.0, 0.6):
     with torch.no_grad():
-      hf_beam = model.generate(input_ids=torch.tensor(inputs, dtype=torch.long), attention_mask=attention,
-                               num_beams=4, do_sample=False, max_length=max_len + 1, forced_eos_token_id=None,
-                               length_penalty=alpha, early_stopping=False).numpy()
-    ours, _ = decode.beam_search(loaded.params, jnp.asarray(inputs), cfg=loaded.cfg, beam_size=4, alpha=alpha,
-                                 max_decode_len=max_len, extra_length=None, penalty='hf')
+      hf_beam = model.generate(
+        input_ids=torch.tensor(inputs, dtype=torch.long),
+        attention_mask=attention,
+        num_beams=4,
+        do_sample=False,
+        max_length=max_len + 1,
+        forced_eos_token_id=None,
+        length_penalty=alpha,
+        early_stopping=False,
+      ).numpy()
+    ours, _ = decode.beam_search(
+      loaded.params,
+      jnp.asarray(inputs),
+      cfg=loaded.cfg,
+      beam_size=4,
+      alpha=alpha,
+      max_decode_len=max_len,
+      extra_length=None,
+      penalty='hf',
+    )
     ours = np.asarray(ours)
     for row, want in zip(ours, hf_beam):
       want = want[1:].tolist()
-      assert row.tolist()[:len(want)] == want, (alpha, row.tolist(), want)
+      assert row.tolist()[: len(want)] == want, (alpha, row.tolist(), want)
     results[alpha] = ours.tolist()
   # outputs of several lengths, EOS and limit alike, and the penalty changes them: the comparison can fail
   assert results[1.0] != results[0.6]
@@ -207,8 +289,12 @@ def test_fine_tuning_lowers_the_loss_and_export_round_trips(released, imported, 
     (data / f'{split}.en').write_text('\n'.join(EN * 4) + '\n')
     (data / f'{split}.de').write_text('\n'.join(DE * 4) + '\n')
   # what `train --workdir=DIR --config.dataset=... --config.num_train_steps=30` (no --config) runs with
-  config = run_config.resolve(imported, tiny.get_config(), explicit=False,
-                              overrides={'dataset': f'text:{data}', 'num_train_steps': 30, 'model.d_model': 32})
+  config = run_config.resolve(
+    imported,
+    tiny.get_config(),
+    explicit=False,
+    overrides={'dataset': f'text:{data}', 'num_train_steps': 30, 'model.d_model': 32},
+  )
   assert config.vocabulary == 'marian' and config.model.activation == 'silu' and config.batch_size == 8
   with pytest.raises(run_config.ArchitectureOverrideError, match='model.d_ff'):
     run_config.resolve(imported, tiny.get_config(), explicit=False, overrides={'model.d_ff': 128})
@@ -229,9 +315,11 @@ def test_fine_tuning_lowers_the_loss_and_export_round_trips(released, imported, 
   pad = back.config.pad_token_id
   inputs, targets = _batch(back_tok, EN[:4], DE[:4], pad)
   loaded = inference.load_workdir(imported)
-  decoder_inputs = np.asarray(shift_right(jnp.asarray(targets), jnp.broadcast_to(jnp.arange(targets.shape[1]),
-                                                                                   targets.shape),
-                                          bos_id=pad, pad_id=pad))
+  decoder_inputs = np.asarray(
+    shift_right(
+      jnp.asarray(targets), jnp.broadcast_to(jnp.arange(targets.shape[1]), targets.shape), bos_id=pad, pad_id=pad
+    )
+  )
   real = targets != pad
   diff = np.max(np.abs(_our_logits(loaded, inputs, targets) - _hf_logits(back, inputs, decoder_inputs))[real])
   assert diff < 1e-4, diff
@@ -239,7 +327,9 @@ def test_fine_tuning_lowers_the_loss_and_export_round_trips(released, imported, 
   assert np.max(np.abs(_hf_logits(model, inputs, decoder_inputs) - _hf_logits(back, inputs, decoder_inputs))) > 1e-2
 
 
-@pytest.mark.parametrize('change, field', [
+@pytest.mark.parametrize(
+  'change, field',
+  [
     ({'normalize_before': True}, 'normalize_before'),
     ({'decoder_layers': 1}, 'decoder_layers'),
     ({'decoder_vocab_size': 7}, 'decoder_vocab_size'),
@@ -248,7 +338,8 @@ def test_fine_tuning_lowers_the_loss_and_export_round_trips(released, imported, 
     ({'activation_function': 'tanh'}, 'activation_function'),
     ({'add_final_layer_norm': True}, 'add_final_layer_norm'),
     ({'eos_token_id': 3}, 'eos_token_id'),
-])
+  ],
+)
 def test_what_cannot_be_represented_is_refused_naming_the_field(released, tmp_path, change, field):
   path, model, _ = released
   bad = tmp_path / 'bad'

@@ -31,16 +31,16 @@ def test_future_targets_do_not_change_earlier_logits(pre_norm, t):
   logits = model.apply({'params': params}, inputs, targets)
   changed = targets.at[:, t:].set((targets[:, t:] + 7) % (cfg.vocab_size - 4) + 4)
   logits2 = model.apply({'params': params}, inputs, changed)
-  np.testing.assert_allclose(logits[:, :t + 1], logits2[:, :t + 1], atol=1e-5)
+  np.testing.assert_allclose(logits[:, : t + 1], logits2[:, : t + 1], atol=1e-5)
   # and the property is not vacuous: later positions do change
-  assert np.max(np.abs(logits[:, t + 1:] - logits2[:, t + 1:])) > 1e-3
+  assert np.max(np.abs(logits[:, t + 1 :] - logits2[:, t + 1 :])) > 1e-3
 
 
 def test_appended_padding_changes_no_real_position():
   model, params, inputs, targets = _init(CFG)
   logits = model.apply({'params': params}, inputs, targets)
   padded = model.apply({'params': params}, jnp.pad(inputs, ((0, 0), (0, 5))), jnp.pad(targets, ((0, 0), (0, 4))))
-  np.testing.assert_allclose(logits, padded[:, :targets.shape[1]], atol=1e-5)
+  np.testing.assert_allclose(logits, padded[:, : targets.shape[1]], atol=1e-5)
 
 
 def test_packed_row_equals_examples_run_alone():
@@ -49,12 +49,13 @@ def test_packed_row_equals_examples_run_alone():
   a_in, b_in = rng.integers(4, 48, 5), rng.integers(4, 48, 3)
   a_tg, b_tg = rng.integers(4, 48, 4), rng.integers(4, 48, 6)
   packed = dict(
-      inputs=jnp.asarray([np.concatenate([a_in, b_in, [0, 0]])]),
-      targets=jnp.asarray([np.concatenate([a_tg, b_tg, [0]])]),
-      inputs_segmentation=jnp.asarray([[1] * 5 + [2] * 3 + [0, 0]]),
-      targets_segmentation=jnp.asarray([[1] * 4 + [2] * 6 + [0]]),
-      inputs_position=jnp.asarray([list(range(5)) + list(range(3)) + [0, 0]]),
-      targets_position=jnp.asarray([list(range(4)) + list(range(6)) + [0]]))
+    inputs=jnp.asarray([np.concatenate([a_in, b_in, [0, 0]])]),
+    targets=jnp.asarray([np.concatenate([a_tg, b_tg, [0]])]),
+    inputs_segmentation=jnp.asarray([[1] * 5 + [2] * 3 + [0, 0]]),
+    targets_segmentation=jnp.asarray([[1] * 4 + [2] * 6 + [0]]),
+    inputs_position=jnp.asarray([list(range(5)) + list(range(3)) + [0, 0]]),
+    targets_position=jnp.asarray([list(range(4)) + list(range(6)) + [0]]),
+  )
   logits = model.apply({'params': params}, **packed)
   alone_a = model.apply({'params': params}, jnp.asarray([a_in]), jnp.asarray([a_tg]))
   alone_b = model.apply({'params': params}, jnp.asarray([b_in]), jnp.asarray([b_tg]))
@@ -71,8 +72,8 @@ def test_shift_right_starts_every_packed_segment_with_bos():
 def test_sinusoid_is_the_papers_interleaved_formula():
   table = sinusoidal_table(50, 16)
   pos, i = 13, 3
-  assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000**(2 * i / 16)), abs=1e-6)
-  assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000**(2 * i / 16)), abs=1e-6)
+  assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+  assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 16)), abs=1e-6)
 
 
 @pytest.mark.parametrize('share', [True, False])
@@ -94,8 +95,9 @@ def test_cached_decoding_matches_full_forward(share):
 def test_bfloat16_compute_is_close_to_float32():
   model, params, inputs, targets = _init(CFG)
   logits32 = model.apply({'params': params}, inputs, targets)
-  logits16 = Transformer(ModelConfig(**{**CFG.__dict__, 'dtype': jnp.bfloat16})).apply({'params': params}, inputs,
-                                                                                       targets)
+  logits16 = Transformer(ModelConfig(**{**CFG.__dict__, 'dtype': jnp.bfloat16})).apply(
+    {'params': params}, inputs, targets
+  )
   assert logits16.dtype == jnp.bfloat16  # in the compute dtype: the loss reads them in float32
   assert np.max(np.abs(logits32 - logits16.astype(jnp.float32))) < 0.1 * np.max(np.abs(logits32))
 
@@ -118,8 +120,9 @@ def test_parameter_counts_match_table3(get_config, table3):
   assert count == _expected_params(m.num_layers, m.d_model, m.d_ff, m.vocab_size)
 
 
-@pytest.mark.parametrize('overrides', [dict(num_layers=2), dict(d_model=256, num_heads=4), dict(d_ff=1000),
-                                       dict(num_heads=16)])
+@pytest.mark.parametrize(
+  'overrides', [dict(num_layers=2), dict(d_model=256, num_heads=4), dict(d_ff=1000), dict(num_heads=16)]
+)
 def test_parameter_count_follows_overrides(overrides):
   config = base.get_config()
   config.model.update(overrides)

@@ -29,14 +29,27 @@ def _free_port() -> int:
 
 def _spawn(mode, num_processes, out_dir, extra_env=None):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=testenv.xla_flags(4),
-             PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get('PYTHONPATH', '')]), PYTHONUNBUFFERED='1',
-             TF_CPP_MIN_LOG_LEVEL='2', **(extra_env or {}))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=testenv.xla_flags(4),
+    PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get('PYTHONPATH', '')]),
+    PYTHONUNBUFFERED='1',
+    TF_CPP_MIN_LOG_LEVEL='2',
+    **(extra_env or {}),
+  )
   procs = []
   for i in range(num_processes):
     log = open(os.path.join(out_dir, f'process{i}.log'), 'w')
-    procs.append(subprocess.Popen([sys.executable, __file__, mode, str(i), str(num_processes), str(port), out_dir],
-                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, __file__, mode, str(i), str(num_processes), str(port), out_dir],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
+    )
   return procs
 
 
@@ -49,8 +62,9 @@ def _kill(procs):
 
 
 def _logs(out_dir, n):
-  return '\n'.join(f'--- process {i}:\n' + open(os.path.join(out_dir, f'process{i}.log')).read()[-3000:]
-                   for i in range(n))
+  return '\n'.join(
+    f'--- process {i}:\n' + open(os.path.join(out_dir, f'process{i}.log')).read()[-3000:] for i in range(n)
+  )
 
 
 def _wait(procs, timeout, out_dir):
@@ -72,7 +86,8 @@ def _wait(procs, timeout, out_dir):
 
 
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
-  import test_parallel  # pylint: disable=g-import-not-at-top  (the 8-device runs, cached if already computed)
+  import test_parallel  # (the 8-device runs, cached if already computed)
+
   procs = _spawn('train', 2, str(tmp_path))
   try:
     # While the workers compile, compute the same runs here: one process, 8 devices.
@@ -93,8 +108,10 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     got = dict(np.load(tmp_path / f'params_{key}.npz'))
     test_parallel.assert_params_close(got, ref_params)
     worst = max(float(np.max(np.abs(got[k] - ref_params[k]))) for k in ref_params)
-    print(f'mesh {shape}: 2 processes losses {results[0]["losses"][key]}, 1 process {ref_losses}; '
-          f'largest parameter difference {worst:.2e}')
+    print(
+      f'mesh {shape}: 2 processes losses {results[0]["losses"][key]}, 1 process {ref_losses}; '
+      f'largest parameter difference {worst:.2e}'
+    )
     # with fsdp across the processes each process holds only part of every parameter
     expected_fraction = 1.0 if shape[1] == 1 else 0.5
     assert [r['embedding_held_fraction'][key] for r in results] == [expected_fraction] * 2
@@ -134,7 +151,7 @@ def test_a_process_that_loses_its_peer_exits_with_an_error(tmp_path):
     _kill(procs)
   log = open(tmp_path / 'process0.log').read()
   assert code != 0, log[-3000:]
-  assert ('JAX distributed service detected fatal errors' in log or 'Gloo' in log), log[-3000:]
+  assert 'JAX distributed service detected fatal errors' in log or 'Gloo' in log, log[-3000:]
   print(f'survivor exited with code {code} {elapsed:.1f} s after its peer was killed (heartbeat {HEARTBEAT_S} s)')
 
 
@@ -143,18 +160,23 @@ def test_a_process_that_loses_its_peer_exits_with_an_error(tmp_path):
 
 
 def _worker_train(out_dir):
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  import test_parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
-  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import train_state  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from transformer_jax.model.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  import jax
+  from flax import linen as nn
+  import test_parallel
+  from transformer_jax.inference import evaluation
+  from transformer_jax import parallel
+  from transformer_jax.training import train_state
+  from transformer_jax.data import pipeline
+  from transformer_jax.model.transformer import Transformer
 
   me = jax.process_index()
-  result = dict(process_count=jax.process_count(), device_count=jax.device_count(),
-                local_device_count=jax.local_device_count(), losses={}, batch_rows={})
+  result = dict(
+    process_count=jax.process_count(),
+    device_count=jax.device_count(),
+    local_device_count=jax.local_device_count(),
+    losses={},
+    batch_rows={},
+  )
   state = None
   for shape in MESHES:
     key = 'x'.join(map(str, shape))
@@ -183,8 +205,13 @@ def _worker_train(out_dir):
   config = test_parallel.small_config(MESHES[-1])
   mesh = state.params['shared_embedding']['embedding'].sharding.mesh
   rng = np.random.default_rng(7)
-  examples = [([int(t) for t in rng.integers(4, 64, rng.integers(2, 14))] + [1],
-               [int(t) for t in rng.integers(4, 64, rng.integers(1, 7))] + [1]) for _ in range(40)]
+  examples = [
+    (
+      [int(t) for t in rng.integers(4, 64, rng.integers(2, 14))] + [1],
+      [int(t) for t in rng.integers(4, 64, rng.integers(1, 7))] + [1],
+    )
+    for _ in range(40)
+  ]
   lengths = dict(inputs_length=config.packed_inputs_length, targets_length=config.packed_targets_length)
   mine = examples[:30] if me == 0 else examples[30:]
   local_batches = pipeline.eval_batches(mine, batch_size=config.batch_size // 2, **lengths)
@@ -192,8 +219,9 @@ def _worker_train(out_dir):
   count = parallel.max_over_processes(len(local_batches))
   local_batches = pipeline.eval_batches(mine, batch_size=config.batch_size // 2, num_batches=count, **lengths)
   rows = parallel.process_batch_rows(mesh, config.batch_size)
-  whole = [{k: v[rows] for k, v in b.items()}
-           for b in pipeline.eval_batches(examples, batch_size=config.batch_size, **lengths)]
+  whole = [
+    {k: v[rows] for k, v in b.items()} for b in pipeline.eval_batches(examples, batch_size=config.batch_size, **lengths)
+  ]
   model = Transformer(train_state.model_config(config))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     eval_step = jax.jit(evaluation.make_eval_step(model, config))
@@ -216,8 +244,9 @@ def _worker_train(out_dir):
 
 
 def _worker_die(out_dir):
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
   mesh = Mesh(np.array(jax.devices()), ('d',))
   sharding = NamedSharding(mesh, P('d'))
   total = jax.jit(lambda x: x.sum())
@@ -232,9 +261,11 @@ def _worker_die(out_dir):
 
 def _worker_main(argv):
   mode, process_id, num_processes, port, out_dir = argv
-  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
-  assert parallel.maybe_initialize_distributed(f'127.0.0.1:{port}', int(num_processes), int(process_id),
-                                               initialization_timeout=120)
+  from transformer_jax import parallel
+
+  assert parallel.maybe_initialize_distributed(
+    f'127.0.0.1:{port}', int(num_processes), int(process_id), initialization_timeout=120
+  )
   {'train': _worker_train, 'die': _worker_die}[mode](out_dir)
 
 

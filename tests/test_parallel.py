@@ -91,7 +91,8 @@ def run_steps(config, mesh, batches):
 def host_params(params):
   """Whole parameter arrays on this host (gathered across processes when there are several)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
+
     params = multihost_utils.process_allgather(params, tiled=True)
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -102,14 +103,15 @@ def assert_params_close(got, want):
     np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=ATOL, err_msg=k)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mesh_run(shape=(1, 1, 1)):
   """(losses, final host params, initial host params, final state) of NUM_STEPS steps on a mesh of this process's
   devices; (1, 1, 1) is the single-device reference. Cached: test_multiprocess compares against the same runs."""
   config = small_config(shape)
-  devices = jax.devices()[:int(np.prod(shape))]
-  losses, initial, state = run_steps(config, parallel.make_mesh(config.mesh, devices=devices),
-                                     synthetic_batches(config))
+  devices = jax.devices()[: int(np.prod(shape))]
+  losses, initial, state = run_steps(
+    config, parallel.make_mesh(config.mesh, devices=devices), synthetic_batches(config)
+  )
   return losses, host_params(state.params), initial, state
 
 
@@ -129,13 +131,13 @@ NORM = "['encoder']['layers_0']['feed_forward_norm']['scale']"
 
 # parameter -> the mesh PartitionSpec the rules give it (vocab/heads/mlp -> tensor, embed -> fsdp)
 EXPECTED_SPECS = {
-    EMBEDDING: P('tensor', 'fsdp'),
-    QUERY: P('fsdp', 'tensor', None),
-    OUT: P('tensor', None, 'fsdp'),
-    FFN_IN: P('fsdp', 'tensor'),
-    FFN_OUT: P('tensor', 'fsdp'),
-    FFN_BIAS: P('tensor'),
-    NORM: P('fsdp'),
+  EMBEDDING: P('tensor', 'fsdp'),
+  QUERY: P('fsdp', 'tensor', None),
+  OUT: P('tensor', None, 'fsdp'),
+  FFN_IN: P('fsdp', 'tensor'),
+  FFN_OUT: P('tensor', 'fsdp'),
+  FFN_BIAS: P('tensor'),
+  NORM: P('fsdp'),
 }
 
 
@@ -199,21 +201,27 @@ def test_global_batch_rows_land_on_their_devices():
     assert shard.data.shape == (GLOBAL_ROWS // 4, 3)  # split 4 ways over data*fsdp, replicated over tensor
 
 
-@pytest.mark.parametrize('sizes,devices,expected', [
+@pytest.mark.parametrize(
+  'sizes,devices,expected',
+  [
     (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
     (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
     (dict(data=1, fsdp=8, tensor=2), 16, (1, 8, 2)),
-])
+  ],
+)
 def test_mesh_shape(sizes, devices, expected):
   assert parallel.mesh_shape(sizes, devices) == expected
 
 
-@pytest.mark.parametrize('sizes,devices', [
+@pytest.mark.parametrize(
+  'sizes,devices',
+  [
     (dict(data=-1, fsdp=-1, tensor=1), 8),
     (dict(data=3, fsdp=1, tensor=1), 8),
     (dict(data=-1, fsdp=3, tensor=1), 8),
     (dict(data=0, fsdp=1, tensor=1), 8),
-])
+  ],
+)
 def test_mesh_shape_errors(sizes, devices):
   with pytest.raises(ValueError):
     parallel.mesh_shape(sizes, devices)
@@ -221,6 +229,7 @@ def test_mesh_shape_errors(sizes, devices):
 
 class _FakeDevice:
   """Enough of a device for mesh_utils' hybrid layout (processes as granules)."""
+
   platform = 'cpu'
   device_kind = 'cpu'
 
@@ -252,27 +261,53 @@ def test_single_process_gather_helpers():
   assert parallel.interleave([items[p::3] for p in range(3)]) == items
 
 
-@pytest.mark.parametrize('env,expected', [
+@pytest.mark.parametrize(
+  'env,expected',
+  [
     ({}, None),
     ({'SLURM_JOB_ID': '7'}, None),  # inside an sbatch script but not in an srun step
-    ({'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_NTASKS': '1', 'SLURM_PROCID': '0',
-      'SLURM_LOCALID': '0'}, None),
-    ({'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_NTASKS': '16', 'SLURM_PROCID': '3',
-      'SLURM_LOCALID': '3'}, 'slurm'),
+    (
+      {
+        'SLURM_JOB_ID': '7',
+        'SLURM_STEP_NODELIST': 'n[1-2]',
+        'SLURM_NTASKS': '1',
+        'SLURM_PROCID': '0',
+        'SLURM_LOCALID': '0',
+      },
+      None,
+    ),
+    (
+      {
+        'SLURM_JOB_ID': '7',
+        'SLURM_STEP_NODELIST': 'n[1-2]',
+        'SLURM_NTASKS': '16',
+        'SLURM_PROCID': '3',
+        'SLURM_LOCALID': '3',
+      },
+      'slurm',
+    ),
     ({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}, 'tpu-hosts'),
     ({'TPU_WORKER_HOSTNAMES': 'localhost'}, None),
     ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, 'env'),
     ({'OMPI_COMM_WORLD_SIZE': '4'}, 'ompi'),
     ({'TRANSFORMER_JAX_DISTRIBUTED': '1'}, 'forced'),
     ({'TRANSFORMER_JAX_DISTRIBUTED': '0', 'OMPI_COMM_WORLD_SIZE': '4'}, None),
-])
+  ],
+)
 def test_cluster_environment(env, expected):
   assert parallel.cluster_environment(env) == expected
 
 
 def test_single_local_process_does_not_initialize(monkeypatch):
-  for k in ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
-            'TPU_PROCESS_ADDRESSES', 'MEGASCALE_COORDINATOR_ADDRESS', 'TRANSFORMER_JAX_DISTRIBUTED'):
+  for k in (
+    'SLURM_JOB_ID',
+    'OMPI_COMM_WORLD_SIZE',
+    'JAX_COORDINATOR_ADDRESS',
+    'TPU_WORKER_HOSTNAMES',
+    'TPU_PROCESS_ADDRESSES',
+    'MEGASCALE_COORDINATOR_ADDRESS',
+    'TRANSFORMER_JAX_DISTRIBUTED',
+  ):
     monkeypatch.delenv(k, raising=False)
   assert parallel.maybe_initialize_distributed() is False
   with pytest.raises(ValueError, match='num_processes'):

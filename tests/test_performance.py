@@ -42,8 +42,9 @@ def _cfg(**overrides) -> ModelConfig:
 
 
 def _batch(rows=8, inputs_length=16, targets_length=12, seed=0):
-  return train_throughput.synthetic_batch(rows, inputs_length, targets_length, CFG.vocab_size, fill=0.9, segments=2,
-                                          seed=seed)
+  return train_throughput.synthetic_batch(
+    rows, inputs_length, targets_length, CFG.vocab_size, fill=0.9, segments=2, seed=seed
+  )
 
 
 def _init(cfg, batch, seed=0):
@@ -93,7 +94,7 @@ def test_bfloat16_config_string_is_accepted():
   assert train_state.model_config(config).dtype == jnp.bfloat16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference():
   """(batch, unrolled params, their loss and gradients): the plain model every option is compared with."""
   batch = _batch()
@@ -124,8 +125,14 @@ def test_scan_layers_equals_unrolled_with_stacked_parameters():
 
 def _train_config(**overrides):
   config = tiny.get_config()
-  config.model.update(vocab_size=CFG.vocab_size, num_layers=CFG.num_layers, d_model=CFG.d_model,
-                      num_heads=CFG.num_heads, d_ff=CFG.d_ff, dropout_rate=0.0)
+  config.model.update(
+    vocab_size=CFG.vocab_size,
+    num_layers=CFG.num_layers,
+    d_model=CFG.d_model,
+    num_heads=CFG.num_heads,
+    d_ff=CFG.d_ff,
+    dropout_rate=0.0,
+  )
   config.update(batch_size=16, max_length=12, packed_inputs_length=16, packed_targets_length=12)
   for key, value in overrides.items():
     node = config
@@ -181,7 +188,8 @@ def test_train_step_metrics_count_only_the_real_target_tokens(plain_step):
   assert 0 < real.sum() < real.size  # the batch has padding
   assert metrics['tokens'] == real.sum()
   logits = jax.jit(Transformer(train_state.model_config(config)).apply)(
-      {'params': params}, **{k: jnp.asarray(v) for k, v in batch.items()})
+    {'params': params}, **{k: jnp.asarray(v) for k, v in batch.items()}
+  )
   hits = np.argmax(np.asarray(logits), axis=-1) == np.asarray(batch['targets'])
   assert hits[real].any()  # so an accuracy that never counts a hit would show
   assert metrics['accuracy'] == pytest.approx(hits[real].mean(), abs=1e-6)
@@ -212,8 +220,9 @@ def test_accumulated_micro_batches_draw_their_own_dropout_masks(plain_step, mesh
 
   variant = _train_config(**{'model.dropout_rate': 0.3, 'grad_accum_steps': 2})
   _, copied = _one_step(variant, params, interleave(first), mesh, optax.sgd(1.0))
-  _, padding = _one_step(variant, params, interleave({k: np.zeros_like(v) for k, v in first.items()}), mesh,
-                         optax.sgd(1.0))
+  _, padding = _one_step(
+    variant, params, interleave({k: np.zeros_like(v) for k, v in first.items()}), mesh, optax.sgd(1.0)
+  )
   assert copied['tokens'] == 2 * padding['tokens']
   assert copied['loss'] != padding['loss']
 
@@ -223,8 +232,9 @@ def test_scanned_rematted_train_step_on_a_mesh_matches_plain(plain_step, mesh):
   sharded, rematted, accumulated step computes what the plain one does."""
   config, params, batch, (new_params, metrics) = plain_step
   variant = _train_config(**{'model.scan_layers': True, 'model.remat': 'dots_saveable', 'grad_accum_steps': 2})
-  new_params_s, metrics_s = _one_step(variant, _to_scan_layout(params, config.model.num_layers), batch, mesh,
-                                      optax.sgd(1.0))
+  new_params_s, metrics_s = _one_step(
+    variant, _to_scan_layout(params, config.model.num_layers), batch, mesh, optax.sgd(1.0)
+  )
   assert metrics_s['loss'] == pytest.approx(metrics['loss'], rel=1e-5)
   _assert_trees_close(new_params_s, _to_scan_layout(new_params, config.model.num_layers), rtol=1e-5, atol=1e-6)
 
@@ -248,14 +258,16 @@ def test_flops_formula_matches_xla_count():
   assert 0.95 <= train_throughput.xla_flops(backward) / (3 * ours) <= 1.06
   config = _train_config()
   assert train_throughput.train_flops_per_step(config) == 3 * 16 * train_throughput.forward_flops_per_row(
-      32, 64, 2, 64, 16, 12)
+    32, 64, 2, 64, 16, 12
+  )
 
 
 def test_lm_flops_formula_matches_xla_count():
   """The decoder-only language model's count (no encoder, no cross-attention) against XLA's, as above."""
   d, f, v, n, t = 64, 256, 256, 2, 32
-  cfg = ModelConfig(vocab_size=v, num_layers=n, d_model=d, num_heads=4, d_ff=f, dropout_rate=0.0, max_len=64,
-                    kind='decoder')
+  cfg = ModelConfig(
+    vocab_size=v, num_layers=n, d_model=d, num_heads=4, d_ff=f, dropout_rate=0.0, max_len=64, kind='decoder'
+  )
   model = LanguageModel(cfg)
   targets = jnp.ones((2, t), jnp.int32)
   params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), targets))['params'])
@@ -282,8 +294,9 @@ def test_throughput_benchmark_runs_for_the_language_model():
   config.update(batch_size=8, max_length=16, packed_inputs_length=16, packed_targets_length=16)
   batch = train_throughput.make_batch(config)
   assert sorted(batch) == ['targets', 'targets_position', 'targets_segmentation']
-  result = train_throughput.run_variant('lm', config, batch, steps=1, warmup=0, peak_size=128, peak_reps=1,
-                                        mesh=parallel.make_mesh(config.mesh), pause=0.0)
+  result = train_throughput.run_variant(
+    'lm', config, batch, steps=1, warmup=0, peak_size=128, peak_reps=1, mesh=parallel.make_mesh(config.mesh), pause=0.0
+  )
   assert result.tokens == float((batch['targets'] != 0).sum())
   assert result.model_flops == 3 * 8 * train_throughput.lm_forward_flops_per_row(32, 64, 1, 64, 16)
   assert_mfu_is_flops_over_time_over_peak(result)
@@ -297,12 +310,29 @@ def test_throughput_benchmark_runs_for_the_language_model():
 def test_generation_benchmark_runs_and_both_sides_agree():
   """benchmarks/generate_throughput.py at a tiny size: the same exported weights give HF GPT-2 and us the same greedy
   tokens, exactly --new_tokens of them (its workers fail otherwise), and it prints the ratio row."""
-  import subprocess  # pylint: disable=g-import-not-at-top
+  import subprocess
+
   pytest.importorskip('torch')
   pytest.importorskip('transformers')
-  proc = subprocess.run([sys.executable, os.path.join(_REPO, 'benchmarks', 'generate_throughput.py'), '--num_layers=1',
-                         '--d_model=32', '--d_ff=64', '--vocab=64', '--context=16', '--batch=2', '--prompt_len=3',
-                         '--new_tokens=5', '--repeats=1', '--threads=1'], capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(_REPO, 'benchmarks', 'generate_throughput.py'),
+      '--num_layers=1',
+      '--d_model=32',
+      '--d_ff=64',
+      '--vocab=64',
+      '--context=16',
+      '--batch=2',
+      '--prompt_len=3',
+      '--new_tokens=5',
+      '--repeats=1',
+      '--threads=1',
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'greedy outputs equal: yes (0 of 10 tokens differ' in proc.stdout
   assert '| greedy, batch 2, 3 + 5 tokens |' in proc.stdout and 'x (' in proc.stdout.splitlines()[-3]
@@ -339,8 +369,16 @@ def test_throughput_benchmark_runs_and_reports_mfu():
   mesh = parallel.make_mesh(config.mesh)
   batch = train_throughput.make_batch(config)
   closed_form = train_throughput.apply_overrides(config, [('bench_loss', 'closed_form')])
-  results = train_throughput.run_variants([('base', config), ('closed form', closed_form)], batch, steps=2, warmup=0,
-                                          peak_size=128, peak_reps=1, mesh=mesh, pause=0.0)
+  results = train_throughput.run_variants(
+    [('base', config), ('closed form', closed_form)],
+    batch,
+    steps=2,
+    warmup=0,
+    peak_size=128,
+    peak_reps=1,
+    mesh=mesh,
+    pause=0.0,
+  )
   for result in results:
     assert result.tokens == float((batch['targets'] != 0).sum())
     assert len(result.step_times) == 2 and 0 < result.mfu_cpu_time < 1
@@ -355,20 +393,26 @@ def test_throughput_benchmark_runs_and_reports_mfu():
   # and the what-if is another program, not the train loss under a second name
   args = (jnp.zeros((2, 3, 8)), jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3)), 0.1)
   assert str(jax.make_jaxpr(evaluation.cross_entropy_sums, static_argnums=3)(*args)) != str(
-      jax.make_jaxpr(train_throughput.closed_form_cross_entropy_sums, static_argnums=3)(*args))
+    jax.make_jaxpr(train_throughput.closed_form_cross_entropy_sums, static_argnums=3)(*args)
+  )
   table = train_throughput.results_table(results)
   assert '| base |' in table and '| closed form |' in table
   assert train_throughput.parse_overrides('model.dtype=bfloat16, grad_accum_steps=2') == [
-      ('model.dtype', 'bfloat16'), ('grad_accum_steps', '2')]
+    ('model.dtype', 'bfloat16'),
+    ('grad_accum_steps', '2'),
+  ]
   variant = train_throughput.apply_overrides(config, [('model.scan_layers', 'True'), ('grad_accum_steps', '2')])
   assert variant.model.scan_layers is True and variant.grad_accum_steps == 2 and config.grad_accum_steps == 1
 
 
 def test_pipeline_benchmark_measures_an_iterator():
   rng = np.random.default_rng(0)
-  examples = [(rng.integers(4, 50, rng.integers(3, 14)).tolist() + [1], rng.integers(4, 50, rng.integers(1, 6)).tolist()
-               + [1]) for _ in range(600)]
-  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  examples = [
+    (rng.integers(4, 50, rng.integers(3, 14)).tolist() + [1], rng.integers(4, 50, rng.integers(1, 6)).tolist() + [1])
+    for _ in range(600)
+  ]
+  from transformer_jax.data import pipeline
+
   it = pipeline.TrainIterator(examples, batch_size=4, inputs_length=32, targets_length=12, seed=0)
   start = time.perf_counter()
   stats = pipeline_throughput.iterate(it, num_batches=3 * it.batches_per_epoch)
@@ -401,15 +445,18 @@ def test_profile_steps_writes_a_trace(tmp_path):
     run_control.Profiler('3,3', str(tmp_path))
 
 
-_SHOW_TUNABLES = ('import os, sys; from transformer_jax import hugepages; hugepages.reexec_if_wanted(); '
-                  'print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])')
+_SHOW_TUNABLES = (
+  'import os, sys; from transformer_jax import hugepages; hugepages.reexec_if_wanted(); '
+  'print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])'
+)
 
 
 def test_programs_reexecute_once_with_the_huge_page_tunable_and_keep_pid_argv_and_other_tunables():
   """hugepages.py: the CLI's first act puts XLA's step buffers on transparent huge pages (glibc reads tunables only at
   start-up): the same process (pid, argv) comes back with the tunable added, once, other tunables kept; =0 opts out."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
+  import subprocess
+  from transformer_jax import hugepages
+
   base = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
   base['PYTHONPATH'] = _REPO
   with pytest.MonkeyPatch.context() as patch:
@@ -418,8 +465,9 @@ def test_programs_reexecute_once_with_the_huge_page_tunable_and_keep_pid_argv_an
       pytest.skip('this machine would not use the tunable (not Linux/glibc >= 2.35, or THP is not "madvise")')
 
   def run(**env):
-    proc = subprocess.Popen([sys.executable, '-c', _SHOW_TUNABLES, 'a b', '--c'], stdout=subprocess.PIPE, text=True,
-                            env={**base, **env})
+    proc = subprocess.Popen(
+      [sys.executable, '-c', _SHOW_TUNABLES, 'a b', '--c'], stdout=subprocess.PIPE, text=True, env={**base, **env}
+    )
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.startswith(f'{proc.pid} '), out  # the same process, exec'd in place
     return out.strip().splitlines()
@@ -436,8 +484,9 @@ def test_programs_reexecute_once_with_the_huge_page_tunable_and_keep_pid_argv_an
 def test_train_reexecutes_with_one_heap_and_the_tests_opt_out():
   """`train` (a long run) also gets one malloc heap that is never handed back (no page faults per step);
   TRANSFORMER_JAX_ONE_HEAP=0 (set by conftest for the tests' short runs) leaves only the huge pages."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
+  import subprocess
+  from transformer_jax import hugepages
+
   base = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'TRANSFORMER_JAX_ONE_HEAP')}
   base['PYTHONPATH'] = _REPO
   with pytest.MonkeyPatch.context() as patch:
@@ -449,8 +498,9 @@ def test_train_reexecutes_with_one_heap_and_the_tests_opt_out():
   show = _SHOW_TUNABLES.replace('reexec_if_wanted()', 'reexec_if_wanted(one_heap=True)')
 
   def tunables(**env):
-    out = subprocess.run([sys.executable, '-c', show], capture_output=True, text=True, env={**base, **env},
-                         timeout=60, check=True).stdout.split()
+    out = subprocess.run(
+      [sys.executable, '-c', show], capture_output=True, text=True, env={**base, **env}, timeout=60, check=True
+    ).stdout.split()
     return out[1].split(':') if len(out) > 2 else []
 
   assert tunables() == expected and set(hugepages.ONE_HEAP) <= set(expected)

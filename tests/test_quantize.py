@@ -54,7 +54,9 @@ def test_the_tree_quantizes_kernels_per_output_channel_and_leaves_the_rest():
   float_bytes = quantize.weight_bytes(params)
   int8_bytes = quantize.weight_bytes(values) + quantize.weight_bytes(scales)
   assert int8_bytes < 0.35 * float_bytes
-  for a, b in zip(jax.tree.leaves(quantize.dequantize_params(quantized)), jax.tree.leaves(quantize.fake_quantize(params))):
+  for a, b in zip(
+    jax.tree.leaves(quantize.dequantize_params(quantized)), jax.tree.leaves(quantize.fake_quantize(params))
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -103,15 +105,19 @@ def test_int8_and_bfloat16_weights_keep_logits_and_greedy_outputs(seed):
   reference = _logits(params, cfg, inputs, targets)
   greedy = np.asarray(decode.greedy_decode(params, inputs, cfg=cfg, max_decode_len=16))
   spread = reference.std()
-  for name, changed in (('int8', quantize.fake_quantize(params)),
-                        ('bfloat16', quantize.cast_params(params, jnp.bfloat16))):
+  for name, changed in (
+    ('int8', quantize.fake_quantize(params)),
+    ('bfloat16', quantize.cast_params(params, jnp.bfloat16)),
+  ):
     logits = _logits(changed, cfg, inputs, targets)
     error = np.abs(logits - reference).mean() / spread
     agree = np.mean(np.argmax(logits, -1) == np.argmax(reference, -1))
     tokens = np.asarray(decode.greedy_decode(changed, inputs, cfg=cfg, max_decode_len=16))
     same_outputs = np.mean(np.all(tokens == greedy, axis=1))
-    print(f'{name}: mean |logit error| = {error:.4f} std, argmax agreement {agree:.3f}, greedy outputs equal '
-          f'{same_outputs:.3f}')
+    print(
+      f'{name}: mean |logit error| = {error:.4f} std, argmax agreement {agree:.3f}, greedy outputs equal '
+      f'{same_outputs:.3f}'
+    )
     assert error < 0.05 and agree >= 0.9 and same_outputs >= 0.75
   # an int8 grid coarser than the weights' own values would show: a 4-level grid is far off
   coarse = jax.tree.map(lambda x: np.round(x * 2) / 2 if x.ndim >= 2 else x, params)
@@ -133,16 +139,25 @@ def workdir(tmp_path_factory):
   from transformer_jax.data import sources
   from transformer_jax.data import tokenizer as tokenizer_lib
   import test_inference
-  config = test_inference._config()  # pylint: disable=protected-access
+
+  config = test_inference._config()
   workdir = str(tmp_path_factory.mktemp('run'))
-  pairs = sources.load_text_pairs(config.dataset, config.train_split, source_lang=config.source_lang,
-                                  target_lang=config.target_lang, max_examples=400, cache_dir=workdir)
-  tokenizer_lib.load_or_train_tokenizer(os.path.join(workdir, 'spm.model'), lambda: (x for p in pairs for x in p),
-                                        config.model.vocab_size)
+  pairs = sources.load_text_pairs(
+    config.dataset,
+    config.train_split,
+    source_lang=config.source_lang,
+    target_lang=config.target_lang,
+    max_examples=400,
+    cache_dir=workdir,
+  )
+  tokenizer_lib.load_or_train_tokenizer(
+    os.path.join(workdir, 'spm.model'), lambda: (x for p in pairs for x in p), config.model.vocab_size
+  )
   mesh = parallel.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    state, _ = train_state.create_sharded_state(Transformer(train_state.model_config(config)),
-                                              optim.make_optimizer(config), config, mesh, jax.random.key(1))
+    state, _ = train_state.create_sharded_state(
+      Transformer(train_state.model_config(config)), optim.make_optimizer(config), config, mesh, jax.random.key(1)
+    )
   checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
   checkpointer.save(7, state, {}, json.loads(config.to_json_best_effort()), force=True)
   checkpointer.wait()
@@ -150,10 +165,28 @@ def workdir(tmp_path_factory):
   return workdir
 
 
-SENTENCES = ['one', 'two hundred', 'fifty-five thousand four hundred and twelve', 'seven million', 'three',
-             'eighty-one', 'four thousand', 'twelve', 'six', 'forty', 'ten thousand and one', 'five', 'eleven',
-             'nine hundred and ninety-nine', 'thirty-three', 'one hundred and five', 'twenty-one', 'sixty',
-             'eight thousand and eight', 'two million three hundred']
+SENTENCES = [
+  'one',
+  'two hundred',
+  'fifty-five thousand four hundred and twelve',
+  'seven million',
+  'three',
+  'eighty-one',
+  'four thousand',
+  'twelve',
+  'six',
+  'forty',
+  'ten thousand and one',
+  'five',
+  'eleven',
+  'nine hundred and ninety-nine',
+  'thirty-three',
+  'one hundred and five',
+  'twenty-one',
+  'sixty',
+  'eight thousand and eight',
+  'two million three hundred',
+]
 
 
 def _flat(tree):
@@ -164,6 +197,7 @@ def _spy_translations(workdir, **weights):
   """Greedy translations of SENTENCES through translate_workdir, and the parameters the decoder was given."""
   from transformer_jax.inference import evaluation
   from transformer_jax.inference import translate as inference
+
   seen = []
   original = evaluation.translate_ids
 
@@ -196,9 +230,10 @@ def test_the_decoder_runs_int8_grid_weights_and_keeps_most_translations(workdir,
       scale = np.abs(w).max(axis=axes, keepdims=True) / 127
       assert str(got.dtype) == weights_dtype, name
       on_grid = np.clip(np.round(w / scale), -127, 127) * scale  # within scale / 2 of w: the property tests above
-      one_step = 1e-6 if weights_dtype == 'float32' else 2.0 ** -7  # bfloat16: within one of its own steps
-      np.testing.assert_allclose(got.astype(np.float32), on_grid.astype(got.dtype).astype(np.float32), rtol=one_step,
-                                 atol=0, err_msg=name)
+      one_step = 1e-6 if weights_dtype == 'float32' else 2.0**-7  # bfloat16: within one of its own steps
+      np.testing.assert_allclose(
+        got.astype(np.float32), on_grid.astype(got.dtype).astype(np.float32), rtol=one_step, atol=0, err_msg=name
+      )
       assert not np.array_equal(got, w), name  # the rounding happened
       quantized += 1
     else:  # norms, biases, positions: untouched
@@ -206,7 +241,7 @@ def test_the_decoder_runs_int8_grid_weights_and_keeps_most_translations(workdir,
   assert quantized >= 10
   assert len(set(reference)) > 5  # the model's outputs depend on the input: agreement is not vacuous
   same = np.mean([a == b for a, b in zip(out, reference)])
-  print(f'int8 {weights_dtype}: {same:.2f} of the greedy translations equal float32\'s')
+  print(f"int8 {weights_dtype}: {same:.2f} of the greedy translations equal float32's")
   assert same >= 0.7, list(zip(out, reference))
 
 
@@ -218,12 +253,13 @@ def test_bfloat16_weights_are_the_float32_ones_rounded(workdir, float32_run):
   for name, w in params.items():
     np.testing.assert_array_equal(seen[name], w.astype(seen[name].dtype), err_msg=name)
   same = np.mean([a == b for a, b in zip(out, reference)])
-  print(f'bfloat16: {same:.2f} of the greedy translations equal float32\'s')
+  print(f"bfloat16: {same:.2f} of the greedy translations equal float32's")
   assert same >= 0.8, list(zip(out, reference))
 
 
 def test_the_choices_the_cli_names_without_jax_are_decoding_params_choices():
   from transformer_jax import commands
+
   assert commands.QUANTIZE_CHOICES == quantize.QUANTIZE_CHOICES
   assert commands.WEIGHTS_DTYPES == quantize.WEIGHTS_DTYPES
   with pytest.raises(ValueError, match='int4'):
@@ -235,14 +271,20 @@ def test_cli_evaluate_with_int8_weights_writes_what_the_int8_decoder_translates(
   import helpers
   from transformer_jax.inference import translate as inference
   from transformer_jax.data import sources
+
   result = helpers.cli('evaluate', f'--workdir={workdir}', '--quantize=int8', '--beam_size=1')
   assert result.returncode == 0, result.stderr[-2000:]
   assert re.fullmatch(r'bleu=\S+ chrf=\S+ exact_match=\S+', result.stdout.strip().splitlines()[-1]), result.stdout
   loaded = inference.load_workdir(workdir, quantize='int8')
   config = loaded.config
-  pairs = sources.load_text_pairs(config.dataset, config.eval_split, source_lang=config.source_lang,
-                                  target_lang=config.target_lang, max_examples=config.get('max_eval_examples'),
-                                  cache_dir=workdir)
+  pairs = sources.load_text_pairs(
+    config.dataset,
+    config.eval_split,
+    source_lang=config.source_lang,
+    target_lang=config.target_lang,
+    max_examples=config.get('max_eval_examples'),
+    cache_dir=workdir,
+  )
   want = inference.translate_sentences(loaded, [s for s, _ in pairs], beam_size=1)
   with open(os.path.join(workdir, f'hypotheses_{config.eval_split}_step7_int8.txt')) as f:
     assert f.read().splitlines() == want
@@ -253,6 +295,7 @@ def test_cli_evaluate_with_int8_weights_writes_what_the_int8_decoder_translates(
 def test_help_names_the_weight_choices_once_and_says_int8_measures_quality(command):
   from absl import flags
   from transformer_jax import commands
+
   fv = flags.FlagValues()
   names = commands.define_flags(command, fv, argv=['transformer-jax', command])
   text = commands.help_text(command, names, fv)
@@ -266,6 +309,7 @@ def test_generate_and_lm_evaluate_load_the_weights_they_are_given(monkeypatch):
   import types
   from transformer_jax.inference import translate as inference
   from transformer_jax.inference import lm_inference
+
   asked = []
 
   class Loaded(Exception):

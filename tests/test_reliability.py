@@ -28,8 +28,13 @@ from transformer_jax.storage import lock as workdir_lock
 
 NUM_STEPS = 8
 EVERY = 4
-CONFIG_FILE = helpers.small_config_file(eval_translate_examples=16, num_train_steps=NUM_STEPS,
-                                        checkpoint_every_steps=EVERY, eval_every_steps=1000, log_every_steps=1000)
+CONFIG_FILE = helpers.small_config_file(
+  eval_translate_examples=16,
+  num_train_steps=NUM_STEPS,
+  checkpoint_every_steps=EVERY,
+  eval_every_steps=1000,
+  log_every_steps=1000,
+)
 
 
 def tree_hash(directory: str) -> dict[str, str]:
@@ -75,8 +80,9 @@ def trained(tmp_path_factory, env, config_path):
   assert run.wait() == 0, run.describe()
   assert committed_steps(workdir) == [EVERY, NUM_STEPS] and not os.path.exists(os.path.join(workdir, '.lock'))
   # where the time went, one stderr line per finished run
-  assert re.search(rf'^time: data .*; first step \(compiles\) .*; steps 2\.\.{NUM_STEPS} .*; final evaluation ',
-                   run.stderr, re.M), run.describe()
+  assert re.search(
+    rf'^time: data .*; first step \(compiles\) .*; steps 2\.\.{NUM_STEPS} .*; final evaluation ', run.stderr, re.M
+  ), run.describe()
   return workdir
 
 
@@ -85,7 +91,8 @@ def trained(tmp_path_factory, env, config_path):
 
 
 def _tiny_config():
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+
   return tiny.get_config()
 
 
@@ -126,8 +133,11 @@ def test_cross_key_rules_and_many_bad_keys():
   config.packed_targets_length = 16  # < max_length 32
   config.grad_accum_steps = 5  # does not divide 32
   errors = config_checks.config_errors(config)
-  assert [e.split(':')[0] for e in errors] == ['config model.d_model=128', 'config packed_targets_length=16',
-                                               'config grad_accum_steps=5']
+  assert [e.split(':')[0] for e in errors] == [
+    'config model.d_model=128',
+    'config packed_targets_length=16',
+    'config grad_accum_steps=5',
+  ]
   config = _tiny_config()
   config.num_train_steps, config.learning_rate, config.warmup_steps = -5, 0.0, -1
   assert len(config_checks.config_errors(config)) == 3
@@ -153,8 +163,11 @@ def test_posix_lock_refuses_a_second_writer_and_leaves_nothing_behind(tmp_path):
   first.acquire()
   assert first.holder()['pid'] == os.getpid() and first.holder()['command'] == 'transformer-jax train --workdir=new'
   second = workdir_lock.PosixLock(workdir, 'second')
-  with pytest.raises(workdir_lock.WorkdirLockedError, match=rf'in use by another writer: pid {os.getpid()} on host '
-                     r'\S+, started \S+ \(transformer-jax train --workdir=new\)'):
+  with pytest.raises(
+    workdir_lock.WorkdirLockedError,
+    match=rf'in use by another writer: pid {os.getpid()} on host '
+    r'\S+, started \S+ \(transformer-jax train --workdir=new\)',
+  ):
     second.acquire()
   first.release()
   assert not os.path.exists(workdir)  # it made the directory and left it empty: removed
@@ -166,10 +179,16 @@ def test_posix_lock_refuses_a_second_writer_and_leaves_nothing_behind(tmp_path):
 
 def test_a_killed_holder_leaves_a_lock_file_that_does_not_block(tmp_path):
   workdir = str(tmp_path)
-  code = ('import sys, time; from transformer_jax import workdir_lock as w; '
-          f'w.PosixLock({workdir!r}, "child").acquire(); print("locked", flush=True); time.sleep(60)')
-  child = subprocess.Popen([os.sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
-                           env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
+  code = (
+    'import sys, time; from transformer_jax.storage import lock as w; '
+    f'w.PosixLock({workdir!r}, "child").acquire(); print("locked", flush=True); time.sleep(60)'
+  )
+  child = subprocess.Popen(
+    [os.sys.executable, '-c', code],
+    stdout=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))),
+  )
   try:
     assert child.stdout.readline().strip() == 'locked'
     with pytest.raises(workdir_lock.WorkdirLockedError, match=f'pid {child.pid} '):
@@ -184,14 +203,14 @@ def test_a_killed_holder_leaves_a_lock_file_that_does_not_block(tmp_path):
 
 def test_object_store_lock_heartbeat_timeout_and_takeover(capfd):
   store, now = workdir_lock.MemoryStore(), [1000.0]
-  clock = lambda: now[0]  # pylint: disable=unnecessary-lambda-assignment
+  clock = lambda: now[0]
   first = workdir_lock.ObjectStoreLock('gs://b/run', 'first', store=store, timeout_s=60, heartbeat_s=10, clock=clock)
   first.acquire(start_heartbeat=False)
-  second = workdir_lock.ObjectStoreLock('gs://b/run', 'second', store=store, timeout_s=60, heartbeat_s=10,
-                                        clock=clock)
+  second = workdir_lock.ObjectStoreLock('gs://b/run', 'second', store=store, timeout_s=60, heartbeat_s=10, clock=clock)
   now[0] += 50
-  with pytest.raises(workdir_lock.WorkdirLockedError,
-                     match=r'\(first\), last heartbeat 50 s ago \(taken over after 60'):
+  with pytest.raises(
+    workdir_lock.WorkdirLockedError, match=r'\(first\), last heartbeat 50 s ago \(taken over after 60'
+  ):
     second.acquire(start_heartbeat=False)
   assert first.heartbeat()  # the holder is alive: its heartbeat resets the age
   now[0] += 50
@@ -240,45 +259,104 @@ def test_bad_inputs_are_one_line_each_and_change_nothing(tmp_path, env, config_p
   damaged_spm, damaged_config = str(tmp_path / 'damaged_spm'), str(tmp_path / 'damaged_config')
   other_arch = str(tmp_path / 'other_arch')  # a train with another d_model: the eval cache it would need is absent
   damaged_all = str(tmp_path / 'damaged_all')  # the same: refused before that cache is written
-  for target, damage in ((damaged_spm, _damage_tokenizer), (damaged_config, _damage_config),
-                         (other_arch, lambda _: None), (damaged_all, _damage_every_state)):
+  for target, damage in (
+    (damaged_spm, _damage_tokenizer),
+    (damaged_config, _damage_config),
+    (other_arch, lambda _: None),
+    (damaged_all, _damage_every_state),
+  ):
     shutil.copytree(trained, target)
     damage(target)
   sentences = tmp_path / 'sentences.txt'
   sentences.write_text('one hundred\n')
   cases = {  # name: (workdir, args, command, config, expected error lines (regexes))
-      'steps_and_rate': (trained, ['--config.num_train_steps=-5', '--config.learning_rate=0'], 'train', config_path,
-                         [r'config num_train_steps=-5: must be an integer >= 1',
-                          r'config learning_rate=0\.0: must be a finite number > 0']),
-      'nan_rate_dropout': (trained, ['--config.learning_rate=nan', '--config.model.dropout_rate=1.0',
-                                     '--config.model.num_heads=3'], 'train', config_path,
-                           [r'config learning_rate=nan: must be a finite number > 0',
-                            r'config model.dropout_rate=1\.0: must be a number in \[0, 1\)',
-                            r'config model.d_model=32: must be divisible by model.num_heads=3']),
-      'workdir_is_a_file': (str(a_file), [], 'train', config_path, [r'--workdir=\S+a_file is a file, not a directory']),
-      'input_is_a_directory': (trained, [f'--input={tmp_path}'], 'translate', None,
-                               [r'--input=\S+ is a directory, not a file']),
-      'translate_damaged_spm': (damaged_spm, [f'--input={sentences}'], 'translate', None,
-                                [r"the workdir's tokenizer is damaged: the SentencePiece model \S+spm.model is "
-                                 r'damaged \(\d+ bytes that do not parse as a model\)']),
-      'export_damaged_spm': (damaged_spm, ['--format=hf-marian', f'--out={tmp_path / "hf"}'], 'export', None,
-                             [r"the workdir's tokenizer is damaged"]),
-      'train_damaged_spm': (damaged_spm, [], 'train', config_path,
-                            [r'SentencePiece model \S+ is damaged .*; delete it and rerun to retrain the tokenizer']),
-      'train_other_architecture': (other_arch, ['--config.model.d_model=64', '--config.model.d_ff=128',
-                                                '--config.max_eval_examples=64'], 'train', config_path,
-                                   [r'checkpoint step 8 in \S+: parameter \S+ has shape \([\d, ]+\) but the model '
-                                    r'expects \([\d, ]+\): the checkpoint was made with another architecture']),
-      'train_every_checkpoint_damaged': (damaged_all, ['--config.max_eval_examples=64'], 'train', config_path,
-                                         [r'no readable checkpoint in \S+: step \d+: .*; step \d+: .*move the '
-                                          r'checkpoints away or use a new --workdir']),
-      'translate_damaged_config': (damaged_config, [f'--input={sentences}'], 'translate', None,
-                                   [r'no readable config in \S+ \(step 4: JSONDecodeError: .*\); pass --config=FILE']),
+    'steps_and_rate': (
+      trained,
+      ['--config.num_train_steps=-5', '--config.learning_rate=0'],
+      'train',
+      config_path,
+      [
+        r'config num_train_steps=-5: must be an integer >= 1',
+        r'config learning_rate=0\.0: must be a finite number > 0',
+      ],
+    ),
+    'nan_rate_dropout': (
+      trained,
+      ['--config.learning_rate=nan', '--config.model.dropout_rate=1.0', '--config.model.num_heads=3'],
+      'train',
+      config_path,
+      [
+        r'config learning_rate=nan: must be a finite number > 0',
+        r'config model.dropout_rate=1\.0: must be a number in \[0, 1\)',
+        r'config model.d_model=32: must be divisible by model.num_heads=3',
+      ],
+    ),
+    'workdir_is_a_file': (str(a_file), [], 'train', config_path, [r'--workdir=\S+a_file is a file, not a directory']),
+    'input_is_a_directory': (
+      trained,
+      [f'--input={tmp_path}'],
+      'translate',
+      None,
+      [r'--input=\S+ is a directory, not a file'],
+    ),
+    'translate_damaged_spm': (
+      damaged_spm,
+      [f'--input={sentences}'],
+      'translate',
+      None,
+      [
+        r"the workdir's tokenizer is damaged: the SentencePiece model \S+spm.model is "
+        r'damaged \(\d+ bytes that do not parse as a model\)'
+      ],
+    ),
+    'export_damaged_spm': (
+      damaged_spm,
+      ['--format=hf-marian', f'--out={tmp_path / "hf"}'],
+      'export',
+      None,
+      [r"the workdir's tokenizer is damaged"],
+    ),
+    'train_damaged_spm': (
+      damaged_spm,
+      [],
+      'train',
+      config_path,
+      [r'SentencePiece model \S+ is damaged .*; delete it and rerun to retrain the tokenizer'],
+    ),
+    'train_other_architecture': (
+      other_arch,
+      ['--config.model.d_model=64', '--config.model.d_ff=128', '--config.max_eval_examples=64'],
+      'train',
+      config_path,
+      [
+        r'checkpoint step 8 in \S+: parameter \S+ has shape \([\d, ]+\) but the model '
+        r'expects \([\d, ]+\): the checkpoint was made with another architecture'
+      ],
+    ),
+    'train_every_checkpoint_damaged': (
+      damaged_all,
+      ['--config.max_eval_examples=64'],
+      'train',
+      config_path,
+      [
+        r'no readable checkpoint in \S+: step \d+: .*; step \d+: .*move the '
+        r'checkpoints away or use a new --workdir'
+      ],
+    ),
+    'translate_damaged_config': (
+      damaged_config,
+      [f'--input={sentences}'],
+      'translate',
+      None,
+      [r'no readable config in \S+ \(step 4: JSONDecodeError: .*\); pass --config=FILE'],
+    ),
   }
   before = {name: tree_hash(case[0]) for name, case in cases.items()}
   before_stat = {name: tree_stat(case[0]) for name, case in cases.items() if os.path.isdir(case[0])}
-  runs = {name: Run(workdir, env, *args, command=command, config=config, log=str(tmp_path / name))
-          for name, (workdir, args, command, config, _) in cases.items()}
+  runs = {
+    name: Run(workdir, env, *args, command=command, config=config, log=str(tmp_path / name))
+    for name, (workdir, args, command, config, _) in cases.items()
+  }
   # Beside them, not a bad input: rerunning the finished run reports its held-out metrics and writes nothing.
   rerun = Run(trained, env, config=config_path, log=str(tmp_path / 'rerun'))
   codes = {name: run.wait() for name, run in runs.items()}  # all ended before any workdir is compared
@@ -344,8 +422,9 @@ def test_a_second_trainer_is_refused_at_once_and_kill_9_leaves_no_blocking_lock(
 def small_disk(tmp_path):
   mount_point = tmp_path / 'disk'
   mount_point.mkdir()
-  result = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(mount_point)], capture_output=True,
-                          text=True, check=False)
+  result = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(mount_point)], capture_output=True, text=True, check=False
+  )
   if result.returncode != 0:
     pytest.skip(f'cannot mount a small tmpfs to fill (needs root): {result.stderr.strip()}')
   try:
@@ -368,9 +447,10 @@ def _fill(disk: str, leave: int) -> str:
 def test_callbacks_on_a_closed_event_loop_go_to_the_detail_log_and_other_errors_do_not(tmp_path, monkeypatch, capsys):
   """After a failed save, tensorstore callbacks hit orbax's closed event loop and are printed through sys.excepthook
   at any moment (the disk-full run was flaky with them): the CLI's hooks send exactly those to the detail log."""
-  import asyncio  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
+  import asyncio
+  import sys
+  from transformer_jax.training import faults
+
   monkeypatch.setattr(faults, 'detail_log_path', lambda: str(tmp_path / 'detail.log'))
   monkeypatch.setattr(faults, '_detail_file', None)
   monkeypatch.setattr(sys, 'excepthook', sys.__excepthook__)
@@ -393,13 +473,13 @@ def test_callbacks_on_a_closed_event_loop_go_to_the_detail_log_and_other_errors_
 
 
 def test_disk_full_during_a_background_save_is_one_line_and_the_last_checkpoint_restores(
-    tmp_path, env, config_path, trained, small_disk):
+  tmp_path, env, config_path, trained, small_disk
+):
   workdir = os.path.join(small_disk, 'run')
   shutil.copytree(trained, workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', str(NUM_STEPS)))  # resume from EVERY, save NUM_STEPS
   state_bytes = checkpoint_lib.tree_nbytes(load_state(workdir, EVERY)[0])
-  on_disk = checkpoint_lib._disk_usage(  # pylint: disable=protected-access
-      os.path.join(workdir, 'checkpoints', str(EVERY)))
+  on_disk = checkpoint_lib._disk_usage(os.path.join(workdir, 'checkpoints', str(EVERY)))
   # blocks and metadata: room for the arrays alone is not room for a checkpoint (1.6x the arrays' bytes here)
   assert on_disk > 1.25 * state_bytes
   # Room for the arrays (the up-front check passes) and an eighth of the rest: the save fails while writing. (With
@@ -409,9 +489,12 @@ def test_disk_full_during_a_background_save_is_one_line_and_the_last_checkpoint_
   assert run.wait() == 1, run.describe()
   errors = error_lines(run)
   assert len(errors) == 1, run.describe()
-  match = re.search(rf'no space left in {re.escape(workdir)}/checkpoints to save checkpoint step {NUM_STEPS}: it '
-                    r'needs about (\d+) bytes .*, (\d+) bytes are free; .*training resumes from checkpoint step '
-                    rf'{EVERY}; details in (\S+)\)', errors[0])
+  match = re.search(
+    rf'no space left in {re.escape(workdir)}/checkpoints to save checkpoint step {NUM_STEPS}: it '
+    r'needs about (\d+) bytes .*, (\d+) bytes are free; .*training resumes from checkpoint step '
+    rf'{EVERY}; details in (\S+)\)',
+    errors[0],
+  )
   assert match, errors[0]
   assert int(match.group(1)) >= on_disk > int(match.group(2))
   assert 'Traceback' not in run.stderr and 'RESOURCE_EXHAUSTED' not in run.stderr, run.describe()
@@ -422,12 +505,16 @@ def test_disk_full_during_a_background_save_is_one_line_and_the_last_checkpoint_
 
 
 def test_a_save_certain_not_to_fit_is_refused_before_writing(tmp_path, small_disk):
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   _fill(small_disk, 64 << 10)
   checkpointer = checkpoint_lib.Checkpointer(small_disk, async_save=True)
   state = {'w': jax.numpy.zeros((256, 1024), np.float32)}  # 1 MB
-  with pytest.raises(checkpoint_lib.CheckpointSaveError, match=r'to save checkpoint step 1: it needs about 1048576 '
-                     r'bytes \(1\.0 MB\), \d+ bytes are free.*no checkpoint was committed yet'):
+  with pytest.raises(
+    checkpoint_lib.CheckpointSaveError,
+    match=r'to save checkpoint step 1: it needs about 1048576 '
+    r'bytes \(1\.0 MB\), \d+ bytes are free.*no checkpoint was committed yet',
+  ):
     checkpointer.save(1, state, {'step': 1}, {})
   assert not os.listdir(checkpoint_lib.checkpoint_dir(small_disk))
   checkpointer.manager.close()
@@ -453,25 +540,38 @@ def test_sigterm_during_data_preparation_exits_0_with_nothing_saved(tmp_path, en
 def test_sigterm_during_the_final_evaluation_commits_the_final_checkpoint(tmp_path, env, config_path, trained):
   workdir = str(tmp_path / 'final_eval')
   seed_workdir(trained, workdir)
-  run = Run(workdir, env, '--config.max_eval_examples=256', '--config.eval_translate_examples=256',
-            '--config.eval_translate_batch_size=16', config=config_path, log=str(tmp_path / 'final_eval'))
+  run = Run(
+    workdir,
+    env,
+    '--config.max_eval_examples=256',
+    '--config.eval_translate_examples=256',
+    '--config.eval_translate_batch_size=16',
+    config=config_path,
+    log=str(tmp_path / 'final_eval'),
+  )
   deadline = time.time() + 300
   while NUM_STEPS not in committed_steps(workdir):  # the final save commits while the final evaluation runs
     assert run.proc.poll() is None and time.time() < deadline, run.describe()
     time.sleep(0.01)
   run.proc.send_signal(signal.SIGTERM)
   assert run.wait() == 0, run.describe()
-  assert (f'preempted: during the final evaluation; checkpoint step {NUM_STEPS} is committed in '
-          f'{os.path.join(os.path.abspath(workdir), "checkpoints")} (rerun to evaluate it)') in run.stdout, \
-      run.describe()
+  assert (
+    f'preempted: during the final evaluation; checkpoint step {NUM_STEPS} is committed in '
+    f'{os.path.join(os.path.abspath(workdir), "checkpoints")} (rerun to evaluate it)'
+  ) in run.stdout, run.describe()
   assert 'final:' not in run.stdout and 'Traceback' not in run.stderr
   assert committed_steps(workdir) == [EVERY, NUM_STEPS] and not tmp_dirs(workdir)
   assert load_state(workdir)[2] == NUM_STEPS
 
 
 def test_train_help_documents_the_signal_convention(env):
-  out = subprocess.run([os.sys.executable, '-m', 'transformer_jax.cli', 'train', '--help'], capture_output=True,
-                       text=True, env=env, check=True).stdout
+  out = subprocess.run(
+    [os.sys.executable, '-m', 'transformer_jax.cli', 'train', '--help'],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=True,
+  ).stdout
   assert 'SIGTERM or SIGINT (Ctrl-C) at any phase end the run with exit 0' in out
 
 
@@ -480,27 +580,31 @@ def test_train_help_documents_the_signal_convention(env):
 
 
 def test_a_garbage_generated_data_cache_is_ignored_not_a_traceback(tmp_path, caplog):
-  from transformer_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import sources
+
   path = str(tmp_path / 'cache.tsv')
-  sources._write_tsv_cache(path, [('one', 'eins'), ('two', 'zwei')])  # pylint: disable=protected-access
-  assert sources._read_tsv_cache(path) == [('one', 'eins'), ('two', 'zwei')]  # pylint: disable=protected-access
+  sources._write_tsv_cache(path, [('one', 'eins'), ('two', 'zwei')])
+  assert sources._read_tsv_cache(path) == [('one', 'eins'), ('two', 'zwei')]
   for damaged in (open(path, 'rb').read()[:-3], b'\xff\xfe\x00garbage\x80\n\x81'):
     with open(path, 'wb') as f:
       f.write(damaged)
-    assert sources._read_tsv_cache(path) is None  # pylint: disable=protected-access
+    assert sources._read_tsv_cache(path) is None
   assert 'damaged cache file' in caplog.text
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'garbage', 'empty'])
 def test_a_damaged_export_file_is_one_exporterror(tmp_path, damage):
-  from transformer_jax import export  # pylint: disable=g-import-not-at-top
+  from transformer_jax import export
+
   path = str(tmp_path / 'model.safetensors')
   export.write_safetensors(path, {'a.b': np.arange(1000, dtype=np.float32)}, {'step': '3'})
   params, metadata = export.load_params(path)
   assert metadata['step'] == '3' and params['a']['b'].shape == (1000,)
   data = open(path, 'rb').read()
-  data = {'truncate': data[:len(data) // 2], 'garbage': bytes(range(256)) * 8, 'empty': b''}[damage]
+  data = {'truncate': data[: len(data) // 2], 'garbage': bytes(range(256)) * 8, 'empty': b''}[damage]
   with open(path, 'wb') as f:
     f.write(data)
-  with pytest.raises(export.ExportError, match=r'model\.safetensors is (damaged or not a transformer_jax export|not a)'):
+  with pytest.raises(
+    export.ExportError, match=r'model\.safetensors is (damaged or not a transformer_jax export|not a)'
+  ):
     export.load_params(path)

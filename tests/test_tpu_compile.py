@@ -17,16 +17,20 @@ from transformer_jax.tpu import compile as tpu_compile
 from transformer_jax.tpu import report as tpu_report
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec('libtpu') is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
 
 
 def small_config(**mesh):
-  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from configs import tiny
+
   config = tiny.get_config()
   config.model.update(num_layers=1, d_model=64, d_ff=128, num_heads=4)
-  config.update(packed_inputs_length=32, packed_targets_length=32, max_length=32, batch_size=16,
-                eval_translate_batch_size=16)
+  config.update(
+    packed_inputs_length=32, packed_targets_length=32, max_length=32, batch_size=16, eval_translate_batch_size=16
+  )
   config.mesh.update({**dict(data=1, fsdp=-1, tensor=1), **mesh})
   return config
 
@@ -39,8 +43,9 @@ def _by_program(reports):
 def v5e():
   """Train, eval, greedy and beam of a translation model on v5e:2x2 (fsdp=4): ~20 s."""
   config = small_config()
-  return config, _by_program(tpu_compile.compile_programs(config, 'v5e:2x2', programs=('train', 'eval', 'greedy',
-                                                                                       'beam'), keep_compiled=True))
+  return config, _by_program(
+    tpu_compile.compile_programs(config, 'v5e:2x2', programs=('train', 'eval', 'greedy', 'beam'), keep_compiled=True)
+  )
 
 
 @pytest.fixture(scope='module')
@@ -54,10 +59,20 @@ def v4_tensor():
 # Topologies, roofline, HLO parsing: no compiler
 
 
-@pytest.mark.parametrize('name, topology, chips, chip', [
-    ('v4-8', 'v4:2x2x1', 4, 'v4'), ('v4-16', 'v4:2x2x2', 8, 'v4'), ('v5p-8', 'v5p:2x2x1', 4, 'v5p'),
-    ('v5litepod-16', 'v5e:4x4', 16, 'v5e'), ('v5e-16', 'v5e:4x4', 16, 'v5e'), ('v5e-8', 'v5e:2x4', 8, 'v5e'),
-    ('v6e-8', 'v6e:2x4', 8, 'v6e'), ('v5e:4x8', 'v5e:4x8', 32, 'v5e'), ('v5e-1', 'v5e:2x2', 1, 'v5e')])
+@pytest.mark.parametrize(
+  'name, topology, chips, chip',
+  [
+    ('v4-8', 'v4:2x2x1', 4, 'v4'),
+    ('v4-16', 'v4:2x2x2', 8, 'v4'),
+    ('v5p-8', 'v5p:2x2x1', 4, 'v5p'),
+    ('v5litepod-16', 'v5e:4x4', 16, 'v5e'),
+    ('v5e-16', 'v5e:4x4', 16, 'v5e'),
+    ('v5e-8', 'v5e:2x4', 8, 'v5e'),
+    ('v6e-8', 'v6e:2x4', 8, 'v6e'),
+    ('v5e:4x8', 'v5e:4x8', 32, 'v5e'),
+    ('v5e-1', 'v5e:2x2', 1, 'v5e'),
+  ],
+)
 def test_topology_names(name, topology, chips, chip):
   t = tpu_compile.parse_topology(name)
   assert (t.name, t.chips, t.chip.name) == (topology, chips, chip)
@@ -73,18 +88,22 @@ def test_roofline_is_the_slowest_of_three():
   rng = np.random.default_rng(0)
   for _ in range(200):
     c = tpu_chips.CHIPS[rng.choice(sorted(tpu_chips.CHIPS))]
-    flops, hbm, ici = 10.0**rng.uniform(9, 16), 10.0**rng.uniform(6, 12), 10.0**rng.uniform(0, 11)
+    flops, hbm, ici = 10.0 ** rng.uniform(9, 16), 10.0 ** rng.uniform(6, 12), 10.0 ** rng.uniform(0, 11)
     r = tpu_chips.roofline(c, flops, hbm, ici)
     assert r['t_step_s'] == max(flops / c.peak_bf16_flops, hbm / c.hbm_bytes_per_s, ici / c.ici_bytes_per_s)
-    assert r['t_step_s'] == r[f"t_{r['bound_by']}_s"]
+    assert r['t_step_s'] == r[f't_{r["bound_by"]}_s']
     # a compute-bound step whose model FLOPs are XLA's FLOPs on every chip is at 100% MFU
     assert tpu_chips.mfu(flops * 4, flops / c.peak_bf16_flops, c, 4) == pytest.approx(1.0)
 
 
 def test_model_flops_are_six_params_tokens_plus_attention():
-  shapes = {"['encoder']['wi']['kernel']": (8, 16), "['decoder']['wi']['kernel']": (8, 32),
-            "['decoder']['cross_attention']['key']['kernel']": (8, 2, 4), "['decoder']['norm']['scale']": (8,),
-            "['shared_embedding']['embedding']": (100, 8)}
+  shapes = {
+    "['encoder']['wi']['kernel']": (8, 16),
+    "['decoder']['wi']['kernel']": (8, 32),
+    "['decoder']['cross_attention']['key']['kernel']": (8, 2, 4),
+    "['decoder']['norm']['scale']": (8,),
+    "['shared_embedding']['embedding']": (100, 8),
+  }
   cfg = {'vocab_size': 100, 'd_model': 8, 'num_layers': 1}
 
   class Cfg(dict):
@@ -116,15 +135,28 @@ def _check_groups(shape, over):
   span = [names.index(a) for a in over]
   groups = ids.transpose(rest + span).reshape(-1, int(np.prod([shape[i] for i in span])))
   expected = tuple(a for a in over if shape[names.index(a)] > 1)
-  mesh_form = ("x = f32[8] all-reduce(y), replica_groups=mesh[" + ','.join(f"'axis_{i}'={n}" for i, n in
-               enumerate(shape)) + '] {' + ','.join(f"'axis_{names.index(a)}'" for a in over) + '}, to_apply=%add')
-  list_form = 'x = f32[8] all-reduce(y), replica_groups={' + ','.join(
-      '{' + ','.join(map(str, g)) + '}' for g in groups) + '}, to_apply=%add'
+  mesh_form = (
+    'x = f32[8] all-reduce(y), replica_groups=mesh['
+    + ','.join(f"'axis_{i}'={n}" for i, n in enumerate(shape))
+    + '] {'
+    + ','.join(f"'axis_{names.index(a)}'" for a in over)
+    + '}, to_apply=%add'
+  )
+  list_form = (
+    'x = f32[8] all-reduce(y), replica_groups={'
+    + ','.join('{' + ','.join(map(str, g)) + '}' for g in groups)
+    + '}, to_apply=%add'
+  )
   perm = rest + span
-  iota_form = (f'x = f32[8] all-reduce(y), replica_groups=[{groups.shape[0]},{groups.shape[1]}]<=['
-               + ','.join(map(str, shape)) + ']T(' + ','.join(map(str, perm)) + '), to_apply=%add')
+  iota_form = (
+    f'x = f32[8] all-reduce(y), replica_groups=[{groups.shape[0]},{groups.shape[1]}]<=['
+    + ','.join(map(str, shape))
+    + ']T('
+    + ','.join(map(str, perm))
+    + '), to_apply=%add'
+  )
   for line in (mesh_form, list_form, iota_form):
-    got = tpu_report._groups(line, ids.size)  # pylint: disable=protected-access
+    got = tpu_report._groups(line, ids.size)
     assert sorted(map(sorted, got)) == sorted(map(sorted, groups.tolist())), line
     assert tpu_report.mesh_axes_of(got, tuple(shape), names) == expected, line
 
@@ -147,8 +179,9 @@ def test_without_libtpu_the_command_refuses_in_one_line(monkeypatch, capsys):
 def test_the_compiled_train_step_is_the_trained_one(v5e):
   """Same shardings in as training's jit_train_step, and the activation constraints active: lowered without the
   mesh context the same step has none (and XLA gathers whole-batch activations on every chip)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from transformer_jax.training import train  # pylint: disable=import-outside-toplevel
+  import jax
+  from transformer_jax.training import train
+
   config, reports = v5e
   r = reports['train']
   state_in, batch_in, _ = r.compiled.input_shardings[0]
@@ -162,15 +195,19 @@ def test_the_compiled_train_step_is_the_trained_one(v5e):
 
   in_context = r.lowered.as_text()
   model, tx, shardings = (r.setup.model, r.setup.tx, r.setup.state_shardings)
-  outside = train.jit_train_step(model, tx, r.setup.config, r.mesh_object, shardings).lower(
-      r.setup.state, r.setup.batch, r.setup.rng).as_text()
+  outside = (
+    train.jit_train_step(model, tx, r.setup.config, r.mesh_object, shardings)
+    .lower(r.setup.state, r.setup.batch, r.setup.rng)
+    .as_text()
+  )
   assert constraints(in_context) > 0
   assert constraints(outside) == 0
 
 
 @needs_libtpu
 def test_report_figures_are_consistent(v5e):
-  from transformer_jax import info  # pylint: disable=import-outside-toplevel
+  from transformer_jax import info
+
   config, reports = v5e
   r = reports['train']
   m = r.memory
@@ -208,7 +245,8 @@ def test_hbm_estimate_and_logical_collectives_of_a_compiled_step(v5e):
   bound uses XLA's bytes. Collectives tie to the model: each fsdp-split kernel (the embedding table included) is
   all-gathered once for its forward matmul and at most once more for its backward ones, plus the token ids of the
   two embedding lookups, gathered over fsdp in the forward and the backward pass (4 s32 gathers)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
+
   config, reports = v5e
   r = reports['train']
   assert 0 < r.hbm_bytes_per_chip < r.bytes_accessed_per_chip
@@ -237,7 +275,8 @@ def test_per_op_estimate_lies_between_the_ceiling_and_the_floor(v5e):
   """By MFU: ceiling (perfect overlap) >= per-op >= floor (no overlap), on compiled train and eval steps; the
   per-op terms are the executed instructions' (the dots' FLOPs at least XLA's dot count of a loop-free step), and
   the JSON keeps XLA's and libtpu's own figures whole."""
-  import json  # pylint: disable=import-outside-toplevel
+  import json
+
   _, reports = v5e
   for program in ('train', 'eval'):
     r = reports[program]
@@ -262,7 +301,8 @@ def test_decoding_programs_compile(v5e):
   for program in ('eval', 'greedy', 'beam'):
     assert reports[program].fits and reports[program].memory['state'] > 0
   assert reports['greedy'].tokens_per_step == 0  # no tokens/s estimate for a while loop
-  from configs import lm_tiny  # pylint: disable=import-outside-toplevel
+  from configs import lm_tiny
+
   config = lm_tiny.get_config()
   config.model.update(num_layers=1, d_model=64, d_ff=128)
   config.update(max_length=32, packed_inputs_length=32, packed_targets_length=32, batch_size=8)
@@ -279,8 +319,9 @@ def test_multislice_keeps_fsdp_and_tensor_inside_a_slice():
   assert r.mesh == {'data': 2, 'fsdp': 2, 'tensor': 2} and r.chips == 8
   slice_of = [d.slice_index for d in r.mesh_object.devices.flat]
   assert all(len(set(np.asarray(slice_of).reshape(2, 4)[i])) == 1 for i in range(2))  # data spans the slices
-  found = tpu_report.collectives(r.compiled.as_text(), tuple(r.mesh_object.devices.shape),
-                                 r.mesh_object.axis_names, num_slices=2)
+  found = tpu_report.collectives(
+    r.compiled.as_text(), tuple(r.mesh_object.devices.shape), r.mesh_object.axis_names, num_slices=2
+  )
   inside = [c for c in found if not c.crosses_slices]
   across = [c for c in found if c.crosses_slices]
   # within a slice: fsdp and tensor only (replica groups number a slice's 4 devices); across: data only (DCN)
@@ -295,10 +336,26 @@ def test_state_over_hbm_is_refused_before_compiling(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS',)}
   out = tmp_path / 'r.json'
   proc = subprocess.run(
-      [sys.executable, '-m', 'transformer_jax.cli', 'compile', '--config=configs/tiny.py',
-       '--config.model.d_model=2048', '--config.model.d_ff=32768', '--config.model.num_layers=6',
-       '--config.model.vocab_size=32768', '--topology=v5e-1', f'--json={out}'],
-      cwd=_REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      '-m',
+      'transformer_jax.cli',
+      'compile',
+      '--config=configs/tiny.py',
+      '--config.model.d_model=2048',
+      '--config.model.d_ff=32768',
+      '--config.model.num_layers=6',
+      '--config.model.vocab_size=32768',
+      '--topology=v5e-1',
+      f'--json={out}',
+    ],
+    cwd=_REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   if importlib.util.find_spec('libtpu') is None:
     assert proc.returncode == 1 and "pip install -e '.[tpu]'" in proc.stderr
     return
@@ -309,10 +366,10 @@ def test_state_over_hbm_is_refused_before_compiling(tmp_path):
 
 def test_mesh_candidates_are_compared_by_the_per_op_estimate(monkeypatch):
   """--meshes: every candidate's train step, fastest per-op first; one that does not fit is never the answer."""
-  assert tpu_compile._mesh_of('data') == dict(data=-1, fsdp=1, tensor=1)  # pylint: disable=protected-access
-  assert tpu_compile._mesh_of('2x4x1') == dict(data=2, fsdp=4, tensor=1)  # pylint: disable=protected-access
+  assert tpu_compile._mesh_of('data') == dict(data=-1, fsdp=1, tensor=1)
+  assert tpu_compile._mesh_of('2x4x1') == dict(data=2, fsdp=4, tensor=1)
   with pytest.raises(ValueError):
-    tpu_compile._mesh_of('zero')  # pylint: disable=protected-access
+    tpu_compile._mesh_of('zero')
   rng = np.random.default_rng(0)
   for _ in range(20):
     times = {'data': rng.uniform(1, 2), 'fsdp': rng.uniform(1, 2), '1x2x2': rng.uniform(0.5, 2)}
@@ -320,11 +377,26 @@ def test_mesh_candidates_are_compared_by_the_per_op_estimate(monkeypatch):
     seen = []
 
     def fake(config, topology, num_slices, programs, progress, seen=seen, times=times, fits=fits):
-      mesh_of = tpu_compile._mesh_of  # pylint: disable=protected-access
+      mesh_of = tpu_compile._mesh_of
       name = next(n for n in times if all(config.mesh[k] == v for k, v in mesh_of(n).items()))
       seen.append(name)
-      r = tpu_report.ProgramReport('train', 'v5e:2x2', 4, 1, dict(config.mesh), 'v5e', 0.0, {'total': 0}, fits[name],
-                                   0.0, 0.0, {}, 1.0, 1, {'mfu': 0.5})
+      r = tpu_report.ProgramReport(
+        'train',
+        'v5e:2x2',
+        4,
+        1,
+        dict(config.mesh),
+        'v5e',
+        0.0,
+        {'total': 0},
+        fits[name],
+        0.0,
+        0.0,
+        {},
+        1.0,
+        1,
+        {'mfu': 0.5},
+      )
       r.per_op = {'t_step_s': times[name], 'mfu': 0.1}
       return [r]
 

@@ -20,8 +20,10 @@ from transformer_jax.training import train_state
 from transformer_jax.model.transformer import ModelConfig, Transformer, compute_dtype
 
 
-@pytest.mark.parametrize('platform,expected', [('tpu', jnp.bfloat16), ('gpu', jnp.bfloat16), ('cuda', jnp.bfloat16),
-                                               ('cpu', jnp.float32), ('TPU', jnp.bfloat16)])
+@pytest.mark.parametrize(
+  'platform,expected',
+  [('tpu', jnp.bfloat16), ('gpu', jnp.bfloat16), ('cuda', jnp.bfloat16), ('cpu', jnp.float32), ('TPU', jnp.bfloat16)],
+)
 def test_auto_dtype_follows_the_target_platform(platform, expected):
   assert compute_dtype('auto', platform) == jnp.dtype(expected)
   # a named dtype is the same on every platform
@@ -55,8 +57,12 @@ def _reference_sums(logits, targets, weights, label_smoothing):
   log_p = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
   loss, nll = -(q * log_p).sum(-1), -(one_hot * log_p).sum(-1)
   correct = np.take_along_axis(z, targets[..., None], -1)[..., 0] >= z.max(-1)
-  return {'loss_sum': (loss * weights).sum(), 'nll_sum': (nll * weights).sum(),
-          'correct_sum': (correct * weights).sum(), 'weight_sum': weights.sum()}
+  return {
+    'loss_sum': (loss * weights).sum(),
+    'nll_sum': (nll * weights).sum(),
+    'correct_sum': (correct * weights).sum(),
+    'weight_sum': weights.sum(),
+  }
 
 
 def _random_case(seed, rows=4, length=8, vocab=64, scale=4.0):
@@ -103,8 +109,9 @@ def test_loss_and_gradient_under_vocab_sharding_equal_the_unsharded_ones():
 
   want_loss, want_grad = jax.jit(loss_and_grad)(logits, targets, weights)
   for shape in ((1, 1, 8), (1, 4, 2)):
-    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=shape[0], fsdp=shape[1], tensor=shape[2])),
-                              jax.devices()[:8])
+    mesh = parallel.make_mesh(
+      ml_collections.ConfigDict(dict(data=shape[0], fsdp=shape[1], tensor=shape[2])), jax.devices()[:8]
+    )
     z = jax.device_put(logits, NamedSharding(mesh, P(parallel.BATCH_AXES, None, 'tensor')))
     rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
     loss, grad = jax.jit(loss_and_grad)(z, jax.device_put(targets, rows), jax.device_put(weights, rows))
@@ -132,21 +139,31 @@ def _large_xors(hlo: str, at_least: int) -> int:
   return count
 
 
-@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                    reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+@pytest.mark.skipif(
+  importlib.util.find_spec('libtpu') is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
 def test_tpu_dropout_bits_come_from_the_rng_bit_generator_not_threefry():
   """rng_impl='rbg' on TPU: the dropout masks are drawn by rng-bit-generator, and threefry is left with the key
   arithmetic (a few words); under threefry2x32 its xor rounds run over arrays of the masks' size. Compiled for v5e:2x2, ~30 s
   each."""
-  from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=import-outside-toplevel
+  from transformer_jax.tpu import compile as tpu_compile
+
   hlo = {}
   for impl in ('rbg', 'threefry2x32'):
     config = tiny.get_config()
     config.model.update(num_layers=1, d_model=64, d_ff=128, num_heads=4, dropout_rate=0.1)
-    config.update(packed_inputs_length=32, packed_targets_length=32, max_length=32, batch_size=16,
-                  eval_translate_batch_size=16, rng_impl=impl)
-    report, = tpu_compile.compile_programs(config, 'v5e:2x2', programs=('train',), keep_compiled=True,
-                                           progress=lambda line: None)
+    config.update(
+      packed_inputs_length=32,
+      packed_targets_length=32,
+      max_length=32,
+      batch_size=16,
+      eval_translate_batch_size=16,
+      rng_impl=impl,
+    )
+    (report,) = tpu_compile.compile_programs(
+      config, 'v5e:2x2', programs=('train',), keep_compiled=True, progress=lambda line: None
+    )
     hlo[impl] = report.compiled.as_text()
   mask = 16 * 32 * 64 // 4  # one residual dropout mask's elements per chip (batch split over 4 chips)
   assert 'rng-bit-generator(' in hlo['rbg'] and 'rng-bit-generator(' not in hlo['threefry2x32']

@@ -9,7 +9,7 @@ from transformer_jax.tpu import report as tpu_report
 MIB = 2**20
 
 # f32[512,512] = 1 MiB; bf16[512,512] = 0.5 MiB. T(8,128) tiles: no padding at these sizes.
-_LOOP = '''HloModule jit_step, entry_computation_layout={(f32[512,512]{1,0})->f32[512,512]{1,0}}
+_LOOP = """HloModule jit_step, entry_computation_layout={(f32[512,512]{1,0})->f32[512,512]{1,0}}
 
 %fused_computation.1 (param_0.1: f32[512,512]) -> f32[512,512] {
   %param_0.1 = f32[512,512]{1,0:T(8,128)S(1)} parameter(0)
@@ -42,7 +42,7 @@ ENTRY %main.1 (param.1: f32[512,512]) -> f32[512,512] {
   %while.1 = (s32[]{:T(128)}, f32[512,512]{1,0:T(8,128)}) while(%tuple.2), condition=%cond.1, body=%body.1%BACKEND
   ROOT %get-tuple-element.4 = f32[512,512]{1,0:T(8,128)} get-tuple-element(%while.1), index=1
 }
-'''
+"""
 
 
 def loop_module(trip: int, known: bool = False) -> str:
@@ -79,7 +79,7 @@ def test_a_collective_in_a_loop_is_one_op_run_trip_count_times():
   assert (s['count'], s['executions'], s['bytes'], s['ici_bytes']) == (1, 8, MIB, 8 * MIB)
 
 
-_ASYNC = '''HloModule jit_step
+_ASYNC = """HloModule jit_step
 
 %fused_computation.1 (param_0.1: bf16[64,512]) -> (bf16[64,512], bf16[512,512], s32[2]) {
   %param_0.1 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} parameter(0)
@@ -108,7 +108,7 @@ ENTRY %main.2 (param.1: f32[512,512], param.2: bf16[64,512]) -> f32[512,512] {
   %slice-done.1 = f32[128,512]{1,0:T(8,128)S(1)} slice-done(%slice-start.1)
   ROOT %copy.1 = f32[512,512]{1,0:T(8,128)} copy(%copy-done.2)
 }
-'''
+"""
 
 
 def test_async_copies_count_once_and_vmem_buffers_not_at_all():
@@ -123,7 +123,8 @@ def test_one_collective_per_channel_id():
   """Async collective fusion repeats the all-gather line in each fusion that advances it: one collective."""
   found = tpu_report.collectives(_ASYNC, (8,), ('fsdp',))
   assert [(c.kind, c.channel_id, c.executions, c.bytes, c.axes) for c in found] == [
-      ('all-gather', 3, 1, MIB // 2, ('fsdp',))]
+    ('all-gather', 3, 1, MIB // 2, ('fsdp',))
+  ]
   assert tpu_report.summarize(found)['all-gather']['count'] == 1
 
 
@@ -142,7 +143,7 @@ def test_tiled_layouts_pad_their_minor_dimensions():
 V5E = tpu_chips.CHIPS['v5e']
 _PERMUTE_S = MIB / V5E.link_bytes_per_s + tpu_chips.ICI_HOP_LATENCY_S  # 1 MiB to one neighbour, one hop
 
-_DOT = '''HloModule jit_step
+_DOT = """HloModule jit_step
 
 %fused_computation.7 (param_0.7: bf16[1024,2048], param_1.7: bf16[2048,1024]) -> f32[1024,1024] {
   %param_0.7 = bf16[1024,2048]{1,0:T(8,128)(2,1)S(1)} parameter(0)
@@ -156,7 +157,7 @@ ENTRY %main.7 (param.1: bf16[1024,2048], param.2: bf16[2048,1024]) -> f32[1024,1
   %param.2 = bf16[2048,1024]{1,0:T(8,128)(2,1)} parameter(1)
   ROOT %fusion.7 = f32[1024,1024]{1,0:T(8,128)S(1)} fusion(%param.1, %param.2), kind=kOutput, calls=%fused_computation.7, metadata={op_name="jit(step)/mlp/dot_general"}, backend_config={"window_config":{"estimated_cycles":"30000"}}
 }
-'''
+"""
 
 
 def test_a_fusion_is_charged_the_dot_inside_it():
@@ -172,8 +173,9 @@ def test_a_fusion_is_charged_the_dot_inside_it():
   assert p.cycles == 30000 and p.cycles_missing == 0 and p.executed == 1
   # with the right-hand side in VMEM too, nothing is read from HBM; with the result in HBM, 4 MiB more is written
   assert tpu_report.per_op_times(_DOT.replace('(2,1)}', '(2,1)S(1)}'), V5E, (1,), ('fsdp',)).t_hbm_s == 0
-  slow = tpu_report.per_op_times(_DOT.replace('f32[1024,1024]{1,0:T(8,128)S(1)} fusion',
-                                              'f32[1024,1024]{1,0:T(8,128)} fusion'), V5E, (1,), ('fsdp',))
+  slow = tpu_report.per_op_times(
+    _DOT.replace('f32[1024,1024]{1,0:T(8,128)S(1)} fusion', 'f32[1024,1024]{1,0:T(8,128)} fusion'), V5E, (1,), ('fsdp',)
+  )
   assert slow.t_hbm_s == pytest.approx(8 * MIB / V5E.hbm_bytes_per_s)
 
 
@@ -204,8 +206,10 @@ def test_work_between_start_and_done_hides_that_much_of_the_collective():
   assert p.t_per_op_s == pytest.approx(8 * (fusion_s + start_s + _PERMUTE_S - fusion_s), rel=1e-4)
   assert p.t_floor_s == pytest.approx(8 * (fusion_s + start_s + _PERMUTE_S), rel=1e-4)
   # a permute of 4 KiB (1.1 us) hides entirely behind the 2.6 us fusion: nothing exposed, never less than zero
-  small = '\n'.join(lines).replace('f32[512,512]{1,0:T(8,128)S(1)}, f32[512,512]{1,0:T(8,128)S(1)}, u32',
-                                   'f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)S(1)}, u32')
+  small = '\n'.join(lines).replace(
+    'f32[512,512]{1,0:T(8,128)S(1)}, f32[512,512]{1,0:T(8,128)S(1)}, u32',
+    'f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)S(1)}, u32',
+  )
   hidden = tpu_report.per_op_times(small, V5E, (4,), ('fsdp',))
   assert hidden.t_ici_s == pytest.approx(8 * (4096 / V5E.link_bytes_per_s + tpu_chips.ICI_HOP_LATENCY_S))
   assert hidden.t_ici_exposed_s == 0
@@ -227,13 +231,23 @@ def test_async_collective_fusion_is_one_collective_from_its_first_to_its_last_fu
   assert wide.t_ici_s == pytest.approx(gather_s - 7 / 8 * MIB / 2 / (4 * V5E.link_bytes_per_s))
 
 
-@pytest.mark.parametrize('group, torus, spanned', [(4, (4, 4), 1), (16, (4, 4), 2), (8, (2, 4), 2), (2, (2, 2, 1), 1),
-                                                    (8, (2, 2, 2), 3), (5, None, 1), (1, (16, 16), 1)])
+@pytest.mark.parametrize(
+  'group, torus, spanned',
+  [
+    (4, (4, 4), 1),
+    (16, (4, 4), 2),
+    (8, (2, 4), 2),
+    (2, (2, 2, 1), 1),
+    (8, (2, 2, 2), 3),
+    (5, None, 1),
+    (1, (16, 16), 1),
+  ],
+)
 def test_a_group_spans_the_torus_dimensions_it_needs(group, torus, spanned):
   assert tpu_report.torus_dims_spanned(group, torus) == spanned
 
 
-_SCAN = '''HloModule jit_step
+_SCAN = """HloModule jit_step
 
 %fused_computation.3 (param_0.3: f32[8,512,512], param_1.3: f32[512,512], param_2.3: s32[]) -> f32[8,512,512] {
   %param_0.3 = f32[8,512,512]{2,1,0:T(8,128)} parameter(0)
@@ -260,7 +274,7 @@ ENTRY %main.3 (param.1: f32[8,512,512], param.2: f32[512,512], param.3: s32[]) -
   %fusion.4 = f32[512,512]{1,0:T(8,128)S(1)} fusion(%param.1, %param.3), kind=kLoop, calls=%fused_computation.4
   ROOT %fusion.3 = f32[8,512,512]{2,1,0:T(8,128)} fusion(%param.1, %param.2, %param.3), kind=kLoop, calls=%fused_computation.3
 }
-'''
+"""
 
 
 def test_a_scan_touches_one_layer_of_a_stacked_buffer():
@@ -272,5 +286,6 @@ def test_a_scan_touches_one_layer_of_a_stacked_buffer():
   assert p.t_hbm_s == pytest.approx(3 * MIB / V5E.hbm_bytes_per_s)
   # the same fusions reading their whole operand (an element-wise user, not a dynamic-slice) pay for all of it
   whole = _SCAN.replace('dynamic-slice(%param_0.4', 'dynamic-slice(%negate.0').replace(
-      '%dynamic-slice.4 =', '%negate.0 = f32[8,512,512]{2,1,0:T(8,128)} negate(%param_0.4)\n  %dynamic-slice.4 =')
+    '%dynamic-slice.4 =', '%negate.0 = f32[8,512,512]{2,1,0:T(8,128)} negate(%param_0.4)\n  %dynamic-slice.4 ='
+  )
   assert tpu_report.hbm_traffic(whole).bytes == (8 + 2) * MIB

@@ -19,12 +19,18 @@ from transformer_jax.model.transformer import Transformer
 import helpers
 
 
-
 def small_config(**overrides):
   config = tiny.get_config()
   config.model.update(num_layers=1, d_model=32, num_heads=4, d_ff=64, vocab_size=32, dropout_rate=0.0)
-  config.update(max_length=8, packed_inputs_length=8, packed_targets_length=8, batch_size=8, label_smoothing=0.1,
-                warmup_steps=10, learning_rate=2.0)
+  config.update(
+    max_length=8,
+    packed_inputs_length=8,
+    packed_targets_length=8,
+    batch_size=8,
+    label_smoothing=0.1,
+    warmup_steps=10,
+    learning_rate=2.0,
+  )
   config.update(overrides)
   return config
 
@@ -50,9 +56,9 @@ def test_cooldown_ramps_the_schedule_linearly_to_zero_over_the_last_fraction(num
     return
   ramp = np.clip((num_steps - counts) / cooldown, 0.0, 1.0)
   np.testing.assert_allclose(got, want * ramp, rtol=1e-5, atol=1e-12)
-  np.testing.assert_allclose(got[:num_steps - cooldown + 1], want[:num_steps - cooldown + 1], rtol=1e-6)
+  np.testing.assert_allclose(got[: num_steps - cooldown + 1], want[: num_steps - cooldown + 1], rtol=1e-6)
   assert np.all(got[num_steps:] == 0.0) and np.all(got[:num_steps] > 0.0)
-  assert np.all(np.diff(got[num_steps - cooldown:]) <= 0.0)  # falls monotonically once it starts
+  assert np.all(np.diff(got[num_steps - cooldown :]) <= 0.0)  # falls monotonically once it starts
 
 
 def test_phase_clock_reports_each_phase_in_order_on_one_stderr_line(capsys):
@@ -164,17 +170,29 @@ def test_default_config_learns_at_its_learning_rate(tmp_path):
   """
   # cooldown_fraction=0: a 60-step run would otherwise cool down from step 40, unlike the default job's first 60.
   # 60 steps of 32 rows use ~11k pairs: 12k leave a margin.
-  overrides = dict(num_train_steps=60, cooldown_fraction=0.0, max_train_examples=12000, max_eval_examples=64,
-                   eval_translate_examples=0, eval_every_steps=1000, checkpoint_every_steps=1000,
-                   tokenizer_train_sentences=12000)
+  overrides = dict(
+    num_train_steps=60,
+    cooldown_fraction=0.0,
+    max_train_examples=12000,
+    max_eval_examples=64,
+    eval_translate_examples=0,
+    eval_every_steps=1000,
+    checkpoint_every_steps=1000,
+    tokenizer_train_sentences=12000,
+  )
   # mesh.num_devices=1: the same math as 8-way data parallel (test_parallel), without 8 simulated devices.
   args = [f'--config.{k}={v}' for k, v in overrides.items()] + ['--config.mesh.num_devices=1']
-  result = helpers.cli('train', f'--workdir={tmp_path / "run"}', *args, timeout=900,
-                       env=helpers.cli_env(TRANSFORMER_JAX_ONE_HEAP='1', XLA_FLAGS=''))
+  result = helpers.cli(
+    'train',
+    f'--workdir={tmp_path / "run"}',
+    *args,
+    timeout=900,
+    env=helpers.cli_env(TRANSFORMER_JAX_ONE_HEAP='1', XLA_FLAGS=''),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]
   assert last.startswith('final: step=60 '), result.stdout[-2000:]
-  final = {k: float(v) for k, v in (kv.split('=') for kv in last[len('final: '):].split())}
+  final = {k: float(v) for k, v in (kv.split('=') for kv in last[len('final: ') :].split())}
   assert final['eval_loss'] < 4.4, final
   assert final['eval_accuracy'] > 0.33, final
 

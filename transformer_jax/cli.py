@@ -20,8 +20,11 @@ from transformer_jax import hugepages
 
 
 def usage() -> str:
-  lines = ['usage: transformer-jax <command> [--config=configs/X.py] [--config.key=value ...] [--workdir=DIR]', '',
-           'commands:']
+  lines = [
+    'usage: transformer-jax <command> [--config=configs/X.py] [--config.key=value ...] [--workdir=DIR]',
+    '',
+    'commands:',
+  ]
   for name, command in commands.COMMANDS.items():
     first, *rest = command.summary.split('\n')
     lines.append(f'  {name:<10} {first}')
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     # config_flags reads the --config.* overrides right here, and loads the default config file (configs/tiny.py)
     names = commands.define_flags(command, argv=argv)
-  except Exception as e:  # pylint: disable=broad-except  (a config file is user code: it may raise anything)
+  except Exception as e:  # (a config file is user code: it may raise anything)
     where = _config_file_error(e, argv)
     if where is None and not isinstance(e, (AttributeError, KeyError, ValueError, TypeError)):
       raise
@@ -57,8 +60,11 @@ def main(argv: list[str] | None = None) -> None:
       _bad_config(e, argv)
     print(f'error: {where}', file=sys.stderr)
     sys.exit(2)
-  app.run(lambda args: commands.run(command, args, names), argv=[f'transformer-jax {command}'] + argv[2:],
-          flags_parser=lambda args: _parse_flags(args, command, names))
+  app.run(
+    lambda args: commands.run(command, args, names),
+    argv=[f'transformer-jax {command}'] + argv[2:],
+    flags_parser=lambda args: _parse_flags(args, command, names),
+  )
 
 
 def _parse_flags(argv: list[str], command: str, names: list[str]) -> list[str]:
@@ -72,12 +78,13 @@ def _parse_flags(argv: list[str], command: str, names: list[str]) -> list[str]:
     verbose = any(a.startswith(('--verbosity', '-v')) for a in argv[1:])
     if not verbose:
       logging.set_verbosity(logging.WARNING)  # progress bar and result lines, not library chatter (-v 0 for INFO)
-    from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import faults
+
     faults.quiet_library_warnings(verbose)
     if flags.FLAGS.config is not None:
       list(flags.FLAGS.config.keys())  # config files load lazily: surface their errors here
     return rest
-  except Exception as e:  # pylint: disable=broad-except  (a config file is user code: it may raise anything)
+  except Exception as e:  # (a config file is user code: it may raise anything)
     where = _config_file_error(e, argv)
     if where:
       print(f'error: {where}', file=sys.stderr)
@@ -95,8 +102,11 @@ def _parse_flags(argv: list[str], command: str, names: list[str]) -> list[str]:
 def _config_file_arg(argv: list[str]) -> str | None:
   """The --config=FILE of argv (FILE without a `:arguments` suffix), or None."""
   for i, a in enumerate(argv):
-    value = a[len('--config='):] if a.startswith('--config=') else (
-        argv[i + 1] if a == '--config' and i + 1 < len(argv) else None)
+    value = (
+      a[len('--config=') :]
+      if a.startswith('--config=')
+      else (argv[i + 1] if a == '--config' and i + 1 < len(argv) else None)
+    )
     if value is not None:
       return value.split(':', 1)[0] if '.py:' in value else value
   return None
@@ -113,13 +123,17 @@ def _config_file_error(e: BaseException, argv: list[str]) -> str | None:
   if isinstance(e, AttributeError) and "attribute 'get_config'" in message:
     return f'{path}: no get_config() (a config file defines get_config() returning an ml_collections.ConfigDict)'
   library = (sys.prefix, sys.base_prefix, os.path.dirname(os.__file__), os.path.dirname(commands.__file__))
-  user_frames = [f for f in traceback.extract_tb(e.__traceback__)
-                 if not f.filename.startswith('<') and not os.path.abspath(f.filename).startswith(library)]
+  user_frames = [
+    f
+    for f in traceback.extract_tb(e.__traceback__)
+    if not f.filename.startswith('<') and not os.path.abspath(f.filename).startswith(library)
+  ]
   if not user_frames:
     return None
   frame = user_frames[-1]  # the innermost: the line that raised, in the config file or a module of the user's
-  location = os.path.relpath(frame.filename) if os.path.abspath(frame.filename).startswith(os.getcwd()) else (
-      frame.filename)
+  location = (
+    os.path.relpath(frame.filename) if os.path.abspath(frame.filename).startswith(os.getcwd()) else (frame.filename)
+  )
   return f'{location}:{frame.lineno}: {type(e).__name__}: {message}'
 
 

@@ -14,7 +14,8 @@ import math
 import os
 import sys
 import textwrap
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -34,33 +35,64 @@ def default_config_path(name: str = 'tiny.py') -> str:
 
 def _common_flags(config_default: str | None, fv: flags.FlagValues, argv: list[str] | None) -> None:
   config_flags.DEFINE_config_file(
-      'config', config_default,
-      'Python config file with get_config() -> ConfigDict; override keys with --config.key=value.'
-      + (' On a workdir that holds a checkpoint, the default is the config stored with it, the overrides applied on '
-         'top (architecture changes refused).' if config_default else
-         ' Default: the config stored in the workdir\'s checkpoint.'),
-      flag_values=fv, lock_config=True, sys_argv=argv)
-  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, tokenizer, TensorBoard, curves.png). '
-                      'Default for train: runs/<config file name>.', flag_values=fv)
+    'config',
+    config_default,
+    'Python config file with get_config() -> ConfigDict; override keys with --config.key=value.'
+    + (
+      ' On a workdir that holds a checkpoint, the default is the config stored with it, the overrides applied on '
+      'top (architecture changes refused).'
+      if config_default
+      else " Default: the config stored in the workdir's checkpoint."
+    ),
+    flag_values=fv,
+    lock_config=True,
+    sys_argv=argv,
+  )
+  flags.DEFINE_string(
+    'workdir',
+    None,
+    'Run directory (checkpoints, tokenizer, TensorBoard, curves.png). Default for train: runs/<config file name>.',
+    flag_values=fv,
+  )
 
 
-def _distributed_flags(flags) -> None:  # pylint: disable=redefined-outer-name
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-process runs; auto-detected '
-                      'on Cloud TPU VMs and SLURM.')
+def _distributed_flags(flags) -> None:
+  flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'host:port of process 0 for multi-process runs; auto-detected on Cloud TPU VMs and SLURM.',
+  )
   flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
-  flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
+  flags.DEFINE_integer('process_id', None, "This process's index (with --coordinator_address).")
 
 
-def _decoding_flags(flags, evaluate: bool) -> None:  # pylint: disable=redefined-outer-name
-  flags.DEFINE_integer('beam_size', 4, 'Beam width (the paper: 4); 1 = greedy decoding.'
-                       + (' With a beam > 1, greedy metrics are reported too (keys *_greedy, after the beam '
-                          'search\'s bleu= chrf= exact_match=).' if evaluate else ''))
-  flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search: a hypothesis scores '
-                     'log P / ((5+len)/6)^alpha (the paper: 0.6). Outputs are at most source length + 50 tokens, '
-                     'capped at the config\'s max_length.')
-  flags.DEFINE_enum('length_penalty', 'gnmt', ['gnmt', 'hf'], 'Beam search length penalty: gnmt ((5+len)/6)^alpha, '
-                    'or hf: len^alpha with transformers\' stopping heuristic (generate(num_beams=W, length_penalty='
-                    'alpha) of a released model: pass --alpha=1.0, its default).')
+def _decoding_flags(flags, evaluate: bool) -> None:
+  flags.DEFINE_integer(
+    'beam_size',
+    4,
+    'Beam width (the paper: 4); 1 = greedy decoding.'
+    + (
+      ' With a beam > 1, greedy metrics are reported too (keys *_greedy, after the beam '
+      "search's bleu= chrf= exact_match=)."
+      if evaluate
+      else ''
+    ),
+  )
+  flags.DEFINE_float(
+    'alpha',
+    0.6,
+    'GNMT length penalty for beam search: a hypothesis scores '
+    'log P / ((5+len)/6)^alpha (the paper: 0.6). Outputs are at most source length + 50 tokens, '
+    "capped at the config's max_length.",
+  )
+  flags.DEFINE_enum(
+    'length_penalty',
+    'gnmt',
+    ['gnmt', 'hf'],
+    'Beam search length penalty: gnmt ((5+len)/6)^alpha, '
+    "or hf: len^alpha with transformers' stopping heuristic (generate(num_beams=W, length_penalty="
+    'alpha) of a released model: pass --alpha=1.0, its default).',
+  )
   flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
 
 
@@ -70,72 +102,111 @@ QUANTIZE_CHOICES = ('none', 'int8')
 WEIGHTS_DTYPES = ('float32', 'bfloat16')
 
 
-def _weights_flags(flags) -> None:  # pylint: disable=redefined-outer-name
-  flags.DEFINE_enum('quantize', 'none', list(QUANTIZE_CHOICES), 'int8: every matmul kernel and the embedding rounded '
-                    'to a symmetric per-output-channel int8 grid (scale max|w|/127) after loading, then run by the '
-                    'usual float model: this measures the quality of int8 weights, not their speed (no int8 '
-                    'kernels run). Norms, biases and positions stay float32.')
-  flags.DEFINE_enum('weights_dtype', 'float32', list(WEIGHTS_DTYPES), 'Dtype those weights are stored in after '
-                    'loading (bfloat16: half the bytes; with --quantize=int8, the int8 weights dequantized to '
-                    'bfloat16). The activations keep the config\'s model.dtype.')
+def _weights_flags(flags) -> None:
+  flags.DEFINE_enum(
+    'quantize',
+    'none',
+    list(QUANTIZE_CHOICES),
+    'int8: every matmul kernel and the embedding rounded '
+    'to a symmetric per-output-channel int8 grid (scale max|w|/127) after loading, then run by the '
+    'usual float model: this measures the quality of int8 weights, not their speed (no int8 '
+    'kernels run). Norms, biases and positions stay float32.',
+  )
+  flags.DEFINE_enum(
+    'weights_dtype',
+    'float32',
+    list(WEIGHTS_DTYPES),
+    'Dtype those weights are stored in after '
+    'loading (bfloat16: half the bytes; with --quantize=int8, the int8 weights dequantized to '
+    "bfloat16). The activations keep the config's model.dtype.",
+  )
 
 
-def _evaluate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+def _evaluate_flags(flags) -> None:
   _decoding_flags(flags, evaluate=True)
   _weights_flags(flags)
-  flags.DEFINE_string('split', None, 'Held-out split to score (default: the config\'s eval_split).')
+  flags.DEFINE_string('split', None, "Held-out split to score (default: the config's eval_split).")
 
 
-def _translate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+def _translate_flags(flags) -> None:
   _decoding_flags(flags, evaluate=False)
   _weights_flags(flags)
-  flags.DEFINE_string('input', None, 'File of sentences, one per line (default: stdin); writes one translation '
-                      'per line, in input order (a progress bar on stderr for files). Empty lines give empty '
-                      'translations; inputs longer than the config\'s max_length tokens are truncated; '
-                      'characters outside the vocabulary become <unk>.')
+  flags.DEFINE_string(
+    'input',
+    None,
+    'File of sentences, one per line (default: stdin); writes one translation '
+    'per line, in input order (a progress bar on stderr for files). Empty lines give empty '
+    "translations; inputs longer than the config's max_length tokens are truncated; "
+    'characters outside the vocabulary become <unk>.',
+  )
 
 
-def _average_flags(flags) -> None:  # pylint: disable=redefined-outer-name
-  flags.DEFINE_integer('last', 5, 'Average the parameters of the newest N checkpoints (the paper: 5 for base, '
-                       '20 for big).')
-  flags.DEFINE_string('out', None, 'New workdir to write: checkpoints/<newest step> with the mean parameters '
-                      '(optimizer state and step copied from the newest checkpoint), spm.model, averaged.json.')
+def _average_flags(flags) -> None:
+  flags.DEFINE_integer(
+    'last', 5, 'Average the parameters of the newest N checkpoints (the paper: 5 for base, 20 for big).'
+  )
+  flags.DEFINE_string(
+    'out',
+    None,
+    'New workdir to write: checkpoints/<newest step> with the mean parameters '
+    '(optimizer state and step copied from the newest checkpoint), spm.model, averaged.json.',
+  )
   flags.mark_flag_as_required('out')
 
 
 # export.FORMATS' names and whether each writes a directory, here so that defining (and checking) export's flags
 # imports no jax; a test keeps the two equal.
-EXPORT_FORMATS = {'safetensors': False, 'msgpack': False, 'hf-marian': True, 'stablehlo': False, 'hf-gpt2': True,
-                  'ctranslate2': True}
+EXPORT_FORMATS = {
+  'safetensors': False,
+  'msgpack': False,
+  'hf-marian': True,
+  'stablehlo': False,
+  'hf-gpt2': True,
+  'ctranslate2': True,
+}
 
 
-def _export_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+def _export_flags(flags) -> None:
   flags.DEFINE_enum('format', None, list(EXPORT_FORMATS), 'Format to write (listed below).')
-  flags.DEFINE_string('out', None, 'File to write (a directory for the formats that write one: '
-                      + ', '.join(n for n, directory in EXPORT_FORMATS.items() if directory) + ').')
-  flags.DEFINE_string('checkpoint', None, 'Step number or step directory (WORKDIR/checkpoints/STEP) to export '
-                      '(default: the newest good checkpoint).')
+  flags.DEFINE_string(
+    'out',
+    None,
+    'File to write (a directory for the formats that write one: '
+    + ', '.join(n for n, directory in EXPORT_FORMATS.items() if directory)
+    + ').',
+  )
+  flags.DEFINE_string(
+    'checkpoint',
+    None,
+    'Step number or step directory (WORKDIR/checkpoints/STEP) to export (default: the newest good checkpoint).',
+  )
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Stored parameter dtype (not for stablehlo).')
   flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'stablehlo: platforms to lower for.')
-  flags.DEFINE_boolean('overwrite', False, 'Replace existing files (for directory formats: write into a non-empty '
-                       'directory).')
+  flags.DEFINE_boolean(
+    'overwrite', False, 'Replace existing files (for directory formats: write into a non-empty directory).'
+  )
   flags.mark_flags_as_required(['format', 'out'])
 
 
 def _export_help() -> str:
-  from transformer_jax import export  # pylint: disable=g-import-not-at-top  (jax: only for this --help)
+  from transformer_jax import export  # (jax: only for this --help)
+
   return 'formats:\n' + '\n'.join(f'  {name}: {module.SUMMARY}' for name, module in export.FORMATS.items())
 
 
-def _import_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+def _import_flags(flags) -> None:
   flags.DEFINE_enum('format', 'hf-marian', ['hf-marian', 'hf-gpt2'], 'Format of --path.')
-  flags.DEFINE_string('path', None, 'HF directory to convert into a checkpoint in --workdir: Marian (config.json, '
-                      'model.safetensors, source.spm, vocab.json) or GPT-2 (config.json, model.safetensors).')
+  flags.DEFINE_string(
+    'path',
+    None,
+    'HF directory to convert into a checkpoint in --workdir: Marian (config.json, '
+    'model.safetensors, source.spm, vocab.json) or GPT-2 (config.json, model.safetensors).',
+  )
   flags.DEFINE_boolean('overwrite', False, 'Replace checkpoints already in --workdir.')
   flags.mark_flag_as_required('path')
 
 
-def _info_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+def _info_flags(flags) -> None:
   flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
 
 
@@ -211,34 +282,38 @@ def _finite(v) -> bool:
 # Every numeric flag any command takes: (good value?, what it must be). A command's flags are checked before jax is
 # imported, so a bad value is refused at once.
 FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    'beam_size': (lambda v: v >= 1, 'an integer >= 1 (1: greedy decoding)'),
-    'batch_size': (lambda v: v >= 1, 'an integer >= 1'),
-    'alpha': (_finite, 'a finite number'),
-    'max_new_tokens': (lambda v: v >= 1, 'an integer >= 1'),
-    'temperature': (lambda v: _finite(v) and v >= 0, 'a finite number >= 0 (0: greedy)'),
-    'top_k': (lambda v: v >= 0, 'an integer >= 0 (0: all tokens)'),
-    'top_p': (lambda v: _finite(v) and 0 < v <= 1, 'a number in (0, 1]'),
-    'seed': (lambda v: v >= 0, 'an integer >= 0'),
-    'last': (lambda v: v >= 1, 'an integer >= 1'),
-    'num_devices': (lambda v: v is None or v >= 1, 'an integer >= 1'),
-    'max_tokens': (lambda v: v >= 1, 'an integer >= 1'),
-    'num_slices': (lambda v: v >= 1, 'an integer >= 1'),
-    'num_processes': (lambda v: v is None or v >= 1, 'an integer >= 1'),
-    'process_id': (lambda v: v is None or v >= 0, 'an integer >= 0'),
+  'beam_size': (lambda v: v >= 1, 'an integer >= 1 (1: greedy decoding)'),
+  'batch_size': (lambda v: v >= 1, 'an integer >= 1'),
+  'alpha': (_finite, 'a finite number'),
+  'max_new_tokens': (lambda v: v >= 1, 'an integer >= 1'),
+  'temperature': (lambda v: _finite(v) and v >= 0, 'a finite number >= 0 (0: greedy)'),
+  'top_k': (lambda v: v >= 0, 'an integer >= 0 (0: all tokens)'),
+  'top_p': (lambda v: _finite(v) and 0 < v <= 1, 'a number in (0, 1]'),
+  'seed': (lambda v: v >= 0, 'an integer >= 0'),
+  'last': (lambda v: v >= 1, 'an integer >= 1'),
+  'num_devices': (lambda v: v is None or v >= 1, 'an integer >= 1'),
+  'max_tokens': (lambda v: v >= 1, 'an integer >= 1'),
+  'num_slices': (lambda v: v >= 1, 'an integer >= 1'),
+  'num_processes': (lambda v: v is None or v >= 1, 'an integer >= 1'),
+  'process_id': (lambda v: v is None or v >= 0, 'an integer >= 0'),
 }
 
 
 def flag_errors(command: str, names: list[str], fv: flags.FlagValues = FLAGS) -> list[str]:
   """One line per bad flag value of `command` (names: its flags), without importing jax."""
-  errors = [f'--{name}={fv[name].value}: must be {what}' for name, (good, what) in FLAG_RULES.items()
-            if name in names and fv[name].value is not None and not good(fv[name].value)]
+  errors = [
+    f'--{name}={fv[name].value}: must be {what}'
+    for name, (good, what) in FLAG_RULES.items()
+    if name in names and fv[name].value is not None and not good(fv[name].value)
+  ]
   if command == 'attention':
     if fv['text'].value is not None and fv['input'].value is not None:
       errors.append('--text and --input: give one of them')
     elif not (fv['text'].value or '').strip() and fv['input'].value is None:
-      errors.append('--text=\'...\' (a sentence) or --input=FILE is needed')
+      errors.append("--text='...' (a sentence) or --input=FILE is needed")
   if command == 'compile':
-    from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=g-import-not-at-top  (no jax at import)
+    from transformer_jax.tpu import compile as tpu_compile  # (no jax at import)
+
     unknown = [p for p in fv['programs'].value if p not in tpu_compile.PROGRAMS]
     if unknown:
       errors.append(f'--programs: unknown {", ".join(unknown)}; expected some of {", ".join(tpu_compile.PROGRAMS)}')
@@ -257,48 +332,72 @@ def run(command: str, args, names: list[str] | None = None) -> None:
     sys.stderr.flush()
     sys.exit(2)
   _check_inputs(command)  # bad config values and paths: before anything is read or written
-  from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import faults
+
   faults.divert_library_errors()
   spec = COMMANDS[command]
   try:
     if spec.distributed:
-      from transformer_jax import parallel  # pylint: disable=g-import-not-at-top  (jax)
+      from transformer_jax import parallel  # (jax)
+
       parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     _check_buckets(command)  # a missing or unwritable bucket: one line before any data is loaded
     with _writer_lock(command):  # before the slow imports: a second writer is refused at once
       spec.run()
-  except Exception as e:  # pylint: disable=broad-except
-    from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-    from transformer_jax.training import run_control  # pylint: disable=g-import-not-at-top
-    from transformer_jax.storage import lock as workdir_lock  # pylint: disable=g-import-not-at-top
+  except Exception as e:
+    from transformer_jax.training import checkpoint as checkpoint_lib
+    from transformer_jax.training import run_control
+    from transformer_jax.storage import lock as workdir_lock
+
     if isinstance(e, checkpoint_lib.CheckpointSaveError):
       print(f'error: {str(e).splitlines()[0]}', file=sys.stderr, flush=True)
       # orbax's failed background writers report again while the interpreter shuts down: to the log, not here
       faults.send_stderr_to_detail_log()
       sys.exit(1)
-    if isinstance(e, (ValueError, FileNotFoundError, checkpoint_lib.ArchitectureMismatchError,
-                      run_control.NonFiniteLossError, run_control.TrainingStalledError, NotImplementedError,
-                      workdir_lock.WorkdirLockedError, checkpoint_lib.CheckpointSaveError)):
+    if isinstance(
+      e,
+      (
+        ValueError,
+        FileNotFoundError,
+        checkpoint_lib.ArchitectureMismatchError,
+        run_control.NonFiniteLossError,
+        run_control.TrainingStalledError,
+        NotImplementedError,
+        workdir_lock.WorkdirLockedError,
+        checkpoint_lib.CheckpointSaveError,
+      ),
+    ):
       _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if isinstance(e, OSError) and e.errno in (13, 30):  # EACCES, EROFS: a target this user cannot write
-      _fail(f'cannot write {e.filename or "the workdir"}: {e.strerror} ({"read-only file system" if e.errno == 30 else "permission denied"}); '
-            'use a writable --workdir / --out')
+      _fail(
+        f'cannot write {e.filename or "the workdir"}: {e.strerror} ({"read-only file system" if e.errno == 30 else "permission denied"}); '
+        'use a writable --workdir / --out'
+      )
     if isinstance(e, OSError) and faults.is_disk_full(e):
-      _fail(f'no space left on device writing {e.filename or "the workdir"} ({e.strerror}); free space and rerun '
-            '(training resumes from the newest checkpoint)')
+      _fail(
+        f'no space left on device writing {e.filename or "the workdir"} ({e.strerror}); free space and rerun '
+        '(training resumes from the newest checkpoint)'
+      )
     raise
 
 
 def _check_buckets(command: str) -> None:
   """gs:// paths: the bucket exists (readers) and takes a probe object (writers), else paths.BucketError."""
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths
+
   spec = COMMANDS[command]
   written = spec.writes() if spec.writes is not None else None
   if command == 'export':  # the probe object goes beside a one-file export, not under it
     written = os.path.dirname(FLAGS.out.rstrip('/')) if paths.is_gcs(FLAGS.out) else FLAGS.out
-  read = [p for p in (FLAGS.workdir if command not in ('train', 'prepare') else None,
-                      getattr(FLAGS, 'input', None) if command == 'translate' else None,
-                      FLAGS.path if command == 'import' else None) if paths.is_gcs(p)]
+  read = [
+    p
+    for p in (
+      FLAGS.workdir if command not in ('train', 'prepare') else None,
+      getattr(FLAGS, 'input', None) if command == 'translate' else None,
+      FLAGS.path if command == 'import' else None,
+    )
+    if paths.is_gcs(p)
+  ]
   if FLAGS.config is not None and paths.is_gcs(FLAGS.config.get('data_dir')):
     read.append(FLAGS.config.data_dir)
   for p in read:
@@ -310,11 +409,13 @@ def _check_buckets(command: str) -> None:
 
 def _writer_lock(command: str):
   """The commands that write a workdir (Command.writes) take its lock (workdir_lock.py); readers take none."""
-  import contextlib  # pylint: disable=g-import-not-at-top
+  import contextlib
+
   if COMMANDS[command].writes is None:
     return contextlib.nullcontext()
-  import jax  # pylint: disable=g-import-not-at-top
-  from transformer_jax.storage import lock as workdir_lock  # pylint: disable=g-import-not-at-top
+  import jax
+  from transformer_jax.storage import lock as workdir_lock
+
   path = COMMANDS[command].writes()
   return workdir_lock.lock_workdir(path, 'transformer-jax ' + ' '.join(sys.argv[1:]), process_index=jax.process_index())
 
@@ -325,16 +426,22 @@ READERS = ('evaluate', 'translate', 'generate', 'export', 'average', 'attention'
 
 def _check_inputs(command: str) -> None:
   """One `error:` line per bad config value or path, exit 2 (config_checks.py)."""
-  from transformer_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from transformer_jax import config_checks
+
   # compile/info target a TPU from any host: splash's "needs a TPU" check is for the commands that run the model.
   # Only train runs the model as the config says (the readers swap splash for blockwise off TPU: workdir.py), and
   # only training lengths must fill whole attention blocks (train, and the commands that plan or prepare it).
-  errors = config_checks.config_errors(FLAGS.config, platform_checks=command == 'train',
-                                       length_checks=command in ('train', 'prepare', 'compile', 'info')) if (
-      FLAGS.config is not None) else []
+  errors = (
+    config_checks.config_errors(
+      FLAGS.config, platform_checks=command == 'train', length_checks=command in ('train', 'prepare', 'compile', 'info')
+    )
+    if (FLAGS.config is not None)
+    else []
+  )
   if command != 'info':
-    errors.append(config_checks.directory_error(_workdir() if command in ('train', 'prepare') else FLAGS.workdir,
-                                                '--workdir'))
+    errors.append(
+      config_checks.directory_error(_workdir() if command in ('train', 'prepare') else FLAGS.workdir, '--workdir')
+    )
   elsewhere = command == 'export' and not str(FLAGS.checkpoint or '').isdigit() and FLAGS.checkpoint  # a step dir
   if command in READERS and FLAGS.workdir and '://' not in FLAGS.workdir and not any(errors) and not elsewhere:
     checkpoints = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints')
@@ -350,7 +457,8 @@ def _check_inputs(command: str) -> None:
     out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
     if not os.path.isdir(out_dir):
       errors.append(f'--out={FLAGS.out}: directory {out_dir} does not exist')
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths
+
   if command == 'export':
     errors.append(paths.check(FLAGS.out, '--out'))  # a file or a directory, by format: the format checks the rest
   if command == 'import':
@@ -369,100 +477,134 @@ def _check_inputs(command: str) -> None:
 def _run_config(workdir: str | None):
   """--config=FILE when given; else, on a workdir with a checkpoint, its stored config + the --config.key=value
   overrides (run_config.py); else the default config."""
-  from transformer_jax import run_config  # pylint: disable=g-import-not-at-top
+  from transformer_jax import run_config
+
   flag = FLAGS['config']
-  return run_config.resolve(workdir, FLAGS.config, explicit=bool(flag.present),
-                            overrides=config_flags.get_override_values(flag))
+  return run_config.resolve(
+    workdir, FLAGS.config, explicit=bool(flag.present), overrides=config_flags.get_override_values(flag)
+  )
 
 
 def _train() -> None:
-  from transformer_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import train as train_lib
+  import jax
+
   workdir = _workdir()
   final = train_lib.train_and_evaluate(_run_config(workdir), workdir)
   if jax.process_index() == 0 and 'preempted' not in final:
     print('final: ' + ' '.join(f'{k}={v}' if k == 'step' else f'{k}={v:.4f}' for k, v in final.items()), flush=True)
 
 
-def _compile_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+def _compile_flags(flags) -> None:
   # Compiling for TPU runs on the CPU: before any jax import picks a backend (with libtpu installed it would try
   # to open a TPU).
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=g-import-not-at-top  (no jax at import)
+  from transformer_jax.tpu import compile as tpu_compile  # (no jax at import)
+
   tpu_compile.define_flags(flags)
 
 
 def _compile() -> None:
-  from transformer_jax import host  # pylint: disable=g-import-not-at-top
-  from transformer_jax.tpu import compile as tpu_compile  # pylint: disable=g-import-not-at-top
+  from transformer_jax import host
+  from transformer_jax.tpu import compile as tpu_compile
+
   try:
     topology = tpu_compile.parse_topology(FLAGS.topology)
   except ValueError:
     topology = None  # tpu_compile.run says what is wrong with it
   if topology is not None:  # before libtpu loads: on a host without a TPU, say so (else 5 lines of libtpu errors)
-    for name, value in host.libtpu_host_env(topology.chip.name,
-                                            topology.chips * topology.chip.cores_per_chip).items():
+    for name, value in host.libtpu_host_env(topology.chip.name, topology.chips * topology.chip.cores_per_chip).items():
       os.environ.setdefault(name, value)
   tpu_compile.run(FLAGS)
 
 
 def _info() -> None:
-  from transformer_jax import info  # pylint: disable=g-import-not-at-top
+  from transformer_jax import info
+
   info.print_info(FLAGS.config, num_devices=FLAGS.num_devices)
 
 
 def _evaluate() -> None:
-  from transformer_jax.inference import translate as inference  # pylint: disable=g-import-not-at-top
-  from transformer_jax.inference import lm_inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import translate as inference
+  from transformer_jax.inference import lm_inference
+
   config = _run_config(FLAGS.workdir)
   if lm_inference.is_language_model_workdir(FLAGS.workdir, config):
-    results = lm_inference.evaluate_workdir(FLAGS.workdir, config, split=FLAGS.split, quantize=FLAGS.quantize,
-                                            weights_dtype=FLAGS.weights_dtype)
-    print(f"eval_nll={results['eval_nll']:.4f} eval_accuracy={results['eval_accuracy']:.4f}")
-    print(f"perplexity={results['perplexity']:.4f} bits_per_byte={results['bits_per_byte']:.4f}", flush=True)
+    results = lm_inference.evaluate_workdir(
+      FLAGS.workdir, config, split=FLAGS.split, quantize=FLAGS.quantize, weights_dtype=FLAGS.weights_dtype
+    )
+    print(f'eval_nll={results["eval_nll"]:.4f} eval_accuracy={results["eval_accuracy"]:.4f}')
+    print(f'perplexity={results["perplexity"]:.4f} bits_per_byte={results["bits_per_byte"]:.4f}', flush=True)
     return
-  results = inference.evaluate_workdir(FLAGS.workdir, config, split=FLAGS.split, beam_size=FLAGS.beam_size,
-                                       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
-                                       length_penalty=FLAGS.length_penalty, quantize=FLAGS.quantize,
-                                       weights_dtype=FLAGS.weights_dtype)
+  results = inference.evaluate_workdir(
+    FLAGS.workdir,
+    config,
+    split=FLAGS.split,
+    beam_size=FLAGS.beam_size,
+    alpha=FLAGS.alpha,
+    batch_size=FLAGS.batch_size,
+    length_penalty=FLAGS.length_penalty,
+    quantize=FLAGS.quantize,
+    weights_dtype=FLAGS.weights_dtype,
+  )
   print(' '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
 
 
 def _translate() -> None:
-  from transformer_jax.inference import translate as inference  # pylint: disable=g-import-not-at-top
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import translate as inference
+  from transformer_jax.storage import paths
+
   if FLAGS.input:
     if not paths.exists(FLAGS.input):
       raise FileNotFoundError(f'--input={FLAGS.input} does not exist')
     lines = paths.read_text(FLAGS.input).splitlines()
   else:
     lines = sys.stdin.read().splitlines()
-  for line in inference.translate_workdir(FLAGS.workdir, _run_config(FLAGS.workdir), lines, beam_size=FLAGS.beam_size,
-                                          alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
-                                          progress=bool(FLAGS.input), length_penalty=FLAGS.length_penalty,
-                                          quantize=FLAGS.quantize, weights_dtype=FLAGS.weights_dtype):
+  for line in inference.translate_workdir(
+    FLAGS.workdir,
+    _run_config(FLAGS.workdir),
+    lines,
+    beam_size=FLAGS.beam_size,
+    alpha=FLAGS.alpha,
+    batch_size=FLAGS.batch_size,
+    progress=bool(FLAGS.input),
+    length_penalty=FLAGS.length_penalty,
+    quantize=FLAGS.quantize,
+    weights_dtype=FLAGS.weights_dtype,
+  ):
     sys.stdout.write(line + '\n')
   sys.stdout.flush()
 
 
 def _export() -> None:
-  from transformer_jax import export  # pylint: disable=g-import-not-at-top
-  export.check_target(FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
-                      tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME))
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax import export
+
+  export.check_target(
+    FLAGS.format,
+    FLAGS.out,
+    dtype=FLAGS.dtype,
+    overwrite=FLAGS.overwrite,
+    tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME),
+  )
+  from transformer_jax.storage import paths
+
   if paths.exists(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME)):  # damaged: one line, before any work
-    from transformer_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.storage import workdir as workdir_lib
+
     workdir_lib.Workdir(FLAGS.workdir).tokenizer()
   source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
-  written = export.export(source, FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
-                          platforms=tuple(FLAGS.platforms))
+  written = export.export(
+    source, FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite, platforms=tuple(FLAGS.platforms)
+  )
   print(f'exported step {source.step} as {FLAGS.format}: {", ".join(written)}', flush=True)
 
 
 def _import() -> None:
-  from transformer_jax import export  # pylint: disable=g-import-not-at-top
+  from transformer_jax import export
+
   config = FLAGS.config
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths
+
   gpt2 = FLAGS.format == 'hf-gpt2'
   source = paths.local_copy(FLAGS.path)  # gs://: downloaded once (the HF loaders read local files)
   if config is None and not os.path.exists(os.path.join(source, 'transformer_jax_config.json')):
@@ -476,47 +618,63 @@ def _import() -> None:
 
 
 def _average() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  from transformer_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  import jax
+  from transformer_jax.storage import workdir as workdir_lib
+
   result = workdir_lib.average_workdir(FLAGS.workdir, FLAGS.out, last=FLAGS.last, config=FLAGS.config)
   if jax.process_index() == 0:
-    print(f"averaged steps {','.join(map(str, result['steps']))} -> {result['out']} (step {result['step']}; "
-          f"optimizer state copied from step {result['step']})", flush=True)
+    print(
+      f'averaged steps {",".join(map(str, result["steps"]))} -> {result["out"]} (step {result["step"]}; '
+      f'optimizer state copied from step {result["step"]})',
+      flush=True,
+    )
 
 
-def _attention_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+def _attention_flags(flags) -> None:
   flags.DEFINE_string('text', None, 'Sentence to translate and show (or --input).')
-  flags.DEFINE_string('input', None, 'File with a few sentences, one per line (the first few non-empty ones are '
-                      'drawn, all go into --json).')
+  flags.DEFINE_string(
+    'input',
+    None,
+    'File with a few sentences, one per line (the first few non-empty ones are drawn, all go into --json).',
+  )
   flags.DEFINE_string('out', 'attention.png', 'PNG to write.')
   flags.DEFINE_string('json', None, 'Also write the raw weights (every selected layer and head, uncut) here.')
   flags.DEFINE_integer('beam_size', 1, 'Beam width for the translation; 1 = greedy decoding.')
   flags.DEFINE_float('alpha', 0.6, 'GNMT length penalty for beam search.')
   flags.DEFINE_list('layers', None, 'Layers to show, 1-based (default: all).')
   flags.DEFINE_list('heads', None, 'Heads to show, 1-based (default: all).')
-  flags.DEFINE_integer('max_tokens', 40, 'Longer sentences are cut to their first N tokens in the picture '
-                       '(with a note; --json keeps all).')
+  flags.DEFINE_integer(
+    'max_tokens', 40, 'Longer sentences are cut to their first N tokens in the picture (with a note; --json keeps all).'
+  )
 
 
 def _attention() -> None:
-  from transformer_jax.inference import attention_maps  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import attention_maps
+
   attention_maps.run(FLAGS)
 
 
-def _prepare_flags(flags) -> None:  # pylint: disable=redefined-outer-name
+def _prepare_flags(flags) -> None:
   flags.DEFINE_string('split', None, "Split to prepare (default: the config's train_split).")
 
 
 def _prepare() -> None:
-  from transformer_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import prepare
+
   prepare.run(FLAGS.config, _workdir(), split=FLAGS.split)
 
 
-def _generate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
-  flags.DEFINE_string('prompt', None, 'Prompt to continue (default: one prompt per line of stdin; write \\n for a '
-                      'newline inside --prompt).')
-  flags.DEFINE_integer('max_new_tokens', 64, 'Most tokens generated per prompt (stops earlier at EOS; at most the '
-                       'model\'s context less one).')
+def _generate_flags(flags) -> None:
+  flags.DEFINE_string(
+    'prompt',
+    None,
+    'Prompt to continue (default: one prompt per line of stdin; write \\n for a newline inside --prompt).',
+  )
+  flags.DEFINE_integer(
+    'max_new_tokens',
+    64,
+    "Most tokens generated per prompt (stops earlier at EOS; at most the model's context less one).",
+  )
   flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 = greedy.')
   flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only (0: all).')
   flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set of tokens whose probability reaches top_p.')
@@ -526,17 +684,20 @@ def _generate_flags(flags) -> None:  # pylint: disable=redefined-outer-name
 
 
 def _generate() -> None:
-  from transformer_jax.inference import lm_inference  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import lm_inference
+
   lm_inference.run(FLAGS)
 
 
 def _signals_help() -> str:
-  from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import faults
+
   return faults.SIGNALS_HELP
 
 
 def _load_config_file(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
+
   spec = importlib.util.spec_from_file_location('default_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -548,7 +709,9 @@ class Command:
   name: str
   summary: str  # the usage line(s) cli.py prints
   run: Callable[[], None]
-  define_flags: Callable[[Any], None] | None = None  # the command's own flags, given `flags` (after --config, --workdir)
+  define_flags: Callable[[Any], None] | None = (
+    None  # the command's own flags, given `flags` (after --config, --workdir)
+  )
   default_config: bool = False  # --config defaults to configs/tiny.py (else: the workdir's stored config)
   requires_workdir: bool = True
   distributed: bool = False  # joins jax.distributed (multi-process) before running
@@ -556,33 +719,94 @@ class Command:
   help_extra: Callable[[], str] | None = None  # what --help prints after the flags
 
 
-COMMANDS = {c.name: c for c in (
-    Command('train', 'train (resumes from WORKDIR\'s newest good checkpoint); default config configs/tiny.py,\n'
-            'default workdir runs/<config name>.\n'
-            'Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...',
-            _train, default_config=True, requires_workdir=False, distributed=True, writes=lambda: _workdir(),
-            help_extra=_signals_help),
-    Command('prepare', 'tokenize the training split once into token-id shards (WORKDIR/data; train does it when '
-            'missing).\nLast line: prepared: examples=<int> ...', _prepare, _prepare_flags, default_config=True,
-            requires_workdir=False, writes=lambda: _workdir()),
-    Command('evaluate', 'held-out metrics of WORKDIR\'s newest checkpoint; last line bleu=<float> chrf=<float> ...\n'
-            '(a language model: perplexity=<float> bits_per_byte=<float>)',
-            _evaluate, _evaluate_flags, default_config=True, distributed=True),
-    Command('translate', 'sentences from stdin (or --input=FILE) -> one translation per line', _translate,
-            _translate_flags, default_config=True, distributed=True),
-    Command('generate', 'language models: continue --prompt (or each line of stdin) over the KV cache', _generate,
-            _generate_flags),
-    Command('export', f'--format={{{",".join(EXPORT_FORMATS)}}} --out=PATH', _export, _export_flags,
-            help_extra=_export_help),
-    Command('import', '--format={hf-marian,hf-gpt2} --path=DIR: an HF checkpoint on disk -> WORKDIR', _import,
-            _import_flags, writes=lambda: FLAGS.workdir),
-    Command('average', '--last=N --out=DIR: element-wise mean of the last N checkpoints\' parameters', _average,
-            _average_flags, writes=lambda: FLAGS.out),
-    Command('info', 'architecture, parameter count, mesh and per-device memory plan; last line params=<int>', _info,
-            _info_flags, default_config=True, requires_workdir=False),
-    Command('compile', '--topology=v5e-16 [--num_slices=N]: compile the train/eval/decoding steps for a TPU slice '
-            'on this machine\n(libtpu: the [tpu] extra); per-chip HBM, fits or not (exit 1), collectives, estimated '
-            'step time and MFU', _compile, _compile_flags, default_config=True, requires_workdir=False),
-    Command('attention', '--text=\'...\' --out=attention.png: translate, then draw the attention weights (one PNG, '
-            '--json raw)', _attention, _attention_flags),
-)}
+COMMANDS = {
+  c.name: c
+  for c in (
+    Command(
+      'train',
+      "train (resumes from WORKDIR's newest good checkpoint); default config configs/tiny.py,\n"
+      'default workdir runs/<config name>.\n'
+      'Last line: final: step=<int> loss=... bleu=... chrf=... exact_match=...',
+      _train,
+      default_config=True,
+      requires_workdir=False,
+      distributed=True,
+      writes=lambda: _workdir(),
+      help_extra=_signals_help,
+    ),
+    Command(
+      'prepare',
+      'tokenize the training split once into token-id shards (WORKDIR/data; train does it when '
+      'missing).\nLast line: prepared: examples=<int> ...',
+      _prepare,
+      _prepare_flags,
+      default_config=True,
+      requires_workdir=False,
+      writes=lambda: _workdir(),
+    ),
+    Command(
+      'evaluate',
+      "held-out metrics of WORKDIR's newest checkpoint; last line bleu=<float> chrf=<float> ...\n"
+      '(a language model: perplexity=<float> bits_per_byte=<float>)',
+      _evaluate,
+      _evaluate_flags,
+      default_config=True,
+      distributed=True,
+    ),
+    Command(
+      'translate',
+      'sentences from stdin (or --input=FILE) -> one translation per line',
+      _translate,
+      _translate_flags,
+      default_config=True,
+      distributed=True,
+    ),
+    Command(
+      'generate',
+      'language models: continue --prompt (or each line of stdin) over the KV cache',
+      _generate,
+      _generate_flags,
+    ),
+    Command(
+      'export', f'--format={{{",".join(EXPORT_FORMATS)}}} --out=PATH', _export, _export_flags, help_extra=_export_help
+    ),
+    Command(
+      'import',
+      '--format={hf-marian,hf-gpt2} --path=DIR: an HF checkpoint on disk -> WORKDIR',
+      _import,
+      _import_flags,
+      writes=lambda: FLAGS.workdir,
+    ),
+    Command(
+      'average',
+      "--last=N --out=DIR: element-wise mean of the last N checkpoints' parameters",
+      _average,
+      _average_flags,
+      writes=lambda: FLAGS.out,
+    ),
+    Command(
+      'info',
+      'architecture, parameter count, mesh and per-device memory plan; last line params=<int>',
+      _info,
+      _info_flags,
+      default_config=True,
+      requires_workdir=False,
+    ),
+    Command(
+      'compile',
+      '--topology=v5e-16 [--num_slices=N]: compile the train/eval/decoding steps for a TPU slice '
+      'on this machine\n(libtpu: the [tpu] extra); per-chip HBM, fits or not (exit 1), collectives, estimated '
+      'step time and MFU',
+      _compile,
+      _compile_flags,
+      default_config=True,
+      requires_workdir=False,
+    ),
+    Command(
+      'attention',
+      "--text='...' --out=attention.png: translate, then draw the attention weights (one PNG, --json raw)",
+      _attention,
+      _attention_flags,
+    ),
+  )
+}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 # (key, check, what it must be). A check takes the value and returns True when it is good.
 
@@ -48,44 +49,44 @@ def _mesh_size() -> tuple[Callable[[Any], bool], str]:
 
 
 RULES: tuple[tuple[str, tuple[Callable[[Any], bool], str]], ...] = (
-    ('num_train_steps', _int_at_least(1)),
-    ('batch_size', _int_at_least(1)),
-    ('grad_accum_steps', _int_at_least(1)),
-    ('max_length', _int_at_least(2)),  # EOS plus at least one token
-    ('packed_inputs_length', _int_at_least(2)),
-    ('packed_targets_length', _int_at_least(2)),
-    ('max_train_examples', _optional_int_at_least(1)),
-    ('max_eval_examples', _optional_int_at_least(1)),
-    ('tokenizer_train_sentences', _int_at_least(1)),
-    ('learning_rate', _positive()),
-    ('warmup_steps', _int_at_least(0)),
-    ('cooldown_fraction', _fraction()),  # of num_train_steps; 0: none
-    ('adam_beta1', _fraction()),
-    ('adam_beta2', _fraction()),
-    ('adam_eps', _positive()),
-    ('grad_clip_norm', _non_negative()),  # 0: no clipping
-    ('label_smoothing', _fraction()),
-    ('stall_patience_steps', _int_at_least(0)),  # 0: off
-    ('seed', _int_at_least(0)),
-    ('log_every_steps', _int_at_least(1)),
-    ('eval_every_steps', _int_at_least(1)),
-    ('eval_translate_examples', _int_at_least(0)),
-    ('eval_translate_batch_size', _int_at_least(1)),
-    ('checkpoint_every_steps', _int_at_least(1)),
-    ('keep_checkpoints', _int_at_least(1)),
-    ('model.vocab_size', _int_at_least(5)),  # the 4 special ids and at least one piece
-    ('model.num_layers', _int_at_least(1)),
-    ('model.d_model', _int_at_least(1)),
-    ('model.num_heads', _int_at_least(1)),
-    ('model.d_ff', _int_at_least(1)),
-    ('model.dropout_rate', _fraction()),
-    ('model.attention_window', _int_at_least(0)),  # 0: full attention
-    ('model.attention_block_size', _int_at_least(1)),
-    ('mesh.data', _mesh_size()),
-    ('mesh.fsdp', _mesh_size()),
-    ('mesh.tensor', _mesh_size()),
-    ('mesh.dcn_data', _int_at_least(1)),
-    ('mesh.num_devices', _int_at_least(0)),  # 0: all
+  ('num_train_steps', _int_at_least(1)),
+  ('batch_size', _int_at_least(1)),
+  ('grad_accum_steps', _int_at_least(1)),
+  ('max_length', _int_at_least(2)),  # EOS plus at least one token
+  ('packed_inputs_length', _int_at_least(2)),
+  ('packed_targets_length', _int_at_least(2)),
+  ('max_train_examples', _optional_int_at_least(1)),
+  ('max_eval_examples', _optional_int_at_least(1)),
+  ('tokenizer_train_sentences', _int_at_least(1)),
+  ('learning_rate', _positive()),
+  ('warmup_steps', _int_at_least(0)),
+  ('cooldown_fraction', _fraction()),  # of num_train_steps; 0: none
+  ('adam_beta1', _fraction()),
+  ('adam_beta2', _fraction()),
+  ('adam_eps', _positive()),
+  ('grad_clip_norm', _non_negative()),  # 0: no clipping
+  ('label_smoothing', _fraction()),
+  ('stall_patience_steps', _int_at_least(0)),  # 0: off
+  ('seed', _int_at_least(0)),
+  ('log_every_steps', _int_at_least(1)),
+  ('eval_every_steps', _int_at_least(1)),
+  ('eval_translate_examples', _int_at_least(0)),
+  ('eval_translate_batch_size', _int_at_least(1)),
+  ('checkpoint_every_steps', _int_at_least(1)),
+  ('keep_checkpoints', _int_at_least(1)),
+  ('model.vocab_size', _int_at_least(5)),  # the 4 special ids and at least one piece
+  ('model.num_layers', _int_at_least(1)),
+  ('model.d_model', _int_at_least(1)),
+  ('model.num_heads', _int_at_least(1)),
+  ('model.d_ff', _int_at_least(1)),
+  ('model.dropout_rate', _fraction()),
+  ('model.attention_window', _int_at_least(0)),  # 0: full attention
+  ('model.attention_block_size', _int_at_least(1)),
+  ('mesh.data', _mesh_size()),
+  ('mesh.fsdp', _mesh_size()),
+  ('mesh.tensor', _mesh_size()),
+  ('mesh.dcn_data', _int_at_least(1)),
+  ('mesh.num_devices', _int_at_least(0)),  # 0: all
 )
 
 _MISSING = object()
@@ -116,15 +117,21 @@ def config_errors(config, *, platform_checks: bool = True, length_checks: bool =
     return all(k not in bad and _get(config, k) is not _MISSING and _get(config, k) is not None for k in keys)
 
   if ok('model.d_model', 'model.num_heads') and _get(config, 'model.d_model') % _get(config, 'model.num_heads'):
-    errors.append(f"config model.d_model={_get(config, 'model.d_model')}: must be divisible by "
-                  f"model.num_heads={_get(config, 'model.num_heads')}")
+    errors.append(
+      f'config model.d_model={_get(config, "model.d_model")}: must be divisible by '
+      f'model.num_heads={_get(config, "model.num_heads")}'
+    )
   for key in ('packed_inputs_length', 'packed_targets_length'):
     if ok(key, 'max_length') and _get(config, key) < _get(config, 'max_length'):
-      errors.append(f'config {key}={_get(config, key)}: must be >= max_length={_get(config, "max_length")} (a '
-                    'packed row holds at least one whole example)')
+      errors.append(
+        f'config {key}={_get(config, key)}: must be >= max_length={_get(config, "max_length")} (a '
+        'packed row holds at least one whole example)'
+      )
   if ok('batch_size', 'grad_accum_steps') and _get(config, 'batch_size') % _get(config, 'grad_accum_steps'):
-    errors.append(f"config grad_accum_steps={_get(config, 'grad_accum_steps')}: must divide "
-                  f"batch_size={_get(config, 'batch_size')} (each micro-batch takes batch_size/grad_accum_steps rows)")
+    errors.append(
+      f'config grad_accum_steps={_get(config, "grad_accum_steps")}: must divide '
+      f'batch_size={_get(config, "batch_size")} (each micro-batch takes batch_size/grad_accum_steps rows)'
+    )
   return errors + _attention_errors(config, bad, platform_checks, length_checks)
 
 
@@ -133,9 +140,10 @@ def _attention_errors(config, bad: set[str], platform_checks: bool, length_check
   kind = _get(config, 'model.attention')
   if kind is _MISSING or kind == 'dense':
     return []
-  from transformer_jax.model import attention  # pylint: disable=g-import-not-at-top  (jax: only for the block kernels)
+  from transformer_jax.model import attention  # (jax: only for the block kernels)
+
   if kind not in attention.KINDS:
-    return [f"config model.attention={kind!r}: must be one of {', '.join(attention.KINDS)}"]
+    return [f'config model.attention={kind!r}: must be one of {", ".join(attention.KINDS)}']
   errors = []
   block = _get(config, 'model.attention_block_size')
   if length_checks and _is_int(block) and 'model.attention_block_size' not in bad:
@@ -147,26 +155,49 @@ def _attention_errors(config, bad: set[str], platform_checks: bool, length_check
       if length % used == 0:
         continue
       if kind == 'splash':  # splash pads a length shorter than the block up to its 128 lanes: refused as waste
-        errors.append(f'config {key}={length}: splash attention runs blocks of {used} (model.attention_block_size='
-                      f'{block}, or the length rounded up to a multiple of 128 when shorter); {key} must be a '
-                      f'multiple of {used}')
+        errors.append(
+          f'config {key}={length}: splash attention runs blocks of {used} (model.attention_block_size='
+          f'{block}, or the length rounded up to a multiple of 128 when shorter); {key} must be a '
+          f'multiple of {used}'
+        )
       else:
-        errors.append(f'config model.attention_block_size={block}: must divide {key}={length}, or be at least '
-                      f'{key} (one block)')
+        errors.append(
+          f'config model.attention_block_size={block}: must divide {key}={length}, or be at least {key} (one block)'
+        )
   if kind == 'splash' and _is_int(block) and block % 128:
     errors.append(f'config model.attention_block_size={block}: splash blocks must be multiples of 128 (its lanes)')
   if platform_checks and kind == 'splash' and _get(config, 'model.attention_interpret') is not True:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
+
     if jax.default_backend() != 'tpu':
-      errors.append(f"config model.attention='splash': a TPU kernel, and this host runs {jax.default_backend()}; use "
-                    "'blockwise', or model.attention_interpret=True (slow: tests)")
+      errors.append(
+        f"config model.attention='splash': a TPU kernel, and this host runs {jax.default_backend()}; use "
+        "'blockwise', or model.attention_interpret=True (slow: tests)"
+      )
   return errors
 
 
 # What loading a workdir needs of a stored config (checkpoint config item): without these it is not a trainer config.
-REQUIRED = ('dataset', 'source_lang', 'target_lang', 'max_length', 'lr_schedule', 'learning_rate', 'warmup_steps',
-            'adam_beta1', 'adam_beta2', 'adam_eps', 'model.vocab_size', 'model.num_layers', 'model.d_model',
-            'model.num_heads', 'model.d_ff', 'mesh.data', 'mesh.fsdp', 'mesh.tensor')
+REQUIRED = (
+  'dataset',
+  'source_lang',
+  'target_lang',
+  'max_length',
+  'lr_schedule',
+  'learning_rate',
+  'warmup_steps',
+  'adam_beta1',
+  'adam_beta2',
+  'adam_eps',
+  'model.vocab_size',
+  'model.num_layers',
+  'model.d_model',
+  'model.num_heads',
+  'model.d_ff',
+  'mesh.data',
+  'mesh.fsdp',
+  'mesh.tensor',
+)
 
 
 def stored_config_errors(config: dict) -> list[str]:
@@ -183,7 +214,8 @@ def stored_config_errors(config: dict) -> list[str]:
 def directory_error(path: str | None, flag: str) -> str | None:
   """Why `path` cannot be (or become) a directory: a scheme other than gs://, or it is a file, or one of its parents
   is. None when fine."""
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths
+
   if not path or '://' in path:
     return paths.check(path, flag)
   probe = os.path.abspath(path)
@@ -203,7 +235,8 @@ def directory_error(path: str | None, flag: str) -> str | None:
 def file_error(path: str | None, flag: str) -> str | None:
   """Why `path` cannot be read as a file: an unsupported scheme, or it is a directory. None when fine (absence is the
   caller's to report)."""
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths
+
   if path and '://' in path:
     return paths.check(path, flag)
   if path and '://' not in path and os.path.isdir(path):

@@ -59,5 +59,7 @@ def libtpu_host_env(chip_name: str, cores: int) -> dict[str, str]:
   the topology compiled for (the compiled programs and their figures are the same with and without them)."""
   if tpu_present():
     return {}
-  return {'TPU_WORKER_HOSTNAMES': 'localhost',
-          'TPU_ACCELERATOR_TYPE': f'{_ACCELERATOR_NAMES.get(chip_name, chip_name)}-{cores}'}
+  return {
+    'TPU_WORKER_HOSTNAMES': 'localhost',
+    'TPU_ACCELERATOR_TYPE': f'{_ACCELERATOR_NAMES.get(chip_name, chip_name)}-{cores}',
+  }

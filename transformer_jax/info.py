@@ -39,8 +39,7 @@ def memory_plan(config, num_devices: int):
   model = build_model(train_state.model_config(config))
   tx = optim.make_optimizer(config)
   logical = train_state.state_logical_specs(model, tx, config)
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(train_state.init_boxed_state(model, tx, config,
-                                                                               jax.random.key(0))))
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(train_state.init_boxed_state(model, tx, config, jax.random.key(0))))
   sizes = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, num_devices)))
   leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
   specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
@@ -58,19 +57,30 @@ def print_info(config, num_devices: int | None = None) -> int:
   abstract, rows, sizes, total, per_device = memory_plan(config, num_devices)
   params = train_state.count_params(abstract.params)
   m = config.model
-  kind = ('decoder-only language model, N={n} layers' if m.get('kind') == 'decoder' else
-          'encoder-decoder Transformer, N={n} layers each side').format(n=m.num_layers)
-  print(f'architecture: {kind}, d_model={m.d_model}, '
-        f'd_ff={m.d_ff}, h={m.num_heads}, vocab={m.vocab_size}, shared embeddings={m.share_embeddings}, '
-        f"{'pre' if m.pre_norm else 'post'}-norm, {m.positional} positions, compute dtype {m.dtype}")
+  kind = (
+    'decoder-only language model, N={n} layers'
+    if m.get('kind') == 'decoder'
+    else 'encoder-decoder Transformer, N={n} layers each side'
+  ).format(n=m.num_layers)
+  print(
+    f'architecture: {kind}, d_model={m.d_model}, '
+    f'd_ff={m.d_ff}, h={m.num_heads}, vocab={m.vocab_size}, shared embeddings={m.share_embeddings}, '
+    f'{"pre" if m.pre_norm else "post"}-norm, {m.positional} positions, compute dtype {m.dtype}'
+  )
   dcn = int(config.mesh.get('dcn_data', 1))
-  print(f'mesh ({num_devices} devices): ' + ' '.join(f'{k}={v}' for k, v in sizes.items())
-        + (f' (data spans {dcn} slices/hosts over DCN)' if dcn > 1 else ''))
+  print(
+    f'mesh ({num_devices} devices): '
+    + ' '.join(f'{k}={v}' for k, v in sizes.items())
+    + (f' (data spans {dcn} slices/hosts over DCN)' if dcn > 1 else '')
+  )
   batch_shards = sizes['data'] * sizes['fsdp']
-  print(f"batch: {config.batch_size} rows over {parallel.BATCH_AXES} = {batch_shards} shards of "
-        f"{config.batch_size / batch_shards:g} rows (replicated over tensor={sizes['tensor']}); rules: "
-        + ', '.join(f'{name}->{axis}' for name, axis in parallel.LOGICAL_AXIS_RULES if axis and
-                    not name.startswith('activation')))
+  print(
+    f'batch: {config.batch_size} rows over {parallel.BATCH_AXES} = {batch_shards} shards of '
+    f'{config.batch_size / batch_shards:g} rows (replicated over tensor={sizes["tensor"]}); rules: '
+    + ', '.join(
+      f'{name}->{axis}' for name, axis in parallel.LOGICAL_AXIS_RULES if axis and not name.startswith('activation')
+    )
+  )
   by_spec = collections.Counter()
   for path, shape, logical_spec, mesh_axes in rows:
     if path.startswith('.params'):
@@ -86,8 +96,10 @@ def print_info(config, num_devices: int | None = None) -> int:
     split[part][1] += _per_device_bytes(leaf, mesh_axes, sizes)
   for part in ('params', 'optimizer'):
     print(f'  {part}: total {split[part][0] / 2**20:.1f} MiB, per device {split[part][1] / 2**20:.1f} MiB')
-  print(f'params + optimizer state: total {total / 2**20:.1f} MiB, per device {per_device / 2**20:.1f} MiB '
-        f'({per_device / max(total, 1):.3f} of total)')
+  print(
+    f'params + optimizer state: total {total / 2**20:.1f} MiB, per device {per_device / 2**20:.1f} MiB '
+    f'({per_device / max(total, 1):.3f} of total)'
+  )
   problems = parallel.indivisible_dims(abstract, [jax.sharding.PartitionSpec(*r[3]) for r in rows], sizes)
   if config.batch_size % batch_shards:
     problems.append(f'batch_size={config.batch_size} over data*fsdp={batch_shards} batch shards')

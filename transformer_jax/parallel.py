@@ -29,21 +29,21 @@ _AXIS_TYPES = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # Linen's logical 
 
 # Logical axis name (model.py) -> mesh axis. The first matching rule whose mesh axis is free wins.
 LOGICAL_AXIS_RULES = (
-    # parameters (and the optimizer moments, which carry the same names)
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('kv', None),
-    ('layers', None),
-    # activations
-    ('activation_batch', BATCH_AXES),
-    ('activation_length', None),
-    ('activation_embed', None),
-    ('activation_heads', 'tensor'),
-    ('activation_kv', None),
-    ('activation_mlp', 'tensor'),
-    ('activation_vocab', 'tensor'),
+  # parameters (and the optimizer moments, which carry the same names)
+  ('vocab', 'tensor'),
+  ('embed', 'fsdp'),
+  ('heads', 'tensor'),
+  ('mlp', 'tensor'),
+  ('kv', None),
+  ('layers', None),
+  # activations
+  ('activation_batch', BATCH_AXES),
+  ('activation_length', None),
+  ('activation_embed', None),
+  ('activation_heads', 'tensor'),
+  ('activation_kv', None),
+  ('activation_mlp', 'tensor'),
+  ('activation_vocab', 'tensor'),
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -63,8 +63,9 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
       raise ValueError(f'{num_devices} devices cannot be split into mesh {tuple(sizes)}')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh (data, fsdp, tensor)={tuple(sizes)} needs {math.prod(sizes)} devices, '
-                     f'but {num_devices} are available')
+    raise ValueError(
+      f'mesh (data, fsdp, tensor)={tuple(sizes)} needs {math.prod(sizes)} devices, but {num_devices} are available'
+    )
   return tuple(sizes)
 
 
@@ -80,11 +81,13 @@ def hybrid_device_array(shape: Sequence[int], dcn_data: int, devices: Sequence[A
   process_is_granule = slices == {None} or len(slices) == 1
   granules = len(slices) if not process_is_granule else len({d.process_index for d in devices})
   if granules != dcn_data:
-    raise ValueError(f"mesh.dcn_data={dcn_data} but the devices form {granules} "
-                     f"{'process' if process_is_granule else 'slice'}(s)")
+    raise ValueError(
+      f'mesh.dcn_data={dcn_data} but the devices form {granules} {"process" if process_is_granule else "slice"}(s)'
+    )
   ici_shape = (shape[0] // dcn_data, shape[1], shape[2])
-  return mesh_utils.create_hybrid_device_mesh(ici_shape, (dcn_data, 1, 1), list(devices),
-                                              process_is_granule=process_is_granule)
+  return mesh_utils.create_hybrid_device_mesh(
+    ici_shape, (dcn_data, 1, 1), list(devices), process_is_granule=process_is_granule
+  )
 
 
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
@@ -136,8 +139,9 @@ def indivisible_dims(shapes, specs, axis_sizes: Mapping[str, int]) -> list[str]:
         continue
       parts = math.prod(axis_sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
       if leaf.shape[dim] % parts:
-        problems.append(f'{jax.tree_util.keystr(path)}: dim {dim} of size {leaf.shape[dim]} over {parts} shards '
-                        f'({axes})')
+        problems.append(
+          f'{jax.tree_util.keystr(path)}: dim {dim} of size {leaf.shape[dim]} over {parts} shards ({axes})'
+        )
   return problems
 
 
@@ -157,10 +161,11 @@ def process_batch_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
   if len(rows) * jax.process_count() != global_rows:
     batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
     raise ValueError(
-        f'each of the {jax.process_count()} processes must feed its own 1/{jax.process_count()} of the batch, but '
-        f'this mesh {dict(mesh.shape)} has only data*fsdp={batch_shards} batch shards, so process '
-        f'{jax.process_index()} holds {len(rows)} of {global_rows} rows: make mesh.data*mesh.fsdp a multiple of '
-        f'the number of processes (tensor parallelism belongs inside a host)')
+      f'each of the {jax.process_count()} processes must feed its own 1/{jax.process_count()} of the batch, but '
+      f'this mesh {dict(mesh.shape)} has only data*fsdp={batch_shards} batch shards, so process '
+      f'{jax.process_index()} holds {len(rows)} of {global_rows} rows: make mesh.data*mesh.fsdp a multiple of '
+      f'the number of processes (tensor parallelism belongs inside a host)'
+    )
   return rows
 
 
@@ -176,8 +181,9 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
   local_rows = next(iter(local.values())).shape[0]
   global_rows = local_rows * jax.process_count()
   process_batch_rows(mesh, global_rows)  # validates the layout (cached)
-  return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:]) for k, v in local.items()
+  }
 
 
 def allgather_objects(local: Any) -> list[Any]:
@@ -188,9 +194,9 @@ def allgather_objects(local: Any) -> list[Any]:
   payload = np.frombuffer(json.dumps(local).encode('utf-8'), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
   padded = np.zeros((int(sizes.max()),), np.uint8)
-  padded[:payload.size] = payload
+  padded[: payload.size] = payload
   gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-  return [json.loads(gathered[p, :sizes[p]].tobytes().decode('utf-8')) for p in range(len(sizes))]
+  return [json.loads(gathered[p, : sizes[p]].tobytes().decode('utf-8')) for p in range(len(sizes))]
 
 
 def interleave(shards: Sequence[Sequence[Any]]) -> list[Any]:
@@ -254,7 +260,8 @@ def cluster_environment(environ: Mapping[str, str] | None = None) -> str | None:
 
 def _on_cloud_tpu_vm() -> bool:
   try:
-    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    from jax._src import cloud_tpu_init
+
     return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False))
   except ImportError:
     return False
@@ -265,10 +272,14 @@ def _env_int(name: str, default: int | None) -> int | None:
   return int(value) if value not in (None, '') else default
 
 
-def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None, initialization_timeout: int | None = None,
-                                 heartbeat_timeout_seconds: int | None = None,
-                                 shutdown_timeout_seconds: int | None = None) -> bool:
+def maybe_initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  initialization_timeout: int | None = None,
+  heartbeat_timeout_seconds: int | None = None,
+  shutdown_timeout_seconds: int | None = None,
+) -> bool:
   """jax.distributed.initialize when running on several processes; returns whether it did.
 
   Explicit arguments (the CLI's --coordinator_address/--num_processes/--process_id) win; otherwise SLURM (srun),
@@ -288,24 +299,31 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     num_processes = _env_int('JAX_NUM_PROCESSES', num_processes)
     process_id = _env_int('JAX_PROCESS_ID', process_id)
   if coordinator_address is not None and (num_processes is None or process_id is None):
-    raise ValueError('a coordinator address needs --num_processes and --process_id (or JAX_NUM_PROCESSES and '
-                     'JAX_PROCESS_ID)')
+    raise ValueError(
+      'a coordinator address needs --num_processes and --process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)'
+    )
   cpu_only = os.environ.get('JAX_PLATFORMS', '').split(',')[0].strip().lower() == 'cpu'
   if cpu_only:  # several CPU processes (tests, laptops) need a cross-process collectives implementation
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kwargs = dict(
-      initialization_timeout=initialization_timeout or _env_int('TRANSFORMER_JAX_INIT_TIMEOUT_S',
-                                                                INITIALIZATION_TIMEOUT_S),
-      heartbeat_timeout_seconds=heartbeat_timeout_seconds or _env_int('TRANSFORMER_JAX_HEARTBEAT_TIMEOUT_S',
-                                                                      HEARTBEAT_TIMEOUT_S),
-      shutdown_timeout_seconds=shutdown_timeout_seconds or _env_int('TRANSFORMER_JAX_SHUTDOWN_TIMEOUT_S',
-                                                                    SHUTDOWN_TIMEOUT_S))
+    initialization_timeout=initialization_timeout
+    or _env_int('TRANSFORMER_JAX_INIT_TIMEOUT_S', INITIALIZATION_TIMEOUT_S),
+    heartbeat_timeout_seconds=heartbeat_timeout_seconds
+    or _env_int('TRANSFORMER_JAX_HEARTBEAT_TIMEOUT_S', HEARTBEAT_TIMEOUT_S),
+    shutdown_timeout_seconds=shutdown_timeout_seconds
+    or _env_int('TRANSFORMER_JAX_SHUTDOWN_TIMEOUT_S', SHUTDOWN_TIMEOUT_S),
+  )
   accepted = inspect.signature(jax.distributed.initialize).parameters
   kwargs = {k: v for k, v in kwargs.items() if k in accepted}  # these names exist in jax 0.10.2 through 0.12
   if coordinator_address is not None:
     kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
   logging.info('jax.distributed.initialize(%s) [%s]', kwargs, environment)
   jax.distributed.initialize(**kwargs)
-  logging.info('process %d of %d; %d local / %d global devices', jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    'process %d of %d; %d local / %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True

@@ -14,15 +14,37 @@ from typing import Any
 import ml_collections
 
 # Keys whose value is part of the checkpoint: the parameters' shapes and meaning, or the vocabulary they index.
-ARCHITECTURE_KEYS = ('model.vocab_size', 'model.num_layers', 'model.d_model', 'model.num_heads', 'model.d_ff',
-                     'model.share_embeddings', 'model.pre_norm', 'model.positional', 'model.kind',
-                     'model.activation', 'model.use_bias', 'model.scale_embeddings', 'model.final_logits_bias',
-                     'model.special_ids', 'model.scan_layers', 'vocabulary')
+ARCHITECTURE_KEYS = (
+  'model.vocab_size',
+  'model.num_layers',
+  'model.d_model',
+  'model.num_heads',
+  'model.d_ff',
+  'model.share_embeddings',
+  'model.pre_norm',
+  'model.positional',
+  'model.kind',
+  'model.activation',
+  'model.use_bias',
+  'model.scale_embeddings',
+  'model.final_logits_bias',
+  'model.special_ids',
+  'model.scan_layers',
+  'vocabulary',
+)
 
 # What the default config has when a stored config predates the key (same defaults as ModelConfig / the tokenizer).
-_DEFAULTS = {'model.pre_norm': False, 'model.positional': 'sinusoidal', 'model.kind': 'encoder_decoder',
-             'model.activation': 'relu', 'model.use_bias': False, 'model.scale_embeddings': True,
-             'model.final_logits_bias': False, 'model.scan_layers': False, 'vocabulary': 'sentencepiece'}
+_DEFAULTS = {
+  'model.pre_norm': False,
+  'model.positional': 'sinusoidal',
+  'model.kind': 'encoder_decoder',
+  'model.activation': 'relu',
+  'model.use_bias': False,
+  'model.scale_embeddings': True,
+  'model.final_logits_bias': False,
+  'model.scan_layers': False,
+  'vocabulary': 'sentencepiece',
+}
 
 
 class ArchitectureOverrideError(ValueError):
@@ -49,10 +71,12 @@ def _set(config, path: str, value: Any) -> None:
 
 
 def _has_checkpoint(workdir: str | None) -> bool:
-  from transformer_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.training import checkpoint as checkpoint_lib
+
   if not workdir:
     return False
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths
+
   directory = checkpoint_lib.checkpoint_dir(workdir)
   return paths.isdir(directory) and any(name.isdigit() for name in paths.listdir(directory))  # gs:// too
 
@@ -65,8 +89,9 @@ def stored_with_overrides(stored, overrides: dict[str, Any], workdir: str) -> ml
       have = _get(config, path, _DEFAULTS.get(path))
       if have != value:
         raise ArchitectureOverrideError(
-            f'--config.{path}={value!r} changes the architecture of the checkpoint in {workdir} (stored {path}={have!r}; '
-            'its parameters\' shapes and meaning are fixed): drop the override, or train from scratch in a new --workdir')
+          f'--config.{path}={value!r} changes the architecture of the checkpoint in {workdir} (stored {path}={have!r}; '
+          "its parameters' shapes and meaning are fixed): drop the override, or train from scratch in a new --workdir"
+        )
       continue
     _set(config, path, value)
   return config
@@ -76,5 +101,6 @@ def resolve(workdir: str | None, config, *, explicit: bool, overrides: dict[str,
   """The config to run with (see the module docstring). `explicit`: --config=FILE was on the command line."""
   if explicit or not _has_checkpoint(workdir):
     return config
-  from transformer_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import workdir as workdir_lib
+
   return stored_with_overrides(workdir_lib.Workdir(workdir).stored_config(), dict(overrides or {}), workdir)

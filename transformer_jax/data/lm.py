@@ -42,16 +42,34 @@ KEYS = ('targets', 'targets_segmentation', 'targets_position')
 
 # Left out of pystdlib: test suites (much of it generated or deliberately odd), the IDLE GUI, the deprecated 2to3
 # grammar tools, and anything installed rather than shipped with Python.
-_STDLIB_EXCLUDED_DIRS = frozenset(('test', 'tests', 'idle_test', 'idlelib', 'lib2to3', 'site-packages',
-                                   'dist-packages', '__pycache__', 'turtledemo', 'ensurepip'))
+_STDLIB_EXCLUDED_DIRS = frozenset(
+  (
+    'test',
+    'tests',
+    'idle_test',
+    'idlelib',
+    'lib2to3',
+    'site-packages',
+    'dist-packages',
+    '__pycache__',
+    'turtledemo',
+    'ensurepip',
+  )
+)
 
 # SentencePiece for text where whitespace matters (code): no normalization, no whitespace folding, no dummy space
 # prefix, byte fallback for characters it never saw, newline a piece of its own (training sees text line by line),
 # runs of spaces (indentation) allowed as pieces. Decoding then gives back the input exactly.
-LM_TOKENIZER_OPTIONS = dict(normalization_rule_name='identity', remove_extra_whitespaces=False,
-                            add_dummy_prefix=False, byte_fallback=True, user_defined_symbols=['\n'],
-                            allow_whitespace_only_pieces=True, split_by_whitespace=True,
-                            character_coverage=0.9995)  # rare characters: bytes, not pieces of their own
+LM_TOKENIZER_OPTIONS = dict(
+  normalization_rule_name='identity',
+  remove_extra_whitespaces=False,
+  add_dummy_prefix=False,
+  byte_fallback=True,
+  user_defined_symbols=['\n'],
+  allow_whitespace_only_pieces=True,
+  split_by_whitespace=True,
+  character_coverage=0.9995,
+)  # rare characters: bytes, not pieces of their own
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +150,7 @@ def load_documents(config, split: str) -> list[str]:
     raise ValueError(f'unknown language-model dataset {dataset!r}; supported: pystdlib, text:DIR_OR_GLOB, tfds:NAME')
   if split not in (config.train_split, config.eval_split):
     raise ValueError(f'{dataset}: split {split!r} is neither train_split nor eval_split')
-  return docs if max_docs is None else docs[:int(max_docs)]
+  return docs if max_docs is None else docs[: int(max_docs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,15 +161,15 @@ def tokenize_documents(tokenizer: tokenizer_lib.Tokenizer, docs: list[str], max_
   chunks = []
   for ids in tokenizer.encode_batch(docs):
     ids = np.asarray(ids + [EOS_ID], np.int32)
-    chunks.extend(ids[i:i + max_length] for i in range(0, len(ids), max_length))
+    chunks.extend(ids[i : i + max_length] for i in range(0, len(ids), max_length))
   return chunks
 
 
 def pack_chunks(chunks: list[np.ndarray], length: int, max_open_rows: int = 64) -> Batch:
   """First-fit packing (data/packing.py's placement) of single token sequences into rows of `length`."""
   lens = np.fromiter((len(c) for c in chunks), np.int64, count=len(chunks))
-  row, offset, _, seg, num_rows = packing._place(lens, lens, length, length, max_open_rows)  # pylint: disable=protected-access
-  tokens, segmentation, position = packing._fill(chunks, lens, row, offset, seg, num_rows, length)  # pylint: disable=protected-access
+  row, offset, _, seg, num_rows = packing._place(lens, lens, length, length, max_open_rows)
+  tokens, segmentation, position = packing._fill(chunks, lens, row, offset, seg, num_rows, length)
   return {'targets': tokens, 'targets_segmentation': segmentation, 'targets_position': position}
 
 
@@ -166,8 +184,10 @@ class LMTrainIterator:
     self.rows_per_epoch_0 = first['targets'].shape[0]
     self.batches_per_epoch = self.rows_per_epoch_0 // self.batch_size
     if self.batches_per_epoch < 1:
-      raise ValueError(f'the training text packs into {self.rows_per_epoch_0} rows, fewer than one batch of '
-                       f'{self.batch_size}; use more text or a smaller batch')
+      raise ValueError(
+        f'the training text packs into {self.rows_per_epoch_0} rows, fewer than one batch of '
+        f'{self.batch_size}; use more text or a smaller batch'
+      )
     self.packing_efficiency = float(np.count_nonzero(first['targets_segmentation'])) / first['targets'].size
     self._epoch_data = {0: self._cut(first)}
     self._epoch = self._batch = 0
@@ -193,7 +213,7 @@ class LMTrainIterator:
   def __next__(self) -> Batch:
     data = self._get(self._epoch)
     lo = self._batch * self.batch_size
-    batch = {k: v[lo:lo + self.batch_size] for k, v in data.items()}
+    batch = {k: v[lo : lo + self.batch_size] for k, v in data.items()}
     self._batch += 1
     if self._batch == self.batches_per_epoch:
       self._epoch, self._batch = self._epoch + 1, 0
@@ -224,18 +244,19 @@ class LMDatasets:
   process_count: int = 1
   eval_pairs: list = dataclasses.field(default_factory=list)  # no translations to score (no BLEU)
 
-  def eval_batches(self, *, batch_size: int, targets_length: int = 0, inputs_length: int = 0,
-                   num_batches: int | None = None) -> list[Batch]:
+  def eval_batches(
+    self, *, batch_size: int, targets_length: int = 0, inputs_length: int = 0, num_batches: int | None = None
+  ) -> list[Batch]:
     """This process's share (every process_count-th row) in batches; the last padded with all-zero rows."""
     del targets_length, inputs_length  # rows were packed at max_length
-    rows = {k: v[self.process_index::self.process_count] for k, v in self.eval_rows.items()}
+    rows = {k: v[self.process_index :: self.process_count] for k, v in self.eval_rows.items()}
     n = -(-rows['targets'].shape[0] // batch_size)
     n = max(n, num_batches or 0)
     out = []
     for b in range(n):
       batch = {}
       for k, v in rows.items():
-        part = v[b * batch_size:(b + 1) * batch_size]
+        part = v[b * batch_size : (b + 1) * batch_size]
         batch[k] = np.concatenate([part, np.zeros((batch_size - part.shape[0], v.shape[1]), v.dtype)])
       out.append(batch)
     return out
@@ -258,25 +279,50 @@ def build_datasets(config, workdir: str, *, process_index: int = 0, process_coun
 
   def lines():  # every k-th line of the training text, so the sample spans every file, not the first few
     every = [line for doc in train_docs for line in doc.splitlines() if line.strip()]
-    return every[::max(1, len(every) // max_lines)]
+    return every[:: max(1, len(every) // max_lines)]
 
   tokenizer = tokenizer_lib.load_or_train_tokenizer(
-      os.path.join(workdir, 'spm.model'), lines, int(config.model.vocab_size), is_chief=process_index == 0,
-      max_sentences=max_lines, train_options=LM_TOKENIZER_OPTIONS)
+    os.path.join(workdir, 'spm.model'),
+    lines,
+    int(config.model.vocab_size),
+    is_chief=process_index == 0,
+    max_sentences=max_lines,
+    train_options=LM_TOKENIZER_OPTIONS,
+  )
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f'tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is {config.model.vocab_size}; '
-                     f'delete {tokenizer.model_path} or raise vocab_size')
+    raise ValueError(
+      f'tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is {config.model.vocab_size}; '
+      f'delete {tokenizer.model_path} or raise vocab_size'
+    )
   train_chunks = tokenize_documents(tokenizer, train_docs[process_index::process_count], length)
   eval_chunks = tokenize_documents(tokenizer, eval_docs, length)
   eval_rows = pack_chunks(eval_chunks, length) if eval_chunks else {k: np.zeros((0, length), np.int32) for k in KEYS}
-  train = LMTrainIterator(train_chunks, batch_size=config.batch_size // process_count, length=length,
-                          seed=int(config.seed))
-  data = LMDatasets(tokenizer=tokenizer, train=train, eval_rows=eval_rows,
-                    eval_tokens=int(sum(len(c) for c in eval_chunks)),
-                    eval_bytes=sum(len(d.encode('utf-8')) for d in eval_docs), eval_documents=eval_docs,
-                    process_index=process_index, process_count=process_count)
-  logging.info('LM data %s: %d train / %d held-out documents; %d train chunks -> %d rows of %d (packing %.3f), '
-               '%d batches per epoch; held-out %d tokens, %d bytes; %.1f s', config.dataset, len(train_docs),
-               len(eval_docs), len(train_chunks), train.rows_per_epoch_0, length, train.packing_efficiency,
-               train.batches_per_epoch, data.eval_tokens, data.eval_bytes, time.time() - start)
+  train = LMTrainIterator(
+    train_chunks, batch_size=config.batch_size // process_count, length=length, seed=int(config.seed)
+  )
+  data = LMDatasets(
+    tokenizer=tokenizer,
+    train=train,
+    eval_rows=eval_rows,
+    eval_tokens=int(sum(len(c) for c in eval_chunks)),
+    eval_bytes=sum(len(d.encode('utf-8')) for d in eval_docs),
+    eval_documents=eval_docs,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  logging.info(
+    'LM data %s: %d train / %d held-out documents; %d train chunks -> %d rows of %d (packing %.3f), '
+    '%d batches per epoch; held-out %d tokens, %d bytes; %.1f s',
+    config.dataset,
+    len(train_docs),
+    len(eval_docs),
+    len(train_chunks),
+    train.rows_per_epoch_0,
+    length,
+    train.packing_efficiency,
+    train.batches_per_epoch,
+    data.eval_tokens,
+    data.eval_bytes,
+    time.time() - start,
+  )
   return data

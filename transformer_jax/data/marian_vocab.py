@@ -54,7 +54,7 @@ class MarianVocab:
     self._special = {self.special_ids.eos, self.special_ids.unk, self.special_ids.pad, self.special_ids.bos}
 
   @classmethod
-  def load(cls, directory: str) -> 'MarianVocab':
+  def load(cls, directory: str) -> MarianVocab:
     return cls(directory)
 
   @property
@@ -73,7 +73,7 @@ class MarianVocab:
     """Ids of `text` without EOS, as MarianTokenizer gives them (its EOS appended is the caller's)."""
     code = []
     if text.startswith('>>') and (end := text.find('<<')) != -1:  # a language code token
-      code, text = [text[:end + 2]], text[end + 2:]
+      code, text = [text[: end + 2]], text[end + 2 :]
     processor = self._target if target else self._source
     return self._ids(code + processor.encode(text, out_type=str))
 
@@ -107,12 +107,16 @@ class MarianVocab:
     return self.decoder.get(int(i), '')
 
 
-def write_marian_dir(directory: str, source_spm: bytes, target_spm: bytes, vocab: dict[str, int],
-                     special_ids: SpecialIds) -> None:
+def write_marian_dir(
+  directory: str, source_spm: bytes, target_spm: bytes, vocab: dict[str, int], special_ids: SpecialIds
+) -> None:
   os.makedirs(directory, exist_ok=True)
-  for name, data in (('source.spm', source_spm), ('target.spm', target_spm),
-                     ('vocab.json', json.dumps(vocab, ensure_ascii=False, indent=1).encode('utf-8')),
-                     ('special_ids.json', json.dumps(special_ids.to_dict()).encode('utf-8'))):
+  for name, data in (
+    ('source.spm', source_spm),
+    ('target.spm', target_spm),
+    ('vocab.json', json.dumps(vocab, ensure_ascii=False, indent=1).encode('utf-8')),
+    ('special_ids.json', json.dumps(special_ids.to_dict()).encode('utf-8')),
+  ):
     tmp = os.path.join(directory, f'.{name}.tmp-{os.getpid()}')
     with open(tmp, 'wb') as f:
       f.write(data)

@@ -18,12 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-KEYS = ("inputs", "targets", "inputs_segmentation", "targets_segmentation",
-        "inputs_position", "targets_position")
+KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position', 'targets_position')
 
 
-def _place(in_lens: np.ndarray, tg_lens: np.ndarray, inputs_length: int, targets_length: int,
-           max_open_rows: int):
+def _place(in_lens: np.ndarray, tg_lens: np.ndarray, inputs_length: int, targets_length: int, max_open_rows: int):
   """Greedy first-fit over a window of at most `max_open_rows` open rows.
 
   Returns per-example (row, input offset, target offset, segment id) and the number of rows.
@@ -72,8 +70,15 @@ def _place(in_lens: np.ndarray, tg_lens: np.ndarray, inputs_length: int, targets
   return row, in_off, tg_off, seg, num_rows
 
 
-def _fill(tokens: list[np.ndarray], lens: np.ndarray, row: np.ndarray, off: np.ndarray,
-          seg: np.ndarray, num_rows: int, length: int):
+def _fill(
+  tokens: list[np.ndarray],
+  lens: np.ndarray,
+  row: np.ndarray,
+  off: np.ndarray,
+  seg: np.ndarray,
+  num_rows: int,
+  length: int,
+):
   """Scatters every example's tokens to its row and offset (vectorised)."""
   data = np.zeros((num_rows, length), np.int32)
   segmentation = np.zeros((num_rows, length), np.int32)
@@ -81,17 +86,22 @@ def _fill(tokens: list[np.ndarray], lens: np.ndarray, row: np.ndarray, off: np.n
   total = int(lens.sum())
   if total:
     flat_tokens = np.concatenate(tokens).astype(np.int32, copy=False)
-    starts = np.cumsum(lens) - lens                      # start of each example in flat_tokens
-    pos = np.arange(total) - np.repeat(starts, lens)     # position within the example
-    dest = np.repeat(row * length + off, lens) + pos     # flat destination index
+    starts = np.cumsum(lens) - lens  # start of each example in flat_tokens
+    pos = np.arange(total) - np.repeat(starts, lens)  # position within the example
+    dest = np.repeat(row * length + off, lens) + pos  # flat destination index
     data.reshape(-1)[dest] = flat_tokens
     segmentation.reshape(-1)[dest] = np.repeat(seg, lens)
     position.reshape(-1)[dest] = pos
   return data, segmentation, position
 
 
-def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], inputs_length: int,
-                  targets_length: int, *, max_open_rows: int = 64) -> dict[str, np.ndarray]:
+def pack_examples(
+  examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+  inputs_length: int,
+  targets_length: int,
+  *,
+  max_open_rows: int = 64,
+) -> dict[str, np.ndarray]:
   """Packs (inputs, targets) token lists (EOS already included) into rows.
 
   Deterministic and order-preserving: rows are numbered in the order they are opened and the
@@ -104,82 +114,85 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], input
   shape [num_rows, targets_length].
   """
   if max_open_rows < 1:
-    raise ValueError(f"max_open_rows must be >= 1, got {max_open_rows}")
+    raise ValueError(f'max_open_rows must be >= 1, got {max_open_rows}')
   n = len(examples)
   in_tokens = [np.asarray(ex[0], np.int32).reshape(-1) for ex in examples]
   tg_tokens = [np.asarray(ex[1], np.int32).reshape(-1) for ex in examples]
   in_lens = np.fromiter((len(t) for t in in_tokens), np.int64, count=n)
   tg_lens = np.fromiter((len(t) for t in tg_tokens), np.int64, count=n)
   if n:
-    bad = np.flatnonzero((in_lens > inputs_length) | (tg_lens > targets_length)
-                         | (in_lens < 1) | (tg_lens < 1))
+    bad = np.flatnonzero((in_lens > inputs_length) | (tg_lens > targets_length) | (in_lens < 1) | (tg_lens < 1))
     if bad.size:
       i = int(bad[0])
       raise ValueError(
-          f"{bad.size} example(s) cannot be packed into rows of {inputs_length} input / "
-          f"{targets_length} target tokens, e.g. example {i} with lengths "
-          f"({int(in_lens[i])}, {int(tg_lens[i])}); filter or truncate them first "
-          "(every side needs at least its EOS)")
-  row, in_off, tg_off, seg, num_rows = _place(in_lens, tg_lens, inputs_length, targets_length,
-                                              max_open_rows)
-  inputs, inputs_seg, inputs_pos = _fill(in_tokens, in_lens, row, in_off, seg, num_rows,
-                                         inputs_length)
-  targets, targets_seg, targets_pos = _fill(tg_tokens, tg_lens, row, tg_off, seg, num_rows,
-                                            targets_length)
+        f'{bad.size} example(s) cannot be packed into rows of {inputs_length} input / '
+        f'{targets_length} target tokens, e.g. example {i} with lengths '
+        f'({int(in_lens[i])}, {int(tg_lens[i])}); filter or truncate them first '
+        '(every side needs at least its EOS)'
+      )
+  row, in_off, tg_off, seg, num_rows = _place(in_lens, tg_lens, inputs_length, targets_length, max_open_rows)
+  inputs, inputs_seg, inputs_pos = _fill(in_tokens, in_lens, row, in_off, seg, num_rows, inputs_length)
+  targets, targets_seg, targets_pos = _fill(tg_tokens, tg_lens, row, tg_off, seg, num_rows, targets_length)
   return {
-      "inputs": inputs,
-      "targets": targets,
-      "inputs_segmentation": inputs_seg,
-      "targets_segmentation": targets_seg,
-      "inputs_position": inputs_pos,
-      "targets_position": targets_pos,
+    'inputs': inputs,
+    'targets': targets,
+    'inputs_segmentation': inputs_seg,
+    'targets_segmentation': targets_seg,
+    'inputs_position': inputs_pos,
+    'targets_position': targets_pos,
   }
 
 
-def pack_flat(in_tokens: np.ndarray, in_lens: np.ndarray, tg_tokens: np.ndarray, tg_lens: np.ndarray,
-              inputs_length: int, targets_length: int, *, max_open_rows: int = 64) -> dict[str, np.ndarray]:
+def pack_flat(
+  in_tokens: np.ndarray,
+  in_lens: np.ndarray,
+  tg_tokens: np.ndarray,
+  tg_lens: np.ndarray,
+  inputs_length: int,
+  targets_length: int,
+  *,
+  max_open_rows: int = 64,
+) -> dict[str, np.ndarray]:
   """`pack_examples` for examples given as flat token arrays + per-example lengths (EOS included).
 
   The same placement and output; no per-example Python objects (the streaming pipeline packs
   memmapped shards this way). The caller guarantees 1 <= lengths <= the row lengths.
   """
   if max_open_rows < 1:
-    raise ValueError(f"max_open_rows must be >= 1, got {max_open_rows}")
+    raise ValueError(f'max_open_rows must be >= 1, got {max_open_rows}')
   in_lens = np.asarray(in_lens, np.int64)
   tg_lens = np.asarray(tg_lens, np.int64)
-  row, in_off, tg_off, seg, num_rows = _place(in_lens, tg_lens, inputs_length, targets_length,
-                                              max_open_rows)
+  row, in_off, tg_off, seg, num_rows = _place(in_lens, tg_lens, inputs_length, targets_length, max_open_rows)
   inputs, inputs_seg, inputs_pos = _fill([in_tokens], in_lens, row, in_off, seg, num_rows, inputs_length)
-  targets, targets_seg, targets_pos = _fill([tg_tokens], tg_lens, row, tg_off, seg, num_rows,
-                                            targets_length)
+  targets, targets_seg, targets_pos = _fill([tg_tokens], tg_lens, row, tg_off, seg, num_rows, targets_length)
   return {
-      "inputs": inputs,
-      "targets": targets,
-      "inputs_segmentation": inputs_seg,
-      "targets_segmentation": targets_seg,
-      "inputs_position": inputs_pos,
-      "targets_position": targets_pos,
+    'inputs': inputs,
+    'targets': targets,
+    'inputs_segmentation': inputs_seg,
+    'targets_segmentation': targets_seg,
+    'inputs_position': inputs_pos,
+    'targets_position': targets_pos,
   }
 
 
 def packing_efficiency(packed: dict[str, np.ndarray]) -> float:
   """Fraction of target slots holding a real token (real target tokens / target slots)."""
-  seg = packed["targets_segmentation"]
+  seg = packed['targets_segmentation']
   return float(np.count_nonzero(seg)) / seg.size if seg.size else 0.0
 
 
 def inputs_efficiency(packed: dict[str, np.ndarray]) -> float:
   """Fraction of input slots holding a real token."""
-  seg = packed["inputs_segmentation"]
+  seg = packed['inputs_segmentation']
   return float(np.count_nonzero(seg)) / seg.size if seg.size else 0.0
 
 
 def unpack_examples(packed: dict[str, np.ndarray]) -> list[tuple[list[int], list[int]]]:
   """Inverse of `pack_examples` (row by row, segment by segment); used by tests and tools."""
   out = []
-  for r in range(packed["inputs"].shape[0]):
-    s_in = packed["inputs_segmentation"][r]
-    s_tg = packed["targets_segmentation"][r]
+  for r in range(packed['inputs'].shape[0]):
+    s_in = packed['inputs_segmentation'][r]
+    s_tg = packed['targets_segmentation'][r]
     for k in range(1, int(s_in.max(initial=0)) + 1):
-      out.append((packed["inputs"][r][s_in == k].tolist(), packed["targets"][r][s_tg == k].tolist()))
+      out.append((packed['inputs'][r][s_in == k].tolist(), packed['targets'][r][s_tg == k].tolist()))
   return out

@@ -47,15 +47,18 @@ from transformer_jax.data import sources
 from transformer_jax.data import tensorflow_cpu
 from transformer_jax.data import tokenizer as tokenizer_lib
 
-FORMAT = "transformer_jax.prepared/1"
-MANIFEST = "manifest.json"
-SHARD_EXAMPLES = 1_000_000   # examples per shard (~120 MB of uint16 tokens for WMT-shaped pairs)
-READ_PAIRS = 32_768          # pairs read, decoded and tokenized at once
-_BLOCK = 1 << 24             # bytes per plain file read
-SIDES = ("inputs", "targets")
-SKIP_KINDS = ("not_utf8", "empty", "too_long")
-_SKIP_WORDS = {"not_utf8": "a side is not UTF-8", "empty": "a side is empty",
-               "too_long": "a side is longer than max_length={max_length} tokens (EOS included)"}
+FORMAT = 'transformer_jax.prepared/1'
+MANIFEST = 'manifest.json'
+SHARD_EXAMPLES = 1_000_000  # examples per shard (~120 MB of uint16 tokens for WMT-shaped pairs)
+READ_PAIRS = 32_768  # pairs read, decoded and tokenized at once
+_BLOCK = 1 << 24  # bytes per plain file read
+SIDES = ('inputs', 'targets')
+SKIP_KINDS = ('not_utf8', 'empty', 'too_long')
+_SKIP_WORDS = {
+  'not_utf8': 'a side is not UTF-8',
+  'empty': 'a side is empty',
+  'too_long': 'a side is longer than max_length={max_length} tokens (EOS included)',
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -80,76 +83,94 @@ class PairReader:
     self.dataset = config.dataset
     self.split = split
     self.source_lang, self.target_lang = config.source_lang, config.target_lang
-    self.max_examples = config.get("max_train_examples") if split == config.train_split else None
-    self.data_dir = config.get("data_dir")
+    self.max_examples = config.get('max_train_examples') if split == config.train_split else None
+    self.data_dir = config.get('data_dir')
     self.workdir = workdir
-    kind, sep, rest = self.dataset.partition(":")
-    if not sep or not rest or kind not in ("tfds", "text", "generated"):
-      raise ValueError(f"unknown dataset {self.dataset!r}; supported forms: " + "; ".join(sources.SUPPORTED_FORMS))
+    kind, sep, rest = self.dataset.partition(':')
+    if not sep or not rest or kind not in ('tfds', 'text', 'generated'):
+      raise ValueError(f'unknown dataset {self.dataset!r}; supported forms: ' + '; '.join(sources.SUPPORTED_FORMS))
     self.kind, self.name = kind, rest
     self.total: int | None = None
     self._paths: list[str] = []
-    if kind == "text":
-      self._paths = [os.path.join(rest, f"{split}.{lang}") for lang in (self.source_lang, self.target_lang)]
+    if kind == 'text':
+      self._paths = [os.path.join(rest, f'{split}.{lang}') for lang in (self.source_lang, self.target_lang)]
       if paths.is_gcs(rest):  # block reads of a local file (one download per object version, paths.local_copy)
         for path in self._paths:
           if not paths.exists(path):
-            raise ValueError(f"text dataset: file {path} does not exist (expected parallel files {self._paths[0]} "
-                             f"and {self._paths[1]}, one sentence per line)")
+            raise ValueError(
+              f'text dataset: file {path} does not exist (expected parallel files {self._paths[0]} '
+              f'and {self._paths[1]}, one sentence per line)'
+            )
         self._paths = [paths.local_copy(path) for path in self._paths]
       counts = []
       for path in self._paths:
         if not os.path.exists(path):
-          raise ValueError(f"text dataset: file {path} does not exist (expected parallel files {self._paths[0]} "
-                           f"and {self._paths[1]}, one sentence per line)")
+          raise ValueError(
+            f'text dataset: file {path} does not exist (expected parallel files {self._paths[0]} '
+            f'and {self._paths[1]}, one sentence per line)'
+          )
         if os.path.getsize(path) == 0:
-          raise ValueError(f"text dataset: file {path} is empty")
+          raise ValueError(f'text dataset: file {path} is empty')
         counts.append(sources.count_lines(path))
       if counts[0] != counts[1]:  # fail fast: before any tokenizer training or tokenizing
-        raise ValueError(f"text dataset: {self._paths[0]} has {counts[0]} lines but {self._paths[1]} has "
-                         f"{counts[1]}; parallel files need one sentence per line on both sides")
+        raise ValueError(
+          f'text dataset: {self._paths[0]} has {counts[0]} lines but {self._paths[1]} has '
+          f'{counts[1]}; parallel files need one sentence per line on both sides'
+        )
       self.total = counts[0]
-    elif kind == "generated":  # the text itself only when read (a process that finds the shards never needs it)
+    elif kind == 'generated':  # the text itself only when read (a process that finds the shards never needs it)
       self._pairs: list[tuple[str, str]] | None = None
       self.total = self._generated_size()
     if self.total is not None and self.max_examples is not None:
       self.total = min(self.total, int(self.max_examples))
 
   def _generated_size(self) -> int:
-    name, limit = sources._parse_split(self.split)  # pylint: disable=protected-access
+    name, limit = sources._parse_split(self.split)
     size = sources.SPLIT_SIZES.get(name, 0)
     return min(c for c in (size, limit, self.max_examples) if c is not None)
 
   def _generated_pairs(self) -> list[tuple[str, str]]:
     if self._pairs is None:
-      self._pairs = sources.load_text_pairs(self.dataset, self.split, source_lang=self.source_lang,
-                                            target_lang=self.target_lang, max_examples=self.max_examples,
-                                            cache_dir=self.workdir)
+      self._pairs = sources.load_text_pairs(
+        self.dataset,
+        self.split,
+        source_lang=self.source_lang,
+        target_lang=self.target_lang,
+        max_examples=self.max_examples,
+        cache_dir=self.workdir,
+      )
       self.total = len(self._pairs)
     return self._pairs
 
   def description(self) -> dict:
     """What the shards are made from (part of their directory key)."""
-    out = {"dataset": self.dataset, "split": self.split, "source_lang": self.source_lang,
-           "target_lang": self.target_lang, "max_examples": self.max_examples}
-    if self.kind == "text":
-      out["files"] = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
-                      for p in self._paths]
-    if self.kind == "tfds":
-      out["data_dir"] = self.data_dir
-    if self.kind == "generated":
-      out["generator_version"] = sources._GENERATOR_VERSION  # pylint: disable=protected-access
+    out = {
+      'dataset': self.dataset,
+      'split': self.split,
+      'source_lang': self.source_lang,
+      'target_lang': self.target_lang,
+      'max_examples': self.max_examples,
+    }
+    if self.kind == 'text':
+      out['files'] = [
+        {'path': os.path.abspath(p), 'bytes': os.path.getsize(p), 'mtime_ns': os.stat(p).st_mtime_ns}
+        for p in self._paths
+      ]
+    if self.kind == 'tfds':
+      out['data_dir'] = self.data_dir
+    if self.kind == 'generated':
+      out['generator_version'] = sources._GENERATOR_VERSION
     return out
 
   def chunks(self, n: int = READ_PAIRS) -> Iterator[tuple[list, list]]:
-    if self.kind == "generated":
+    if self.kind == 'generated':
       self._generated_pairs()  # sets the exact total (and raises for a bad task or split)
     left = self.total if self.total is not None else self.max_examples
-    if self.kind == "text":
+    if self.kind == 'text':
       gen = zip(_rechunk(sources.file_lines(self._paths[0]), n), _rechunk(sources.file_lines(self._paths[1]), n))
-    elif self.kind == "generated":
+    elif self.kind == 'generated':
       pairs = self._generated_pairs()
-      gen = (([s for s, _ in pairs[i:i + n]], [t for _, t in pairs[i:i + n]]) for i in range(0, len(pairs), n))
+      gen = (([s for s, _ in pairs[i : i + n]], [t for _, t in pairs[i : i + n]]) for i in range(0, len(pairs), n))
     else:
       gen = self._tfds_chunks(n)
     for src, tgt in gen:
@@ -166,7 +187,7 @@ class PairReader:
     spec = ds.element_spec
     for lang in (self.source_lang, self.target_lang):
       if lang not in spec:
-        raise ValueError(f"tfds:{self.name} has features {sorted(spec)}, no language {lang!r}")
+        raise ValueError(f'tfds:{self.name} has features {sorted(spec)}, no language {lang!r}')
     sl, tl = self.source_lang, self.target_lang
     ds = ds.map(lambda ex: (ex[sl], ex[tl]), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if self.max_examples is not None:
@@ -182,14 +203,14 @@ def _decode(lines: list) -> tuple[list[str], np.ndarray]:
   if not lines or isinstance(lines[0], str):
     return [s.strip() for s in lines], bad
   try:
-    return [b.decode("utf-8").strip() for b in lines], bad
+    return [b.decode('utf-8').strip() for b in lines], bad
   except UnicodeDecodeError:
     out = []
     for i, b in enumerate(lines):
       try:
-        out.append(b.decode("utf-8").strip())
+        out.append(b.decode('utf-8').strip())
       except UnicodeDecodeError:
-        out.append("")
+        out.append('')
         bad[i] = True
     return out, bad
 
@@ -222,7 +243,7 @@ def sample_sentences(reader: PairReader, count: int, seed: int = 0) -> list[str]
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with open(path, 'rb') as f:
     while True:
       block = f.read(_BLOCK)
       if not block:
@@ -233,7 +254,7 @@ def _sha256(path: str) -> str:
 def _save_npy(directory: str, name: str, array: np.ndarray) -> dict:
   path = os.path.join(directory, name)
   paths.write_local_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
-  return {"name": name, "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+  return {'name': name, 'bytes': os.path.getsize(path), 'sha256': _sha256(path)}
 
 
 def tokenizer_sha256(tokenizer: tokenizer_lib.Tokenizer) -> str:
@@ -242,29 +263,29 @@ def tokenizer_sha256(tokenizer: tokenizer_lib.Tokenizer) -> str:
 
 def shard_directory(root: str, split: str, key_fields: dict) -> str:
   key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-  safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
-  return os.path.join(root, f"{safe}-{key}")
+  safe = ''.join(c if c.isalnum() or c in '-_' else '_' for c in split)
+  return os.path.join(root, f'{safe}-{key}')
 
 
 def read_manifest(directory: str, *, verify: bool = True) -> dict | None:
   """The manifest if the directory holds a complete preparation (every file present, size and sha256 as recorded)."""
   path = os.path.join(directory, MANIFEST)
   try:
-    with open(path, "rb") as f:
-      manifest = json.loads(f.read().decode("utf-8"))
+    with open(path, 'rb') as f:
+      manifest = json.loads(f.read().decode('utf-8'))
   except (OSError, ValueError):
     return None
-  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+  if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
     return None
   try:
-    for shard in manifest["shards"]:
-      for entry in shard["files"].values():
-        file = os.path.join(directory, entry["name"])
-        if not os.path.exists(file) or os.path.getsize(file) != entry["bytes"]:
-          logging.warning("Prepared data %s: %s is missing or has the wrong size; preparing again", directory, file)
+    for shard in manifest['shards']:
+      for entry in shard['files'].values():
+        file = os.path.join(directory, entry['name'])
+        if not os.path.exists(file) or os.path.getsize(file) != entry['bytes']:
+          logging.warning('Prepared data %s: %s is missing or has the wrong size; preparing again', directory, file)
           return None
-        if verify and _sha256(file) != entry["sha256"]:
-          logging.warning("Prepared data %s: %s is damaged (sha256); preparing again", directory, file)
+        if verify and _sha256(file) != entry['sha256']:
+          logging.warning('Prepared data %s: %s is damaged (sha256); preparing again', directory, file)
           return None
   except (KeyError, TypeError):
     return None
@@ -299,14 +320,14 @@ class _ShardWriter:
     self.shards: list[dict] = []
 
   def add(self, tokens: dict[str, np.ndarray], lens: dict[str, np.ndarray]) -> None:
-    n = len(lens["inputs"])
+    n = len(lens['inputs'])
     start = 0
     while start < n:
       take = min(n - start, self.shard_examples - self.pending)
       for s in SIDES:
         cum = np.concatenate([[0], np.cumsum(lens[s])])
-        self.parts[s].append(tokens[s][cum[start]:cum[start + take]].astype(self.dtype))
-        self.lens[s].append(lens[s][start:start + take])
+        self.parts[s].append(tokens[s][cum[start] : cum[start + take]].astype(self.dtype))
+        self.lens[s].append(lens[s][start : start + take])
       self.pending += take
       start += take
       if self.pending == self.shard_examples:
@@ -320,20 +341,28 @@ class _ShardWriter:
     for s in SIDES:
       lens = np.concatenate(self.lens[s])
       offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-      files[s] = _save_npy(self.directory, f"shard-{index:05d}-{s}.npy", np.concatenate(self.parts[s]))
-      files[f"{s}_offsets"] = _save_npy(self.directory, f"shard-{index:05d}-{s}_offsets.npy", offsets)
+      files[s] = _save_npy(self.directory, f'shard-{index:05d}-{s}.npy', np.concatenate(self.parts[s]))
+      files[f'{s}_offsets'] = _save_npy(self.directory, f'shard-{index:05d}-{s}_offsets.npy', offsets)
       self.parts[s], self.lens[s] = [], []
-    self.shards.append({"index": index, "num_examples": int(self.pending), "files": files})
+    self.shards.append({'index': index, 'num_examples': int(self.pending), 'files': files})
     self.pending = 0
 
 
-def prepare_split(reader: PairReader, tokenizer: tokenizer_lib.Tokenizer, directory: str, *, max_length: int,
-                  shard_examples: int = SHARD_EXAMPLES, progress: bool = True,
-                  num_threads: int | None = None) -> dict:
+def prepare_split(
+  reader: PairReader,
+  tokenizer: tokenizer_lib.Tokenizer,
+  directory: str,
+  *,
+  max_length: int,
+  shard_examples: int = SHARD_EXAMPLES,
+  progress: bool = True,
+  num_threads: int | None = None,
+) -> dict:
   """Writes the shards and the manifest (last) into `directory` (emptied first); returns the manifest."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm
+
   if max_length < 2:
-    raise ValueError(f"max_length must be >= 2 (one token + EOS), got {max_length}")
+    raise ValueError(f'max_length must be >= 2 (one token + EOS), got {max_length}')
   start = time.time()
   if os.path.isdir(directory):
     shutil.rmtree(directory)  # a half-written earlier attempt: never reused
@@ -343,8 +372,15 @@ def prepare_split(reader: PairReader, tokenizer: tokenizer_lib.Tokenizer, direct
   skipped = dict.fromkeys(SKIP_KINDS, 0)
   read = 0
   tokens_total = dict.fromkeys(SIDES, 0)
-  bar = tqdm(total=reader.total, disable=not progress, unit=" pairs", unit_scale=True, dynamic_ncols=True,
-             desc=f"prepare {reader.dataset} {reader.split}", file=sys.stderr)
+  bar = tqdm(
+    total=reader.total,
+    disable=not progress,
+    unit=' pairs',
+    unit_scale=True,
+    dynamic_ncols=True,
+    desc=f'prepare {reader.dataset} {reader.split}',
+    file=sys.stderr,
+  )
   with bar:
     for src_raw, tgt_raw in reader.chunks():
       n = len(src_raw)
@@ -354,14 +390,15 @@ def prepare_split(reader: PairReader, tokenizer: tokenizer_lib.Tokenizer, direct
       bad = bad_s | bad_t
       empty = ~bad & np.array([not s or not t for s, t in zip(src, tgt)], bool)
       keep = np.flatnonzero(~bad & ~empty)
-      skipped["not_utf8"] += int(bad.sum())
-      skipped["empty"] += int(empty.sum())
+      skipped['not_utf8'] += int(bad.sum())
+      skipped['empty'] += int(empty.sum())
       toks, lens = {}, {}
-      for side, texts in (("inputs", src), ("targets", tgt)):
-        toks[side], lens[side] = _tokenize(tokenizer, [texts[i] for i in keep.tolist()], threads,
-                                           target=side == "targets")
-      fits = (lens["inputs"] <= max_length) & (lens["targets"] <= max_length)
-      skipped["too_long"] += int((~fits).sum())
+      for side, texts in (('inputs', src), ('targets', tgt)):
+        toks[side], lens[side] = _tokenize(
+          tokenizer, [texts[i] for i in keep.tolist()], threads, target=side == 'targets'
+        )
+      fits = (lens['inputs'] <= max_length) & (lens['targets'] <= max_length)
+      skipped['too_long'] += int((~fits).sum())
       if not fits.all():
         for side in SIDES:
           mask = np.repeat(fits, lens[side])
@@ -371,29 +408,36 @@ def prepare_split(reader: PairReader, tokenizer: tokenizer_lib.Tokenizer, direct
       writer.add(toks, lens)
       bar.update(n)
   writer.flush()
-  num_examples = sum(s["num_examples"] for s in writer.shards)
+  num_examples = sum(s['num_examples'] for s in writer.shards)
   manifest = {
-      "format": FORMAT,
-      "source": reader.description(),
-      "tokenizer_sha256": tokenizer_sha256(tokenizer),
-      "vocab_size": int(tokenizer.vocab_size),
-      "max_length": int(max_length),
-      "dtype": writer.dtype.name,
-      "pairs_read": int(read),
-      "num_examples": int(num_examples),
-      "num_tokens": tokens_total,
-      "skipped": skipped,
-      "shards": writer.shards,
+    'format': FORMAT,
+    'source': reader.description(),
+    'tokenizer_sha256': tokenizer_sha256(tokenizer),
+    'vocab_size': int(tokenizer.vocab_size),
+    'max_length': int(max_length),
+    'dtype': writer.dtype.name,
+    'pairs_read': int(read),
+    'num_examples': int(num_examples),
+    'num_tokens': tokens_total,
+    'skipped': skipped,
+    'shards': writer.shards,
   }
-  report_skipped(manifest, f"{reader.dataset} [{reader.split}]")
+  report_skipped(manifest, f'{reader.dataset} [{reader.split}]')
   if not num_examples:
-    raise ValueError(f"{reader.dataset} split {reader.split!r}: no usable examples among {read} pairs "
-                     f"(skipped: {skipped})")
-  data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+    raise ValueError(
+      f'{reader.dataset} split {reader.split!r}: no usable examples among {read} pairs (skipped: {skipped})'
+    )
+  data = json.dumps(manifest, indent=1, sort_keys=True).encode('utf-8')
   # last: the preparation is complete
   paths.write_local_atomic(os.path.join(directory, MANIFEST), lambda f: f.write(data))
-  logging.info("Prepared %d examples of %s in %s (%d shards, %.1f s)", num_examples, reader.dataset, directory,
-               len(writer.shards), time.time() - start)
+  logging.info(
+    'Prepared %d examples of %s in %s (%d shards, %.1f s)',
+    num_examples,
+    reader.dataset,
+    directory,
+    len(writer.shards),
+    time.time() - start,
+  )
   return manifest
 
 
@@ -401,12 +445,12 @@ def report_skipped(manifest: dict, what: str) -> list[str]:
   """One warning line per kind of skipped pair (only kinds that occurred); returns the lines."""
   lines = []
   for kind in SKIP_KINDS:
-    n = manifest["skipped"].get(kind, 0)
+    n = manifest['skipped'].get(kind, 0)
     if n:
-      reason = _SKIP_WORDS[kind].format(max_length=manifest["max_length"])
-      lines.append(f"{what}: skipped {n} of {manifest['pairs_read']} pairs: {reason}")
+      reason = _SKIP_WORDS[kind].format(max_length=manifest['max_length'])
+      lines.append(f'{what}: skipped {n} of {manifest["pairs_read"]} pairs: {reason}')
   for line in lines:
-    logging.warning("%s", line)
+    logging.warning('%s', line)
   return lines
 
 
@@ -427,47 +471,70 @@ def default_prepared_root(workdir: str) -> str:
   they are made from (source, tokenizer hash, lengths), so one cache serves every workdir, and a recreated machine
   (a new TPU VM) simply prepares them again from the dataset."""
   if not paths.is_gcs(workdir):
-    return os.path.join(workdir, "data")
-  return os.path.join(paths.cache_root(), "prepared")
+    return os.path.join(workdir, 'data')
+  return os.path.join(paths.cache_root(), 'prepared')
 
 
-def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief: bool = True,
-                    progress: bool = True, timeout_s: float | None = None, poll_s: float = 1.0) -> Prepared:
+def ensure_prepared(
+  config,
+  workdir: str,
+  *,
+  split: str | None = None,
+  is_chief: bool = True,
+  progress: bool = True,
+  timeout_s: float | None = None,
+  poll_s: float = 1.0,
+) -> Prepared:
   """The tokenizer (trained on a sample when missing) and the split's shards (prepared when missing or damaged).
 
   Only the chief trains and prepares; other processes wait for the tokenizer and then for a complete manifest.
   """
   split = split or config.train_split
   reader = PairReader(config, split, workdir)
-  max_sentences = int(config.get("tokenizer_train_sentences", 200_000))
-  from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+  max_sentences = int(config.get('tokenizer_train_sentences', 200_000))
+  from transformer_jax.data import marian_vocab
+
   marian_dir = os.path.join(workdir, marian_vocab.DIRECTORY)
-  if config.get("vocabulary", "sentencepiece") == "marian" or marian_vocab.is_marian_dir(marian_dir):
+  if config.get('vocabulary', 'sentencepiece') == 'marian' or marian_vocab.is_marian_dir(marian_dir):
     tokenizer = marian_vocab.MarianVocab.load(marian_dir)  # an imported model's own vocabulary: never trained
   else:
     tokenizer = tokenizer_lib.load_or_train_tokenizer(
-        os.path.join(workdir, "spm.model"), lambda: sample_sentences(reader, max_sentences),
-        int(config.model.vocab_size), is_chief=is_chief, max_sentences=max_sentences)
+      os.path.join(workdir, 'spm.model'),
+      lambda: sample_sentences(reader, max_sentences),
+      int(config.model.vocab_size),
+      is_chief=is_chief,
+      max_sentences=max_sentences,
+    )
   if tokenizer.vocab_size > config.model.vocab_size:  # before any shard is written
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                     f"{config.model.vocab_size}; delete {tokenizer.model_path} or raise vocab_size")
-  root = config.get("prepared_data_dir") or default_prepared_root(workdir)
+    raise ValueError(
+      f'tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is '
+      f'{config.model.vocab_size}; delete {tokenizer.model_path} or raise vocab_size'
+    )
+  root = config.get('prepared_data_dir') or default_prepared_root(workdir)
   if paths.is_gcs(root):
-    raise ValueError(f"prepared_data_dir={root}: the token-id shards are memory-mapped, so they must be on a local "
-                     "disk; leave it unset (a gs:// workdir prepares into a local cache) or give a local directory")
+    raise ValueError(
+      f'prepared_data_dir={root}: the token-id shards are memory-mapped, so they must be on a local '
+      'disk; leave it unset (a gs:// workdir prepares into a local cache) or give a local directory'
+    )
   max_length = int(config.max_length)
-  key = {"format": FORMAT, "source": reader.description(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
-         "max_length": max_length, "shard_examples": SHARD_EXAMPLES}
+  key = {
+    'format': FORMAT,
+    'source': reader.description(),
+    'tokenizer_sha256': tokenizer_sha256(tokenizer),
+    'max_length': max_length,
+    'shard_examples': SHARD_EXAMPLES,
+  }
   directory = shard_directory(root, split, key)
   manifest = read_manifest(directory)
   if manifest is not None:
-    logging.info("Using prepared data %s (%d examples)", directory, manifest["num_examples"])
+    logging.info('Using prepared data %s (%d examples)', directory, manifest['num_examples'])
     return Prepared(directory, manifest, tokenizer, reused=True)
   if is_chief:
-    manifest = prepare_split(reader, tokenizer, directory, max_length=max_length, progress=progress,
-                             shard_examples=SHARD_EXAMPLES)
+    manifest = prepare_split(
+      reader, tokenizer, directory, max_length=max_length, progress=progress, shard_examples=SHARD_EXAMPLES
+    )
     return Prepared(directory, manifest, tokenizer, reused=False)
-  timeout_s = float(config.get("prepare_timeout_s", 7200)) if timeout_s is None else timeout_s
+  timeout_s = float(config.get('prepare_timeout_s', 7200)) if timeout_s is None else timeout_s
   deadline = time.time() + timeout_s
   while True:
     manifest = read_manifest(directory, verify=False)
@@ -476,7 +543,7 @@ def ensure_prepared(config, workdir: str, *, split: str | None = None, is_chief:
       if manifest is not None:
         return Prepared(directory, manifest, tokenizer, reused=True)
     if time.time() > deadline:
-      raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for process 0 to prepare {directory}")
+      raise RuntimeError(f'timed out after {timeout_s:.0f} s waiting for process 0 to prepare {directory}')
     time.sleep(poll_s)
 
 
@@ -491,8 +558,11 @@ def run(config, workdir: str, split: str | None = None) -> None:
   prepared = ensure_prepared(config, workdir, split=split)
   m = prepared.manifest
   if prepared.reused:
-    report_skipped(m, f"{m['source']['dataset']} [{m['source']['split']}]")
-  print(f"prepared: examples={m['num_examples']} pairs_read={m['pairs_read']} "
-        + " ".join(f"skipped_{k}={m['skipped'][k]}" for k in SKIP_KINDS)
-        + f" shards={len(m['shards'])} dir={prepared.directory} reused={int(prepared.reused)} "
-        f"seconds={time.time() - start:.1f}", flush=True)
+    report_skipped(m, f'{m["source"]["dataset"]} [{m["source"]["split"]}]')
+  print(
+    f'prepared: examples={m["num_examples"]} pairs_read={m["pairs_read"]} '
+    + ' '.join(f'skipped_{k}={m["skipped"][k]}' for k in SKIP_KINDS)
+    + f' shards={len(m["shards"])} dir={prepared.directory} reused={int(prepared.reused)} '
+    f'seconds={time.time() - start:.1f}',
+    flush=True,
+  )

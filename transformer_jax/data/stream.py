@@ -47,7 +47,7 @@ CHUNK_EXAMPLES = 16_384
 MAX_OPEN_ROWS = 64
 PREFETCH_BATCHES = 16
 FEISTEL_ROUNDS = 6
-STATE_FORMAT = "stream/1"
+STATE_FORMAT = 'stream/1'
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -66,14 +66,15 @@ class IndexShuffle:
 
   def __init__(self, n: int, seed: int, epoch: int):
     if n < 1:
-      raise ValueError(f"IndexShuffle needs n >= 1, got {n}")
+      raise ValueError(f'IndexShuffle needs n >= 1, got {n}')
     self.n = int(n)
     bits = max(2, int(n - 1).bit_length())
     bits += bits % 2
     self.half = np.uint64(bits // 2)
     self.mask = np.uint64((1 << (bits // 2)) - 1)
     self.keys = np.random.default_rng((int(seed), int(epoch), 0x5EED)).integers(
-        0, 2**63, FEISTEL_ROUNDS, dtype=np.uint64)
+      0, 2**63, FEISTEL_ROUNDS, dtype=np.uint64
+    )
 
   def _round_trip(self, x: np.ndarray) -> np.ndarray:
     left, right = x >> self.half, x & self.mask
@@ -108,14 +109,18 @@ class Shards:
 
   def __init__(self, directory: str, manifest: dict | None = None):
     if manifest is None:
-      with open(os.path.join(directory, "manifest.json"), "rb") as f:
-        manifest = json.loads(f.read().decode("utf-8"))
+      with open(os.path.join(directory, 'manifest.json'), 'rb') as f:
+        manifest = json.loads(f.read().decode('utf-8'))
     self.directory, self.manifest = directory, manifest
     self.arrays: list[dict[str, np.ndarray]] = []
-    for shard in manifest["shards"]:
-      self.arrays.append({k: np.load(os.path.join(directory, e["name"]), mmap_mode="r", allow_pickle=False)
-                          for k, e in shard["files"].items()})
-    self.cum = np.concatenate([[0], np.cumsum([s["num_examples"] for s in manifest["shards"]])]).astype(np.int64)
+    for shard in manifest['shards']:
+      self.arrays.append(
+        {
+          k: np.load(os.path.join(directory, e['name']), mmap_mode='r', allow_pickle=False)
+          for k, e in shard['files'].items()
+        }
+      )
+    self.cum = np.concatenate([[0], np.cumsum([s['num_examples'] for s in manifest['shards']])]).astype(np.int64)
 
   def __len__(self) -> int:
     return int(self.cum[-1])
@@ -123,15 +128,15 @@ class Shards:
   def gather(self, idx: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{side: (flat int32 tokens, lengths)} of examples `idx`, in that order."""
     idx = np.asarray(idx, np.int64)
-    shard = np.searchsorted(self.cum, idx, side="right") - 1
+    shard = np.searchsorted(self.cum, idx, side='right') - 1
     local = idx - self.cum[shard]
     out = {}
-    for side in ("inputs", "targets"):
+    for side in ('inputs', 'targets'):
       starts = np.empty(len(idx), np.int64)
       lens = np.empty(len(idx), np.int64)
       groups = [(s, np.flatnonzero(shard == s)) for s in np.unique(shard).tolist()]
       for s, m in groups:
-        offsets = self.arrays[s][f"{side}_offsets"]
+        offsets = self.arrays[s][f'{side}_offsets']
         starts[m] = offsets[local[m]]
         lens[m] = offsets[local[m] + 1] - starts[m]
       flat = np.empty(int(lens.sum()), np.int32)
@@ -145,7 +150,7 @@ class Shards:
     """Examples as (inputs, targets) lists (tests and tools)."""
     got = self.gather(np.asarray(idx, np.int64))
     out = []
-    for side in ("inputs", "targets"):
+    for side in ('inputs', 'targets'):
       flat, lens = got[side]
       out.append([a.tolist() for a in np.split(flat, np.cumsum(lens)[:-1])] if len(lens) else [])
     return list(zip(*out))
@@ -161,26 +166,38 @@ class TrainStream:
   The same interface train.py uses on pipeline.TrainIterator: next(), get_state(), set_state().
   """
 
-  def __init__(self, shards: Shards, *, batch_size: int, inputs_length: int, targets_length: int, seed: int,
-               process_index: int = 0, process_count: int = 1, chunk_examples: int = CHUNK_EXAMPLES,
-               max_open_rows: int = MAX_OPEN_ROWS, prefetch: int = PREFETCH_BATCHES,
-               gather_states: Callable[[list[int]], list[list[int]]] | None = None):
+  def __init__(
+    self,
+    shards: Shards,
+    *,
+    batch_size: int,
+    inputs_length: int,
+    targets_length: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    chunk_examples: int = CHUNK_EXAMPLES,
+    max_open_rows: int = MAX_OPEN_ROWS,
+    prefetch: int = PREFETCH_BATCHES,
+    gather_states: Callable[[list[int]], list[list[int]]] | None = None,
+  ):
     if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     self.shards = shards
     self.total_examples = len(shards)
     self.num_examples = len(range(process_index, self.total_examples, process_count))  # this process, per epoch
     if self.num_examples < 1:
-      raise ValueError(f"TrainStream: {self.total_examples} training examples, none for process {process_index} "
-                       f"of {process_count}")
+      raise ValueError(
+        f'TrainStream: {self.total_examples} training examples, none for process {process_index} of {process_count}'
+      )
     self.batch_size, self.inputs_length, self.targets_length = int(batch_size), int(inputs_length), int(targets_length)
     self.seed, self.process_index, self.process_count = int(seed), int(process_index), int(process_count)
     self.chunk_examples, self.max_open_rows, self.prefetch = int(chunk_examples), int(max_open_rows), int(prefetch)
     self.chunks_per_epoch = -(-self.num_examples // self.chunk_examples)
     self._gather_states = gather_states
-    self._position = (0, 0, 0)   # (epoch, chunk, row) of the next row to return
+    self._position = (0, 0, 0)  # (epoch, chunk, row) of the next row to return
     self._step = 0
     self._thread: threading.Thread | None = None
     self._queue: queue.Queue | None = None
@@ -189,9 +206,9 @@ class TrainStream:
     first = self.chunk_rows(0, 0)
     self.packing_efficiency = packing.packing_efficiency(first)
     self.inputs_efficiency = packing.inputs_efficiency(first)
-    self.rows_per_chunk_0 = int(first["inputs"].shape[0])
+    self.rows_per_chunk_0 = int(first['inputs'].shape[0])
     if self.rows_per_chunk_0 < 1:
-      raise ValueError("TrainStream: the first chunk packs into no rows")
+      raise ValueError('TrainStream: the first chunk packs into no rows')
 
   # -- rows ------------------------------------------------------------------------------------------------------------
   def chunk_indices(self, epoch: int, chunk: int) -> np.ndarray:
@@ -206,12 +223,15 @@ class TrainStream:
     if self._cache is not None and self._cache[0] == (epoch, chunk):
       return self._cache[1]
     got = self.shards.gather(self.chunk_indices(epoch, chunk))
-    (in_flat, in_lens), (tg_flat, tg_lens) = got["inputs"], got["targets"]
+    (in_flat, in_lens), (tg_flat, tg_lens) = got['inputs'], got['targets']
     if len(in_lens) and (in_lens.max() > self.inputs_length or tg_lens.max() > self.targets_length):
-      raise ValueError(f"prepared examples are longer ({int(in_lens.max())}/{int(tg_lens.max())} tokens) than the "
-                       f"packed rows ({self.inputs_length}/{self.targets_length}); raise packed_*_length")
-    rows = packing.pack_flat(in_flat, in_lens, tg_flat, tg_lens, self.inputs_length, self.targets_length,
-                             max_open_rows=self.max_open_rows)
+      raise ValueError(
+        f'prepared examples are longer ({int(in_lens.max())}/{int(tg_lens.max())} tokens) than the '
+        f'packed rows ({self.inputs_length}/{self.targets_length}); raise packed_*_length'
+      )
+    rows = packing.pack_flat(
+      in_flat, in_lens, tg_flat, tg_lens, self.inputs_length, self.targets_length, max_open_rows=self.max_open_rows
+    )
     self._cache = ((epoch, chunk), rows)
     return rows
 
@@ -226,10 +246,10 @@ class TrainStream:
     need = self.batch_size
     while need:
       rows = self.chunk_rows(epoch, chunk)
-      n = rows["inputs"].shape[0]
+      n = rows['inputs'].shape[0]
       take = min(need, n - row)
       if take > 0:
-        parts.append({k: v[row:row + take] for k, v in rows.items()})
+        parts.append({k: v[row : row + take] for k, v in rows.items()})
         need -= take
         row += take
       if row >= n:
@@ -255,11 +275,11 @@ class TrainStream:
               break
             except queue.Full:
               continue
-      except BaseException as e:  # pylint: disable=broad-except
+      except BaseException as e:
         q.put(e)
 
     self._queue, self._stop = q, stop
-    self._thread = threading.Thread(target=produce, name="train-stream", daemon=True)
+    self._thread = threading.Thread(target=produce, name='train-stream', daemon=True)
     self._thread.start()
 
   def close(self) -> None:
@@ -272,7 +292,7 @@ class TrainStream:
     try:
       if self._stop is not None:
         self._stop.set()
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       pass
 
   # -- iteration -------------------------------------------------------------------------------------------------------
@@ -311,30 +331,45 @@ class TrainStream:
       if gather is None:
         gather = parallel.allgather_objects
       positions = [list(map(int, p)) for p in gather(mine)]
-    return {"format": STATE_FORMAT, "step": int(self._step), "positions": positions,
-            "num_examples": int(self.total_examples), "chunk_examples": self.chunk_examples, "seed": self.seed}
+    return {
+      'format': STATE_FORMAT,
+      'step': int(self._step),
+      'positions': positions,
+      'num_examples': int(self.total_examples),
+      'chunk_examples': self.chunk_examples,
+      'seed': self.seed,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Positions the stream where get_state() was taken (on every process, from the same dict)."""
-    if state.get("format") != STATE_FORMAT:
-      if "step" in state:  # a checkpoint of the in-memory pipeline: no row position to map to
-        logging.warning("Data state %s is from the in-memory pipeline; the stream restarts at epoch 0 (the batches "
-                        "after this resume differ from an uninterrupted run)", dict(state))
+    if state.get('format') != STATE_FORMAT:
+      if 'step' in state:  # a checkpoint of the in-memory pipeline: no row position to map to
+        logging.warning(
+          'Data state %s is from the in-memory pipeline; the stream restarts at epoch 0 (the batches '
+          'after this resume differ from an uninterrupted run)',
+          dict(state),
+        )
         self.close()
-        self._position, self._step, self._cache = (0, 0, 0), int(state["step"]), None
+        self._position, self._step, self._cache = (0, 0, 0), int(state['step']), None
         return
-      raise ValueError(f"invalid data state {dict(state)}")
-    for key, mine in (("num_examples", self.total_examples), ("chunk_examples", self.chunk_examples),
-                      ("seed", self.seed)):
+      raise ValueError(f'invalid data state {dict(state)}')
+    for key, mine in (
+      ('num_examples', self.total_examples),
+      ('chunk_examples', self.chunk_examples),
+      ('seed', self.seed),
+    ):
       if int(state[key]) != mine:
-        raise ValueError(f"the checkpoint's data position is for {key}={state[key]}, this run has {mine}: "
-                         "the training data changed since the checkpoint")
-    positions = state["positions"]
+        raise ValueError(
+          f"the checkpoint's data position is for {key}={state[key]}, this run has {mine}: "
+          'the training data changed since the checkpoint'
+        )
+    positions = state['positions']
     if len(positions) != self.process_count:
-      raise ValueError(f"the checkpoint's data position is for {len(positions)} processes, this run has "
-                       f"{self.process_count}")
+      raise ValueError(
+        f"the checkpoint's data position is for {len(positions)} processes, this run has {self.process_count}"
+      )
     epoch, chunk, row = (int(x) for x in positions[self.process_index])
     if epoch < 0 or not 0 <= chunk < self.chunks_per_epoch or row < 0:
-      raise ValueError(f"invalid data position {positions[self.process_index]}")
+      raise ValueError(f'invalid data position {positions[self.process_index]}')
     self.close()
-    self._position, self._step = (epoch, chunk, row), int(state["step"])
+    self._position, self._step = (epoch, chunk, row), int(state['step'])

@@ -15,9 +15,10 @@ from absl import logging
 @functools.cache
 def tensorflow():
   """The `tensorflow` module, GPUs hidden from it (once per process)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
   try:
-    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], 'GPU')
   except RuntimeError as e:  # devices already initialised; then they were hidden before
     logging.warning("tf.config.set_visible_devices([], 'GPU') failed: %s", e)
   return tf
@@ -26,5 +27,6 @@ def tensorflow():
 def tensorflow_datasets():
   """The `tensorflow_datasets` module, after tensorflow() (TFDS imports TensorFlow itself)."""
   tensorflow()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
+
   return tfds

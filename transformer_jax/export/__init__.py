@@ -37,25 +37,64 @@ from transformer_jax.export import hf_marian
 from transformer_jax.export import msgpack as msgpack_format
 from transformer_jax.export import safetensors as safetensors_format
 from transformer_jax.export import stablehlo
-from transformer_jax.export.files import (DTYPES, FORMAT_TAG, TOKENIZER_NAME, ExportError, Exportable, cast, flatten,
-                                          unflatten)
-from transformer_jax.export.hf_marian import (from_marian_state_dict, import_hf_marian, marian_config, marian_vocab,
-                                              to_marian_state_dict)
+from transformer_jax.export.files import (
+  DTYPES,
+  FORMAT_TAG,
+  TOKENIZER_NAME,
+  ExportError,
+  Exportable,
+  cast,
+  flatten,
+  unflatten,
+)
+from transformer_jax.export.hf_marian import (
+  from_marian_state_dict,
+  import_hf_marian,
+  marian_config,
+  marian_vocab,
+  to_marian_state_dict,
+)
 from transformer_jax.export.safetensors import read_safetensors, write_safetensors
 from transformer_jax.export.stablehlo import load_stablehlo, serving_function, stablehlo_bytes, stablehlo_export
 
-FORMATS = {module.NAME: module for module in (safetensors_format, msgpack_format, hf_marian, stablehlo, hf_gpt2,
-                                               ctranslate2_format)}
+FORMATS = {
+  module.NAME: module
+  for module in (safetensors_format, msgpack_format, hf_marian, stablehlo, hf_gpt2, ctranslate2_format)
+}
 
-__all__ = ['DTYPES', 'FORMATS', 'FORMAT_TAG', 'TOKENIZER_NAME', 'ExportError', 'Exportable', 'cast', 'check_target',
-           'export', 'flatten', 'from_marian_state_dict', 'import_hf_marian', 'load_checkpoint', 'load_export',
-           'load_params', 'load_stablehlo', 'marian_config', 'marian_vocab', 'read_safetensors', 'serving_function',
-           'stablehlo_bytes', 'stablehlo_export', 'to_marian_state_dict', 'unflatten', 'write_checkpoint',
-           'write_safetensors']
+__all__ = [
+  'DTYPES',
+  'FORMATS',
+  'FORMAT_TAG',
+  'TOKENIZER_NAME',
+  'ExportError',
+  'Exportable',
+  'cast',
+  'check_target',
+  'export',
+  'flatten',
+  'from_marian_state_dict',
+  'import_hf_marian',
+  'load_checkpoint',
+  'load_export',
+  'load_params',
+  'load_stablehlo',
+  'marian_config',
+  'marian_vocab',
+  'read_safetensors',
+  'serving_function',
+  'stablehlo_bytes',
+  'stablehlo_export',
+  'to_marian_state_dict',
+  'unflatten',
+  'write_checkpoint',
+  'write_safetensors',
+]
 
 
-def check_target(fmt: str, out: str, *, dtype: str = 'float32', overwrite: bool = False,
-                 tokenizer_path: str | None = None) -> None:
+def check_target(
+  fmt: str, out: str, *, dtype: str = 'float32', overwrite: bool = False, tokenizer_path: str | None = None
+) -> None:
   """Refuses (ExportError) an unknown format or dtype, or a target that exists, before any work is done."""
   if fmt not in FORMATS:
     raise ExportError(f'unknown format {fmt!r}; expected one of {", ".join(FORMATS)}')
@@ -70,13 +109,22 @@ def check_target(fmt: str, out: str, *, dtype: str = 'float32', overwrite: bool 
 WINDOWLESS_FORMATS = (hf_marian.NAME, hf_gpt2.NAME)
 
 
-def export(source: Exportable, fmt: str, out: str, *, dtype: str = 'float32', overwrite: bool = False,
-           platforms: tuple[str, ...] = ('cpu', 'cuda', 'tpu')) -> list[str]:
+def export(
+  source: Exportable,
+  fmt: str,
+  out: str,
+  *,
+  dtype: str = 'float32',
+  overwrite: bool = False,
+  platforms: tuple[str, ...] = ('cpu', 'cuda', 'tpu'),
+) -> list[str]:
   """Writes `source` as `fmt` to `out`; returns the paths written."""
   window = getattr(source.cfg, 'attention_window', 0)
   if window and fmt in WINDOWLESS_FORMATS:
-    raise ExportError(f'{fmt} cannot express model.attention_window={window} (its models attend to every position); '
-                      'export safetensors, msgpack or stablehlo')
+    raise ExportError(
+      f'{fmt} cannot express model.attention_window={window} (its models attend to every position); '
+      'export safetensors, msgpack or stablehlo'
+    )
   check_target(fmt, out, dtype=dtype, overwrite=overwrite, tokenizer_path=source.tokenizer_path)
   return FORMATS[fmt].write(source, out, dtype=dtype, overwrite=overwrite, platforms=platforms)
 
@@ -112,8 +160,7 @@ def load_checkpoint(workdir: str, checkpoint: str | int | None = None, config=No
   one_device = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, dcn_data=1, num_devices=0))
   trained = run.load(config, step=step, mesh=parallel.make_mesh(one_device, devices=[_host_device()]))  # on the host
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), trained.params)
-  return Exportable(config=config, cfg=trained.cfg, params=params, tokenizer_path=run.tokenizer_path,
-                    step=trained.step)
+  return Exportable(config=config, cfg=trained.cfg, params=params, tokenizer_path=run.tokenizer_path, step=trained.step)
 
 
 def load_params(path: str) -> tuple[dict, dict[str, Any]]:
@@ -125,9 +172,11 @@ def load_params(path: str) -> tuple[dict, dict[str, Any]]:
     return _load_params(path)
   except ExportError:
     raise
-  except Exception as e:  # pylint: disable=broad-except  (safetensors, msgpack, json, numpy raise many types on damage)
-    raise ExportError(f'{path} is damaged or not a transformer_jax export ({type(e).__name__}: '
-                      f'{str(e).splitlines()[0][:120] if str(e) else "unreadable"}); export it again') from None
+  except Exception as e:  # (safetensors, msgpack, json, numpy raise many types on damage)
+    raise ExportError(
+      f'{path} is damaged or not a transformer_jax export ({type(e).__name__}: '
+      f'{str(e).splitlines()[0][:120] if str(e) else "unreadable"}); export it again'
+    ) from None
 
 
 def _load_params(path: str) -> tuple[dict, dict[str, Any]]:
@@ -153,8 +202,13 @@ def load_export(path: str) -> Exportable:
   if 'config' not in metadata:
     raise ExportError(f'{path} has no config metadata: not written by transformer-jax export')
   config = metadata['config']
-  return Exportable(config=config, cfg=train_state.model_config(config), params=cast(params, 'float32'),
-                    tokenizer_path=metadata.get('tokenizer', ''), step=int(metadata.get('step', 0)))
+  return Exportable(
+    config=config,
+    cfg=train_state.model_config(config),
+    params=cast(params, 'float32'),
+    tokenizer_path=metadata.get('tokenizer', ''),
+    step=int(metadata.get('step', 0)),
+  )
 
 
 def write_checkpoint(workdir: str, config, params, step: int = 0) -> None:

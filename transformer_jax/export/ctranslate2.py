@@ -50,11 +50,12 @@ _ACTIVATIONS = {'relu': 'RELU', 'gelu': 'GELUTanh', 'gelu_exact': 'GELU', 'silu'
 
 def _ctranslate2():
   try:
-    import ctranslate2  # pylint: disable=g-import-not-at-top
-    import ctranslate2.specs  # pylint: disable=g-import-not-at-top,unused-import
+    import ctranslate2
+    import ctranslate2.specs
   except ImportError:
-    raise ExportError('--format=ctranslate2 needs the ctranslate2 package: pip install "transformer-jax[serve]"') \
-        from None
+    raise ExportError(
+      '--format=ctranslate2 needs the ctranslate2 package: pip install "transformer-jax[serve]"'
+    ) from None
   return ctranslate2
 
 
@@ -86,9 +87,12 @@ def write(source: Exportable, out: str, *, dtype: str, overwrite: bool, **unused
 def vocabulary(source: Exportable) -> list[str]:
   """The model's tokens in id order: SentencePiece pieces, then `<unused_N>` for rows without a piece."""
   if not source.tokenizer_path or os.path.isdir(source.tokenizer_path):
-    raise ExportError('ctranslate2 export needs the run\'s own SentencePiece model (spm.model); an imported Marian '
-                      'vocabulary is not supported: convert the original model with ct2-transformers-converter')
-  from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    raise ExportError(
+      "ctranslate2 export needs the run's own SentencePiece model (spm.model); an imported Marian "
+      'vocabulary is not supported: convert the original model with ct2-transformers-converter'
+    )
+  from transformer_jax.data import tokenizer as tokenizer_lib
+
   sp = tokenizer_lib.Tokenizer.load(source.tokenizer_path).processor
   size = source.cfg.vocab_size
   if sp.get_piece_size() > size:
@@ -99,19 +103,23 @@ def vocabulary(source: Exportable) -> list[str]:
 
 def _check(cfg) -> None:
   if cfg.attention_window:
-    raise ExportError(f'ctranslate2 cannot express model.attention_window={cfg.attention_window} (its models attend '
-                      'to every position); export safetensors, msgpack or stablehlo')
+    raise ExportError(
+      f'ctranslate2 cannot express model.attention_window={cfg.attention_window} (its models attend '
+      'to every position); export safetensors, msgpack or stablehlo'
+    )
   if cfg.activation not in _ACTIVATIONS:
     raise ExportError(f'ctranslate2 has no activation for model.activation={cfg.activation!r}')
   ids = cfg.special_ids
   if (ids.pad, ids.eos, ids.unk, ids.bos) != (0, 1, 2, 3):
-    raise ExportError(f'ctranslate2 export needs the project\'s special ids (pad 0, eos 1, unk 2, bos 3), this model '
-                      f'has {ids}')
+    raise ExportError(
+      f"ctranslate2 export needs the project's special ids (pad 0, eos 1, unk 2, bos 3), this model has {ids}"
+    )
 
 
 def _unscan(params, cfg):
-  from transformer_jax.export import hf_marian  # pylint: disable=g-import-not-at-top
-  return hf_marian._unscan(params, cfg.num_layers) if cfg.scan_layers else params  # pylint: disable=protected-access
+  from transformer_jax.export import hf_marian
+
+  return hf_marian._unscan(params, cfg.num_layers) if cfg.scan_layers else params
 
 
 class _Weights:
@@ -151,7 +159,9 @@ class _Weights:
       self.linear(spec.linear[1], np.concatenate([k[0], v[0]]), np.concatenate([k[1], v[1]]))
     out = self.pop(f'{name}.out.kernel').reshape(self.h * self.k, self.d).T
     bias = self.flat.pop(f'{name}.out.bias', None)
-    self.linear(spec.linear[2 if not self_attention else 1], out, np.zeros(self.d, np.float32) if bias is None else bias)
+    self.linear(
+      spec.linear[2 if not self_attention else 1], out, np.zeros(self.d, np.float32) if bias is None else bias
+    )
 
   def feed_forward(self, spec, name):
     self.linear(spec.linear_0, self.pop(f'{name}.wi.kernel').T, self.pop(f'{name}.wi.bias'))
@@ -165,7 +175,8 @@ class _Weights:
 def _stack(w: _Weights, spec, side: str, embedding, cross: bool):
   """Embeddings, positions, layers and final norm of one side (spec: a TransformerEncoderSpec/DecoderSpec)."""
   cfg = w.cfg
-  from transformer_jax.model.transformer import sinusoidal_table  # pylint: disable=g-import-not-at-top
+  from transformer_jax.model.transformer import sinusoidal_table
+
   embeddings = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
   embeddings.weight = embedding
   spec.scale_embeddings = True if cfg.scale_embeddings else False  # True: CTranslate2 multiplies by sqrt(D)
@@ -213,16 +224,18 @@ def model_spec(source: Exportable, tokens: list[str] | None = None):
   activation = getattr(specs.common_spec.Activation, _ACTIVATIONS[cfg.activation])
   w = _Weights(source.params, cfg)
   if cfg.kind == 'decoder':
-    spec = specs.TransformerDecoderModelSpec.from_config(cfg.num_layers, cfg.num_heads, pre_norm=cfg.pre_norm,
-                                                         activation=activation)
+    spec = specs.TransformerDecoderModelSpec.from_config(
+      cfg.num_layers, cfg.num_heads, pre_norm=cfg.pre_norm, activation=activation
+    )
     embedding = w.pop('embedding.embedding')
     _stack(w, spec.decoder, 'decoder', embedding, cross=False)
     _projection(w, spec.decoder, embedding)
     spec.register_vocabulary(tokens)
     config = dict(unk_token='<unk>', bos_token='<s>', eos_token='</s>')
   else:
-    spec = specs.TransformerSpec.from_config(cfg.num_layers, cfg.num_heads, pre_norm=cfg.pre_norm,
-                                             activation=activation)
+    spec = specs.TransformerSpec.from_config(
+      cfg.num_layers, cfg.num_heads, pre_norm=cfg.pre_norm, activation=activation
+    )
     if cfg.share_embeddings:
       source_embedding = target_embedding = w.pop('shared_embedding.embedding')
     else:
@@ -233,8 +246,14 @@ def model_spec(source: Exportable, tokens: list[str] | None = None):
     _projection(w, spec.decoder, target_embedding)
     spec.register_source_vocabulary(tokens)
     spec.register_target_vocabulary(tokens)
-    config = dict(unk_token='<unk>', bos_token='<s>', eos_token='</s>', decoder_start_token='<s>',
-                  add_source_bos=False, add_source_eos=True)
+    config = dict(
+      unk_token='<unk>',
+      bos_token='<s>',
+      eos_token='</s>',
+      decoder_start_token='<s>',
+      add_source_bos=False,
+      add_source_eos=True,
+    )
   w.finish()
   for key, value in dict(config, layer_norm_epsilon=LAYER_NORM_EPSILON).items():
     setattr(spec.config, key, value)

@@ -58,21 +58,27 @@ def unflatten(flat: dict[str, Any]) -> dict:
 
 
 def cast(params, dtype: str):
-  return jax.tree.map(lambda x: np.asarray(x).astype(np.dtype(jnp.bfloat16) if dtype == 'bfloat16' else np.float32),
-                      params)
+  return jax.tree.map(
+    lambda x: np.asarray(x).astype(np.dtype(jnp.bfloat16) if dtype == 'bfloat16' else np.float32), params
+  )
 
 
 def metadata(source: Exportable, dtype: str) -> dict[str, str]:
   """What a one-file export carries besides the tensors: enough to rebuild the model and find its tokenizer."""
-  return {'format': FORMAT_TAG, 'config': source.config.to_json_best_effort(), 'tokenizer': TOKENIZER_NAME,
-          'step': str(source.step), 'dtype': dtype}
+  return {
+    'format': FORMAT_TAG,
+    'config': source.config.to_json_best_effort(),
+    'tokenizer': TOKENIZER_NAME,
+    'step': str(source.step),
+    'dtype': dtype,
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Targets: checked before anything is written, written atomically
 
 
-class atomic_open:  # pylint: disable=invalid-name
+class atomic_open:
   """open(path, 'wb') into a temporary file beside path, renamed into place on success."""
 
   def __init__(self, path: str):
@@ -142,8 +148,10 @@ def config_for_import(path: str, config, what: str) -> ml_collections.ConfigDict
   if config is None:
     saved = os.path.join(path, 'transformer_jax_config.json')
     if not os.path.exists(saved):
-      raise ExportError(f'{path} has no transformer_jax_config.json: pass --config=configs/X.py for the data, '
-                        f'lengths and optimizer to {what} with')
+      raise ExportError(
+        f'{path} has no transformer_jax_config.json: pass --config=configs/X.py for the data, '
+        f'lengths and optimizer to {what} with'
+      )
     with open(saved) as f:
       config = ml_collections.ConfigDict({k: v for k, v in json.load(f).items() if k != 'step'})
   return ml_collections.ConfigDict(config.to_dict())

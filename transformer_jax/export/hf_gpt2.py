@@ -32,8 +32,12 @@ from transformer_jax.export.safetensors import read_safetensors, write_safetenso
 from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS
 
 # GPT-2 directories written here keep our SentencePiece ids (the project's defaults).
-PAD_ID, EOS_ID, UNK_ID, BOS_ID = (DEFAULT_SPECIAL_IDS.pad, DEFAULT_SPECIAL_IDS.eos, DEFAULT_SPECIAL_IDS.unk,
-                                  DEFAULT_SPECIAL_IDS.bos)
+PAD_ID, EOS_ID, UNK_ID, BOS_ID = (
+  DEFAULT_SPECIAL_IDS.pad,
+  DEFAULT_SPECIAL_IDS.eos,
+  DEFAULT_SPECIAL_IDS.unk,
+  DEFAULT_SPECIAL_IDS.bos,
+)
 
 NAME = 'hf-gpt2'
 SUMMARY = 'language models: a directory transformers.GPT2LMHeadModel / AutoTokenizer load'
@@ -64,17 +68,20 @@ def to_gpt2_state_dict(params, cfg) -> dict[str, np.ndarray]:
   scale = math.sqrt(d) if cfg.scale_embeddings else 1.0
   f32 = lambda x: np.asarray(x, np.float32)
   dec = params['decoder']
-  out = {'transformer.wte.weight': f32(params['embedding']['embedding']) * np.float32(scale),
-         'transformer.wpe.weight': f32(dec['positional']['pos_embedding']),
-         'transformer.ln_f.weight': f32(dec['final_norm']['scale']) / np.float32(scale),
-         'transformer.ln_f.bias': f32(dec['final_norm']['bias']) / np.float32(scale)}
+  out = {
+    'transformer.wte.weight': f32(params['embedding']['embedding']) * np.float32(scale),
+    'transformer.wpe.weight': f32(dec['positional']['pos_embedding']),
+    'transformer.ln_f.weight': f32(dec['final_norm']['scale']) / np.float32(scale),
+    'transformer.ln_f.bias': f32(dec['final_norm']['bias']) / np.float32(scale),
+  }
   for i in range(cfg.num_layers):
     layer, h = dec[f'layers_{i}'], f'transformer.h.{i}.'
     att = layer['self_attention']
     kernels = [f32(att[n]['kernel']).reshape(d, d) for n in ('query', 'key', 'value')]
     out[h + 'attn.c_attn.weight'] = np.concatenate(kernels, axis=1)
-    out[h + 'attn.c_attn.bias'] = np.concatenate([f32(att['query']['bias']).reshape(d), np.zeros(d, np.float32),
-                                                  f32(att['value']['bias']).reshape(d)])
+    out[h + 'attn.c_attn.bias'] = np.concatenate(
+      [f32(att['query']['bias']).reshape(d), np.zeros(d, np.float32), f32(att['value']['bias']).reshape(d)]
+    )
     out[h + 'attn.c_proj.weight'] = f32(att['out']['kernel']).reshape(d, d)
     out[h + 'attn.c_proj.bias'] = f32(att['out']['bias'])
     for ours, theirs in (('self_attention_norm', 'ln_1'), ('feed_forward_norm', 'ln_2')):
@@ -88,8 +95,9 @@ def to_gpt2_state_dict(params, cfg) -> dict[str, np.ndarray]:
 
 def from_gpt2_state_dict(state: dict[str, np.ndarray], num_layers: int, num_heads: int) -> dict:
   """GPT-2 tensors (with or without the 'transformer.' prefix) -> our parameter tree (scale_embeddings=False)."""
-  state = {k[len('transformer.'):] if k.startswith('transformer.') else k: np.asarray(v, np.float32)
-           for k, v in state.items()}
+  state = {
+    k[len('transformer.') :] if k.startswith('transformer.') else k: np.asarray(v, np.float32) for k, v in state.items()
+  }
   d = state['wte.weight'].shape[1]
   k = d // num_heads
   layers = {}
@@ -97,35 +105,62 @@ def from_gpt2_state_dict(state: dict[str, np.ndarray], num_layers: int, num_head
     h = f'h.{i}.'
     qkv_w, qkv_b = np.split(state[h + 'attn.c_attn.weight'], 3, axis=1), np.split(state[h + 'attn.c_attn.bias'], 3)
     layers[f'layers_{i}'] = {
-        'self_attention': {
-            'query': {'kernel': qkv_w[0].reshape(d, num_heads, k), 'bias': qkv_b[0].reshape(num_heads, k)},
-            'key': {'kernel': qkv_w[1].reshape(d, num_heads, k)},  # its bias changes nothing (module doc)
-            'value': {'kernel': qkv_w[2].reshape(d, num_heads, k), 'bias': qkv_b[2].reshape(num_heads, k)},
-            'out': {'kernel': state[h + 'attn.c_proj.weight'].reshape(num_heads, k, d),
-                    'bias': state[h + 'attn.c_proj.bias']}},
-        'self_attention_norm': {'scale': state[h + 'ln_1.weight'], 'bias': state[h + 'ln_1.bias']},
-        'feed_forward_norm': {'scale': state[h + 'ln_2.weight'], 'bias': state[h + 'ln_2.bias']},
-        'feed_forward': {'wi': {'kernel': state[h + 'mlp.c_fc.weight'], 'bias': state[h + 'mlp.c_fc.bias']},
-                         'wo': {'kernel': state[h + 'mlp.c_proj.weight'], 'bias': state[h + 'mlp.c_proj.bias']}}}
-  decoder = {'positional': {'pos_embedding': state['wpe.weight']},
-             'final_norm': {'scale': state['ln_f.weight'], 'bias': state['ln_f.bias']}, **layers}
+      'self_attention': {
+        'query': {'kernel': qkv_w[0].reshape(d, num_heads, k), 'bias': qkv_b[0].reshape(num_heads, k)},
+        'key': {'kernel': qkv_w[1].reshape(d, num_heads, k)},  # its bias changes nothing (module doc)
+        'value': {'kernel': qkv_w[2].reshape(d, num_heads, k), 'bias': qkv_b[2].reshape(num_heads, k)},
+        'out': {
+          'kernel': state[h + 'attn.c_proj.weight'].reshape(num_heads, k, d),
+          'bias': state[h + 'attn.c_proj.bias'],
+        },
+      },
+      'self_attention_norm': {'scale': state[h + 'ln_1.weight'], 'bias': state[h + 'ln_1.bias']},
+      'feed_forward_norm': {'scale': state[h + 'ln_2.weight'], 'bias': state[h + 'ln_2.bias']},
+      'feed_forward': {
+        'wi': {'kernel': state[h + 'mlp.c_fc.weight'], 'bias': state[h + 'mlp.c_fc.bias']},
+        'wo': {'kernel': state[h + 'mlp.c_proj.weight'], 'bias': state[h + 'mlp.c_proj.bias']},
+      },
+    }
+  decoder = {
+    'positional': {'pos_embedding': state['wpe.weight']},
+    'final_norm': {'scale': state['ln_f.weight'], 'bias': state['ln_f.bias']},
+    **layers,
+  }
   return {'embedding': {'embedding': state['wte.weight']}, 'decoder': decoder}
 
 
 def gpt2_config(cfg) -> dict:
-  return {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': cfg.vocab_size,
-          'n_positions': cfg.max_len, 'n_embd': cfg.d_model, 'n_layer': cfg.num_layers, 'n_head': cfg.num_heads,
-          'n_inner': cfg.d_ff, 'activation_function': 'gelu_new', 'resid_pdrop': 0.0, 'embd_pdrop': 0.0,
-          'attn_pdrop': 0.0, 'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'scale_attn_weights': True,
-          'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID, 'pad_token_id': PAD_ID, 'tie_word_embeddings': True,
-          'torch_dtype': 'float32', 'use_cache': True}
+  return {
+    'architectures': ['GPT2LMHeadModel'],
+    'model_type': 'gpt2',
+    'vocab_size': cfg.vocab_size,
+    'n_positions': cfg.max_len,
+    'n_embd': cfg.d_model,
+    'n_layer': cfg.num_layers,
+    'n_head': cfg.num_heads,
+    'n_inner': cfg.d_ff,
+    'activation_function': 'gelu_new',
+    'resid_pdrop': 0.0,
+    'embd_pdrop': 0.0,
+    'attn_pdrop': 0.0,
+    'layer_norm_epsilon': 1e-5,
+    'initializer_range': 0.02,
+    'scale_attn_weights': True,
+    'bos_token_id': BOS_ID,
+    'eos_token_id': EOS_ID,
+    'pad_token_id': PAD_ID,
+    'tie_word_embeddings': True,
+    'torch_dtype': 'float32',
+    'use_cache': True,
+  }
 
 
 def fast_tokenizer(spm_proto: bytes):
   """A `tokenizers` Unigram tokenizer with our SentencePiece pieces and scores (no normalization, byte fallback,
   newline and control pieces as added tokens), prepending BOS; decoding gives the text back."""
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
-  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors  # pylint: disable=g-import-not-at-top
+  from sentencepiece import sentencepiece_model_pb2
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(spm_proto)
   normal, user_defined = 1, 4
@@ -137,18 +172,20 @@ def fast_tokenizer(spm_proto: bytes):
   tok.decoder = decoders.Sequence([decoders.Replace('\u2581', ' '), decoders.ByteFallback(), decoders.Fuse()])
   specials = [proto.pieces[i].piece for i in (PAD_ID, EOS_ID, UNK_ID, BOS_ID)]
   tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-  tok.add_tokens([AddedToken(p.piece, normalized=False, special=False) for p in proto.pieces
-                  if p.type == user_defined])
-  tok.post_processor = processors.TemplateProcessing(single=f'{specials[3]} $A', pair=f'{specials[3]} $A $B',
-                                                     special_tokens=[(specials[3], BOS_ID)])
+  tok.add_tokens([AddedToken(p.piece, normalized=False, special=False) for p in proto.pieces if p.type == user_defined])
+  tok.post_processor = processors.TemplateProcessing(
+    single=f'{specials[3]} $A', pair=f'{specials[3]} $A $B', special_tokens=[(specials[3], BOS_ID)]
+  )
   return tok, specials
 
 
 def check_target(out: str, *, dtype: str, overwrite: bool, tokenizer_path: str | None) -> None:
   del dtype, tokenizer_path
   if files.paths.is_gcs(out):  # transformers' save_pretrained writes local files only
-    raise files.ExportError(f'--format=hf-gpt2 writes a local directory; export to a local --out, then copy it '
-                            f'(gcloud storage cp -r DIR {out})')
+    raise files.ExportError(
+      f'--format=hf-gpt2 writes a local directory; export to a local --out, then copy it '
+      f'(gcloud storage cp -r DIR {out})'
+    )
   files.check_dir_target(out, overwrite)
 
 
@@ -160,7 +197,8 @@ def write(source, out: str, *, dtype: str = 'float32', overwrite: bool = False, 
 def export(source, out: str, *, dtype: str = 'float32', overwrite: bool = False) -> list[str]:
   check_representable(source.cfg)
   files.check_dir_target(out, overwrite)
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast
+
   state = to_gpt2_state_dict(source.params, source.cfg)
   if dtype == 'bfloat16':
     state = files.cast(state, dtype)
@@ -169,11 +207,19 @@ def export(source, out: str, *, dtype: str = 'float32', overwrite: bool = False)
   files.write_json(os.path.join(out, 'config.json'), gpt2_config(source.cfg))
   spm_proto = files.read(source.tokenizer_path)
   tok, (pad, eos, unk, bos) = fast_tokenizer(spm_proto)
-  PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-                          model_max_length=source.cfg.max_len).save_pretrained(out)
+  PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    bos_token=bos,
+    eos_token=eos,
+    unk_token=unk,
+    pad_token=pad,
+    model_max_length=source.cfg.max_len,
+  ).save_pretrained(out)
   files.write_bytes(os.path.join(out, files.TOKENIZER_NAME), spm_proto)
-  files.write_json(os.path.join(out, 'transformer_jax_config.json'),
-                   {**json.loads(source.config.to_json_best_effort()), 'step': source.step})
+  files.write_json(
+    os.path.join(out, 'transformer_jax_config.json'),
+    {**json.loads(source.config.to_json_best_effort()), 'step': source.step},
+  )
   return sorted(os.path.join(out, n) for n in os.listdir(out))
 
 
@@ -195,8 +241,10 @@ def import_gpt2(path: str, workdir: str, *, config=None, overwrite: bool = False
   if hf.get('model_type') != 'gpt2':
     raise ExportError(f"{config_path} has model_type={hf.get('model_type')!r}, not 'gpt2'")
   if hf.get('activation_function', 'gelu_new') not in _TANH_GELUS:
-    raise ExportError(f"activation_function={hf.get('activation_function')!r}: only the tanh GELU "
-                                 f'({", ".join(_TANH_GELUS)}) is supported')
+    raise ExportError(
+      f'activation_function={hf.get("activation_function")!r}: only the tanh GELU '
+      f'({", ".join(_TANH_GELUS)}) is supported'
+    )
   for flag in ('scale_attn_by_inverse_layer_idx', 'reorder_and_upcast_attn'):
     if hf.get(flag):
       raise ExportError(f'{flag}=True is not supported')
@@ -207,10 +255,22 @@ def import_gpt2(path: str, workdir: str, *, config=None, overwrite: bool = False
     shutil.rmtree(checkpoints)
   config = files.config_for_import(path, config, 'train')
   n_positions, d = int(hf.get('n_positions', 1024)), int(hf['n_embd'])
-  config.model.update(kind='decoder', vocab_size=int(hf['vocab_size']), num_layers=int(hf['n_layer']), d_model=d,
-                      num_heads=int(hf['n_head']), d_ff=int(hf.get('n_inner') or 4 * d), pre_norm=True,
-                      positional='learned', activation='gelu', use_bias=True, scale_embeddings=False,
-                      share_embeddings=True, scan_layers=False, dropout_rate=float(hf.get('resid_pdrop', 0.1)))
+  config.model.update(
+    kind='decoder',
+    vocab_size=int(hf['vocab_size']),
+    num_layers=int(hf['n_layer']),
+    d_model=d,
+    num_heads=int(hf['n_head']),
+    d_ff=int(hf.get('n_inner') or 4 * d),
+    pre_norm=True,
+    positional='learned',
+    activation='gelu',
+    use_bias=True,
+    scale_embeddings=False,
+    share_embeddings=True,
+    scan_layers=False,
+    dropout_rate=float(hf.get('resid_pdrop', 0.1)),
+  )
   config.max_length = min(int(config.max_length), n_positions)
   config.packed_inputs_length = config.packed_targets_length = n_positions  # the position table's size
   tensors, _ = read_safetensors(weights)

@@ -100,13 +100,16 @@ def _layer_map(side: str, i: int) -> list[tuple[str, str, str]]:
 def to_marian_state_dict(params, cfg) -> dict[str, np.ndarray]:
   """Our parameter tree -> HF MarianMTModel tensors (torch layout: Linear weights [out, in]), permuted."""
   if cfg.pre_norm:
-    raise ExportError('hf-marian needs a post-norm model (HF Marian has no pre-norm option); this one has '
-                      'model.pre_norm=True')
+    raise ExportError(
+      'hf-marian needs a post-norm model (HF Marian has no pre-norm option); this one has model.pre_norm=True'
+    )
   if cfg.positional != 'sinusoidal':
     raise ExportError(f'hf-marian needs sinusoidal positions; this model has model.positional={cfg.positional!r}')
   if not cfg.share_embeddings:
-    raise ExportError('hf-marian export needs model.share_embeddings=True (one matrix for source, target and '
-                      'output, as Marian ties them)')
+    raise ExportError(
+      'hf-marian export needs model.share_embeddings=True (one matrix for source, target and '
+      'output, as Marian ties them)'
+    )
   if cfg.d_model % 2:
     raise ExportError(f'hf-marian needs an even d_model, got {cfg.d_model}')
   flat = flatten(_unscan(params, cfg.num_layers) if cfg.scan_layers else params)
@@ -117,12 +120,13 @@ def to_marian_state_dict(params, cfg) -> dict[str, np.ndarray]:
   embedding = flat.pop('shared_embedding.embedding')
   state['model.shared.weight'] = f32(embedding[:, perm])
   logits_bias = flat.pop('decoder.final_logits_bias', None)
-  state['final_logits_bias'] = (np.zeros((1, cfg.vocab_size), np.float32) if logits_bias is None
-                                else f32(logits_bias).reshape(1, cfg.vocab_size))
+  state['final_logits_bias'] = (
+    np.zeros((1, cfg.vocab_size), np.float32) if logits_bias is None else f32(logits_bias).reshape(1, cfg.vocab_size)
+  )
   for side in ('encoder', 'decoder'):
     for i in range(cfg.num_layers):
       for ours, hf, kind in _layer_map(side, i):
-        bias = flat.pop(ours[:-len('kernel')] + 'bias', None) if kind in ('qkv', 'out') else None
+        bias = flat.pop(ours[: -len('kernel')] + 'bias', None) if kind in ('qkv', 'out') else None
         if kind == 'qkv':  # the key has no bias here (softmax ignores it): HF gets zeros
           state[f'{hf}.weight'] = f32(flat.pop(ours)[perm].reshape(d, h * k).T)
           state[f'{hf}.bias'] = np.zeros((h * k,), np.float32) if bias is None else f32(bias.reshape(h * k))
@@ -148,22 +152,33 @@ def from_marian_state_dict(state: dict[str, np.ndarray], cfg) -> dict:
   state = {k: np.asarray(v, np.float32) for k, v in state.items()}
   d, h, k = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
   inverse = np.argsort(_marian_permutation(d))
-  embeddings = [n for n in ('model.shared.weight', 'model.encoder.embed_tokens.weight',
-                            'model.decoder.embed_tokens.weight', 'lm_head.weight') if n in state]
+  embeddings = [
+    n
+    for n in (
+      'model.shared.weight',
+      'model.encoder.embed_tokens.weight',
+      'model.decoder.embed_tokens.weight',
+      'lm_head.weight',
+    )
+    if n in state
+  ]
   if not embeddings:
     raise ExportError('the HF checkpoint has no token embedding (model.shared.weight)')
   embedding = state[embeddings[0]]
   for other in embeddings[1:]:
     if state[other].shape != embedding.shape or not np.array_equal(state[other], embedding):
-      raise ExportError(f'{other} differs from {embeddings[0]}: non-shared embeddings cannot be imported '
-                        '(this model ties source, target and output embeddings)')
+      raise ExportError(
+        f'{other} differs from {embeddings[0]}: non-shared embeddings cannot be imported '
+        '(this model ties source, target and output embeddings)'
+      )
   if embedding.shape != (cfg.vocab_size, d):
     raise ExportError(f'{embeddings[0]} has shape {embedding.shape}, expected {(cfg.vocab_size, d)}')
   bias = state.get('final_logits_bias')
   flat = {'shared_embedding.embedding': embedding[:, inverse]}
   if cfg.final_logits_bias:
-    flat['decoder.final_logits_bias'] = (np.zeros(cfg.vocab_size, np.float32) if bias is None
-                                         else np.asarray(bias, np.float32).reshape(cfg.vocab_size))
+    flat['decoder.final_logits_bias'] = (
+      np.zeros(cfg.vocab_size, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(cfg.vocab_size)
+    )
   elif bias is not None and np.any(bias != 0):
     raise ExportError('final_logits_bias is non-zero: this model has no output bias (model.final_logits_bias)')
 
@@ -177,7 +192,7 @@ def from_marian_state_dict(state: dict[str, np.ndarray], cfg) -> dict:
   def zero_bias(name, size):
     b = state.get(name)
     if b is not None and (b.shape != (size,) or np.any(b != 0)):
-      raise ExportError(f'{name} is non-zero: this model\'s attention projections have no biases')
+      raise ExportError(f"{name} is non-zero: this model's attention projections have no biases")
 
   def attention_bias(name, size):
     """The bias when the model has them (model.use_bias), else it must be zero."""
@@ -198,12 +213,12 @@ def from_marian_state_dict(state: dict[str, np.ndarray], cfg) -> dict:
           else:
             b = attention_bias(f'{hf}.bias', h * k)
             if b is not None:
-              flat[ours[:-len('kernel')] + 'bias'] = b.reshape(h, k)
+              flat[ours[: -len('kernel')] + 'bias'] = b.reshape(h, k)
         elif kind == 'out':
           flat[ours] = take(f'{hf}.weight', (d, h * k)).T[:, inverse].reshape(h, k, d)
           b = attention_bias(f'{hf}.bias', d)
           if b is not None:
-            flat[ours[:-len('kernel')] + 'bias'] = b[inverse]
+            flat[ours[: -len('kernel')] + 'bias'] = b[inverse]
         elif kind == 'norm':
           flat[f'{ours}.scale'] = take(f'{hf}.weight', (d,))[inverse]
           flat[f'{ours}.bias'] = take(f'{hf}.bias', (d,))[inverse]
@@ -228,13 +243,20 @@ def marian_vocab(tokenizer_path: str, vocab_size: int) -> dict[str, int]:
 
 # Our activation names <-> HF's ACT2FN names (HF 'gelu' is the exact erf form; 'gelu_new' GPT-2's tanh form).
 _HF_ACTIVATION = {'relu': 'relu', 'gelu_exact': 'gelu', 'gelu': 'gelu_new', 'silu': 'swish'}
-_FROM_HF_ACTIVATION = {'relu': 'relu', 'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu',
-                       'swish': 'silu', 'silu': 'silu'}
+_FROM_HF_ACTIVATION = {
+  'relu': 'relu',
+  'gelu': 'gelu_exact',
+  'gelu_new': 'gelu',
+  'gelu_pytorch_tanh': 'gelu',
+  'swish': 'silu',
+  'silu': 'silu',
+}
 
 
 def _marian_source(source: Exportable) -> str | None:
   """The workdir's Marian vocabulary directory (an imported released model), or None (our spm.model)."""
-  from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import marian_vocab
+
   path = source.tokenizer_path or ''
   for candidate in (path, os.path.join(os.path.dirname(path), marian_vocab.DIRECTORY)):
     if candidate and os.path.isdir(candidate) and marian_vocab.is_marian_dir(candidate):
@@ -246,43 +268,43 @@ def marian_config(source: Exportable, dtype: str = 'float32') -> dict:
   cfg, config = source.cfg, source.config
   ids = cfg.special_ids
   return {
-      'architectures': ['MarianMTModel'],
-      'model_type': 'marian',
-      'vocab_size': cfg.vocab_size,
-      'decoder_vocab_size': cfg.vocab_size,
-      'd_model': cfg.d_model,
-      'encoder_layers': cfg.num_layers,
-      'decoder_layers': cfg.num_layers,
-      'encoder_attention_heads': cfg.num_heads,
-      'decoder_attention_heads': cfg.num_heads,
-      'encoder_ffn_dim': cfg.d_ff,
-      'decoder_ffn_dim': cfg.d_ff,
-      'activation_function': _HF_ACTIVATION[cfg.activation],
-      'max_position_embeddings': cfg.max_len,
-      'scale_embedding': bool(cfg.scale_embeddings),
-      # Marian's own flags for this layout (HF's MarianConfig has them fixed: post-norm, static sinusoids).
-      'normalize_before': False,
-      'normalize_embedding': False,
-      'static_position_embeddings': True,
-      'add_final_layer_norm': False,
-      'share_encoder_decoder_embeddings': True,
-      'tie_word_embeddings': True,
-      'pad_token_id': ids.pad,
-      'eos_token_id': ids.eos,
-      'bos_token_id': ids.bos,
-      'decoder_start_token_id': ids.bos,
-      'forced_eos_token_id': None,
-      'dropout': float(cfg.dropout_rate),
-      'attention_dropout': 0.0,
-      'activation_dropout': 0.0,
-      'encoder_layerdrop': 0.0,
-      'decoder_layerdrop': 0.0,
-      'init_std': 0.02,
-      'is_encoder_decoder': True,
-      'use_cache': True,
-      'dtype': dtype,
-      'max_length': int(config.max_length) + 1,
-      'num_beams': 1,
+    'architectures': ['MarianMTModel'],
+    'model_type': 'marian',
+    'vocab_size': cfg.vocab_size,
+    'decoder_vocab_size': cfg.vocab_size,
+    'd_model': cfg.d_model,
+    'encoder_layers': cfg.num_layers,
+    'decoder_layers': cfg.num_layers,
+    'encoder_attention_heads': cfg.num_heads,
+    'decoder_attention_heads': cfg.num_heads,
+    'encoder_ffn_dim': cfg.d_ff,
+    'decoder_ffn_dim': cfg.d_ff,
+    'activation_function': _HF_ACTIVATION[cfg.activation],
+    'max_position_embeddings': cfg.max_len,
+    'scale_embedding': bool(cfg.scale_embeddings),
+    # Marian's own flags for this layout (HF's MarianConfig has them fixed: post-norm, static sinusoids).
+    'normalize_before': False,
+    'normalize_embedding': False,
+    'static_position_embeddings': True,
+    'add_final_layer_norm': False,
+    'share_encoder_decoder_embeddings': True,
+    'tie_word_embeddings': True,
+    'pad_token_id': ids.pad,
+    'eos_token_id': ids.eos,
+    'bos_token_id': ids.bos,
+    'decoder_start_token_id': ids.bos,
+    'forced_eos_token_id': None,
+    'dropout': float(cfg.dropout_rate),
+    'attention_dropout': 0.0,
+    'activation_dropout': 0.0,
+    'encoder_layerdrop': 0.0,
+    'decoder_layerdrop': 0.0,
+    'init_std': 0.02,
+    'is_encoder_decoder': True,
+    'use_cache': True,
+    'dtype': dtype,
+    'max_length': int(config.max_length) + 1,
+    'num_beams': 1,
   }
 
 
@@ -298,12 +320,27 @@ def _export_hf_marian(source: Exportable, out: str, *, dtype: str, overwrite: bo
   # Our greedy search as HF generation defaults: never generate PAD or BOS (decode.py), at most max_length tokens
   # (HF counts the decoder start token too). decode.py also stops at source length + 50, which HF cannot express.
   bad_words = [[ids.pad]] + ([[ids.bos]] if ids.bos != ids.pad else [])
-  generation = {'decoder_start_token_id': ids.bos, 'bos_token_id': ids.bos, 'eos_token_id': ids.eos,
-                'pad_token_id': ids.pad, 'forced_eos_token_id': None, 'max_length': int(config.max_length) + 1,
-                'num_beams': 1, 'do_sample': False, 'bad_words_ids': bad_words}
-  tokenizer_config = {'tokenizer_class': 'MarianTokenizer', 'source_lang': config.get('source_lang'),
-                      'target_lang': config.get('target_lang'), 'model_max_length': int(config.max_length),
-                      'separate_vocabs': False, 'unk_token': '<unk>', 'eos_token': '</s>', 'pad_token': '<pad>'}
+  generation = {
+    'decoder_start_token_id': ids.bos,
+    'bos_token_id': ids.bos,
+    'eos_token_id': ids.eos,
+    'pad_token_id': ids.pad,
+    'forced_eos_token_id': None,
+    'max_length': int(config.max_length) + 1,
+    'num_beams': 1,
+    'do_sample': False,
+    'bad_words_ids': bad_words,
+  }
+  tokenizer_config = {
+    'tokenizer_class': 'MarianTokenizer',
+    'source_lang': config.get('source_lang'),
+    'target_lang': config.get('target_lang'),
+    'model_max_length': int(config.max_length),
+    'separate_vocabs': False,
+    'unk_token': '<unk>',
+    'eos_token': '</s>',
+    'pad_token': '<pad>',
+  }
   marian_dir = _marian_source(source)
   if marian_dir is None:  # our shared SentencePiece model: its ids are the model's
     tokenizer_config['bos_token'] = '<s>'
@@ -335,6 +372,7 @@ def _export_hf_marian(source: Exportable, out: str, *, dtype: str, overwrite: bo
   put('transformer_jax_config.json', files.write_json, json.loads(config.to_json_best_effort()) | {'step': source.step})
   return written
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Import
 
@@ -352,14 +390,16 @@ def _read_hf_weights(path: str) -> dict[str, np.ndarray]:
       state.update(read_safetensors(os.path.join(path, name))[0])
     return state
   if any(os.path.exists(os.path.join(path, n)) for n in ('pytorch_model.bin', 'model.bin')):
-    raise ExportError(f'{path} has only pickled torch weights, which are never loaded here: re-save it with '
-                      'save_pretrained(..., safe_serialization=True) to get model.safetensors')
+    raise ExportError(
+      f'{path} has only pickled torch weights, which are never loaded here: re-save it with '
+      'save_pretrained(..., safe_serialization=True) to get model.safetensors'
+    )
   raise FileNotFoundError(f'no model.safetensors in {path}')
-
 
 
 def _check_marian_config(hf: dict) -> None:
   """Refuses, in one line naming the field, what this model cannot represent."""
+
   def need(key, want, default=None, why=''):
     have = hf.get(key, default)
     if have != want:
@@ -369,8 +409,9 @@ def _check_marian_config(hf: dict) -> None:
     raise ExportError(f'cannot import model_type={hf.get("model_type")!r}: only marian')
   activation = hf.get('activation_function', 'gelu')
   if activation not in _FROM_HF_ACTIVATION:
-    raise ExportError(f'cannot import: config.json has activation_function={activation!r}; supported: '
-                      f'{", ".join(_FROM_HF_ACTIVATION)}')
+    raise ExportError(
+      f'cannot import: config.json has activation_function={activation!r}; supported: {", ".join(_FROM_HF_ACTIVATION)}'
+    )
   need('normalize_before', False, False, ' (post-norm only)')
   need('add_final_layer_norm', False, False)
   need('normalize_embedding', False, False)
@@ -378,14 +419,18 @@ def _check_marian_config(hf: dict) -> None:
   need('share_encoder_decoder_embeddings', True, True, ' (shared embeddings)')
   need('tie_word_embeddings', True, True, ' (output projection tied to the embedding)')
   if hf.get('encoder_layers') != hf.get('decoder_layers'):
-    raise ExportError(f'cannot import encoder_layers={hf.get("encoder_layers")} != decoder_layers='
-                      f'{hf.get("decoder_layers")}: this model has as many of each')
+    raise ExportError(
+      f'cannot import encoder_layers={hf.get("encoder_layers")} != decoder_layers='
+      f'{hf.get("decoder_layers")}: this model has as many of each'
+    )
   for a, b in (('encoder_attention_heads', 'decoder_attention_heads'), ('encoder_ffn_dim', 'decoder_ffn_dim')):
     if hf.get(a) != hf.get(b):
       raise ExportError(f'cannot import {a}={hf.get(a)} != {b}={hf.get(b)}: this model uses one value for both')
   if hf.get('decoder_vocab_size') not in (None, hf.get('vocab_size')):
-    raise ExportError(f'cannot import decoder_vocab_size={hf.get("decoder_vocab_size")} != vocab_size='
-                      f'{hf.get("vocab_size")} (non-shared embeddings)')
+    raise ExportError(
+      f'cannot import decoder_vocab_size={hf.get("decoder_vocab_size")} != vocab_size='
+      f'{hf.get("vocab_size")} (non-shared embeddings)'
+    )
   if hf.get('d_model', 1) % 2:
     raise ExportError(f'cannot import an odd d_model={hf.get("d_model")}')
   for key in ('pad_token_id', 'eos_token_id', 'decoder_start_token_id'):
@@ -413,10 +458,15 @@ def _vocabulary(path: str, hf: dict):
   if vocab['</s>'] != hf['eos_token_id']:
     raise ExportError(f'vocab.json maps </s> to {vocab["</s>"]} but config.json has eos_token_id={hf["eos_token_id"]}')
   if '<pad>' in vocab and vocab['<pad>'] != hf['pad_token_id']:
-    raise ExportError(f'vocab.json maps <pad> to {vocab["<pad>"]} but config.json has '
-                      f'pad_token_id={hf["pad_token_id"]}')
-  ids = SpecialIds(pad=int(hf['pad_token_id']), eos=int(hf['eos_token_id']), unk=int(vocab['<unk>']),
-                   bos=int(hf['decoder_start_token_id']))
+    raise ExportError(
+      f'vocab.json maps <pad> to {vocab["<pad>"]} but config.json has pad_token_id={hf["pad_token_id"]}'
+    )
+  ids = SpecialIds(
+    pad=int(hf['pad_token_id']),
+    eos=int(hf['eos_token_id']),
+    unk=int(vocab['<unk>']),
+    bos=int(hf['decoder_start_token_id']),
+  )
   same_spm = not os.path.exists(target) or files.read(target) == files.read(source)
   if same_spm and ids == IDS:
     try:
@@ -436,7 +486,8 @@ def import_hf_marian(path: str, workdir: str, *, config=None, overwrite: bool = 
   `config` (a ConfigDict) supplies everything HF does not describe (data, lengths, optimizer, mesh); default: the
   transformer_jax_config.json an hf-marian export wrote (the CLI passes its default config otherwise). Returns the
   number of parameters."""
-  from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import marian_vocab
+
   if not path or not os.path.isdir(path):
     raise FileNotFoundError(f'--path={path} is not a directory')
   config_path = os.path.join(path, 'config.json')
@@ -453,23 +504,36 @@ def import_hf_marian(path: str, workdir: str, *, config=None, overwrite: bool = 
     if not overwrite:
       raise ExportError(f'{workdir} already has checkpoints; pass --overwrite to replace them')
   target_spm = run.tokenizer_path
-  if (kind == 'sentencepiece' and os.path.exists(target_spm) and files.read(target_spm) != files.read(spm_path)
-      and not overwrite):
+  if (
+    kind == 'sentencepiece'
+    and os.path.exists(target_spm)
+    and files.read(target_spm) != files.read(spm_path)
+    and not overwrite
+  ):
     raise ExportError(f'{target_spm} exists with another vocabulary; pass --overwrite to replace it')
 
   def nonzero(names):
     return any(np.any(np.asarray(v) != 0) for n, v in state.items() if any(n.endswith(x) for x in names))
 
   config = files.config_for_import(path, config, 'fine-tune')
-  config.model.update(vocab_size=int(hf['vocab_size']), num_layers=int(hf['encoder_layers']),
-                      d_model=int(hf['d_model']), num_heads=int(hf['encoder_attention_heads']),
-                      d_ff=int(hf['encoder_ffn_dim']), dropout_rate=float(hf.get('dropout', 0.1)),
-                      share_embeddings=True, pre_norm=False, positional='sinusoidal', scan_layers=False,
-                      activation=_FROM_HF_ACTIVATION[hf.get('activation_function', 'gelu')],
-                      scale_embeddings=bool(hf.get('scale_embedding', False)),
-                      # q/v/out biases (the key's is exactly redundant); on when the checkpoint has any
-                      use_bias=nonzero(('q_proj.bias', 'v_proj.bias', 'out_proj.bias')),
-                      final_logits_bias=nonzero(('final_logits_bias',)), special_ids=ids.to_dict())
+  config.model.update(
+    vocab_size=int(hf['vocab_size']),
+    num_layers=int(hf['encoder_layers']),
+    d_model=int(hf['d_model']),
+    num_heads=int(hf['encoder_attention_heads']),
+    d_ff=int(hf['encoder_ffn_dim']),
+    dropout_rate=float(hf.get('dropout', 0.1)),
+    share_embeddings=True,
+    pre_norm=False,
+    positional='sinusoidal',
+    scan_layers=False,
+    activation=_FROM_HF_ACTIVATION[hf.get('activation_function', 'gelu')],
+    scale_embeddings=bool(hf.get('scale_embedding', False)),
+    # q/v/out biases (the key's is exactly redundant); on when the checkpoint has any
+    use_bias=nonzero(('q_proj.bias', 'v_proj.bias', 'out_proj.bias')),
+    final_logits_bias=nonzero(('final_logits_bias',)),
+    special_ids=ids.to_dict(),
+  )
   config.vocabulary = kind
   cfg = train_state.model_config(config, special_ids=ids)
   params = from_marian_state_dict(state, cfg)

@@ -22,15 +22,16 @@ def check_target(out: str, *, dtype: str, overwrite: bool, tokenizer_path: str |
 
 def write(source: files.Exportable, out: str, *, dtype: str, overwrite: bool, **unused) -> list[str]:
   del overwrite, unused
-  payload = serialization.msgpack_serialize({'params': files.cast(source.params, dtype),
-                                             'metadata': files.metadata(source, dtype)})
+  payload = serialization.msgpack_serialize(
+    {'params': files.cast(source.params, dtype), 'metadata': files.metadata(source, dtype)}
+  )
   return files.write_with_tokenizer(source, out, payload)
 
 
 def read(data: bytes, path: str) -> tuple[dict, dict]:
   try:
     restored = serialization.msgpack_restore(data)
-  except Exception as e:  # pylint: disable=broad-except  (msgpack raises several types on damage)
+  except Exception as e:  # (msgpack raises several types on damage)
     raise files.ExportError(f'{path} is not a readable msgpack export ({type(e).__name__}); export it again') from e
   if not isinstance(restored, dict) or 'params' not in restored:
     raise files.ExportError(f'{path} is not a transformer_jax msgpack export (no params)')

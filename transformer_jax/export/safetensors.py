@@ -29,8 +29,17 @@ SUMMARY = 'one file of parameters (+ spm.model beside it)'
 WRITES_DIRECTORY = False
 
 # safetensors' numpy reader has no bfloat16; its parser gives the raw bytes, and these dtypes read them.
-_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16, 'F64': np.float64, 'I32': np.int32,
-           'I64': np.int64, 'U8': np.uint8, 'I8': np.int8, 'BOOL': np.bool_}
+_DTYPES = {
+  'F32': np.float32,
+  'F16': np.float16,
+  'BF16': jnp.bfloat16,
+  'F64': np.float64,
+  'I32': np.int32,
+  'I64': np.int64,
+  'U8': np.uint8,
+  'I8': np.int8,
+  'BOOL': np.bool_,
+}
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
@@ -45,15 +54,19 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     tensors = safetensors.deserialize(data)
     with safetensors.safe_open(path, framework='np') as f:
       metadata = dict(f.metadata() or {})
-  except Exception as e:  # pylint: disable=broad-except  (the parser raises its own error types on damage)
-    raise files.ExportError(f'{path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e!r})'
-                            '; export it again') from e
+  except Exception as e:  # (the parser raises its own error types on damage)
+    raise files.ExportError(
+      f'{path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e!r}); export it again'
+    ) from e
   out = {}
   for name, info in tensors:
     if info['dtype'] not in _DTYPES:
       raise files.ExportError(f'{path}: tensor {name} has unsupported dtype {info["dtype"]}')
-    out[name] = np.frombuffer(bytes(info['data']), dtype=np.dtype(_DTYPES[info['dtype']]).newbyteorder('<')).astype(
-        np.dtype(_DTYPES[info['dtype']])).reshape(info['shape'])
+    out[name] = (
+      np.frombuffer(bytes(info['data']), dtype=np.dtype(_DTYPES[info['dtype']]).newbyteorder('<'))
+      .astype(np.dtype(_DTYPES[info['dtype']]))
+      .reshape(info['shape'])
+    )
   return out, metadata
 
 

@@ -53,12 +53,13 @@ def stablehlo_export(source: files.Exportable, platforms: tuple[str, ...] = ('cp
   batch, length = jax.export.symbolic_shape('b, s', constraints=(f's <= {cfg.max_len}',))
   try:
     return jax.export.export(fn, platforms=tuple(platforms))(jax.ShapeDtypeStruct((batch, length), jnp.int32))
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     if tuple(platforms) == (jax.default_backend(),):
       raise
-    raise files.ExportError(f'lowering for platforms {",".join(platforms)} failed ({type(e).__name__}: '
-                            f'{str(e).splitlines()[0] if str(e) else ""}); try --platforms={jax.default_backend()}'
-                            ) from e
+    raise files.ExportError(
+      f'lowering for platforms {",".join(platforms)} failed ({type(e).__name__}: '
+      f'{str(e).splitlines()[0] if str(e) else ""}); try --platforms={jax.default_backend()}'
+    ) from e
 
 
 def stablehlo_bytes(source: files.Exportable, platforms: tuple[str, ...] = ('cpu', 'cuda', 'tpu')) -> bytes:
@@ -76,7 +77,14 @@ def check_target(out: str, *, dtype: str, overwrite: bool, tokenizer_path: str |
   files.check_file_target(out, overwrite, tokenizer_path)
 
 
-def write(source: files.Exportable, out: str, *, dtype: str, overwrite: bool,
-          platforms: tuple[str, ...] = ('cpu', 'cuda', 'tpu'), **unused) -> list[str]:
+def write(
+  source: files.Exportable,
+  out: str,
+  *,
+  dtype: str,
+  overwrite: bool,
+  platforms: tuple[str, ...] = ('cpu', 'cuda', 'tpu'),
+  **unused,
+) -> list[str]:
   del dtype, overwrite, unused
   return files.write_with_tokenizer(source, out, stablehlo_bytes(source, platforms=platforms))

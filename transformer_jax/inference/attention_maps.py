@@ -31,11 +31,17 @@ from transformer_jax.inference import scores
 from transformer_jax.model.transformer import Transformer
 
 KINDS = ('cross', 'encoder_self', 'decoder_self')
-_MODULES = {'encoder_self': ('encoder', 'self_attention'), 'decoder_self': ('decoder', 'self_attention'),
-            'cross': ('decoder', 'cross_attention')}
+_MODULES = {
+  'encoder_self': ('encoder', 'self_attention'),
+  'decoder_self': ('decoder', 'self_attention'),
+  'cross': ('decoder', 'cross_attention'),
+}
 _TITLES = {'cross': 'cross', 'encoder_self': 'enc self', 'decoder_self': 'dec self'}
-_AXES = {'cross': ('source', 'output'), 'encoder_self': ('source', 'source'),
-         'decoder_self': ('decoder input', 'output')}
+_AXES = {
+  'cross': ('source', 'output'),
+  'encoder_self': ('source', 'source'),
+  'decoder_self': ('decoder input', 'output'),
+}
 
 DPI = 80
 MAX_SENTENCES = 4  # --input lines drawn (the rest are skipped with a note)
@@ -45,16 +51,33 @@ MAX_SENTENCES = 4  # --input lines drawn (the rest are skipped with a note)
 # Weights out of the model
 
 
-def attention_weights(params, cfg, inputs, targets, inputs_segmentation=None, targets_segmentation=None,
-                      inputs_position=None, targets_position=None):
+def attention_weights(
+  params,
+  cfg,
+  inputs,
+  targets,
+  inputs_segmentation=None,
+  targets_segmentation=None,
+  inputs_position=None,
+  targets_position=None,
+):
   """(logits [B, T, V], {kind: [L, B, H, Tq, Tk]}) of one deterministic teacher-forced pass (packed or not).
 
   Runs the model with cfg.attention_weights=True (explicit attention that sows its weights); works with
   scan_layers (weights stacked by nn.scan) and remat alike.
   """
   model = Transformer(dataclasses.replace(cfg, attention_weights=True, decode=False))
-  logits, state = model.apply({'params': params}, inputs, targets, inputs_segmentation, targets_segmentation,
-                              inputs_position, targets_position, deterministic=True, mutable=['intermediates'])
+  logits, state = model.apply(
+    {'params': params},
+    inputs,
+    targets,
+    inputs_segmentation,
+    targets_segmentation,
+    inputs_position,
+    targets_position,
+    deterministic=True,
+    mutable=['intermediates'],
+  )
   return logits, collect(state['intermediates'], cfg)
 
 
@@ -93,24 +116,31 @@ def compute(loaded, sentences: list[str], *, beam_size: int = 1, alpha: float = 
   special = tokenizer.special_ids
   sources = scores.encode_sources(tokenizer, sentences, config.max_length)
   source_lengths = np.sum(sources != special.pad, axis=1)
-  sources = sources[:, :int(source_lengths.max())]
+  sources = sources[:, : int(source_lengths.max())]
   divisor = loaded.mesh.shape['data'] * loaded.mesh.shape['fsdp']
   rows = -(-len(sources) // divisor) * divisor  # a multiple of the devices on the batch axes
   sources = np.pad(sources, ((0, rows - len(sources)), (0, 0)))
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    tokens = evaluation.translate_ids(loaded.params, sources, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=rows,
-                                     max_decode_len=inference.decode_length(loaded, int(source_lengths.max())),
-                                     beam_size=beam_size, alpha=alpha)
+    tokens = evaluation.translate_ids(
+      loaded.params,
+      sources,
+      cfg=loaded.cfg,
+      mesh=loaded.mesh,
+      batch_size=rows,
+      max_decode_len=inference.decode_length(loaded, int(source_lengths.max())),
+      beam_size=beam_size,
+      alpha=alpha,
+    )
     # The decoded ids themselves (up to and with EOS), not a re-tokenisation of the translated text.
     targets_list = []
     for row in np.asarray(tokens):
       ids = [int(t) for t in row if int(t) not in (special.pad, special.bos)]
-      ids = ids[:ids.index(special.eos) + 1] if special.eos in ids else ids[:loaded.cfg.max_len - 1] + [special.eos]
+      ids = ids[: ids.index(special.eos) + 1] if special.eos in ids else ids[: loaded.cfg.max_len - 1] + [special.eos]
       targets_list.append(ids)
-    targets_list = targets_list[:len(sentences)]  # the padding rows get empty targets
+    targets_list = targets_list[: len(sentences)]  # the padding rows get empty targets
     targets = np.zeros((rows, max(len(t) for t in targets_list)), np.int32)
     for i, ids in enumerate(targets_list):
-      targets[i, :len(ids)] = ids
+      targets[i, : len(ids)] = ids
     cfg = dataclasses.replace(loaded.cfg, dropout_rate=0.0)
     _, weights = jax.jit(lambda p, x, y: attention_weights(p, cfg, x, y))(loaded.params, sources, targets)
     weights = {k: np.asarray(jax.device_get(v), np.float32) for k, v in weights.items()}
@@ -122,13 +152,20 @@ def compute(loaded, sentences: list[str], *, beam_size: int = 1, alpha: float = 
   for i, sentence in enumerate(sentences):
     s, t = int(source_lengths[i]), len(targets_list[i])
     target_ids = targets_list[i]
-    out.append(SentenceMaps(
-        source=sentence, translation=tokenizer.decode(target_ids),
-        source_pieces=[name(int(x)) for x in sources[i, :s]], target_pieces=[name(x) for x in target_ids],
+    out.append(
+      SentenceMaps(
+        source=sentence,
+        translation=tokenizer.decode(target_ids),
+        source_pieces=[name(int(x)) for x in sources[i, :s]],
+        target_pieces=[name(x) for x in target_ids],
         decoder_input_pieces=[name(special.bos)] + [name(x) for x in target_ids[:-1]],
-        weights={'encoder_self': weights['encoder_self'][:, i, :, :s, :s],
-                 'decoder_self': weights['decoder_self'][:, i, :, :t, :t],
-                 'cross': weights['cross'][:, i, :, :t, :s]}))
+        weights={
+          'encoder_self': weights['encoder_self'][:, i, :, :s, :s],
+          'decoder_self': weights['decoder_self'][:, i, :, :t, :t],
+          'cross': weights['cross'][:, i, :, :t, :s],
+        },
+      )
+    )
   return out
 
 
@@ -154,27 +191,44 @@ def layout(num_layers: int, num_heads: int, num_sentences: int = 1, max_tokens: 
   columns = max(num_layers, num_heads)
   panel = _panel_inches(max_tokens)
   width, height = columns * panel + 1.125, num_sentences * rows_per_sentence * panel  # + labels, colour bars
-  return dict(rows=num_sentences * rows_per_sentence, columns=columns, panel=panel,
-              size_inches=(width, height), size_pixels=(int(width * DPI), int(height * DPI)))
+  return dict(
+    rows=num_sentences * rows_per_sentence,
+    columns=columns,
+    panel=panel,
+    size_inches=(width, height),
+    size_pixels=(int(width * DPI), int(height * DPI)),
+  )
 
 
 def draw(all_maps: list[SentenceMaps], path: str, *, layers: list[int], heads: list[int], max_tokens: int) -> tuple:
   """One PNG at `path`; layers/heads are 0-based indices. Returns its (width, height) in pixels."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
   matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt
 
   longest = max(min(max(len(m.source_pieces), len(m.target_pieces)), max_tokens) for m in all_maps)
   grid = layout(len(layers), len(heads), len(all_maps), longest)
   fig = plt.figure(figsize=grid['size_inches'], dpi=DPI)
-  spec = fig.add_gridspec(grid['rows'], grid['columns'] + 1, width_ratios=[1] * grid['columns'] + [0.06],
-                          left=1.0 / grid['size_inches'][0], right=0.97, bottom=0.02, top=0.98, wspace=0.5,
-                          hspace=0.5)
+  spec = fig.add_gridspec(
+    grid['rows'],
+    grid['columns'] + 1,
+    width_ratios=[1] * grid['columns'] + [0.06],
+    left=1.0 / grid['size_inches'][0],
+    right=0.97,
+    bottom=0.02,
+    top=0.98,
+    wspace=0.5,
+    hspace=0.5,
+  )
   font = 6
   row = 0
   for number, maps in enumerate(all_maps):
-    pieces = {'source': maps.source_pieces[:max_tokens], 'output': maps.target_pieces[:max_tokens],
-              'decoder input': maps.decoder_input_pieces[:max_tokens]}
+    pieces = {
+      'source': maps.source_pieces[:max_tokens],
+      'output': maps.target_pieces[:max_tokens],
+      'decoder input': maps.decoder_input_pieces[:max_tokens],
+    }
     panels = [[('cross', layer, None) for layer in layers]]
     for kind in KINDS:
       panels += [[(kind, layer, head) for head in heads] for layer in layers]
@@ -185,7 +239,7 @@ def draw(all_maps: list[SentenceMaps], path: str, *, layers: list[int], heads: l
         x_name, y_name = _AXES[kind]
         w = maps.weights[kind][layer]
         w = w.mean(axis=0) if head is None else w[head]
-        w = w[:len(pieces[y_name]), :len(pieces[x_name])]
+        w = w[: len(pieces[y_name]), : len(pieces[x_name])]
         image = ax.imshow(w, cmap='viridis', vmin=0.0, vmax=1.0, aspect='auto', interpolation='nearest')
         ax.set_xticks(range(w.shape[1]), pieces[x_name], rotation=90, fontsize=font)
         ax.set_yticks(range(w.shape[0]), pieces[y_name], fontsize=font)
@@ -199,7 +253,8 @@ def draw(all_maps: list[SentenceMaps], path: str, *, layers: list[int], heads: l
   fig.savefig(buffer, format='png', dpi=DPI)
   plt.close(fig)
   # 256 colours hold viridis and the labels: a third of the RGBA file's bytes.
-  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib's own dependency)
+  from PIL import Image  # (matplotlib's own dependency)
+
   image = Image.open(buffer).convert('RGB').quantize(256)
   tmp = f'{path}.tmp-{os.getpid()}'
   image.save(tmp, format='PNG', optimize=True)
@@ -223,7 +278,7 @@ def _select(values, count: int, name: str) -> list[int]:
   return chosen
 
 
-def run(FLAGS) -> None:  # pylint: disable=invalid-name
+def run(FLAGS) -> None:
   if FLAGS.input is not None and FLAGS.text is not None:
     raise ValueError('give --text or --input, not both')
   if FLAGS.input is not None:
@@ -237,7 +292,8 @@ def run(FLAGS) -> None:  # pylint: disable=invalid-name
     if not (FLAGS.text or '').strip():
       raise ValueError('--text is empty: give a sentence to translate (or --input=FILE)')
     sentences = [FLAGS.text]
-  from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from transformer_jax.storage import paths
+
   if not paths.isdir(FLAGS.workdir):  # a gs:// workdir too (the image --out is written locally)
     raise FileNotFoundError(f'--workdir={FLAGS.workdir} does not exist')
   out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
@@ -260,22 +316,39 @@ def run(FLAGS) -> None:  # pylint: disable=invalid-name
     if number < MAX_SENTENCES:
       longest = max(len(maps.source_pieces), len(maps.target_pieces))
       if longest > FLAGS.max_tokens:
-        print(f'note: sentence {number + 1} has {len(maps.source_pieces)} source and {len(maps.target_pieces)} '
-              f'target tokens; the picture shows the first {FLAGS.max_tokens} of each (--max_tokens)')
+        print(
+          f'note: sentence {number + 1} has {len(maps.source_pieces)} source and {len(maps.target_pieces)} '
+          f'target tokens; the picture shows the first {FLAGS.max_tokens} of each (--max_tokens)'
+        )
     print(f'alignment {number + 1} (target -> most attended source, last layer, mean of heads):')
     for target, source in alignment(maps):
       print(f'  {target} -> {source}')
   sys.stdout.flush()
 
   width, height = draw(drawn, FLAGS.out, layers=layers, heads=heads, max_tokens=FLAGS.max_tokens)
-  print(f'wrote {FLAGS.out} ({width}x{height} px; step {loaded.step}, layers '
-        f'{",".join(str(l + 1) for l in layers)}, heads {",".join(str(h + 1) for h in heads)})', flush=True)
+  print(
+    f'wrote {FLAGS.out} ({width}x{height} px; step {loaded.step}, layers '
+    f'{",".join(str(l + 1) for l in layers)}, heads {",".join(str(h + 1) for h in heads)})',
+    flush=True,
+  )
   if FLAGS.json:
-    record = {'step': loaded.step, 'layers': [l + 1 for l in layers], 'heads': [h + 1 for h in heads],
-              'shapes': {k: '[layers, heads, queries, keys]' for k in KINDS}, 'sentences': [
-                  {'source': m.source, 'translation': m.translation, 'source_pieces': m.source_pieces,
-                   'target_pieces': m.target_pieces, 'decoder_input_pieces': m.decoder_input_pieces,
-                   **{k: m.weights[k][layers][:, heads].round(6).tolist() for k in KINDS}} for m in all_maps]}
+    record = {
+      'step': loaded.step,
+      'layers': [l + 1 for l in layers],
+      'heads': [h + 1 for h in heads],
+      'shapes': {k: '[layers, heads, queries, keys]' for k in KINDS},
+      'sentences': [
+        {
+          'source': m.source,
+          'translation': m.translation,
+          'source_pieces': m.source_pieces,
+          'target_pieces': m.target_pieces,
+          'decoder_input_pieces': m.decoder_input_pieces,
+          **{k: m.weights[k][layers][:, heads].round(6).tolist() for k in KINDS},
+        }
+        for m in all_maps
+      ],
+    }
     tmp = f'{FLAGS.json}.tmp-{os.getpid()}'
     with open(tmp, 'w', encoding='utf-8') as f:
       json.dump(record, f, ensure_ascii=False)

@@ -47,15 +47,22 @@ def init_cache(model: Transformer, params, encoded, inputs_segmentation, max_dec
   """
   batch = encoded.shape[0]
   dummy = jnp.full((batch, max_decode_len), model.cfg.special_ids.bos, jnp.int32)
-  _, variables = model.apply({'params': params}, encoded, inputs_segmentation, dummy, method=Transformer.decode,
-                             mutable=['cache'])
+  _, variables = model.apply(
+    {'params': params}, encoded, inputs_segmentation, dummy, method=Transformer.decode, mutable=['cache']
+  )
   return variables['cache']
 
 
 def decode_step(model: Transformer, params, cache, encoded, inputs_segmentation, tokens):
   """tokens [B] (the previous output) -> (log-probabilities [B, V], new cache)."""
-  logits, variables = model.apply({'params': params, 'cache': cache}, encoded, inputs_segmentation, tokens[:, None],
-                                  method=Transformer.decode, mutable=['cache'])
+  logits, variables = model.apply(
+    {'params': params, 'cache': cache},
+    encoded,
+    inputs_segmentation,
+    tokens[:, None],
+    method=Transformer.decode,
+    mutable=['cache'],
+  )
   return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), variables['cache']
 
 
@@ -66,22 +73,26 @@ def length_penalty(length, alpha, penalty: str = 'gnmt'):
   """A hypothesis scores log P(Y) / lp(Y). 'gnmt' (Wu et al. 2016): lp(Y) = ((5 + |Y|) / 6)^alpha; 'hf':
   lp(Y) = |Y|^alpha, transformers' beam search (its `length_penalty` is alpha, default 1.0)."""
   length = jnp.asarray(length, jnp.float32)
-  return length**alpha if penalty == 'hf' else ((5.0 + length) / 6.0)**alpha
+  return length**alpha if penalty == 'hf' else ((5.0 + length) / 6.0) ** alpha
 
 
-def output_limits(inputs, max_decode_len: int, extra_length: int | None = MAX_LENGTH_MARGIN, *,
-                  pad_id: int = DEFAULT_SPECIAL_IDS.pad):
+def output_limits(
+  inputs, max_decode_len: int, extra_length: int | None = MAX_LENGTH_MARGIN, *, pad_id: int = DEFAULT_SPECIAL_IDS.pad
+):
   """[B] longest output per example: source length (non-PAD tokens, EOS included) + extra_length, capped at
   max_decode_len. A row without source tokens is batch padding: one step."""
   source_length = jnp.sum(inputs != pad_id, axis=1).astype(jnp.int32)
-  limits = jnp.full_like(source_length, max_decode_len) if extra_length is None else jnp.minimum(
-      source_length + extra_length, max_decode_len)
+  limits = (
+    jnp.full_like(source_length, max_decode_len)
+    if extra_length is None
+    else jnp.minimum(source_length + extra_length, max_decode_len)
+  )
   return jnp.where(source_length == 0, 1, limits)
 
 
 def _encode_and_cache(params, inputs, cfg: ModelConfig, max_decode_len: int):
   if max_decode_len > cfg.max_len:
-    raise ValueError(f'max_decode_len={max_decode_len} exceeds the model\'s max_len={cfg.max_len} (positions)')
+    raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={cfg.max_len} (positions)")
   model = decoding_model(cfg)
   inputs_segmentation = (inputs != cfg.special_ids.pad).astype(jnp.int32)
   encoded = model.apply({'params': params}, inputs, inputs_segmentation, method=Transformer.encode)
@@ -98,8 +109,15 @@ def _forbid(log_probs, step, min_decode_len: int, ids: SpecialIds):
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_decode_len', 'min_decode_len', 'extra_length'))
-def greedy_decode(params, inputs, *, cfg: ModelConfig, max_decode_len: int, min_decode_len: int = 0,
-                  extra_length: int | None = MAX_LENGTH_MARGIN):
+def greedy_decode(
+  params,
+  inputs,
+  *,
+  cfg: ModelConfig,
+  max_decode_len: int,
+  min_decode_len: int = 0,
+  extra_length: int | None = MAX_LENGTH_MARGIN,
+):
   """inputs [B, S] (EOS-terminated, PAD-padded) -> tokens [B, max_decode_len], PAD after the first EOS."""
   model, encoded, inputs_segmentation, cache = _encode_and_cache(params, inputs, cfg, max_decode_len)
   ids = cfg.special_ids
@@ -118,8 +136,13 @@ def greedy_decode(params, inputs, *, cfg: ModelConfig, max_decode_len: int, min_
     out = out.at[:, i].set(token)
     return i + 1, cache, out, token, finished | (token == ids.eos) | (i + 1 >= limits)
 
-  init = (jnp.array(0), cache, jnp.full((batch, max_decode_len), ids.pad, jnp.int32),
-          jnp.full((batch,), ids.bos, jnp.int32), jnp.zeros((batch,), bool))
+  init = (
+    jnp.array(0),
+    cache,
+    jnp.full((batch, max_decode_len), ids.pad, jnp.int32),
+    jnp.full((batch,), ids.bos, jnp.int32),
+    jnp.zeros((batch,), bool),
+  )
   return jax.lax.while_loop(cond, body, init)[2]
 
 
@@ -140,10 +163,12 @@ def expand_cache_to_beams(cache, beam_size: int):
 
   The step counters (cache_index, position_index) are shared by all rows and stay as they are.
   """
+
   def expand(path, x):
     if _leaf_name(path) in _COUNTERS:
       return x
     return jnp.repeat(x, beam_size, axis=_batch_axis(x))
+
   return jax.tree_util.tree_map_with_path(expand, cache)
 
 
@@ -167,8 +192,13 @@ def _per_batch_shard(fn, args, batch_dims, out_batch_dims, batch: int):
     return fn(*args)
   mesh, axes = sharded
   spec = lambda dim: P(*([None] * dim + [axes]))
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(d) for d in batch_dims),
-                       out_specs=jax.tree.map(spec, out_batch_dims), axis_names=frozenset(axes))(*args)
+  return jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=tuple(spec(d) for d in batch_dims),
+    out_specs=jax.tree.map(spec, out_batch_dims),
+    axis_names=frozenset(axes),
+  )(*args)
 
 
 def gather_beams(cache, beam_indices):
@@ -178,6 +208,7 @@ def gather_beams(cache, beam_indices):
   of the batch. Cross-attention keys/values are the same for all beams of an example and the counters are shared:
   untouched.
   """
+
   def rows(x, indices, axis):
     batch, beams = indices.shape
     flat = (jnp.arange(batch, dtype=indices.dtype)[:, None] * beams + indices).reshape(-1)
@@ -187,8 +218,10 @@ def gather_beams(cache, beam_indices):
     if _leaf_name(path) not in _SELF_ATTENTION_CACHE:
       return x
     axis = _batch_axis(x)
-    return _per_batch_shard(functools.partial(rows, axis=axis), (x, beam_indices), (axis, 0), axis,
-                            beam_indices.shape[0])
+    return _per_batch_shard(
+      functools.partial(rows, axis=axis), (x, beam_indices), (axis, 0), axis, beam_indices.shape[0]
+    )
+
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 
@@ -202,10 +235,21 @@ def _take(x, index):
   return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'beam_size', 'max_decode_len', 'min_decode_len', 'extra_length',
-                                             'penalty'))
-def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: float = 0.6, max_decode_len: int,
-                min_decode_len: int = 0, extra_length: int | None = MAX_LENGTH_MARGIN, penalty: str = 'gnmt'):
+@functools.partial(
+  jax.jit, static_argnames=('cfg', 'beam_size', 'max_decode_len', 'min_decode_len', 'extra_length', 'penalty')
+)
+def beam_search(
+  params,
+  inputs,
+  *,
+  cfg: ModelConfig,
+  beam_size: int,
+  alpha: float = 0.6,
+  max_decode_len: int,
+  min_decode_len: int = 0,
+  extra_length: int | None = MAX_LENGTH_MARGIN,
+  penalty: str = 'gnmt',
+):
   """inputs [B, S] -> (tokens [B, max_decode_len] best hypothesis, PAD after EOS; scores [B] = log P / lp).
 
   Each step extends the W alive hypotheses by every token and takes the best 2W extensions:
@@ -250,8 +294,9 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
     # Examples that are done stop here (their alive hypotheses die) while others go on: an example's result never
     # depends on the rest of its batch.
     alive_log_probs = jnp.where(done(state)[:, None], NEG_INF, state['alive_log_probs'])
-    log_probs, cache = decode_step(model, params, state['cache'], encoded, inputs_segmentation,
-                                   state['last_tokens'].reshape(batch * beams))
+    log_probs, cache = decode_step(
+      model, params, state['cache'], encoded, inputs_segmentation, state['last_tokens'].reshape(batch * beams)
+    )
     vocab = log_probs.shape[-1]
     log_probs = _forbid(log_probs.reshape(batch, beams, vocab), i, min_decode_len, ids)
     candidates = (alive_log_probs[:, :, None] + log_probs).reshape(batch, beams * vocab)
@@ -272,19 +317,25 @@ def beam_search(params, inputs, *, cfg: ModelConfig, beam_size: int, alpha: floa
 
     alive_log_probs, alive = _top_k(jnp.where(is_eos | ~real, NEG_INF, top_log_probs), beams)
     alive_log_probs = jnp.where(at_limit | (alive_log_probs <= NEG_INF / 2), NEG_INF, alive_log_probs)
-    return dict(i=i + 1, cache=gather_beams(cache, _take(top_beam, alive)), alive_seqs=_take(top_seqs, alive),
-                alive_log_probs=alive_log_probs, last_tokens=_take(top_token, alive),
-                finished_seqs=finished_seqs, finished_scores=finished_scores)
+    return dict(
+      i=i + 1,
+      cache=gather_beams(cache, _take(top_beam, alive)),
+      alive_seqs=_take(top_seqs, alive),
+      alive_log_probs=alive_log_probs,
+      last_tokens=_take(top_token, alive),
+      finished_seqs=finished_seqs,
+      finished_scores=finished_scores,
+    )
 
   init = dict(
-      i=jnp.array(0, jnp.int32),
-      cache=cache,
-      alive_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
-      # Only beam 0 is alive at first: the W copies of the start would otherwise fill the beam with duplicates.
-      alive_log_probs=jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, NEG_INF).astype(jnp.float32), (batch, 1)),
-      last_tokens=jnp.full((batch, beams), ids.bos, jnp.int32),
-      finished_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
-      finished_scores=jnp.full((batch, beams), NEG_INF, jnp.float32),
+    i=jnp.array(0, jnp.int32),
+    cache=cache,
+    alive_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
+    # Only beam 0 is alive at first: the W copies of the start would otherwise fill the beam with duplicates.
+    alive_log_probs=jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, NEG_INF).astype(jnp.float32), (batch, 1)),
+    last_tokens=jnp.full((batch, beams), ids.bos, jnp.int32),
+    finished_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
+    finished_scores=jnp.full((batch, beams), NEG_INF, jnp.float32),
   )
   state = jax.lax.while_loop(cond, body, init)
   # Every example ends with a finished hypothesis (its limit turns the alive ones into finished ones); the fallback

@@ -32,15 +32,17 @@ def decoding_model(cfg: ModelConfig) -> LanguageModel:
 
 def init_cache(model: LanguageModel, params, batch: int, length: int):
   """Self-attention keys/values sized [B, length, H, K] (the creation pass only sizes them; XLA drops its work)."""
-  _, variables = model.apply({'params': params}, jnp.full((batch, length), BOS_ID, jnp.int32),
-                             method=LanguageModel.decode, mutable=['cache'])
+  _, variables = model.apply(
+    {'params': params}, jnp.full((batch, length), BOS_ID, jnp.int32), method=LanguageModel.decode, mutable=['cache']
+  )
   return variables['cache']
 
 
 def decode_step(model: LanguageModel, params, cache, tokens):
   """tokens [B] at the next position -> (logits [B, V] for the position after it, new cache)."""
-  logits, variables = model.apply({'params': params, 'cache': cache}, tokens[:, None], method=LanguageModel.decode,
-                                  mutable=['cache'])
+  logits, variables = model.apply(
+    {'params': params, 'cache': cache}, tokens[:, None], method=LanguageModel.decode, mutable=['cache']
+  )
   return logits[:, 0].astype(jnp.float32), variables['cache']
 
 
@@ -76,8 +78,9 @@ def sample(logits, rng, temperature, top_k: int = 0, top_p=1.0):
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'top_k'))
-def generate_ids(params, sequences, prompt_lengths, rng, temperature, top_p, max_new_tokens, *, cfg: ModelConfig,
-                 top_k: int = 0):
+def generate_ids(
+  params, sequences, prompt_lengths, rng, temperature, top_p, max_new_tokens, *, cfg: ModelConfig, top_k: int = 0
+):
   """sequences [B, L]: BOS, the prompt, then anything (PAD); L is the cache length (<= cfg.max_len).
 
   Returns sequences [B, L] with each row's completion written after its prompt (PAD after EOS / its last token).
@@ -105,9 +108,19 @@ def generate_ids(params, sequences, prompt_lengths, rng, temperature, top_p, max
   return jax.lax.while_loop(cond, body, init)[2]
 
 
-def generate_texts(params, cfg: ModelConfig, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
-                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   notes=None) -> list[str]:
+def generate_texts(
+  params,
+  cfg: ModelConfig,
+  tokenizer,
+  prompts: list[str],
+  *,
+  max_new_tokens: int = 64,
+  temperature: float = 0.8,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  notes=None,
+) -> list[str]:
   """The completion (text after the prompt, up to EOS) of each prompt, sampled in one batch.
 
   A prompt longer than the context leaves room for is cut from the left (a line on `notes`, default stderr).
@@ -121,9 +134,12 @@ def generate_texts(params, cfg: ModelConfig, tokenizer, prompts: list[str], *, m
   encoded = []
   for i, ids in enumerate(tokenizer.encode_batch(prompts)):
     if len(ids) > room:
-      print(f'note: prompt {i} has {len(ids)} tokens; kept its last {room} (context {cfg.max_len} = BOS + prompt + '
-            f'{max_new_tokens} new tokens)', file=notes)
-      ids = ids[len(ids) - room:] if room else []
+      print(
+        f'note: prompt {i} has {len(ids)} tokens; kept its last {room} (context {cfg.max_len} = BOS + prompt + '
+        f'{max_new_tokens} new tokens)',
+        file=notes,
+      )
+      ids = ids[len(ids) - room :] if room else []
     encoded.append(ids)
   longest = max((len(ids) for ids in encoded), default=0)
   length = 1 + longest + max_new_tokens
@@ -132,9 +148,21 @@ def generate_texts(params, cfg: ModelConfig, tokenizer, prompts: list[str], *, m
   seq[:, 0] = BOS_ID
   lengths = np.zeros(rows, np.int32)
   for i, ids in enumerate(encoded):
-    seq[i, 1:1 + len(ids)] = ids
+    seq[i, 1 : 1 + len(ids)] = ids
     lengths[i] = len(ids)
-  out = np.asarray(jax.device_get(generate_ids(
-      params, jnp.asarray(seq), jnp.asarray(lengths), jax.random.key(seed), jnp.float32(temperature),
-      jnp.float32(top_p), jnp.int32(max_new_tokens), cfg=cfg, top_k=int(top_k))))
-  return [tokenizer.decode(out[i, 1 + lengths[i]:]) for i in range(len(prompts))]
+  out = np.asarray(
+    jax.device_get(
+      generate_ids(
+        params,
+        jnp.asarray(seq),
+        jnp.asarray(lengths),
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        jnp.int32(max_new_tokens),
+        cfg=cfg,
+        top_k=int(top_k),
+      )
+    )
+  )
+  return [tokenizer.decode(out[i, 1 + lengths[i] :]) for i in range(len(prompts))]

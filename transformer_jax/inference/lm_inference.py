@@ -26,16 +26,25 @@ from transformer_jax.storage.workdir import Workdir
 # The CLI command
 
 
-def run(FLAGS) -> None:  # pylint: disable=invalid-name
+def run(FLAGS) -> None:
   prompts = [FLAGS.prompt.replace('\\n', '\n')] if FLAGS.prompt is not None else sys.stdin.read().splitlines()
-  loaded = inference.load_workdir(FLAGS.workdir, FLAGS.config, quantize=FLAGS.quantize,
-                                  weights_dtype=FLAGS.weights_dtype)
+  loaded = inference.load_workdir(
+    FLAGS.workdir, FLAGS.config, quantize=FLAGS.quantize, weights_dtype=FLAGS.weights_dtype
+  )
   if loaded.cfg.kind != 'decoder':
     raise ValueError(f'{FLAGS.workdir} holds a translation model; generate needs model.kind=decoder (use translate)')
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    completions = generate.generate_texts(loaded.params, loaded.cfg, loaded.tokenizer, prompts,
-                                 max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                                 top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+    completions = generate.generate_texts(
+      loaded.params,
+      loaded.cfg,
+      loaded.tokenizer,
+      prompts,
+      max_new_tokens=FLAGS.max_new_tokens,
+      temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k,
+      top_p=FLAGS.top_p,
+      seed=FLAGS.seed,
+    )
   for prompt, completion in zip(prompts, completions):
     if FLAGS.jsonl:
       sys.stdout.write(json.dumps({'prompt': prompt, 'completion': completion}) + '\n')
@@ -57,8 +66,9 @@ def is_language_model_workdir(workdir: str, config=None) -> bool:
   return config.model.get('kind', 'encoder_decoder') == 'decoder'
 
 
-def evaluate_workdir(workdir: str, config=None, split: str | None = None, *, quantize: str = 'none',
-                     weights_dtype: str = 'float32') -> dict[str, float]:
+def evaluate_workdir(
+  workdir: str, config=None, split: str | None = None, *, quantize: str = 'none', weights_dtype: str = 'float32'
+) -> dict[str, float]:
   """Held-out per-token NLL, accuracy, perplexity and bits per byte of the newest checkpoint (every document of the
   split, chunked and packed as in training), with the weights quantize / weights_dtype give
   (quantize.decoding_params)."""
@@ -68,12 +78,20 @@ def evaluate_workdir(workdir: str, config=None, split: str | None = None, *, qua
   if not docs:
     raise ValueError(f'{config.dataset} split {split or config.eval_split!r} has no documents')
   chunks = lm.tokenize_documents(loaded.tokenizer, docs, int(config.max_length))
-  data = lm.LMDatasets(tokenizer=loaded.tokenizer, train=None, eval_rows=lm.pack_chunks(chunks, int(config.max_length)),
-                       eval_tokens=sum(len(c) for c in chunks), eval_bytes=sum(len(d.encode('utf-8')) for d in docs),
-                       eval_documents=docs, process_index=jax.process_index(), process_count=jax.process_count())
+  data = lm.LMDatasets(
+    tokenizer=loaded.tokenizer,
+    train=None,
+    eval_rows=lm.pack_chunks(chunks, int(config.max_length)),
+    eval_tokens=sum(len(c) for c in chunks),
+    eval_bytes=sum(len(d.encode('utf-8')) for d in docs),
+    eval_documents=docs,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   batches = data.eval_batches(batch_size=int(config.batch_size) // jax.process_count())
-  batches = data.eval_batches(batch_size=int(config.batch_size) // jax.process_count(),
-                              num_batches=parallel.max_over_processes(len(batches)))
+  batches = data.eval_batches(
+    batch_size=int(config.batch_size) // jax.process_count(), num_batches=parallel.max_over_processes(len(batches))
+  )
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     eval_step = jax.jit(evaluation.make_eval_step(build_model(loaded.cfg), config))
     results = evaluation.evaluate_loss(eval_step, loaded.params, batches, loaded.mesh)

@@ -36,8 +36,16 @@ def decode_length(loaded: Trained, longest_source: int) -> int:
   return max(1, min(int(loaded.config.max_length), loaded.cfg.max_len, longest_source + decode_lib.MAX_LENGTH_MARGIN))
 
 
-def translate_sentences(loaded: Trained, sentences: list[str], *, beam_size: int = 4, alpha: float = 0.6,
-                        batch_size: int = 64, progress: bool = False, length_penalty: str = 'gnmt') -> list[str]:
+def translate_sentences(
+  loaded: Trained,
+  sentences: list[str],
+  *,
+  beam_size: int = 4,
+  alpha: float = 0.6,
+  batch_size: int = 64,
+  progress: bool = False,
+  length_penalty: str = 'gnmt',
+) -> list[str]:
   """One translation per sentence, in order: greedy (beam_size=1) or beam search with GNMT length penalty alpha.
 
   Empty (or blank) sentences give empty translations; sentences longer than config max_length tokens are
@@ -56,14 +64,23 @@ def translate_sentences(loaded: Trained, sentences: list[str], *, beam_size: int
   rows = scores.encode_sources(loaded.tokenizer, [sentences[i] for i in keep], config.max_length)
   lengths = np.sum(rows != loaded.tokenizer.special_ids.pad, axis=1)
   order = np.argsort(-lengths, kind='stable')
-  rows = rows[order, :int(lengths.max())]  # no all-PAD columns: the encoder runs over real lengths only
+  rows = rows[order, : int(lengths.max())]  # no all-PAD columns: the encoder runs over real lengths only
   divisor = _batch_divisor(loaded.mesh)
   batch_size = min(batch_size, len(rows))
   batch_size = -(-batch_size // divisor) * divisor  # a multiple of the devices on the batch axes
   with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    tokens = evaluation.translate_ids(loaded.params, rows, cfg=loaded.cfg, mesh=loaded.mesh, batch_size=batch_size,
-                                     max_decode_len=decode_length(loaded, int(lengths.max())), progress=progress,
-                                     beam_size=beam_size, alpha=alpha, penalty=length_penalty)
+    tokens = evaluation.translate_ids(
+      loaded.params,
+      rows,
+      cfg=loaded.cfg,
+      mesh=loaded.mesh,
+      batch_size=batch_size,
+      max_decode_len=decode_length(loaded, int(lengths.max())),
+      progress=progress,
+      beam_size=beam_size,
+      alpha=alpha,
+      penalty=length_penalty,
+    )
   for j, text in zip(order, scores.decode_outputs(loaded.tokenizer, tokens)):
     out[keep[j]] = text
   return out
@@ -73,14 +90,25 @@ def _batch_divisor(mesh) -> int:
   return mesh.shape['data'] * mesh.shape['fsdp']
 
 
-def translate_workdir(workdir: str, config, sentences: list[str], *, quantize: str = 'none',
-                      weights_dtype: str = 'float32', **kwargs) -> list[str]:
-  return translate_sentences(load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype), sentences,
-                             **kwargs)
+def translate_workdir(
+  workdir: str, config, sentences: list[str], *, quantize: str = 'none', weights_dtype: str = 'float32', **kwargs
+) -> list[str]:
+  return translate_sentences(
+    load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype), sentences, **kwargs
+  )
 
 
-def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_size: int = 4, alpha: float = 0.6,
-                     quantize: str = 'none', weights_dtype: str = 'float32', **kwargs) -> dict[str, float]:
+def evaluate_workdir(
+  workdir: str,
+  config,
+  *,
+  split: str | None = None,
+  beam_size: int = 4,
+  alpha: float = 0.6,
+  quantize: str = 'none',
+  weights_dtype: str = 'float32',
+  **kwargs,
+) -> dict[str, float]:
   """BLEU / chrF / exact match of the newest checkpoint on a held-out split (sacrebleu, cased, on the raw
   references), with beam search (keys bleu, chrf, exact_match) and, when beam_size > 1, greedy decoding too
   (keys bleu_greedy, ...). Hypotheses are written beside the checkpoints: WORKDIR/hypotheses_<split>_step<N>.txt
@@ -88,21 +116,31 @@ def evaluate_workdir(workdir: str, config, *, split: str | None = None, beam_siz
   loaded = load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype)
   config = loaded.config
   split = split or config.eval_split
-  pairs = sources.load_text_pairs(config.dataset, split, source_lang=config.source_lang,
-                                  target_lang=config.target_lang, data_dir=config.get('data_dir'),
-                                  max_examples=config.get('max_eval_examples'),
-                                  cache_dir=workdir if config.dataset.startswith('generated:') else None)
+  pairs = sources.load_text_pairs(
+    config.dataset,
+    split,
+    source_lang=config.source_lang,
+    target_lang=config.target_lang,
+    data_dir=config.get('data_dir'),
+    max_examples=config.get('max_eval_examples'),
+    cache_dir=workdir if config.dataset.startswith('generated:') else None,
+  )
   sources_, references = [s for s, _ in pairs], [t for _, t in pairs]
   weights = weights_suffix(quantize, weights_dtype)
   runs = [('', beam_size)] + ([('_greedy', 1)] if beam_size > 1 else [])
   results = {}
   for suffix, beams in runs:
     hypotheses = translate_sentences(loaded, sources_, beam_size=beams, alpha=alpha, **kwargs)
-    results.update({f'{k}{suffix}': v for k, v in scores.text_metrics(
-        hypotheses, references, config.get('bleu_tokenize', '13a')).items()})
+    results.update(
+      {
+        f'{k}{suffix}': v
+        for k, v in scores.text_metrics(hypotheses, references, config.get('bleu_tokenize', '13a')).items()
+      }
+    )
     if jax.process_index() == 0:
       path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{weights}{suffix}.txt')
-      from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
+      from transformer_jax.storage import paths
+
       paths.write_text_atomic(path, '\n'.join(hypotheses) + '\n')
   return results
 

@@ -43,6 +43,7 @@ _NEG = -1e30  # a masked logit: finite, so max and exp never make NaN
 @struct.dataclass
 class MaskSpec:
   """Who may attend to whom, without a [B, 1, T, S] array."""
+
   q_segment: jax.Array  # [B, T] int; 0 = padding
   kv_segment: jax.Array  # [B, S] int
   causal: bool = struct.field(pytree_node=False, default=False)
@@ -87,8 +88,17 @@ def _pad_to(x, segment, block: int):
   return (jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)), jnp.pad(segment, [(0, 0), (0, extra)]))
 
 
-def attend(query, key, value, mask, *, kind: str = 'dense', block_size: int = 512, impl: str | None = None,
-           interpret: bool = False):
+def attend(
+  query,
+  key,
+  value,
+  mask,
+  *,
+  kind: str = 'dense',
+  block_size: int = 512,
+  impl: str | None = None,
+  interpret: bool = False,
+):
   """query [B, T, H, K], key/value [B, S, H, K], mask a MaskSpec, a boolean [B, 1, T, S] or None -> [B, T, H, K]."""
   if kind == 'dense' or not isinstance(mask, (MaskSpec, type(None))):
     if isinstance(mask, MaskSpec):
@@ -97,7 +107,7 @@ def attend(query, key, value, mask, *, kind: str = 'dense', block_size: int = 51
       return dense_attention(query, key, value, mask)
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
   if kind not in KINDS:
-    raise ValueError(f"model.attention must be one of {', '.join(KINDS)}, got {kind!r}")
+    raise ValueError(f'model.attention must be one of {", ".join(KINDS)}, got {kind!r}')
   if mask is None:
     ones = lambda n: jnp.ones((query.shape[0], n), jnp.int32)
     mask = MaskSpec(ones(query.shape[1]), ones(key.shape[1]))
@@ -138,7 +148,7 @@ def einsum_f32(equation: str, a, b, dtype):
   return _einsum_f32(equation, dtype, jnp.dtype(a.dtype), jnp.dtype(b.dtype), a, b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _check_equation(equation: str) -> None:
   inputs, _, out = equation.partition('->')
   parts = inputs.split(',')
@@ -167,9 +177,11 @@ def _matmul_f32(equation: str, a, b):
     size = lambda x, s, cs: math.prod(x.shape[s.index(c)] for c in cs)
     extent = {c: a.shape[i] for i, c in enumerate(sa)} | {c: b.shape[i] for i, c in enumerate(sb)}
     a3 = jnp.transpose(a, [sa.index(c) for c in batch + a_free + contracted]).reshape(
-        size(a, sa, batch), size(a, sa, a_free), size(a, sa, contracted))
+      size(a, sa, batch), size(a, sa, a_free), size(a, sa, contracted)
+    )
     b3 = jnp.transpose(b, [sb.index(c) for c in batch + contracted + b_free]).reshape(
-        size(b, sb, batch), size(b, sb, contracted), size(b, sb, b_free))
+      size(b, sb, batch), size(b, sb, contracted), size(b, sb, b_free)
+    )
     a3, b3 = jax.lax.optimization_barrier((a3, b3))
     y = jax.lax.dot_general(a3, b3, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
     order = batch + a_free + b_free
@@ -212,7 +224,7 @@ def dense_attention(query, key, value, mask):
   masking with the same finite fill), with both products through einsum_f32 in query's dtype: a bfloat16 model's
   attention, backward included, multiplies bfloat16 operands only. query [B, T, H, K], key/value [B, S, H, K],
   mask a boolean [B, 1, T, S] or None."""
-  logits = einsum_f32('bthk,bshk->bhts', query, key, query.dtype) * jnp.float32(query.shape[-1]**-0.5)
+  logits = einsum_f32('bthk,bshk->bhts', query, key, query.dtype) * jnp.float32(query.shape[-1] ** -0.5)
   if mask is not None:
     logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
   weights = jax.nn.softmax(logits, axis=-1)
@@ -228,7 +240,7 @@ def single_query_attention(query, key, value, mask):
   then matrix products batched over (B, H) that XLA:CPU runs without copying the cache. (A [B, L, H, K] cache was
   transposed whole every step for jax.nn.dot_product_attention; as multiply + reduce it cost 5x the batched
   products: benchmarks/RESULTS.md.) query [B, 1, H, K]; mask [B, 1, 1, L]."""
-  q = query.astype(jnp.float32) * query.shape[-1]**-0.5  # [B, 1, H, K]
+  q = query.astype(jnp.float32) * query.shape[-1] ** -0.5  # [B, 1, H, K]
   logits = jnp.einsum('bthk,bhlk->bhtl', q, key.astype(jnp.float32))  # [B, H, 1, L]
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
@@ -241,7 +253,7 @@ def explicit_attention_weights(query, key, mask):
   logits and softmax), with masked keys exactly 0 (also in fully masked padding rows, which the fused path fills
   with uniform weights; those rows are never read)."""
   logits = jnp.einsum('bthk,bshk->bhts', query, key, preferred_element_type=jnp.float32)
-  logits = logits * jnp.float32(query.shape[-1]**-0.5)
+  logits = logits * jnp.float32(query.shape[-1] ** -0.5)
   if mask is None:
     return jax.nn.softmax(logits, axis=-1)
   mask = jnp.broadcast_to(mask, logits.shape)
@@ -257,8 +269,17 @@ def blockwise_attention(query, key, value, mask: MaskSpec, bq: int, bk: int):
   """Exact softmax attention, one key block at a time (see the module doc). Shapes as `attend`; blocks of bq
   queries and bk keys dividing the lengths."""
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, K]: every block product is batched over (B, H)
-  out = _blockwise(heads_first(query), heads_first(key), heads_first(value), mask.q_segment, mask.kv_segment,
-                   mask.causal, mask.window, bq, bk)
+  out = _blockwise(
+    heads_first(query),
+    heads_first(key),
+    heads_first(value),
+    mask.q_segment,
+    mask.kv_segment,
+    mask.causal,
+    mask.window,
+    bq,
+    bk,
+  )
   return heads_first(out)
 
 
@@ -383,7 +404,8 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 def splash_mask(mask: MaskSpec, t: int, s: int):
   """The splash kernel's static mask for one head: the band part of `mask` (segments go as SegmentIds)."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
   w = mask.window
   if mask.causal:
     return splash.LocalMask((t, s), (w - 1, 0), 0) if w else splash.CausalMask((t, s))
@@ -394,31 +416,48 @@ def splash_attention(query, key, value, mask: MaskSpec, bq: int, bk: int, interp
   """The Pallas splash kernel, one call per row (vmap); blocks of bq queries and bk keys (multiples of 128 on TPU)
   dividing the lengths. Under a mesh of several devices it runs per shard (shard_map: batch over the data/fsdp axes,
   heads over 'tensor', as parallel.py's rules lay activations out): XLA cannot partition a Pallas call itself."""
-  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top  (parallel imports no model code)
+  from transformer_jax import parallel  # (parallel imports no model code)
+
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, K]
-  q = heads_first(query * jnp.asarray(query.shape[-1]**-0.5, query.dtype))  # splash does not scale the logits
+  q = heads_first(query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype))  # splash does not scale the logits
   k, v = heads_first(key), heads_first(value)
-  run = functools.partial(_splash_per_row, mask=mask.replace(q_segment=None, kv_segment=None), bq=bq, bk=bk,
-                          interpret=interpret)
+  run = functools.partial(
+    _splash_per_row, mask=mask.replace(q_segment=None, kv_segment=None), bq=bq, bk=bk, interpret=interpret
+  )
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
-    P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+    P = jax.sharding.PartitionSpec
     batch = tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names) or None
     heads = 'tensor' if 'tensor' in mesh.axis_names else None
     spec, segment_spec = P(batch, heads, None, None), P(batch, None)
-    run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, segment_spec, segment_spec), out_specs=spec,
-                        check_vma=False)
+    run = jax.shard_map(
+      run, mesh=mesh, in_specs=(spec, spec, spec, segment_spec, segment_spec), out_specs=spec, check_vma=False
+    )
   return heads_first(run(q, k, v, mask.q_segment, mask.kv_segment))
 
 
 def _splash_per_row(q, k, v, q_segment, kv_segment, *, mask: MaskSpec, bq: int, bk: int, interpret: bool):
   """q, k, v [B, H, L, K] (this shard's rows and heads), segments [B, L]."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
   _, h, t, _ = q.shape
   s = k.shape[2]
-  sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
-                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-  kernel = splash.make_splash_mha(splash.MultiHeadMask([splash_mask(mask, t, s)] * h), block_sizes=sizes,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+  sizes = splash.BlockSizes(
+    block_q=bq,
+    block_kv=bk,
+    block_kv_compute=bk,
+    block_q_dkv=bq,
+    block_kv_dkv=bk,
+    block_kv_dkv_compute=bk,
+    block_q_dq=bq,
+    block_kv_dq=bk,
+  )
+  kernel = splash.make_splash_mha(
+    splash.MultiHeadMask([splash_mask(mask, t, s)] * h),
+    block_sizes=sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    interpret=interpret,
+  )
   segments = splash.SegmentIds(q=q_segment, kv=kv_segment)
   return jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(0, 0)))(q, k, v, segments)

@@ -71,7 +71,7 @@ class ModelConfig:
   final_logits_bias: bool = False  # a [V] bias added to the logits (HF Marian's final_logits_bias)
 
   @classmethod
-  def from_config(cls, model_config, platform: str | None = None, **overrides) -> 'ModelConfig':
+  def from_config(cls, model_config, platform: str | None = None, **overrides) -> ModelConfig:
     """`platform` resolves model.dtype='auto' for the chip the model will run on (default: this process's
     backend; the TPU compile check, running on CPU, passes 'tpu')."""
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -93,20 +93,22 @@ class ModelConfig:
     if cfg.kind not in ('encoder_decoder', 'decoder'):
       raise ValueError(f"model.kind must be 'encoder_decoder' or 'decoder', got {cfg.kind!r}")
     if cfg.activation not in ACTIVATIONS:
-      raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
+      raise ValueError(f'model.activation must be one of {", ".join(ACTIVATIONS)}, got {cfg.activation!r}')
     if cfg.remat not in ('none', 'full', 'dots_saveable'):
       raise ValueError(f"model.remat must be 'none', 'full' or 'dots_saveable', got {cfg.remat!r}")
     if cfg.attention not in attention_lib.KINDS:
-      raise ValueError(f"model.attention must be one of {', '.join(attention_lib.KINDS)}, got {cfg.attention!r}")
+      raise ValueError(f'model.attention must be one of {", ".join(attention_lib.KINDS)}, got {cfg.attention!r}')
     if cfg.attention_window < 0 or cfg.attention_block_size < 1:
-      raise ValueError(f'model.attention_window={cfg.attention_window} must be >= 0 (0: off) and '
-                       f'model.attention_block_size={cfg.attention_block_size} >= 1')
+      raise ValueError(
+        f'model.attention_window={cfg.attention_window} must be >= 0 (0: off) and '
+        f'model.attention_block_size={cfg.attention_block_size} >= 1'
+      )
     return cfg
 
 
 ACTIVATIONS = {
-    'relu': nn.relu,
-    'gelu': lambda x: nn.gelu(x, approximate=True),
-    'gelu_exact': lambda x: nn.gelu(x, approximate=False),
-    'silu': nn.silu,
+  'relu': nn.relu,
+  'gelu': lambda x: nn.gelu(x, approximate=True),
+  'gelu_exact': lambda x: nn.gelu(x, approximate=False),
+  'silu': nn.silu,
 }

@@ -78,6 +78,7 @@ class QuantizedTree(dict):
 
 def quantize_params(params, *, embeddings: bool = True) -> QuantizedTree:
   """The parameter tree with every selected leaf as int8 values + per-output-channel float32 scales."""
+
   def values(path, x):
     names = _path_names(path)
     return quantize_array(x, _channel_axes(names, x))[0] if _selected(names, x, embeddings) else x
@@ -86,14 +87,19 @@ def quantize_params(params, *, embeddings: bool = True) -> QuantizedTree:
     names = _path_names(path)
     return quantize_array(x, _channel_axes(names, x))[1] if _selected(names, x, embeddings) else None
 
-  return QuantizedTree(values=jax.tree_util.tree_map_with_path(values, params),
-                       scales=jax.tree_util.tree_map_with_path(scales, params))
+  return QuantizedTree(
+    values=jax.tree_util.tree_map_with_path(values, params), scales=jax.tree_util.tree_map_with_path(scales, params)
+  )
 
 
 def dequantize_params(quantized: QuantizedTree, dtype=jnp.float32):
   """float parameters (dtype) from quantize_params' values and scales."""
-  return jax.tree.map(lambda q, s: dequantize_array(q, s, dtype) if s is not None else q, quantized['values'],
-                      quantized['scales'], is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda q, s: dequantize_array(q, s, dtype) if s is not None else q,
+    quantized['values'],
+    quantized['scales'],
+    is_leaf=lambda x: x is None,
+  )
 
 
 def fake_quantize(params, *, embeddings: bool = True):
@@ -103,8 +109,10 @@ def fake_quantize(params, *, embeddings: bool = True):
 
 def cast_params(params, dtype: Any = jnp.bfloat16, *, embeddings: bool = True):
   """The selected leaves cast to `dtype` (bfloat16 weights: half the bytes); the rest stay as they are."""
+
   def cast(path, x):
     return jnp.asarray(x).astype(dtype) if _selected(_path_names(path), x, embeddings) else x
+
   return jax.tree_util.tree_map_with_path(cast, params)
 
 

@@ -11,7 +11,8 @@ Packed batches carry `*_segmentation` (0 = padding, 1.. = example within the row
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from flax import linen as nn
 
 from transformer_jax.model import attention as attention_lib
 from transformer_jax.model.attention import MaskSpec
+
 # ModelConfig and the choices it names live in model_config.py; imported from here by the rest of the package too.
 from transformer_jax.model.config import ACTIVATIONS, LAYER_NORM_EPSILON, ModelConfig, compute_dtype  # noqa: F401
 from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS
@@ -46,14 +48,16 @@ def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
 
 class PositionalEncoding(nn.Module):
   """Adds position information; `positions` [B, L] restart per packed segment."""
+
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, positions):  # x [B, L, D]
     cfg = self.cfg
     if cfg.positional == 'learned':
-      table = self.param('pos_embedding', _param_init(nn.initializers.normal(0.02), (None, 'embed')),
-                         (cfg.max_len, cfg.d_model))
+      table = self.param(
+        'pos_embedding', _param_init(nn.initializers.normal(0.02), (None, 'embed')), (cfg.max_len, cfg.d_model)
+      )
     else:
       table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
     # 'clip': padding slots past max_len must not read NaN (jnp.take's default fill for out-of-range indices).
@@ -64,6 +68,7 @@ class HeadProjection(nn.Module):
   """A projection to or from heads, kernel [D, H, K] or [H, K, D] (nn.DenseGeneral would initialise a
   flattened 2-D kernel, which logical partitioning cannot annotate); bias-free unless use_bias (over the output
   axes: [H, K] or [D])."""
+
   shape: tuple[int, ...]
   names: tuple[str, ...]
   equation: str
@@ -80,8 +85,12 @@ class HeadProjection(nn.Module):
     if self.use_bias:
       out = tuple(range(len(self.shape)))[self.out_axis] if isinstance(self.out_axis, int) else self.out_axis
       out = (out,) if isinstance(out, int) else tuple(out)
-      bias = self.param('bias', _param_init(nn.initializers.zeros, tuple(self.names[a] for a in out)),
-                        tuple(self.shape[a] for a in out), jnp.float32)
+      bias = self.param(
+        'bias',
+        _param_init(nn.initializers.zeros, tuple(self.names[a] for a in out)),
+        tuple(self.shape[a] for a in out),
+        jnp.float32,
+      )
       y = y + bias  # in float32, before the rounding: the bias gradient is a float32 sum over tokens
     return y.astype(self.dtype)
 
@@ -89,6 +98,7 @@ class HeadProjection(nn.Module):
 class Dense(nn.Module):
   """x [B, L, D] -> [B, L, features]: nn.Dense's parameters (kernel [D, features], bias), its products through
   einsum_f32 (compute-dtype operands, float32 accumulation, forward and backward)."""
+
   features: int
   names: tuple[str, str]  # the kernel's logical axes; the bias takes the second
   dtype: Any = jnp.float32
@@ -96,8 +106,9 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', _param_init(nn.initializers.xavier_uniform(), self.names),
-                        (x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+      'kernel', _param_init(nn.initializers.xavier_uniform(), self.names), (x.shape[-1], self.features), jnp.float32
+    )
     y = attention_lib.einsum_f32('bld,df->blf', x, kernel, self.dtype)
     if self.use_bias:
       y = y + self.param('bias', _param_init(nn.initializers.zeros, self.names[1:]), (self.features,), jnp.float32)
@@ -106,6 +117,7 @@ class Dense(nn.Module):
 
 class MultiHeadAttention(nn.Module):
   """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
+
   cfg: ModelConfig
   self_attention_cache: bool = False  # decoder self-attention: append this step's key/value to the cache
   cross_attention_cache: bool = False  # encoder-decoder attention: keys/values from the encoder, computed once
@@ -117,9 +129,16 @@ class MultiHeadAttention(nn.Module):
     head_dim = cfg.d_model // cfg.num_heads
     # No key bias even with use_bias: q.(k + b) adds the same q.b to every key's logit, which softmax ignores (its
     # gradient is 0, so Adam would only amplify rounding noise into it); GPT-2's key bias imports as exactly nothing.
-    projection = lambda name: HeadProjection((cfg.d_model, cfg.num_heads, head_dim), ('embed', 'heads', 'kv'),
-                                             'btd,dhk->bthk', in_axis=0, out_axis=(1, 2), dtype=cfg.dtype,
-                                             use_bias=cfg.use_bias and name != 'key', name=name)
+    projection = lambda name: HeadProjection(
+      (cfg.d_model, cfg.num_heads, head_dim),
+      ('embed', 'heads', 'kv'),
+      'btd,dhk->bthk',
+      in_axis=0,
+      out_axis=(1, 2),
+      dtype=cfg.dtype,
+      use_bias=cfg.use_bias and name != 'key',
+      name=name,
+    )
     query = projection('query')(inputs_q)  # [B, T, H, K]
 
     if cfg.decode and self.cross_attention_cache and self.has_variable('cache', 'cross_key'):
@@ -146,10 +165,26 @@ class MultiHeadAttention(nn.Module):
       self.sow('intermediates', 'attention_weights', weights)
       x = jnp.einsum('bhts,bshk->bthk', weights.astype(value.dtype), value)
     else:
-      x = attention_lib.attend(query, key, value, mask, kind=cfg.attention, block_size=cfg.attention_block_size,
-                               impl=cfg.attention_impl, interpret=cfg.attention_interpret)  # [B, T, H, K]
-    out = HeadProjection((cfg.num_heads, head_dim, cfg.d_model), ('heads', 'kv', 'embed'), 'bthk,hkd->btd',
-                         in_axis=(0, 1), out_axis=2, dtype=cfg.dtype, use_bias=cfg.use_bias, name='out')(x)
+      x = attention_lib.attend(
+        query,
+        key,
+        value,
+        mask,
+        kind=cfg.attention,
+        block_size=cfg.attention_block_size,
+        impl=cfg.attention_impl,
+        interpret=cfg.attention_interpret,
+      )  # [B, T, H, K]
+    out = HeadProjection(
+      (cfg.num_heads, head_dim, cfg.d_model),
+      ('heads', 'kv', 'embed'),
+      'bthk,hkd->btd',
+      in_axis=(0, 1),
+      out_axis=2,
+      dtype=cfg.dtype,
+      use_bias=cfg.use_bias,
+      name='out',
+    )(x)
     return out  # [B, T, D]
 
   def _update_cache(self, key, value, mask):
@@ -183,6 +218,7 @@ class MultiHeadAttention(nn.Module):
 
 class FeedForward(nn.Module):
   """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2 (section 3.3)."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -195,9 +231,14 @@ class FeedForward(nn.Module):
 
 
 def layer_norm(cfg: ModelConfig, name: str):
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=cfg.dtype, param_dtype=jnp.float32,
-                      scale_init=_param_init(nn.initializers.ones, ('embed',)),
-                      bias_init=_param_init(nn.initializers.zeros, ('embed',)), name=name)
+  return nn.LayerNorm(
+    epsilon=LAYER_NORM_EPSILON,
+    dtype=cfg.dtype,
+    param_dtype=jnp.float32,
+    scale_init=_param_init(nn.initializers.ones, ('embed',)),
+    bias_init=_param_init(nn.initializers.zeros, ('embed',)),
+    name=name,
+  )
 
 
 def _residual(cfg: ModelConfig, x, sublayer: Callable, norm: nn.Module, dropout: nn.Module, deterministic: bool):
@@ -217,16 +258,19 @@ class EncoderLayer(nn.Module):
     cfg = self.cfg
     dropout = nn.Dropout(cfg.dropout_rate)
     attention = MultiHeadAttention(cfg, name='self_attention')
-    x = _residual(cfg, x, lambda y: attention(y, y, mask), layer_norm(cfg, 'self_attention_norm'), dropout,
-                  deterministic)
-    x = _residual(cfg, x, FeedForward(cfg, name='feed_forward'), layer_norm(cfg, 'feed_forward_norm'), dropout,
-                  deterministic)
+    x = _residual(
+      cfg, x, lambda y: attention(y, y, mask), layer_norm(cfg, 'self_attention_norm'), dropout, deterministic
+    )
+    x = _residual(
+      cfg, x, FeedForward(cfg, name='feed_forward'), layer_norm(cfg, 'feed_forward_norm'), dropout, deterministic
+    )
     return constrain(x, _ACTIVATION), None  # (carry, output) so nn.scan can stack layers
 
 
 class DecoderLayer(nn.Module):
   """Masked self-attention, encoder-decoder attention, feed-forward; without an encoder (encoded None, the
   decoder-only language model) the encoder-decoder attention sub-layer is left out."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -234,14 +278,22 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     dropout = nn.Dropout(cfg.dropout_rate)
     self_attention = MultiHeadAttention(cfg, self_attention_cache=True, name='self_attention')
-    y = _residual(cfg, y, lambda z: self_attention(z, z, self_mask), layer_norm(cfg, 'self_attention_norm'),
-                  dropout, deterministic)
+    y = _residual(
+      cfg, y, lambda z: self_attention(z, z, self_mask), layer_norm(cfg, 'self_attention_norm'), dropout, deterministic
+    )
     if encoded is not None:
       cross_attention = MultiHeadAttention(cfg, cross_attention_cache=True, name='cross_attention')
-      y = _residual(cfg, y, lambda z: cross_attention(z, encoded, cross_mask),
-                    layer_norm(cfg, 'cross_attention_norm'), dropout, deterministic)
-    y = _residual(cfg, y, FeedForward(cfg, name='feed_forward'), layer_norm(cfg, 'feed_forward_norm'), dropout,
-                  deterministic)
+      y = _residual(
+        cfg,
+        y,
+        lambda z: cross_attention(z, encoded, cross_mask),
+        layer_norm(cfg, 'cross_attention_norm'),
+        dropout,
+        deterministic,
+      )
+    y = _residual(
+      cfg, y, FeedForward(cfg, name='feed_forward'), layer_norm(cfg, 'feed_forward_norm'), dropout, deterministic
+    )
     return constrain(y, _ACTIVATION), None
 
 
@@ -258,10 +310,14 @@ def _stack(layer_cls, cfg: ModelConfig, x, *args, deterministic: bool):
   layer_cls = _remat(layer_cls, cfg, static_argnums=(len(args) + 2,))
   if cfg.scan_layers:
     # 'intermediates': sown attention weights (cfg.attention_weights) stacked on the layer axis.
-    scanned = nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
-                      split_rngs={'params': True, 'dropout': True},
-                      in_axes=(nn.broadcast,) * (len(args) + 1), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
+    scanned = nn.scan(
+      layer_cls,
+      variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+      split_rngs={'params': True, 'dropout': True},
+      in_axes=(nn.broadcast,) * (len(args) + 1),
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: 'layers'},
+    )
     x, _ = scanned(cfg, name='layers')(x, *args, deterministic)
     return x
   for i in range(cfg.num_layers):
@@ -283,8 +339,9 @@ def attention_mask(query_segmentation, key_segmentation, causal: bool = False):
   return mask[:, None]
 
 
-def shift_right(targets, targets_position, *, bos_id: int = DEFAULT_SPECIAL_IDS.bos,
-                pad_id: int = DEFAULT_SPECIAL_IDS.pad):
+def shift_right(
+  targets, targets_position, *, bos_id: int = DEFAULT_SPECIAL_IDS.bos, pad_id: int = DEFAULT_SPECIAL_IDS.pad
+):
   """Decoder inputs: BOS at the start of EVERY packed example (not the previous example's EOS), then targets[:-1]."""
   shifted = jnp.pad(targets, ((0, 0), (1, 0)), constant_values=pad_id)[:, :-1]
   shifted = jnp.where(targets_position == 0, bos_id, shifted)
@@ -301,12 +358,16 @@ def _default_positions(tokens):
 
 class Embedder(nn.Module):
   """Token embedding scaled by sqrt(D) (section 3.4); `attend` is the pre-softmax projection with the same matrix."""
+
   cfg: ModelConfig
 
   def setup(self):
     self.embedding = self.param(
-        'embedding', _param_init(nn.initializers.normal(stddev=self.cfg.d_model**-0.5), ('vocab', 'embed')),
-        (self.cfg.vocab_size, self.cfg.d_model), jnp.float32)
+      'embedding',
+      _param_init(nn.initializers.normal(stddev=self.cfg.d_model**-0.5), ('vocab', 'embed')),
+      (self.cfg.vocab_size, self.cfg.d_model),
+      jnp.float32,
+    )
 
   def __call__(self, tokens):  # [B, L] -> [B, L, D]
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
@@ -364,8 +425,9 @@ class Decoder(nn.Module):
     else:
       logits = self.output_projection(y)
     if cfg.final_logits_bias:
-      bias = self.param('final_logits_bias', _param_init(nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,),
-                        jnp.float32)
+      bias = self.param(
+        'final_logits_bias', _param_init(nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,), jnp.float32
+      )
       logits = logits + bias.astype(logits.dtype)
     # In the compute dtype: [tokens, V] is the largest activation, and a float32 copy doubled its memory traffic;
     # the loss and the decoders compute in float32 from it (the values are the same: the bfloat16 matmul rounds).
@@ -374,6 +436,7 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
   """Encoder-decoder. __call__ gives logits [B, T, V] for teacher-forced targets; encode/decode for inference."""
+
   cfg: ModelConfig
 
   def setup(self):
@@ -395,12 +458,22 @@ class Transformer(nn.Module):
       inputs_position = _default_positions(inputs)
     return self.encoder(inputs, inputs_segmentation, inputs_position, deterministic)
 
-  def decode(self, encoded, inputs_segmentation, decoder_inputs, targets_segmentation=None, targets_position=None,
-             deterministic: bool = True):
+  def decode(
+    self,
+    encoded,
+    inputs_segmentation,
+    decoder_inputs,
+    targets_segmentation=None,
+    targets_position=None,
+    deterministic: bool = True,
+  ):
     """Teacher-forced (full length) or, with cfg.decode, one position over the cache."""
     if targets_segmentation is None:
-      targets_segmentation = jnp.ones_like(decoder_inputs) if self.cfg.decode else _default_segmentation(
-          decoder_inputs, self.cfg.special_ids.pad)
+      targets_segmentation = (
+        jnp.ones_like(decoder_inputs)
+        if self.cfg.decode
+        else _default_segmentation(decoder_inputs, self.cfg.special_ids.pad)
+      )
     if targets_position is None:
       targets_position = _default_positions(decoder_inputs)
     if self.cfg.decode:
@@ -411,8 +484,16 @@ class Transformer(nn.Module):
       cross_mask = MaskSpec(targets_segmentation, inputs_segmentation)  # never windowed
     return self.decoder(decoder_inputs, targets_position, self_mask, encoded, cross_mask, deterministic)
 
-  def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None, inputs_position=None,
-               targets_position=None, deterministic: bool = True):
+  def __call__(
+    self,
+    inputs,
+    targets,
+    inputs_segmentation=None,
+    targets_segmentation=None,
+    inputs_position=None,
+    targets_position=None,
+    deterministic: bool = True,
+  ):
     pad_id = self.cfg.special_ids.pad
     if inputs_segmentation is None:
       inputs_segmentation = _default_segmentation(inputs, pad_id)
@@ -422,8 +503,9 @@ class Transformer(nn.Module):
       targets_position = _default_positions(targets)
     encoded = self.encode(inputs, inputs_segmentation, inputs_position, deterministic)
     decoder_inputs = shift_right(targets, targets_position, bos_id=self.cfg.special_ids.bos, pad_id=pad_id)
-    return self.decode(encoded, inputs_segmentation, decoder_inputs, targets_segmentation, targets_position,
-                       deterministic)
+    return self.decode(
+      encoded, inputs_segmentation, decoder_inputs, targets_segmentation, targets_position, deterministic
+    )
 
 
 class LanguageModel(nn.Module):
@@ -433,6 +515,7 @@ class LanguageModel(nn.Module):
 
   __call__ gives logits [B, T, V] predicting targets; with cfg.decode, one position per call over the cache.
   """
+
   cfg: ModelConfig
 
   def setup(self):

@@ -25,7 +25,7 @@ class SpecialIds:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, values) -> 'SpecialIds':
+  def from_dict(cls, values) -> SpecialIds:
     """From a config/JSON mapping; missing keys keep the defaults (workdirs written before ids were stored)."""
     values = dict(values or {})
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}

@@ -40,21 +40,28 @@ class WorkdirLockedError(RuntimeError):
 
 
 def holder_info(command: str) -> dict:
-  return {'host': socket.gethostname(), 'pid': os.getpid(),
-          'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'command': command[:300]}
+  return {
+    'host': socket.gethostname(),
+    'pid': os.getpid(),
+    'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+    'command': command[:300],
+  }
 
 
 def describe_holder(info: dict | None) -> str:
   if not info:
     return 'another process (it has not recorded itself yet)'
-  return (f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
-          + (f" ({info.get('command')})" if info.get('command') else ''))
+  return f'pid {info.get("pid")} on host {info.get("host")}, started {info.get("started")}' + (
+    f' ({info.get("command")})' if info.get('command') else ''
+  )
 
 
 def _refusal(workdir: str, info: dict | None, extra: str = '') -> WorkdirLockedError:
-  return WorkdirLockedError(f'{workdir} is in use by another writer: {describe_holder(info)}{extra}; wait for it to '
-                            'finish or stop it (a stopped or killed process releases the lock), or use another '
-                            '--workdir')
+  return WorkdirLockedError(
+    f'{workdir} is in use by another writer: {describe_holder(info)}{extra}; wait for it to '
+    'finish or stop it (a stopped or killed process releases the lock), or use another '
+    '--workdir'
+  )
 
 
 def _parse(data: bytes) -> dict | None:
@@ -73,12 +80,10 @@ class WorkdirLock(abc.ABC):
     self.info = holder_info(command)
 
   @abc.abstractmethod
-  def acquire(self) -> None:
-    ...
+  def acquire(self) -> None: ...
 
   @abc.abstractmethod
-  def release(self) -> None:
-    ...
+  def release(self) -> None: ...
 
   def check(self) -> None:
     """Raises WorkdirLockedError if the lock is no longer ours (object stores: taken over after a missed heartbeat)."""
@@ -111,7 +116,8 @@ class PosixLock(WorkdirLock):
     self._created_dir = False
 
   def acquire(self) -> None:
-    import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+    import fcntl  # (POSIX only)
+
     if self._fd is not None:
       return
     if not os.path.isdir(self.workdir):
@@ -231,16 +237,18 @@ class GCSStore(ObjectStore):
   """ObjectStore over a GCS bucket: names are gs:// URIs; writes and deletes carry if_generation_match."""
 
   def __init__(self, timeout_s: float = 30.0):
-    from transformer_jax.storage import paths  # pylint: disable=g-import-not-at-top
-    self._client = paths._storage_client()  # pylint: disable=protected-access
+    from transformer_jax.storage import paths
+
+    self._client = paths._storage_client()
     self._timeout = timeout_s
 
   def _blob(self, name: str):
-    bucket, _, key = name[len('gs://'):].partition('/')
+    bucket, _, key = name[len('gs://') :].partition('/')
     return self._client.bucket(bucket).blob(key)
 
   def read(self, name):
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    from google.api_core import exceptions
+
     blob = self._blob(name)
     try:
       data = blob.download_as_bytes(timeout=self._timeout)  # also fills blob.generation (of the bytes read)
@@ -249,7 +257,8 @@ class GCSStore(ObjectStore):
     return data, int(blob.generation)
 
   def write(self, name, data, *, if_generation):
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    from google.api_core import exceptions
+
     blob = self._blob(name)
     try:
       blob.upload_from_string(bytes(data), if_generation_match=int(if_generation), timeout=self._timeout)
@@ -258,7 +267,8 @@ class GCSStore(ObjectStore):
     return int(blob.generation)
 
   def delete(self, name, *, if_generation):
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    from google.api_core import exceptions
+
     current = self.read(name)  # GCS checks the precondition itself; this also covers servers that ignore it on
     if current is None or current[1] != int(if_generation):  # deletes (fake-gcs-server does)
       return False
@@ -285,8 +295,16 @@ def _dead_here(info: dict) -> bool:
 class ObjectStoreLock(WorkdirLock):
   """A lock object WORKDIR/.lock with the holder and a heartbeat; taken over once the heartbeat is `timeout_s` old."""
 
-  def __init__(self, workdir: str, command: str = '', *, store: ObjectStore, timeout_s: float = DEFAULT_TIMEOUT_S,
-               heartbeat_s: float = DEFAULT_HEARTBEAT_S, clock=time.time):
+  def __init__(
+    self,
+    workdir: str,
+    command: str = '',
+    *,
+    store: ObjectStore,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    clock=time.time,
+  ):
     super().__init__(workdir, command)
     if not 0 < heartbeat_s < timeout_s:
       raise ValueError(f'need 0 < heartbeat_s < timeout_s, got {heartbeat_s} and {timeout_s}')
@@ -309,14 +327,21 @@ class ObjectStoreLock(WorkdirLock):
       info = _parse(data) or {}
       age = self._clock() - float(info.get('heartbeat', 0.0))
       if age < self.timeout_s and not _dead_here(info):
-        raise _refusal(self.workdir, info, f', last heartbeat {age:.0f} s ago (taken over after {self.timeout_s:.0f} '
-                                           's without one)')
+        raise _refusal(
+          self.workdir, info, f', last heartbeat {age:.0f} s ago (taken over after {self.timeout_s:.0f} s without one)'
+        )
       generation = self.store.write(self.name, self._payload(), if_generation=seen)
       if generation is not None:
-        why = ('its process is gone from this host' if age < self.timeout_s
-               else f'no heartbeat for {age:.0f} s (timeout {self.timeout_s:.0f} s)')
-        print(f'warning: took over the lock of {self.workdir} from {describe_holder(info)}: {why}', file=sys.stderr,
-              flush=True)
+        why = (
+          'its process is gone from this host'
+          if age < self.timeout_s
+          else f'no heartbeat for {age:.0f} s (timeout {self.timeout_s:.0f} s)'
+        )
+        print(
+          f'warning: took over the lock of {self.workdir} from {describe_holder(info)}: {why}',
+          file=sys.stderr,
+          flush=True,
+        )
     if generation is None:  # someone else wrote it between our read and write
       current = self.store.read(self.name)
       raise _refusal(self.workdir, _parse(current[0]) if current else None)
@@ -345,8 +370,10 @@ class ObjectStoreLock(WorkdirLock):
 
   def check(self) -> None:
     if self._lost:
-      raise WorkdirLockedError(f'lost the lock of {self.workdir} to {self._lost} (no heartbeat for '
-                               f'{self.timeout_s:.0f} s); stopping before writing again')
+      raise WorkdirLockedError(
+        f'lost the lock of {self.workdir} to {self._lost} (no heartbeat for '
+        f'{self.timeout_s:.0f} s); stopping before writing again'
+      )
 
   def release(self) -> None:
     self._stop.set()
@@ -364,8 +391,13 @@ def lock_workdir(workdir: str, command: str = '', *, process_index: int = 0) -> 
     lock: WorkdirLock = NoLock(workdir, command)
   elif workdir.startswith('gs://'):
     timeout_s = float(os.environ.get('TRANSFORMER_JAX_LOCK_TIMEOUT_S', DEFAULT_TIMEOUT_S))
-    lock = ObjectStoreLock(workdir.rstrip('/'), command, store=GCSStore(), timeout_s=timeout_s,
-                           heartbeat_s=min(DEFAULT_HEARTBEAT_S, timeout_s / 4))
+    lock = ObjectStoreLock(
+      workdir.rstrip('/'),
+      command,
+      store=GCSStore(),
+      timeout_s=timeout_s,
+      heartbeat_s=min(DEFAULT_HEARTBEAT_S, timeout_s / 4),
+    )
   elif '://' in workdir:  # refused earlier by the path checks; never silently unlocked
     raise ValueError(f'no workdir lock for {workdir}: only local paths and gs:// are supported')
   else:

@@ -55,7 +55,7 @@ def resolve(path: str) -> str:
 
 
 def bucket_of(path: str) -> str:
-  return str(path)[len('gs://'):].split('/', 1)[0] if is_gcs(path) else ''
+  return str(path)[len('gs://') :].split('/', 1)[0] if is_gcs(path) else ''
 
 
 def join(path: str, *parts: str) -> str:
@@ -65,15 +65,18 @@ def join(path: str, *parts: str) -> str:
 def _invalidate_listings() -> None:
   """Our writes go through google-cloud-storage; gcsfs (under epath, under Orbax) caches directory listings per
   process, so after a change it must forget them (else Orbax sees a moved step as still there)."""
-  import sys  # pylint: disable=g-import-not-at-top
+  import sys
+
   if 'gcsfs' in sys.modules:
-    import fsspec  # pylint: disable=g-import-not-at-top
+    import fsspec
+
     for kwargs in ({}, {'finalize_on_close': True}):  # the latter is epath's instance
       fsspec.filesystem('gs', **kwargs).invalidate_cache()
 
 
 def _epath(path: str):
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  from etils import epath
+
   return epath.Path(path)
 
 
@@ -101,7 +104,8 @@ def makedirs(path: str) -> None:
 
 def read_bytes(path: str) -> bytes:
   if is_gcs(path):
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    from google.api_core import exceptions
+
     try:
       return _blob(path).download_as_bytes(timeout=120)
     except exceptions.NotFound:
@@ -164,7 +168,7 @@ def remove(path: str) -> None:
 def _blobs_under(path: str) -> list:
   """The objects under gs://bucket/prefix/ (one listing request per page; no glob)."""
   client = _blob(path).client
-  bucket, _, prefix = str(path)[len('gs://'):].partition('/')
+  bucket, _, prefix = str(path)[len('gs://') :].partition('/')
   return list(client.list_blobs(bucket, prefix=prefix.rstrip('/') + '/'))
 
 
@@ -174,14 +178,15 @@ def rmtree(path: str) -> None:
       blob.delete(timeout=120)
     _invalidate_listings()
     return
-  import shutil  # pylint: disable=g-import-not-at-top
+  import shutil
+
   shutil.rmtree(path, ignore_errors=True)
 
 
 def copytree(source: str, target: str) -> None:
   """Every file under `source` copied to `target` (either may be gs://); objects written whole."""
   if is_gcs(source):
-    prefix = len(str(source)[len('gs://'):].partition('/')[2].rstrip('/')) + 1
+    prefix = len(str(source)[len('gs://') :].partition('/')[2].rstrip('/')) + 1
     for blob in _blobs_under(source):
       relative = blob.name[prefix:]
       if is_gcs(target):  # a server-side copy: the bytes never travel here
@@ -202,7 +207,8 @@ def move_tree(source: str, target: str) -> None:
     copytree(source, target)
     rmtree(source)
     return
-  import shutil  # pylint: disable=g-import-not-at-top
+  import shutil
+
   shutil.move(source, target)
 
 
@@ -222,9 +228,11 @@ def local_copy(path: str) -> str:
   a file (line counting by block reads, SentencePiece, transformers' loaders) use it; nothing is written back."""
   if not is_gcs(path):
     return path
-  import hashlib  # pylint: disable=g-import-not-at-top
+  import hashlib
+
   blob = _blob(path)
-  from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+  from google.api_core import exceptions
+
   try:
     blob.reload(timeout=60)
     objects = [(blob.name, blob)]  # a single object
@@ -241,7 +249,7 @@ def local_copy(path: str) -> str:
     return local
   os.makedirs(root, exist_ok=True)
   for name, b in objects:
-    target = local if prefix is None else os.path.join(local, name[len(prefix):])
+    target = local if prefix is None else os.path.join(local, name[len(prefix) :])
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f'{target}.tmp-{os.getpid()}'
     b.download_to_filename(tmp, timeout=600)
@@ -259,16 +267,18 @@ def _blob(path: str):
   global _CLIENT
   if _CLIENT is None:
     _CLIENT = _storage_client()
-  bucket, _, name = str(path)[len('gs://'):].partition('/')
+  bucket, _, name = str(path)[len('gs://') :].partition('/')
   return _CLIENT.bucket(bucket).blob(name)
 
 
 def _storage_client():
-  from google.cloud import storage  # pylint: disable=g-import-not-at-top
-  from google.auth import credentials as auth_credentials  # pylint: disable=g-import-not-at-top
+  from google.cloud import storage
+  from google.auth import credentials as auth_credentials
+
   if os.environ.get('STORAGE_EMULATOR_HOST'):  # a local server (tests): no credentials to find
-    return storage.Client(project=os.environ.get('GOOGLE_CLOUD_PROJECT', 'test'),
-                          credentials=auth_credentials.AnonymousCredentials())
+    return storage.Client(
+      project=os.environ.get('GOOGLE_CLOUD_PROJECT', 'test'), credentials=auth_credentials.AnonymousCredentials()
+    )
   return storage.Client()
 
 
@@ -282,22 +292,28 @@ def check_bucket(path: str, *, writable: bool = False, timeout_s: float = PROBE_
   try:
     client = _storage_client()
     bucket = client.lookup_bucket(bucket_name, timeout=timeout_s)
-  except Exception as e:  # pylint: disable=broad-except  (auth, DNS, HTTP: all mean "cannot use it")
-    raise BucketError(f'cannot reach bucket gs://{bucket_name} for {path} ({_reason(e)}); check the name, your '
-                      'credentials (gcloud auth application-default login) and the network') from None
+  except Exception as e:  # (auth, DNS, HTTP: all mean "cannot use it")
+    raise BucketError(
+      f'cannot reach bucket gs://{bucket_name} for {path} ({_reason(e)}); check the name, your '
+      'credentials (gcloud auth application-default login) and the network'
+    ) from None
   if bucket is None:
-    raise BucketError(f'bucket gs://{bucket_name} does not exist (for {path}); create it (gcloud storage buckets '
-                      f'create gs://{bucket_name}) or use another path')
+    raise BucketError(
+      f'bucket gs://{bucket_name} does not exist (for {path}); create it (gcloud storage buckets '
+      f'create gs://{bucket_name}) or use another path'
+    )
   if not writable:
     return
-  name = f'{path[len("gs://") + len(bucket_name):].strip("/")}/.write-probe-{os.getpid()}-{time.time_ns()}'.lstrip('/')
+  name = f'{path[len("gs://") + len(bucket_name) :].strip("/")}/.write-probe-{os.getpid()}-{time.time_ns()}'.lstrip('/')
   try:
     blob = bucket.blob(name)
     blob.upload_from_string(b'probe', timeout=timeout_s)
     blob.delete(timeout=timeout_s)
-  except Exception as e:  # pylint: disable=broad-except
-    raise BucketError(f'cannot write to {path} ({_reason(e)}); it needs write access (roles/storage.objectAdmin on '
-                      f'gs://{bucket_name}) or use another path') from None
+  except Exception as e:
+    raise BucketError(
+      f'cannot write to {path} ({_reason(e)}); it needs write access (roles/storage.objectAdmin on '
+      f'gs://{bucket_name}) or use another path'
+    ) from None
 
 
 def _reason(e: BaseException) -> str:

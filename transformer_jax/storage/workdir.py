@@ -21,7 +21,8 @@ import copy
 import dataclasses
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -43,6 +44,7 @@ TOKENIZER_NAME = 'spm.model'
 @dataclasses.dataclass
 class Trained:
   """What inference needs from a workdir: the config, the model's config, its parameters and tokenizer."""
+
   config: ml_collections.ConfigDict
   cfg: ModelConfig
   params: Any
@@ -103,12 +105,14 @@ class Workdir:
           return
         except checkpoint_lib.ArchitectureMismatchError:
           raise
-        except Exception as e:  # pylint: disable=broad-except  (unreadable metadata: an older step may read)
+        except Exception as e:  # (unreadable metadata: an older step may read)
           unreadable.append(f'step {step}: {checkpoint_lib.reason(e)}')
       if unreadable:  # every step's metadata is damaged: the restore would refuse too, after preparing the data
         raise checkpoint_lib.NoReadableCheckpointError(
-            f'no readable checkpoint in {self.checkpoint_dir}: ' + '; '.join(unreadable)
-            + ' (move the checkpoints away or use a new --workdir)')
+          f'no readable checkpoint in {self.checkpoint_dir}: '
+          + '; '.join(unreadable)
+          + ' (move the checkpoints away or use a new --workdir)'
+        )
     finally:
       reader.close()
 
@@ -124,11 +128,13 @@ class Workdir:
   @property
   def marian_dir(self) -> str:
     """An imported Marian model's vocabulary (data/marian_vocab.py), used instead of spm.model when present."""
-    from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+    from transformer_jax.data import marian_vocab
+
     return paths.join(self.path, marian_vocab.DIRECTORY)
 
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
-    from transformer_jax.data import marian_vocab  # pylint: disable=g-import-not-at-top
+    from transformer_jax.data import marian_vocab
+
     if marian_vocab.is_marian_dir(self.marian_dir):
       return marian_vocab.MarianVocab.load(self.marian_dir)
     if not paths.exists(self.tokenizer_path):
@@ -137,8 +143,9 @@ class Workdir:
       return tokenizer_lib.Tokenizer.load(self.tokenizer_path)
     except tokenizer_lib.DamagedTokenizerError as e:  # readers never retrain it: say what is wrong and what to do
       raise tokenizer_lib.DamagedTokenizerError(
-          f"the workdir's tokenizer is damaged: {e}; its checkpoints need the spm.model they were trained with (copy "
-          'it back from a backup, or retrain in a new workdir)') from None
+        f"the workdir's tokenizer is damaged: {e}; its checkpoints need the spm.model they were trained with (copy "
+        'it back from a backup, or retrain in a new workdir)'
+      ) from None
 
   def load(self, config=None, *, step: int | None = None, devices=None, mesh=None) -> Trained:
     """Parameters of the newest good checkpoint (or exactly `step`) restored onto a mesh, with config and tokenizer.
@@ -160,11 +167,19 @@ class Workdir:
         params, step = reader.restore_params(abstract, step=step)
     finally:
       reader.close()
-    return Trained(config=config, cfg=cfg, params=params, tokenizer=tokenizer, mesh=mesh, step=int(step),
-                   tokenizer_path=self.tokenizer_path)
+    return Trained(
+      config=config,
+      cfg=cfg,
+      params=params,
+      tokenizer=tokenizer,
+      mesh=mesh,
+      step=int(step),
+      tokenizer_path=self.tokenizer_path,
+    )
 
-  def write_checkpoint(self, config, params, *, step: int = 0, opt_state=None, data_state: dict | None = None,
-                       mesh=None) -> None:
+  def write_checkpoint(
+    self, config, params, *, step: int = 0, opt_state=None, data_state: dict | None = None, mesh=None
+  ) -> None:
     """A new checkpoint of `params` at `step` that load() and the trainer restore.
 
     opt_state: the optimizer state to store (default: a fresh one, tx.init(params)). data_state: the input
@@ -180,11 +195,17 @@ class Workdir:
       placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), params, shardings.params)
       if opt_state is None:
         opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(placed)
-      state = abstract.replace(step=jax.device_put(np.asarray(step, np.int32), shardings.step), params=placed,
-                               opt_state=opt_state)
+      state = abstract.replace(
+        step=jax.device_put(np.asarray(step, np.int32), shardings.step), params=placed, opt_state=opt_state
+      )
       checkpointer = self.checkpointer(keep=int(config.get('keep_checkpoints', 3)), async_save=False)
-      checkpointer.save(step, state, data_state if data_state is not None else {'epoch': 0, 'batch': 0, 'step': step},
-                        json.loads(config.to_json_best_effort()), force=True)
+      checkpointer.save(
+        step,
+        state,
+        data_state if data_state is not None else {'epoch': 0, 'batch': 0, 'step': step},
+        json.loads(config.to_json_best_effort()),
+        force=True,
+      )
       checkpointer.wait()
       checkpointer.close()
 
@@ -199,12 +220,19 @@ def attention_for_this_host(config, platform: str | None = None) -> ml_collectio
   if platform == 'tpu':
     return config
   # A copy: the caller's config (a flag's, say) stays as given. (ConfigDict(a ConfigDict) would share its nodes.)
-  config = (copy.deepcopy(config) if isinstance(config, ml_collections.ConfigDict) and
-            not isinstance(config, ml_collections.FrozenConfigDict) else ml_collections.ConfigDict(config))
+  config = (
+    copy.deepcopy(config)
+    if isinstance(config, ml_collections.ConfigDict) and not isinstance(config, ml_collections.FrozenConfigDict)
+    else ml_collections.ConfigDict(config)
+  )
   config.model.attention = 'blockwise'
   if jax.process_index() == 0:
-    print(f"note: model.attention='splash' is a TPU kernel and this host runs {platform}: attending with "
-          "'blockwise' (the same exact attention)", file=sys.stderr, flush=True)
+    print(
+      f"note: model.attention='splash' is a TPU kernel and this host runs {platform}: attending with "
+      "'blockwise' (the same exact attention)",
+      file=sys.stderr,
+      flush=True,
+    )
   return config
 
 
@@ -250,12 +278,14 @@ def check_shapes(params, abstract) -> None:
     raise ShapeMismatchError('the parameters do not match the model the config builds')
   for (name, want), have in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(params)):
     if tuple(want.shape) != tuple(np.shape(have)):
-      raise ShapeMismatchError(f'parameter {jax.tree_util.keystr(name)} has shape {np.shape(have)}, the model '
-                               f'expects {tuple(want.shape)}')
+      raise ShapeMismatchError(
+        f'parameter {jax.tree_util.keystr(name)} has shape {np.shape(have)}, the model expects {tuple(want.shape)}'
+      )
 
 
-def average_workdir(workdir: str, out: str, *, last: int, config=None,
-                    build_abstract_state: Callable[[Any], Any] | None = None) -> dict:
+def average_workdir(
+  workdir: str, out: str, *, last: int, config=None, build_abstract_state: Callable[[Any], Any] | None = None
+) -> dict:
   """Writes OUT, a workdir whose one checkpoint holds the element-wise mean of workdir's last `last` parameters.
 
   OUT gets checkpoints/<newest step>/ (state: step and optimizer state copied from the newest checkpoint, params the
@@ -275,8 +305,10 @@ def average_workdir(workdir: str, out: str, *, last: int, config=None,
   if not steps:
     raise FileNotFoundError(f'no checkpoint in {source.directory}: train first')
   if len(steps) < last:
-    raise ValueError(f'--last={last} but {source.directory} holds {len(steps)} checkpoints (steps '
-                     f'{", ".join(map(str, steps))}); raise keep_checkpoints when training or ask for fewer')
+    raise ValueError(
+      f'--last={last} but {source.directory} holds {len(steps)} checkpoints (steps '
+      f'{", ".join(map(str, steps))}); raise keep_checkpoints when training or ask for fewer'
+    )
   out_checkpoints = checkpoint_lib.checkpoint_dir(out)
   if paths.listdir(out_checkpoints):
     raise ValueError(f'{out_checkpoints} already holds checkpoints; --out must be a new or empty directory')
@@ -313,7 +345,12 @@ def average_workdir(workdir: str, out: str, *, last: int, config=None,
   source.close()
   if jax.process_index() == 0:
     paths.copy_file(tokenizer, paths.join(out, TOKENIZER_NAME))
-    summary = {'source': workdir, 'steps': chosen, 'params': 'element-wise mean (float64 sum)',
-               'optimizer_state': f'copied from step {newest}', 'step': newest}
+    summary = {
+      'source': workdir,
+      'steps': chosen,
+      'params': 'element-wise mean (float64 sum)',
+      'optimizer_state': f'copied from step {newest}',
+      'step': newest,
+    }
     paths.write_text_atomic(paths.join(out, 'averaged.json'), json.dumps(summary, indent=1))
   return {'steps': chosen, 'step': newest, 'out': out}

@@ -39,24 +39,24 @@ class Chip:
 
 
 CHIPS = {
-    # Google Cloud TPU docs, "TPU v4" (System architecture): 275 TFLOPs bf16, HBM2 32 GiB at 1200 GBps, two
-    # TensorCores per chip. The page gives no per-chip ICI figure: 300 GB/s is 6 links x 50 GB/s from the TPU v4
-    # paper (Jouppi et al., ISCA 2023), an assumption to check.
-    # Clock: 1050 MHz (TPU v4 paper, Table 1).
-    'v4': Chip('v4', 'TPU v4', 275e12, 32 * GIB, 1200e9, 300e9, 2, 3, 1.05e9),
-    # Google Cloud TPU docs, "TPU v5e" (System architecture): 197 TFLOPs bf16, HBM 16 GiB at 819 GBps,
-    # bidirectional ICI 400 GBps per chip, one TensorCore per chip.
-    # Clock derived: 197e12 / (4 MXUs x 128 x 128 x 2) = 1.50 GHz (no published figure).
-    'v5e': Chip('v5e', 'TPU v5 lite', 197e12, 16 * GIB, 819e9, 400e9, 1, 2, 1.5e9),
-    # Google Cloud TPU docs, "TPU v5p" (System architecture): 459 TFLOPs bf16, HBM 95 GiB at 2765 GBps,
-    # bidirectional ICI 1200 GBps per chip, two TensorCores per chip.
-    # Clock derived: 459e12 / (2 cores x 4 MXUs x 128 x 128 x 2) = 1.75 GHz (no published figure).
-    'v5p': Chip('v5p', 'TPU v5', 459e12, 95 * GIB, 2765e9, 1200e9, 2, 3, 1.75e9),
-    # Google Cloud TPU docs, "TPU v6e" (Trillium, System architecture): 918 TFLOPs bf16, HBM 32 GB at 1638 GBps,
-    # bidirectional ICI 800 GBps per chip, one TensorCore per chip. (32 GB taken as 32 GiB, as v5e's page says GiB.)
-    # Clock derived: 918e12 / (2 MXUs x 256 x 256 x 2) = 3.5 GHz is implausible, so 4 MXUs of 256 x 256 at
-    # 1.75 GHz is assumed (unpublished: check before trusting v6e's cycle figure).
-    'v6e': Chip('v6e', 'TPU v6 lite', 918e12, 32 * GIB, 1638e9, 800e9, 1, 2, 1.75e9),
+  # Google Cloud TPU docs, "TPU v4" (System architecture): 275 TFLOPs bf16, HBM2 32 GiB at 1200 GBps, two
+  # TensorCores per chip. The page gives no per-chip ICI figure: 300 GB/s is 6 links x 50 GB/s from the TPU v4
+  # paper (Jouppi et al., ISCA 2023), an assumption to check.
+  # Clock: 1050 MHz (TPU v4 paper, Table 1).
+  'v4': Chip('v4', 'TPU v4', 275e12, 32 * GIB, 1200e9, 300e9, 2, 3, 1.05e9),
+  # Google Cloud TPU docs, "TPU v5e" (System architecture): 197 TFLOPs bf16, HBM 16 GiB at 819 GBps,
+  # bidirectional ICI 400 GBps per chip, one TensorCore per chip.
+  # Clock derived: 197e12 / (4 MXUs x 128 x 128 x 2) = 1.50 GHz (no published figure).
+  'v5e': Chip('v5e', 'TPU v5 lite', 197e12, 16 * GIB, 819e9, 400e9, 1, 2, 1.5e9),
+  # Google Cloud TPU docs, "TPU v5p" (System architecture): 459 TFLOPs bf16, HBM 95 GiB at 2765 GBps,
+  # bidirectional ICI 1200 GBps per chip, two TensorCores per chip.
+  # Clock derived: 459e12 / (2 cores x 4 MXUs x 128 x 128 x 2) = 1.75 GHz (no published figure).
+  'v5p': Chip('v5p', 'TPU v5', 459e12, 95 * GIB, 2765e9, 1200e9, 2, 3, 1.75e9),
+  # Google Cloud TPU docs, "TPU v6e" (Trillium, System architecture): 918 TFLOPs bf16, HBM 32 GB at 1638 GBps,
+  # bidirectional ICI 800 GBps per chip, one TensorCore per chip. (32 GB taken as 32 GiB, as v5e's page says GiB.)
+  # Clock derived: 918e12 / (2 MXUs x 256 x 256 x 2) = 3.5 GHz is implausible, so 4 MXUs of 256 x 256 at
+  # 1.75 GHz is assumed (unpublished: check before trusting v6e's cycle figure).
+  'v6e': Chip('v6e', 'TPU v6 lite', 918e12, 32 * GIB, 1638e9, 800e9, 1, 2, 1.75e9),
 }
 
 
@@ -69,11 +69,19 @@ def roofline(chip: Chip, flops_per_chip: float, hbm_bytes_per_chip: float, ici_b
   VMEM-resident operands too: still a perfect-overlap figure, not a bound). The headline is
   tpu_report.per_op_times (instruction by instruction); no overlap at all is its floor.
   """
-  times = {'compute': flops_per_chip / chip.peak_bf16_flops, 'hbm': hbm_bytes_per_chip / chip.hbm_bytes_per_s,
-           'ici': ici_bytes_per_chip / chip.ici_bytes_per_s}
+  times = {
+    'compute': flops_per_chip / chip.peak_bf16_flops,
+    'hbm': hbm_bytes_per_chip / chip.hbm_bytes_per_s,
+    'ici': ici_bytes_per_chip / chip.ici_bytes_per_s,
+  }
   bound = max(times, key=times.get)
-  return {'t_compute_s': times['compute'], 't_hbm_s': times['hbm'], 't_ici_s': times['ici'],
-          't_step_s': times[bound], 'bound_by': bound}
+  return {
+    't_compute_s': times['compute'],
+    't_hbm_s': times['hbm'],
+    't_ici_s': times['ici'],
+    't_step_s': times[bound],
+    'bound_by': bound,
+  }
 
 
 # Per collective step (one hop of a ring, one exchange of a permute): "How to Scale Your Model" (Google DeepMind,
@@ -82,8 +90,10 @@ ICI_HOP_LATENCY_S = 1e-6
 
 
 # What the per-op estimate gave for published measurements (benchmarks/tpu_calibration.py writes this line).
-CALIBRATION = ('MaxText 16B on v5e-256: per-op 73.7% vs measured 61.10% (x1.21); MaxText 32B on v5e-256: per-op '
-               '69.2% vs measured 66.86% (x1.04) [MaxText configs/v5e/README.md, 1x v5e-256]')
+CALIBRATION = (
+  'MaxText 16B on v5e-256: per-op 73.7% vs measured 61.10% (x1.21); MaxText 32B on v5e-256: per-op '
+  '69.2% vs measured 66.86% (x1.04) [MaxText configs/v5e/README.md, 1x v5e-256]'
+)
 
 
 def mfu(model_flops_per_step: float, t_step_s: float, chip: Chip, chips: int) -> float:
@@ -95,8 +105,9 @@ def _is_matmul_kernel(path: str, shape) -> bool:
   return len(shape) >= 2 and 'embedding' not in path
 
 
-def model_flops_per_step(param_shapes: dict[str, tuple], model_cfg, batch: int, source_length: int,
-                         target_length: int, training: bool = True) -> float:
+def model_flops_per_step(
+  param_shapes: dict[str, tuple], model_cfg, batch: int, source_length: int, target_length: int, training: bool = True
+) -> float:
   """FLOPs a step of the model needs, independent of how it is compiled (the numerator of MFU).
 
   Counted: 2 FLOPs per multiply-add of every matmul parameter (kernels of rank >= 2 except embedding tables)

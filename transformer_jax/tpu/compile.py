@@ -26,14 +26,35 @@ from transformer_jax.tpu import chips as tpu_chips
 from transformer_jax.tpu import report as tpu_report
 
 PROGRAMS = ('train', 'eval', 'greedy', 'beam', 'sample')
-_BATCH_KEYS = {'encoder_decoder': ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation',
-                                   'inputs_position', 'targets_position'),
-               'decoder': ('targets', 'targets_segmentation', 'targets_position')}
+_BATCH_KEYS = {
+  'encoder_decoder': (
+    'inputs',
+    'targets',
+    'inputs_segmentation',
+    'targets_segmentation',
+    'inputs_position',
+    'targets_position',
+  ),
+  'decoder': ('targets', 'targets_segmentation', 'targets_position'),
+}
 _GENERATIONS = {'v4': 'v4', 'v5p': 'v5p', 'v5e': 'v5e', 'v5litepod': 'v5e', 'v6e': 'v6e'}
 # Slice shapes by chip count (Cloud TPU docs' configuration tables): 2D torus for v5e/v6e, 3D for v4/v5p.
-_SHAPES = {2: {4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
-           3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-               256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}}
+_SHAPES = {
+  2: {4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
+  3: {
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+    1024: (8, 8, 16),
+    2048: (8, 16, 16),
+    4096: (16, 16, 16),
+  },
+}
 
 
 class DoesNotFit(ValueError):
@@ -63,8 +84,9 @@ def parse_topology(text: str) -> Topology:
   topology string 'v5e:4x4' / 'v4:2x2x2'."""
   m = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)(?:-(\d+)|:(\d+(?:x\d+)+))', text.strip().lower())
   if not m:
-    raise ValueError(f'unknown TPU topology {text!r}: expected e.g. v4-8, v5p-8, v5litepod-16, v5e-16, v6e-8 or '
-                     'v5e:4x4')
+    raise ValueError(
+      f'unknown TPU topology {text!r}: expected e.g. v4-8, v5p-8, v5litepod-16, v5e-16, v6e-8 or v5e:4x4'
+    )
   chip = tpu_chips.CHIPS[_GENERATIONS[m.group(1)]]
   if m.group(3):
     dims = tuple(int(d) for d in m.group(3).split('x'))
@@ -78,9 +100,11 @@ def parse_topology(text: str) -> Topology:
   if chips == 1 and chip.dims == 2:
     return Topology(chip, f'{chip.name}:2x2', 1)  # libtpu refuses 1x1: one chip of a 2x2 host
   if chips not in _SHAPES[chip.dims]:
-    raise ValueError(f'{text}: no known {chip.name} slice of {chips} chips (known: '
-                     f'{", ".join(str(n * chip.cores_per_chip) for n in _SHAPES[chip.dims])})')
-  return Topology(chip, f"{chip.name}:{'x'.join(map(str, _SHAPES[chip.dims][chips]))}", chips)
+    raise ValueError(
+      f'{text}: no known {chip.name} slice of {chips} chips (known: '
+      f'{", ".join(str(n * chip.cores_per_chip) for n in _SHAPES[chip.dims])})'
+    )
+  return Topology(chip, f'{chip.name}:{"x".join(map(str, _SHAPES[chip.dims][chips]))}', chips)
 
 
 def require_libtpu() -> None:
@@ -93,7 +117,8 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
   require_libtpu()
   # Compiling touches no TPU: let several compiling processes (test workers, a second shell) load libtpu at once.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies
+
   kwargs = {'chip_config_name': 'megacore'} if topology.chip.cores_per_chip > 1 else {}
   if num_slices > 1:
     if topology.chips == 1:
@@ -117,9 +142,10 @@ def slice_config(config, num_slices: int, notes: list[str]):
 
 def build_mesh(config, devices):
   """parallel.make_mesh's layout for these devices: hybrid (DCN x ICI) over slices, topology-aware within one."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from transformer_jax import parallel  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from transformer_jax import parallel
+
   shape = parallel.mesh_shape(config.mesh, len(devices))
   dcn = int(config.mesh.get('dcn_data', 1))
   axis_types = (jax.sharding.AxisType.Auto,) * len(parallel.MESH_AXES)
@@ -134,19 +160,23 @@ def build_mesh(config, devices):
 
 def preflight(config, topology: Topology, num_slices: int) -> int:
   """Per-chip bytes of parameters + optimizer state (info.memory_plan); DoesNotFit when they alone exceed HBM."""
-  from transformer_jax import info  # pylint: disable=g-import-not-at-top
+  from transformer_jax import info
+
   chips = topology.chips * num_slices
   per_chip = info.memory_plan(config, chips)[4]
   if per_chip > topology.chip.hbm_bytes:
-    raise DoesNotFit(f'does not fit: parameters + optimizer state alone take {per_chip / tpu_chips.GIB:.2f} GiB per '
-                     f'chip on {chips} chips of {topology.chip.name} ({topology.chip.hbm_bytes / tpu_chips.GIB:.0f} '
-                     'GiB HBM each); not compiled. Use more chips or a larger mesh.fsdp')
+    raise DoesNotFit(
+      f'does not fit: parameters + optimizer state alone take {per_chip / tpu_chips.GIB:.2f} GiB per '
+      f'chip on {chips} chips of {topology.chip.name} ({topology.chip.hbm_bytes / tpu_chips.GIB:.0f} '
+      'GiB HBM each); not compiled. Use more chips or a larger mesh.fsdp'
+    )
   return per_chip
 
 
 def _shard_bytes(tree) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+
   shard = lambda x: x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape  # None: replicated
   return int(sum(math.prod(shard(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
@@ -161,44 +191,56 @@ class _Setup:
   before the mesh context (an eager op inside jax.set_mesh of compile-only devices fails)."""
 
   def __init__(self, config, devices):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from transformer_jax.training import optim  # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+    from transformer_jax.training import optim
     from transformer_jax import parallel
     from transformer_jax.training import train_state
-    from transformer_jax.model.transformer import build_model  # pylint: disable=g-import-not-at-top
+    from transformer_jax.model.transformer import build_model
+
     self.config = config
     self.mesh = build_mesh(config, devices)
     if config.batch_size % (self.mesh.shape['data'] * self.mesh.shape['fsdp']):
-      raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes data*fsdp='
-                       f"{self.mesh.shape['data'] * self.mesh.shape['fsdp']}")
+      raise ValueError(
+        f'batch_size={config.batch_size} is not divisible by the batch axes data*fsdp='
+        f'{self.mesh.shape["data"] * self.mesh.shape["fsdp"]}'
+      )
     self.cfg = train_state.model_config(config, platform='tpu')  # model.dtype='auto' is bfloat16 there
     self.model = build_model(self.cfg)
     self.tx = optim.make_optimizer(config)
     self.state_shardings = parallel.logical_shardings(
-        train_state.state_logical_specs(self.model, self.tx, config), self.mesh)
+      train_state.state_logical_specs(self.model, self.tx, config), self.mesh
+    )
     self.state = train_state.abstract_state(self.model, self.tx, config, self.state_shardings)
     batch_sharding = parallel.batch_sharding(self.mesh)
     self.kind = config.model.get('kind', 'encoder_decoder')
     lengths = {'inputs': config.packed_inputs_length, 'targets': config.packed_targets_length}
-    self.batch = {k: jax.ShapeDtypeStruct((config.batch_size, lengths[k.split('_')[0]]), jnp.int32,
-                                          sharding=batch_sharding) for k in _BATCH_KEYS[self.kind]}
+    self.batch = {
+      k: jax.ShapeDtypeStruct((config.batch_size, lengths[k.split('_')[0]]), jnp.int32, sharding=batch_sharding)
+      for k in _BATCH_KEYS[self.kind]
+    }
     key = jax.random.key(0)
     self.rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(self.mesh))
     rows = int(config.get('eval_translate_batch_size', 256))
     self.decode_inputs = jax.ShapeDtypeStruct((rows, config.max_length), jnp.int32, sharding=batch_sharding)
-    self.sample_args = (jax.ShapeDtypeStruct((8, self.cfg.max_len), jnp.int32),  # generate_texts: rows of 8
-                        jax.ShapeDtypeStruct((8,), jnp.int32), self.rng, jax.ShapeDtypeStruct((), jnp.float32),
-                        jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+    self.sample_args = (
+      jax.ShapeDtypeStruct((8, self.cfg.max_len), jnp.int32),  # generate_texts: rows of 8
+      jax.ShapeDtypeStruct((8,), jnp.int32),
+      self.rng,
+      jax.ShapeDtypeStruct((), jnp.float32),
+      jax.ShapeDtypeStruct((), jnp.float32),
+      jax.ShapeDtypeStruct((), jnp.int32),
+    )
 
   def lower(self, program: str):
     """(lowered, state-like args, batch-like args) of one program, lowered under the mesh and the rules."""
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from transformer_jax.inference import decode  # pylint: disable=g-import-not-at-top
+    import jax
+    from flax import linen as nn
+    from transformer_jax.inference import decode
     from transformer_jax.inference import generate
     from transformer_jax import parallel
     from transformer_jax.training import train
+
     params, config = self.state.params, self.config
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
       if program == 'train':
@@ -207,32 +249,56 @@ class _Setup:
       if program == 'eval':
         return jax.jit(evaluation.make_eval_step(self.model, config)).lower(params, self.batch), params, self.batch
       if program == 'greedy':
-        return (decode.greedy_decode.lower(params, self.decode_inputs, cfg=self.cfg,
-                                           max_decode_len=config.max_length), params, self.decode_inputs)
+        return (
+          decode.greedy_decode.lower(params, self.decode_inputs, cfg=self.cfg, max_decode_len=config.max_length),
+          params,
+          self.decode_inputs,
+        )
       if program == 'beam':
-        return (decode.beam_search.lower(params, self.decode_inputs, cfg=self.cfg, beam_size=4, alpha=0.6,
-                                         max_decode_len=config.max_length), params, self.decode_inputs)
+        return (
+          decode.beam_search.lower(
+            params, self.decode_inputs, cfg=self.cfg, beam_size=4, alpha=0.6, max_decode_len=config.max_length
+          ),
+          params,
+          self.decode_inputs,
+        )
       if program == 'sample':
         return generate.generate_ids.lower(params, *self.sample_args, cfg=self.cfg), params, self.sample_args[0]
     raise ValueError(f'unknown program {program!r}; expected one of {", ".join(PROGRAMS)}')
 
 
 def _param_shapes(params) -> dict[str, tuple]:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slices: int, compile_s: float,
-            state, batch, notes: list[str]) -> tpu_report.ProgramReport:
+def analyse(
+  program: str,
+  compiled,
+  setup: _Setup,
+  topology: Topology,
+  num_slices: int,
+  compile_s: float,
+  state,
+  batch,
+  notes: list[str],
+) -> tpu_report.ProgramReport:
   """The per-chip figures of a compiled program (memory, cost, collectives) and their roofline estimate."""
   config, chip, chips = setup.config, topology.chip, topology.chips * num_slices
   stats = compiled.memory_analysis()
   state_bytes, batch_bytes = _shard_bytes(state), _shard_bytes(batch)
   outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
   total = stats.argument_size_in_bytes + outputs + stats.temp_size_in_bytes
-  memory = {'state': state_bytes, 'batch': batch_bytes,
-            'other_args': stats.argument_size_in_bytes - state_bytes - batch_bytes,
-            'temporaries': stats.temp_size_in_bytes, 'outputs': outputs, 'total': total, 'hbm': chip.hbm_bytes}
+  memory = {
+    'state': state_bytes,
+    'batch': batch_bytes,
+    'other_args': stats.argument_size_in_bytes - state_bytes - batch_bytes,
+    'temporaries': stats.temp_size_in_bytes,
+    'outputs': outputs,
+    'total': total,
+    'hbm': chip.hbm_bytes,
+  }
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
@@ -242,9 +308,14 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   ici = sum(s['ici_bytes'] for s in summary.values())
   hbm = tpu_report.hbm_traffic(hlo)
   tokens = config.batch_size * config.packed_targets_length
-  model_flops = tpu_chips.model_flops_per_step(_param_shapes(setup.state.params), config.model, config.batch_size,
-                                               config.packed_inputs_length if setup.kind != 'decoder' else 0,
-                                               config.packed_targets_length, training=program == 'train')
+  model_flops = tpu_chips.model_flops_per_step(
+    _param_shapes(setup.state.params),
+    config.model,
+    config.batch_size,
+    config.packed_inputs_length if setup.kind != 'decoder' else 0,
+    config.packed_targets_length,
+    training=program == 'train',
+  )
   if program not in ('train', 'eval'):
     tokens, model_flops = 0, 0.0
   # XLA counts a while loop's body once (windowed-einsum loops, scanned layers): the model's FLOPs per chip are the
@@ -252,14 +323,17 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   compute = max(flops, model_flops / chips)
   estimate = tpu_chips.roofline(chip, compute, hbm.bytes, ici)
   estimate_xla_bytes = tpu_chips.roofline(chip, compute, accessed, ici)  # the ceiling if every XLA byte were HBM
-  per_op = tpu_report.per_op_times(hlo, chip, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices,
-                                   torus=topology.torus)
+  per_op = tpu_report.per_op_times(
+    hlo, chip, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices, torus=topology.torus
+  )
   per_op_estimate, floor, cycles = tpu_report.per_op_fields(per_op, chip)
   if per_op.dcn_collectives:
     notes = notes + [f'{per_op.dcn_collectives} collective runs cross slices (DCN): not in the per-op ICI term']
   if hbm.unknown_trip_counts:
-    notes = notes + [f'{hbm.unknown_trip_counts} while loop(s) of unknown trip count: their bodies are counted once '
-                     'in the HBM estimate and the collectives']
+    notes = notes + [
+      f'{hbm.unknown_trip_counts} while loop(s) of unknown trip count: their bodies are counted once '
+      'in the HBM estimate and the collectives'
+    ]
   rated = (estimate, estimate_xla_bytes, per_op_estimate, floor, cycles)
   if program in ('train', 'eval'):
     for e in rated:
@@ -268,33 +342,63 @@ def analyse(program: str, compiled, setup: _Setup, topology: Topology, num_slice
   else:
     for e in rated:
       e.update(tokens_per_s=float('nan'), mfu=float('nan'))
-    notes = notes + ['a decoding loop: XLA counts a while loop body once, so its FLOPs are per loop iteration plus '
-                     'set-up, not per sequence (the HBM estimate and the collectives multiply loops whose trip '
-                     'count the HLO states)']
+    notes = notes + [
+      'a decoding loop: XLA counts a while loop body once, so its FLOPs are per loop iteration plus '
+      'set-up, not per sequence (the HBM estimate and the collectives multiply loops whose trip '
+      'count the HLO states)'
+    ]
   return tpu_report.ProgramReport(
-      program=program, topology=topology.name + (f' x {num_slices} slices' if num_slices > 1 else ''),
-      chips=chips, num_slices=num_slices, mesh=dict(setup.mesh.shape), chip=chip.name, compile_s=compile_s,
-      memory=memory, fits=total <= chip.hbm_bytes, flops_per_chip=flops, bytes_accessed_per_chip=accessed,
-      collectives=summary, model_flops=model_flops, tokens_per_step=tokens, estimate=estimate, notes=list(notes),
-      compute_flops_per_chip=compute, hbm_bytes_per_chip=hbm.bytes, hbm_by_op_name=hbm.by_op_name,
-      estimate_xla_bytes=estimate_xla_bytes, per_op=per_op_estimate, floor=floor,
-      top_ops=[list(t) for t in per_op.top], libtpu_cycles=cycles, xla_cost_analysis=dict(cost),
-      xla_memory_analysis=_memory_fields(stats))
+    program=program,
+    topology=topology.name + (f' x {num_slices} slices' if num_slices > 1 else ''),
+    chips=chips,
+    num_slices=num_slices,
+    mesh=dict(setup.mesh.shape),
+    chip=chip.name,
+    compile_s=compile_s,
+    memory=memory,
+    fits=total <= chip.hbm_bytes,
+    flops_per_chip=flops,
+    bytes_accessed_per_chip=accessed,
+    collectives=summary,
+    model_flops=model_flops,
+    tokens_per_step=tokens,
+    estimate=estimate,
+    notes=list(notes),
+    compute_flops_per_chip=compute,
+    hbm_bytes_per_chip=hbm.bytes,
+    hbm_by_op_name=hbm.by_op_name,
+    estimate_xla_bytes=estimate_xla_bytes,
+    per_op=per_op_estimate,
+    floor=floor,
+    top_ops=[list(t) for t in per_op.top],
+    libtpu_cycles=cycles,
+    xla_cost_analysis=dict(cost),
+    xla_memory_analysis=_memory_fields(stats),
+  )
 
 
 def _memory_fields(stats) -> dict:
   """memory_analysis()'s byte counts (its serialized buffer-assignment proto is binary: left out)."""
-  return {k: getattr(stats, k) for k in dir(stats)
-          if not k.startswith('_') and isinstance(getattr(stats, k, None), (int, float))}
+  return {
+    k: getattr(stats, k)
+    for k in dir(stats)
+    if not k.startswith('_') and isinstance(getattr(stats, k, None), (int, float))
+  }
 
 
 def _print_now(line: str) -> None:
   print(line, flush=True)
 
 
-def compile_programs(config, topology: str | Topology, num_slices: int = 1, programs=None,
-                     progress=_print_now, keep_compiled: bool = False,
-                     hlo_prefix: str | None = None) -> list[tpu_report.ProgramReport]:
+def compile_programs(
+  config,
+  topology: str | Topology,
+  num_slices: int = 1,
+  programs=None,
+  progress=_print_now,
+  keep_compiled: bool = False,
+  hlo_prefix: str | None = None,
+) -> list[tpu_report.ProgramReport]:
   """Compiles each program for the topology (x num_slices) and reports it. Raises DoesNotFit (before compiling)
   when parameters and optimizer state alone exceed HBM. keep_compiled: the reports carry `.compiled` (tests).
   hlo_prefix: also write each compiled program's HLO text to HLO_PREFIX.PROGRAM.hlo.gz."""
@@ -306,16 +410,16 @@ def compile_programs(config, topology: str | Topology, num_slices: int = 1, prog
   setup = _Setup(config, devices)
   reports = []
   for program in programs or default_programs(config):
-    progress(f'compiling {program} step for {topology.label}'
-             + (f' x {num_slices} slices' if num_slices > 1 else '') + ' ...')
+    progress(
+      f'compiling {program} step for {topology.label}' + (f' x {num_slices} slices' if num_slices > 1 else '') + ' ...'
+    )
     start = time.perf_counter()
     lowered, state, batch = setup.lower(program)
     compiled = lowered.compile()
     if hlo_prefix:
       with gzip.open(f'{hlo_prefix}.{program}.hlo.gz', 'wt', encoding='utf-8') as f:
         f.write(compiled.as_text())
-    report = analyse(program, compiled, setup, topology, num_slices, time.perf_counter() - start, state, batch,
-                     notes)
+    report = analyse(program, compiled, setup, topology, num_slices, time.perf_counter() - start, state, batch, notes)
     if keep_compiled:
       report.compiled, report.lowered, report.setup, report.mesh_object = compiled, lowered, setup, setup.mesh
     reports.append(report)
@@ -324,19 +428,44 @@ def compile_programs(config, topology: str | Topology, num_slices: int = 1, prog
 
 def define_flags(flags) -> None:
   here = {'module_name': 'transformer_jax.commands'}  # listed by `compile --help` (cli.py prints that module's)
-  flags.DEFINE_string('topology', None, 'TPU slice to compile for: an accelerator type as launch/tpu_vm.sh takes '
-                      'it (v4-8 = 4 chips, v5p-8 = 4 chips, v5litepod-16, v6e-8), the short v5e-16, or a topology '
-                      'string (v5e:4x4, v4:2x2x2).', **here)
-  flags.DEFINE_integer('num_slices', 1, 'Slices joined over DCN (multislice): the mesh\'s data axis spans them '
-                       '(mesh.dcn_data; mesh.data=1 becomes num_slices).', **here)
-  flags.DEFINE_list('programs', [], f'Programs to compile, of {", ".join(PROGRAMS)} (default: train, eval and the '
-                    'decoding the model does: greedy and beam for translation, sample for language models).', **here)
+  flags.DEFINE_string(
+    'topology',
+    None,
+    'TPU slice to compile for: an accelerator type as launch/tpu_vm.sh takes '
+    'it (v4-8 = 4 chips, v5p-8 = 4 chips, v5litepod-16, v6e-8), the short v5e-16, or a topology '
+    'string (v5e:4x4, v4:2x2x2).',
+    **here,
+  )
+  flags.DEFINE_integer(
+    'num_slices',
+    1,
+    "Slices joined over DCN (multislice): the mesh's data axis spans them "
+    '(mesh.dcn_data; mesh.data=1 becomes num_slices).',
+    **here,
+  )
+  flags.DEFINE_list(
+    'programs',
+    [],
+    f'Programs to compile, of {", ".join(PROGRAMS)} (default: train, eval and the '
+    'decoding the model does: greedy and beam for translation, sample for language models).',
+    **here,
+  )
   flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.', **here)
-  flags.DEFINE_string('hlo', None, 'Also write each compiled program\'s HLO text (what the report reads: memory '
-                      'spaces, collectives) to HLO.PROGRAM.hlo.gz.', **here)
-  flags.DEFINE_list('meshes', [], 'Also compile the train step on each of these meshes and say which is fastest by '
-                    'the per-op estimate: data (data-parallel: data=-1, fsdp=1), fsdp (data=1, fsdp=-1), or '
-                    'DATAxFSDPxTENSOR (e.g. 2x4x1).', **here)
+  flags.DEFINE_string(
+    'hlo',
+    None,
+    "Also write each compiled program's HLO text (what the report reads: memory "
+    'spaces, collectives) to HLO.PROGRAM.hlo.gz.',
+    **here,
+  )
+  flags.DEFINE_list(
+    'meshes',
+    [],
+    'Also compile the train step on each of these meshes and say which is fastest by '
+    'the per-op estimate: data (data-parallel: data=-1, fsdp=1), fsdp (data=1, fsdp=-1), or '
+    'DATAxFSDPxTENSOR (e.g. 2x4x1).',
+    **here,
+  )
   flags.mark_flag_as_required('topology')
 
 
@@ -373,15 +502,17 @@ def format_mesh_comparison(results) -> list[str]:
       lines.append(f'  {name}: not compiled: {r}')
       continue
     mesh = ' '.join(f'{k}={v}' for k, v in r.mesh.items())
-    lines.append(f"  {name} ({mesh}): {r.per_op['t_step_s'] * 1e3:.2f} ms, MFU {r.per_op['mfu'] * 100:.1f}% "
-                 f"({r.estimate['mfu'] * 100:.1f}%), {r.memory['total'] / tpu_chips.GIB:.2f} GiB per chip"
-                 + ('' if r.fits else ', DOES NOT FIT'))
+    lines.append(
+      f'  {name} ({mesh}): {r.per_op["t_step_s"] * 1e3:.2f} ms, MFU {r.per_op["mfu"] * 100:.1f}% '
+      f'({r.estimate["mfu"] * 100:.1f}%), {r.memory["total"] / tpu_chips.GIB:.2f} GiB per chip'
+      + ('' if r.fits else ', DOES NOT FIT')
+    )
   best = next((n for n, r in results if not isinstance(r, str) and r.fits), None)
   lines.append(f'fastest mesh by the per-op estimate: {best}' if best else 'no candidate mesh fits')
   return lines
 
 
-def run(FLAGS) -> None:  # pylint: disable=invalid-name
+def run(FLAGS) -> None:
   """The command body: prints each program's report; exits 1 when something does not fit."""
   try:
     require_libtpu()
@@ -394,26 +525,41 @@ def run(FLAGS) -> None:  # pylint: disable=invalid-name
   if unknown:
     raise ValueError(f'unknown --programs {unknown}; expected some of {", ".join(PROGRAMS)}')
   try:
-    reports = compile_programs(FLAGS.config, FLAGS.topology, FLAGS.num_slices, tuple(FLAGS.programs) or None,
-                               hlo_prefix=FLAGS.hlo)
+    reports = compile_programs(
+      FLAGS.config, FLAGS.topology, FLAGS.num_slices, tuple(FLAGS.programs) or None, hlo_prefix=FLAGS.hlo
+    )
   except DoesNotFit as e:
     if FLAGS.json:
-      _write_json(FLAGS.json, {'topology': FLAGS.topology, 'num_slices': FLAGS.num_slices, 'fits': False,
-                               'refused': str(e), 'programs': []})
+      _write_json(
+        FLAGS.json,
+        {'topology': FLAGS.topology, 'num_slices': FLAGS.num_slices, 'fits': False, 'refused': str(e), 'programs': []},
+      )
     print(str(e), flush=True)
     sys.exit(1)
   for report in reports:
     print('\n'.join(tpu_report.format_report(report)), flush=True)
   if FLAGS.meshes:
-    print('\n'.join(format_mesh_comparison(compare_meshes(FLAGS.config, FLAGS.topology, FLAGS.num_slices,
-                                                           FLAGS.meshes))), flush=True)
+    print(
+      '\n'.join(format_mesh_comparison(compare_meshes(FLAGS.config, FLAGS.topology, FLAGS.num_slices, FLAGS.meshes))),
+      flush=True,
+    )
   fits = all(r.fits for r in reports)
   if FLAGS.json:
-    _write_json(FLAGS.json, {'topology': FLAGS.topology, 'num_slices': FLAGS.num_slices, 'fits': fits,
-                             'programs': [r.to_json() for r in reports]})
-  print(f"compile: {'fits' if fits else 'does not fit'}: "
-        + ' '.join(f'{r.program}={r.memory["total"] / tpu_chips.GIB:.2f}GiB' for r in reports)
-        + f' of {reports[0].memory["hbm"] / tpu_chips.GIB:.0f}GiB per chip', flush=True)
+    _write_json(
+      FLAGS.json,
+      {
+        'topology': FLAGS.topology,
+        'num_slices': FLAGS.num_slices,
+        'fits': fits,
+        'programs': [r.to_json() for r in reports],
+      },
+    )
+  print(
+    f'compile: {"fits" if fits else "does not fit"}: '
+    + ' '.join(f'{r.program}={r.memory["total"] / tpu_chips.GIB:.2f}GiB' for r in reports)
+    + f' of {reports[0].memory["hbm"] / tpu_chips.GIB:.0f}GiB per chip',
+    flush=True,
+  )
   if not fits:
     sys.exit(1)
 

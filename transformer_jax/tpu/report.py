@@ -15,11 +15,13 @@ import numpy as np
 from transformer_jax.tpu import chips as tpu_chips
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
-_OP = re.compile(r'^\s+(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|'
-                 r'collective-permute)(-start)?\(')
+_OP = re.compile(
+  r'^\s+(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|'
+  r'collective-permute)(-start)?\('
+)
 _ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([0-9,]*)\]')
 _BITS = {'pred': 8, 'bf16': 16, 'c64': 64, 'c128': 128}
-_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](T\(([0-9,]*)\))?\s*\{([^}]*)\}")
+_MESH_GROUPS = re.compile(r'replica_groups=mesh\[([^\]]*)\](T\(([0-9,]*)\))?\s*\{([^}]*)\}')
 _IOTA_GROUPS = re.compile(r'replica_groups=\[(\d+),(\d+)\]<=\[([0-9,]+)\](T\(([0-9,]*)\))?')
 _LIST_GROUPS = re.compile(r'replica_groups=\{((?:\{[0-9,]*\},?)*)\}')
 _PAIRS = re.compile(r'source_target_pairs=\{((?:\{[0-9,]*\},?)*)\}')
@@ -119,7 +121,7 @@ def _split_call(rest: str) -> tuple[str, str]:
   for i, ch in enumerate(rest):
     depth += (ch == '(') - (ch == ')')
     if depth == 0:
-      return rest[:i], rest[i + 1:].lstrip(', ')
+      return rest[:i], rest[i + 1 :].lstrip(', ')
   return rest, ''
 
 
@@ -141,8 +143,7 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
     m = _INSTRUCTION.match(line) if current is not None else None
     if m:
       operands, attrs = _split_call(m.group(4))
-      current.append(Instruction(m.group(1), m.group(2), m.group(3), re.findall(r'%[\w.\-]+', operands), attrs,
-                                 line))
+      current.append(Instruction(m.group(1), m.group(2), m.group(3), re.findall(r'%[\w.\-]+', operands), attrs, line))
   return computations, entry
 
 
@@ -176,6 +177,7 @@ class CallGraph:
   bodies and reducers, whose instructions run inside their caller's). A loop body runs trip-count times its
   caller; a computation reached from several places takes its most-run caller's count. `unknown_trips`: while
   loops whose trip count could not be read (their bodies count once)."""
+
   runs: dict
   control: set
   unknown_trips: int
@@ -220,16 +222,18 @@ def call_graph(computations: dict[str, list[Instruction]], entry: str) -> CallGr
 # Collectives
 
 
-def collective_of(instr: Instruction, computation: str, local_shape: tuple[int, ...], axis_names: tuple[str, ...],
-                  num_slices: int = 1) -> Collective | None:
+def collective_of(
+  instr: Instruction, computation: str, local_shape: tuple[int, ...], axis_names: tuple[str, ...], num_slices: int = 1
+) -> Collective | None:
   """The collective an HLO line starts or runs (None if it is not one): kind, result bytes, group and mesh axes.
   `local_shape`: one slice's mesh shape (replica groups number a slice's devices)."""
   line = instr.line
   dcn = _MEGASCALE.search(line) if num_slices > 1 and instr.op == 'send' else None
   if dcn:
     arrays = [_array_bytes(t, d) for t, d in _ARRAY.findall(dcn.group(1))]
-    return Collective(dcn.group(2).lower().replace('_', '-'), max(arrays, default=0), num_slices,
-                      (axis_names[0],), True)
+    return Collective(
+      dcn.group(2).lower().replace('_', '-'), max(arrays, default=0), num_slices, (axis_names[0],), True
+    )
   m = _OP.match(line)
   if not m:
     return None
@@ -241,12 +245,19 @@ def collective_of(instr: Instruction, computation: str, local_shape: tuple[int, 
   summed = m.group(1).startswith('(') and (not m.group(3) or m.group(2) == 'all-reduce')
   size = sum(arrays) if summed else max(arrays, default=0)
   groups = _groups(line, math.prod(local_shape))
-  return Collective(kind, size, len(groups[0]) if groups else math.prod(local_shape),
-                    mesh_axes_of(groups, local_shape, axis_names), False, fused)
+  return Collective(
+    kind,
+    size,
+    len(groups[0]) if groups else math.prod(local_shape),
+    mesh_axes_of(groups, local_shape, axis_names),
+    False,
+    fused,
+  )
 
 
-def collectives(hlo_text: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
-                num_slices: int = 1) -> list[Collective]:
+def collectives(
+  hlo_text: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...], num_slices: int = 1
+) -> list[Collective]:
   """The logical collectives of the HLO: one per channel_id. TPU's async collective fusion starts a collective in
   one fusion and advances it in several later ones, each repeating the `all-gather(...)` line with the same
   channel_id, so counting lines overcounts (base's 797 all-gather lines are 195 collectives). Async *-start ops
@@ -284,10 +295,32 @@ _LAYOUT_ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([0-9,]*)\]
 _MEMORY_SPACE = re.compile(r'S\((\d+)\)')
 # No data moved (views, bookkeeping), or moved by the instruction that is counted instead (the *-start of an async
 # pair; a loop's or call's instructions, counted in its body).
-_FREE = frozenset(('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all', 'partition-id',
-                   'replica-id', 'while', 'call', 'conditional', 'opt-barrier', 'add-dependency', 'copy-done',
-                   'slice-done', 'all-gather-done', 'all-reduce-done', 'collective-permute-done', 'async-done',
-                   'async-update', 'send-done', 'recv-done'))
+_FREE = frozenset(
+  (
+    'parameter',
+    'get-tuple-element',
+    'tuple',
+    'bitcast',
+    'constant',
+    'after-all',
+    'partition-id',
+    'replica-id',
+    'while',
+    'call',
+    'conditional',
+    'opt-barrier',
+    'add-dependency',
+    'copy-done',
+    'slice-done',
+    'all-gather-done',
+    'all-reduce-done',
+    'collective-permute-done',
+    'async-done',
+    'async-update',
+    'send-done',
+    'recv-done',
+  )
+)
 
 
 def _padded_bytes(dtype: str, dims: str, layout: str) -> int:
@@ -349,8 +382,11 @@ def _sliced_hbm_bytes(instr: Instruction, shapes: dict[str, str], computations: 
   in_place = None
   if root.op == 'dynamic-update-slice' and root.operands and root.operands[0] in {p.name for p in params.values()}:
     in_place = next(k for k, p in params.items() if p.name == root.operands[0])
-  sliced = {k for k, p in params.items()
-            if users[p.name] and all(u.op == 'dynamic-slice' and pos == 0 for u, pos in users[p.name])}
+  sliced = {
+    k
+    for k, p in params.items()
+    if users[p.name] and all(u.op == 'dynamic-slice' and pos == 0 for u, pos in users[p.name])
+  }
   if in_place is None and not sliced:
     return None
   total = 0
@@ -414,6 +450,7 @@ def _group_name(instr: Instruction) -> str:
 @dataclasses.dataclass
 class HbmTraffic:
   """ESTIMATED HBM bytes one chip moves per step (see hbm_traffic)."""
+
   bytes: float
   by_op_name: dict  # the largest groups: op_name (layer numbers folded into layers_N) -> bytes, largest first
   unknown_trip_counts: int  # while loops whose bodies were counted once for want of a trip count
@@ -446,8 +483,7 @@ def hbm_traffic(hlo_text: str, top: int = 12) -> HbmTraffic:
       if instr.op in _FREE:
         continue
       groups[_group_name(instr)] += instruction_hbm_bytes(instr, shapes, computations) * graph.runs[name]
-  return HbmTraffic(float(sum(groups.values())), {k: v for k, v in groups.most_common(top) if v},
-                    graph.unknown_trips)
+  return HbmTraffic(float(sum(groups.values())), {k: v for k, v in groups.most_common(top) if v}, graph.unknown_trips)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -484,15 +520,22 @@ def dot_flops(instr: Instruction, shapes: dict[str, str]) -> float:
     fields = dict(re.findall(r'(\w+)=(\S+)', window.group(1))) if window else {}
     taps = 1
     for d, label in enumerate(sorted(c for c in rhs_labels if c.isdigit())):
-      pick = lambda key, default, d=d: (fields[key].split('x')[d] if key in fields else default)
+      pick = lambda key, default, d=d: fields[key].split('x')[d] if key in fields else default
       lo, hi = (int(x) for x in pick('pad', '0_0').split('_'))
-      taps *= _valid_taps(lhs[lhs_labels.index(label)], rhs[rhs_labels.index(label)], out[out_labels.index(label)],
-                          lo, int(pick('stride', 1)), int(pick('lhs_dilate', 1)), int(pick('rhs_dilate', 1)))
+      taps *= _valid_taps(
+        lhs[lhs_labels.index(label)],
+        rhs[rhs_labels.index(label)],
+        out[out_labels.index(label)],
+        lo,
+        int(pick('stride', 1)),
+        int(pick('lhs_dilate', 1)),
+        int(pick('rhs_dilate', 1)),
+      )
     return 2.0 * out[out_labels.index('b')] * rhs[rhs_labels.index('o')] * rhs[rhs_labels.index('i')] * taps
   return 0.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _valid_taps(size: int, window: int, out: int, pad_lo: int, stride: int, lhs_dilate: int, rhs_dilate: int) -> int:
   """(output position, window position) pairs of one spatial dimension that land on input, not padding: XLA
   writes batched matmuls as convolutions whose window mostly covers padding (a head dimension of 32 as a window
@@ -561,6 +604,7 @@ def collective_seconds(c: Collective, chip, torus: tuple[int, ...] | None = None
 @dataclasses.dataclass
 class PerOp:
   """ESTIMATED step time of one run of a compiled program, per chip, instruction by instruction (per_op_times)."""
+
   t_per_op_s: float  # the headline: sum of max(FLOPs/peak, HBM/bw) + collective time not hidden behind work
   t_floor_s: float  # no overlap at all: sum of FLOPs/peak + HBM/bw + collective time
   t_compute_s: float  # sum of FLOPs/peak (dots and convolutions, loops x trip counts)
@@ -576,8 +620,15 @@ class PerOp:
   cycles_missing_ops: dict  # their ops, by count
 
 
-def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
-                 num_slices: int = 1, top: int = 10, torus: tuple[int, ...] | None = None) -> PerOp:
+def per_op_times(
+  hlo_text: str,
+  chip,
+  mesh_shape: tuple[int, ...],
+  axis_names: tuple[str, ...],
+  num_slices: int = 1,
+  top: int = 10,
+  torus: tuple[int, ...] | None = None,
+) -> PerOp:
   """The per-operation roofline of a compiled TPU program, per chip: every executed top-level instruction (ENTRY,
   while bodies x trip count, called computations) takes max(dot FLOPs / bf16 peak, HBM bytes / HBM bandwidth).
 
@@ -617,8 +668,9 @@ def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: t
             spans[start][1] = k
         continue
       executed += runs
-      flops = dot_flops(instr, shapes) + sum(_body_flops(c, computations, flops_cache)
-                                             for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs))
+      flops = dot_flops(instr, shapes) + sum(
+        _body_flops(c, computations, flops_cache) for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs)
+      )
       hbm = instruction_hbm_bytes(instr, shapes, computations)
       work[k] = max(flops / peak, hbm / bw)
       totals['compute'] += flops / peak * runs
@@ -633,8 +685,17 @@ def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: t
         missing[instr.op] += runs
       found = (instr, name) if _OP.match(instr.line) or instr.op == 'send' else None
       if found is None and instr.op == 'fusion':
-        found = next((f for f in (_body_collective(c, computations, local_shape, axis_names, num_slices)
-                                  for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs)) if f), None)
+        found = next(
+          (
+            f
+            for f in (
+              _body_collective(c, computations, local_shape, axis_names, num_slices)
+              for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs)
+            )
+            if f
+          ),
+          None,
+        )
       if found is None:
         continue
       c = collective_of(found[0], found[1], local_shape, axis_names, num_slices)
@@ -651,7 +712,7 @@ def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: t
         spans[key] = [k, k, c, f'{c.kind} ' + _group_name(found[0])]
     for first, last, c, group in spans.values():
       t = collective_seconds(c, chip, torus)
-      between = sum(work[first + 1:last])
+      between = sum(work[first + 1 : last])
       if last > first:  # asynchronous: hidden behind the work in flight with it
         exposed = max(0.0, t - between)
       else:  # synchronous: the instruction moves its data while it sends
@@ -660,21 +721,43 @@ def per_op_times(hlo_text: str, chip, mesh_shape: tuple[int, ...], axis_names: t
       totals['exposed'] += exposed * runs
       groups[group] += exposed * runs
   t_per_op = sum(groups.values())
-  return PerOp(t_per_op, totals['compute'] + totals['hbm'] + totals['ici'], totals['compute'], totals['hbm'],
-               totals['ici'], totals['exposed'], totals['flops'],
-               [(n, t) for n, t in groups.most_common(top) if t > 0], executed, dcn, float(totals['cycles']),
-               sum(missing.values()), dict(missing.most_common()))
+  return PerOp(
+    t_per_op,
+    totals['compute'] + totals['hbm'] + totals['ici'],
+    totals['compute'],
+    totals['hbm'],
+    totals['ici'],
+    totals['exposed'],
+    totals['flops'],
+    [(n, t) for n, t in groups.most_common(top) if t > 0],
+    executed,
+    dcn,
+    float(totals['cycles']),
+    sum(missing.values()),
+    dict(missing.most_common()),
+  )
 
 
 def per_op_fields(per_op: PerOp, chip) -> tuple[dict, dict, dict]:
   """ProgramReport's per_op, floor and libtpu_cycles dicts (times only: the caller adds tokens/s and MFU)."""
-  estimate = {'t_step_s': per_op.t_per_op_s, 't_floor_s': per_op.t_floor_s, 't_compute_s': per_op.t_compute_s,
-              't_hbm_s': per_op.t_hbm_s, 't_ici_s': per_op.t_ici_s, 't_ici_exposed_s': per_op.t_ici_exposed_s,
-              'dot_flops_per_chip': per_op.dot_flops, 'executed': per_op.executed,
-              'dcn_collectives': per_op.dcn_collectives}
-  cycles = {'cycles': per_op.cycles, 'clock_hz': chip.clock_hz,
-            't_step_s': per_op.cycles / chip.clock_hz if chip.clock_hz else float('nan'),
-            'missing_executions': per_op.cycles_missing, 'missing_ops': per_op.cycles_missing_ops}
+  estimate = {
+    't_step_s': per_op.t_per_op_s,
+    't_floor_s': per_op.t_floor_s,
+    't_compute_s': per_op.t_compute_s,
+    't_hbm_s': per_op.t_hbm_s,
+    't_ici_s': per_op.t_ici_s,
+    't_ici_exposed_s': per_op.t_ici_exposed_s,
+    'dot_flops_per_chip': per_op.dot_flops,
+    'executed': per_op.executed,
+    'dcn_collectives': per_op.dcn_collectives,
+  }
+  cycles = {
+    'cycles': per_op.cycles,
+    'clock_hz': chip.clock_hz,
+    't_step_s': per_op.cycles / chip.clock_hz if chip.clock_hz else float('nan'),
+    'missing_executions': per_op.cycles_missing,
+    'missing_ops': per_op.cycles_missing_ops,
+  }
   return estimate, {'t_step_s': per_op.t_floor_s}, cycles
 
 
@@ -690,17 +773,23 @@ def summarize(found: list[Collective]) -> dict:
     if not ops:
       continue
     by_axes = collections.Counter('+'.join(c.axes) or 'none' for c in ops)
-    out[kind] = {'count': len(ops), 'executions': sum(c.executions for c in ops), 'bytes': sum(c.bytes for c in ops),
-                 # ICI within a slice; what crosses slices goes over DCN (not in the roofline's ICI term)
-                 'ici_bytes': sum(c.ici_bytes() * c.executions for c in ops if not c.crosses_slices),
-                 'dcn_bytes': sum(c.bytes * c.executions for c in ops if c.crosses_slices),
-                 'by_axes': dict(sorted(by_axes.items())), 'crossing_slices': sum(c.crosses_slices for c in ops)}
+    out[kind] = {
+      'count': len(ops),
+      'executions': sum(c.executions for c in ops),
+      'bytes': sum(c.bytes for c in ops),
+      # ICI within a slice; what crosses slices goes over DCN (not in the roofline's ICI term)
+      'ici_bytes': sum(c.ici_bytes() * c.executions for c in ops if not c.crosses_slices),
+      'dcn_bytes': sum(c.bytes * c.executions for c in ops if c.crosses_slices),
+      'by_axes': dict(sorted(by_axes.items())),
+      'crossing_slices': sum(c.crosses_slices for c in ops),
+    }
   return out
 
 
 @dataclasses.dataclass
 class ProgramReport:
   """Figures of one compiled program, per chip. Every time, rate and MFU here is an ESTIMATE (tpu_chips.roofline)."""
+
   program: str
   topology: str
   chips: int
@@ -748,58 +837,80 @@ def format_report(r: ProgramReport) -> list[str]:
   m = r.memory
   mesh = ' '.join(f'{k}={v}' for k, v in r.mesh.items())
   e = r.estimate
-  lines = [f'{r.program} on {r.topology} ({r.chips} chips {r.chip}, mesh {mesh}): compiled in {r.compile_s:.1f} s',
-           f"  HBM per chip: params+optimizer {_gib(m['state'])}, batch {_gib(m['batch'])}, tiled-layout padding + "
-           f"other args {_gib(m['other_args'])}, temporaries {_gib(m['temporaries'])}, outputs "
-           f"{_gib(m['outputs'])}; total {_gib(m['total'])} of {_gib(m['hbm'])}: "
-           f"{'fits' if r.fits else 'DOES NOT FIT'}",
-           f'  XLA per chip per step: {r.flops_per_chip / 1e12:.3f} TFLOP, {_gib(r.bytes_accessed_per_chip)} accessed '
-           '(every operand and result, VMEM-resident ones too; loop bodies once)',
-           f'  HBM traffic per chip per step, estimate (HBM-resident operands and results after memory-space '
-           f'assignment, loops x trip count): {_gib(r.hbm_bytes_per_chip)}']
+  lines = [
+    f'{r.program} on {r.topology} ({r.chips} chips {r.chip}, mesh {mesh}): compiled in {r.compile_s:.1f} s',
+    f'  HBM per chip: params+optimizer {_gib(m["state"])}, batch {_gib(m["batch"])}, tiled-layout padding + '
+    f'other args {_gib(m["other_args"])}, temporaries {_gib(m["temporaries"])}, outputs '
+    f'{_gib(m["outputs"])}; total {_gib(m["total"])} of {_gib(m["hbm"])}: '
+    f'{"fits" if r.fits else "DOES NOT FIT"}',
+    f'  XLA per chip per step: {r.flops_per_chip / 1e12:.3f} TFLOP, {_gib(r.bytes_accessed_per_chip)} accessed '
+    '(every operand and result, VMEM-resident ones too; loop bodies once)',
+    f'  HBM traffic per chip per step, estimate (HBM-resident operands and results after memory-space '
+    f'assignment, loops x trip count): {_gib(r.hbm_bytes_per_chip)}',
+  ]
   if r.hbm_by_op_name:
     short = lambda name: name.replace('transpose(jvp(Transformer))/', 'backward ').replace('jvp(Transformer)/', '')
-    lines.append('    largest: ' + '; '.join(f'{_gib(b)} {short(name)}' for name, b in
-                                              list(r.hbm_by_op_name.items())[:5]))
+    lines.append(
+      '    largest: ' + '; '.join(f'{_gib(b)} {short(name)}' for name, b in list(r.hbm_by_op_name.items())[:5])
+    )
   if r.collectives:
-    lines.append('  collectives (logical: one per channel_id; runs per step where loops repeat them; bytes = largest '
-                 'result array, summed; ICI = bytes a chip sends per step, estimate):')
+    lines.append(
+      '  collectives (logical: one per channel_id; runs per step where loops repeat them; bytes = largest '
+      'result array, summed; ICI = bytes a chip sends per step, estimate):'
+    )
     for kind, s in r.collectives.items():
       axes = ', '.join(f'{a}: {n}' for a, n in s['by_axes'].items())
-      cross = f", {s['crossing_slices']} of them across slices (DCN)" if s['crossing_slices'] else ''
+      cross = f', {s["crossing_slices"]} of them across slices (DCN)' if s['crossing_slices'] else ''
       runs = s.get('executions', s['count'])
       runs = f' ({runs} runs)' if runs != s['count'] else ''
-      lines.append(f"    {kind}: {s['count']} ops{runs}, {_gib(s['bytes'])}, ICI {_gib(s['ici_bytes'])} (over {axes})"
-                   f'{cross}')
+      lines.append(
+        f'    {kind}: {s["count"]} ops{runs}, {_gib(s["bytes"])}, ICI {_gib(s["ici_bytes"])} (over {axes}){cross}'
+      )
   else:
     lines.append('  collectives: none')
-  times = (f"compute {e['t_compute_s'] * 1e3:.2f} ms, HBM {e['t_hbm_s'] * 1e3:.2f} ms, ICI {e['t_ici_s'] * 1e3:.2f} "
-           f"ms -> {e['t_step_s'] * 1e3:.2f} ms ({e['bound_by']}-bound)")
+  times = (
+    f'compute {e["t_compute_s"] * 1e3:.2f} ms, HBM {e["t_hbm_s"] * 1e3:.2f} ms, ICI {e["t_ici_s"] * 1e3:.2f} '
+    f'ms -> {e["t_step_s"] * 1e3:.2f} ms ({e["bound_by"]}-bound)'
+  )
   x, p, f, cy = r.estimate_xla_bytes, r.per_op, r.floor, r.libtpu_cycles
-  rate = lambda d: (f"{d['t_step_s'] * 1e3:.2f} ms, {d['tokens_per_s']:,.0f} target tokens/s, MFU {d['mfu'] * 100:.1f}%"
-                    if r.tokens_per_step else f"{d['t_step_s'] * 1e3:.2f} ms")
+  rate = lambda d: (
+    f'{d["t_step_s"] * 1e3:.2f} ms, {d["tokens_per_s"]:,.0f} target tokens/s, MFU {d["mfu"] * 100:.1f}%'
+    if r.tokens_per_step
+    else f'{d["t_step_s"] * 1e3:.2f} ms'
+  )
   if p:
-    lines.append('  ESTIMATE per-op roofline (headline: each executed instruction takes max(dot FLOPs / bf16 peak, '
-                 f'HBM bytes / bandwidth), collectives what their overlap leaves exposed): {rate(p)}')
-    lines.append(f"    terms: dot FLOPs {p['t_compute_s'] * 1e3:.2f} ms, HBM {p['t_hbm_s'] * 1e3:.2f} ms, ICI "
-                 f"{p['t_ici_s'] * 1e3:.2f} ms of which {p['t_ici_exposed_s'] * 1e3:.2f} ms exposed "
-                 f"({p['executed']:,} instructions executed)")
+    lines.append(
+      '  ESTIMATE per-op roofline (headline: each executed instruction takes max(dot FLOPs / bf16 peak, '
+      f'HBM bytes / bandwidth), collectives what their overlap leaves exposed): {rate(p)}'
+    )
+    lines.append(
+      f'    terms: dot FLOPs {p["t_compute_s"] * 1e3:.2f} ms, HBM {p["t_hbm_s"] * 1e3:.2f} ms, ICI '
+      f'{p["t_ici_s"] * 1e3:.2f} ms of which {p["t_ici_exposed_s"] * 1e3:.2f} ms exposed '
+      f'({p["executed"]:,} instructions executed)'
+    )
     lines.append(f'    range: ceiling (perfect overlap) {rate(e)}; floor (no overlap) {rate(f)}')
   if cy:
-    lines.append(f"    libtpu's own per-instruction cycles at {cy['clock_hz'] / 1e9:.2f} GHz: {rate(cy)}; leaves out "
-                 f"{cy['missing_executions']:,} executed instructions without a cycle count ("
-                 + ', '.join(f'{op} {n}' for op, n in list(cy['missing_ops'].items())[:5]) + ')')
+    lines.append(
+      f"    libtpu's own per-instruction cycles at {cy['clock_hz'] / 1e9:.2f} GHz: {rate(cy)}; leaves out "
+      f'{cy["missing_executions"]:,} executed instructions without a cycle count ('
+      + ', '.join(f'{op} {n}' for op, n in list(cy['missing_ops'].items())[:5])
+      + ')'
+    )
   if r.top_ops:
     lines.append('    largest per-op times (by op_name, layers folded; a collective by its kind and op_name):')
     lines.extend(f'      {t * 1e3:8.3f} ms  {name}' for name, t in r.top_ops)
   if r.tokens_per_step:
-    lines.append(f"  ceiling (roofline of {r.compute_flops_per_chip / 1e12:.3f} TFLOP, the HBM estimate and ICI over "
-                 f"the bidirectional bandwidth, perfect overlap): {times}, MFU {e['mfu'] * 100:.1f}% "
-                 f'({r.model_flops / 1e12:.2f} model TFLOP per step)')
+    lines.append(
+      f'  ceiling (roofline of {r.compute_flops_per_chip / 1e12:.3f} TFLOP, the HBM estimate and ICI over '
+      f'the bidirectional bandwidth, perfect overlap): {times}, MFU {e["mfu"] * 100:.1f}% '
+      f'({r.model_flops / 1e12:.2f} model TFLOP per step)'
+    )
     if x:
-      lines.append(f"  ceiling with XLA's bytes accessed as HBM traffic: MFU {x['mfu'] * 100:.1f}% "
-                   f"({x['t_hbm_s'] * 1e3:.2f} ms of HBM -> {x['t_step_s'] * 1e3:.2f} ms, "
-                   f"{x['tokens_per_s']:,.0f} tokens/s)")
+      lines.append(
+        f"  ceiling with XLA's bytes accessed as HBM traffic: MFU {x['mfu'] * 100:.1f}% "
+        f'({x["t_hbm_s"] * 1e3:.2f} ms of HBM -> {x["t_step_s"] * 1e3:.2f} ms, '
+        f'{x["tokens_per_s"]:,.0f} tokens/s)'
+      )
     if p:
       lines.append(f'  calibrated on: {tpu_chips.CALIBRATION}')
   else:

@@ -30,7 +30,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +57,10 @@ def _register_array_handler() -> None:
   logging.set_verbosity(logging.ERROR)  # orbax warns that it replaces its default handler: intended, not news
   try:
     ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_PART_BYTES),
-        override=True)
+      jax.Array,
+      ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_PART_BYTES),
+      override=True,
+    )
   finally:
     logging.set_verbosity(verbosity)
 
@@ -115,7 +118,7 @@ def report_incomplete(directory: str) -> list[int]:
   """One `warning:` line per incomplete step (once per process); returns their steps."""
   try:
     found = incomplete_steps(directory)
-  except Exception:  # pylint: disable=broad-except  (an unreachable bucket is reported by whoever reads it next)
+  except Exception:  # (an unreachable bucket is reported by whoever reads it next)
     return []
   for step, why in found:
     if (directory, step) not in _reported:
@@ -140,10 +143,14 @@ class Checkpointer:
   """A thin wrapper over ocp.CheckpointManager: what this trainer saves and how it falls back on damage."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
-                                           save_interval_steps=0 if read_only else 1,
-                                           enable_async_checkpointing=async_save, create=not read_only,
-                                           read_only=read_only, cleanup_tmp_directories=not read_only)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else keep,
+      save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=async_save,
+      create=not read_only,
+      read_only=read_only,
+      cleanup_tmp_directories=not read_only,
+    )
     self.workdir = paths.resolve(workdir)
     self.directory = checkpoint_dir(workdir)
     self.read_only = read_only
@@ -161,18 +168,20 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict, config_json: dict, *, force: bool = True) -> bool:
     """Starts saving (returns once the arrays are on the host when async; after the commit when not)."""
-    from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import faults
+
     self.check_for_errors()  # the previous save's outcome first
     need = tree_nbytes(state)
     free = faults.free_bytes(self.directory) if jax.process_index() == 0 else None
     if free is not None and free < need:  # certain to fail: refuse before anything is written
       raise self._failure(OSError(28, 'No space left on device'), step, need, free)
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                              config=ocp.args.JsonSave(config_json))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config_json)
+    )
     self._saving = (step, need)
     try:
       return self.manager.save(step, args=args, force=force)
-    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+    except Exception as e:  # (orbax/tensorstore raise many types)
       raise self._failure(e, step, need) from None
 
   def check_for_errors(self) -> None:
@@ -191,34 +200,42 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise self._failure(e, *(self._saving or (-1, 0))) from None
     self._saving = None
 
   def _failure(self, e: BaseException, step: int, need: int, free: int | None = None) -> CheckpointSaveError:
     """The one-line error of a failed save; the traceback goes to the detail log, the half-written step is removed."""
-    from transformer_jax.training import faults  # pylint: disable=g-import-not-at-top
+    from transformer_jax.training import faults
+
     log = faults.log_exception(e, f'saving checkpoint step {step} to {self.directory} failed')
     if jax.process_index() == 0 and not paths.is_gcs(self.directory):  # gs://: no tmp dirs (commit markers)
       for tmp in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):  # no save is in flight now
         shutil.rmtree(tmp, ignore_errors=True)
     try:
-      committed = [s for s in self.manager.all_steps() if s != step] if paths.is_gcs(self.directory) else [
-          int(n) for n in paths.listdir(self.directory) if n.isdigit() and int(n) != step]
-    except Exception:  # pylint: disable=broad-except  (an unreachable bucket: the message stays one line)
+      committed = (
+        [s for s in self.manager.all_steps() if s != step]
+        if paths.is_gcs(self.directory)
+        else [int(n) for n in paths.listdir(self.directory) if n.isdigit() and int(n) != step]
+      )
+    except Exception:  # (an unreachable bucket: the message stays one line)
       committed = []
-    resume = (f'training resumes from checkpoint step {max(committed)}' if committed
-              else 'no checkpoint was committed yet')
+    resume = (
+      f'training resumes from checkpoint step {max(committed)}' if committed else 'no checkpoint was committed yet'
+    )
     if faults.is_disk_full(e):
       free = faults.free_bytes(self.directory) if free is None else free
       if committed:  # what the newest checkpoint takes on this disk (blocks, metadata) beats the arrays' bytes
         need = max(need, _disk_usage(os.path.join(self.directory, str(max(committed)))))
-      message = (f'no space left in {self.directory} to save checkpoint step {step}: it needs about {need} bytes '
-                 f'({faults.human_bytes(need)}), {free if free is not None else "unknown"} bytes are free; free '
-                 f'space or use another --workdir, then rerun ({resume}; details in {log})')
+      message = (
+        f'no space left in {self.directory} to save checkpoint step {step}: it needs about {need} bytes '
+        f'({faults.human_bytes(need)}), {free if free is not None else "unknown"} bytes are free; free '
+        f'space or use another --workdir, then rerun ({resume}; details in {log})'
+      )
     else:
-      message = (f'saving checkpoint step {step} to {self.directory} failed ({reason(e)}); details in {log}; '
-                 f'rerun ({resume})')
+      message = (
+        f'saving checkpoint step {step} to {self.directory} failed ({reason(e)}); details in {log}; rerun ({resume})'
+      )
     self._failed = CheckpointSaveError(message)
     return self._failed
 
@@ -241,18 +258,22 @@ class Checkpointer:
         config = self.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
         if not isinstance(config, dict):
           raise ValueError(f'config item is {type(config).__name__}, not a dict')
-        from transformer_jax import config_checks  # pylint: disable=g-import-not-at-top
+        from transformer_jax import config_checks
+
         problems = config_checks.stored_config_errors(config)
         if problems:
           raise ValueError(f'not a trainer config: {problems[0]}')
         return config
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         if i == len(steps) - 1:
-          raise NoReadableCheckpointError(f'no readable config in {self.directory} (step {s}: {reason(e)}); pass '
-                                          '--config=FILE (the config it was trained with) to use its checkpoints '
-                                          'anyway') from e
-        _warn(f'the config of checkpoint step {s} in {self.directory} is unreadable ({reason(e)}); '
-              'trying the previous one')
+          raise NoReadableCheckpointError(
+            f'no readable config in {self.directory} (step {s}: {reason(e)}); pass '
+            '--config=FILE (the config it was trained with) to use its checkpoints '
+            'anyway'
+          ) from e
+        _warn(
+          f'the config of checkpoint step {s} in {self.directory} is unreadable ({reason(e)}); trying the previous one'
+        )
     raise AssertionError('unreachable')
 
   def saved_params_metadata(self, step: int):
@@ -266,24 +287,29 @@ class Checkpointer:
   def check_compatible(self, step: int, abstract_state) -> None:
     """Refuses a checkpoint of another architecture/vocabulary, naming the first mismatching parameter."""
     want = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
-    have = {jax.tree_util.keystr(p): m
-            for p, m in jax.tree_util.tree_flatten_with_path(self.saved_params_metadata(step))[0]}
+    have = {
+      jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(self.saved_params_metadata(step))[0]
+    }
     for path, leaf in want:
       name = jax.tree_util.keystr(path)
       if name not in have:
         raise ArchitectureMismatchError(
-            f'checkpoint step {step} in {self.directory} has no parameter {name} (the model expects shape '
-            f'{tuple(leaf.shape)}): it was made with another architecture')
+          f'checkpoint step {step} in {self.directory} has no parameter {name} (the model expects shape '
+          f'{tuple(leaf.shape)}): it was made with another architecture'
+        )
       shape = tuple(getattr(have[name], 'shape', ()))
       if shape != tuple(leaf.shape):
         raise ArchitectureMismatchError(
-            f'checkpoint step {step} in {self.directory}: parameter {name} has shape {shape} but the model expects '
-            f'{tuple(leaf.shape)}: the checkpoint was made with another architecture or vocabulary (change the '
-            f'config back or use a new --workdir)')
+          f'checkpoint step {step} in {self.directory}: parameter {name} has shape {shape} but the model expects '
+          f'{tuple(leaf.shape)}: the checkpoint was made with another architecture or vocabulary (change the '
+          f'config back or use a new --workdir)'
+        )
     if len(have) != len(want):
       extra = sorted(set(have) - {jax.tree_util.keystr(p) for p, _ in want})
-      raise ArchitectureMismatchError(f'checkpoint step {step} in {self.directory} has parameters the model lacks, '
-                                      f'first {extra[0]}: it was made with another architecture')
+      raise ArchitectureMismatchError(
+        f'checkpoint step {step} in {self.directory} has parameters the model lacks, '
+        f'first {extra[0]}: it was made with another architecture'
+      )
 
   def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, int]:
     """Restores the newest good checkpoint (or exactly `step`) onto abstract_state's shardings.
@@ -292,10 +318,12 @@ class Checkpointer:
     Returns (state, data_state, step). A damaged checkpoint is reported and skipped (and, when writable, moved to
     WORKDIR/checkpoints_damaged/); an architecture mismatch is raised, never skipped.
     """
+
     def read(s):
       self.check_compatible(s, abstract_state)
-      restored = self.manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      restored = self.manager.restore(
+        s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+      )
       if not isinstance(restored['data'], dict):
         raise ValueError(f'data item is {type(restored["data"]).__name__}, not a dict')
       return restored['state'], dict(restored['data'])
@@ -307,11 +335,18 @@ class Checkpointer:
     """Only the parameters of the newest good checkpoint (or exactly `step`): an Orbax partial restore, so the
     optimizer state is never read. abstract_params: ShapeDtypeStructs with the shardings wanted now.
     Returns (params, step); damage and architecture mismatches are handled as in restore()."""
+
     def read(s):
       self.check_compatible(s, _Params(abstract_params))
       target = {'params': abstract_params}
-      restored = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+      restored = self.manager.restore(
+        s,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+          )
+        ),
+      )
       return restored['state']['params']
 
     return self._restore_newest_good(read, step)
@@ -326,11 +361,10 @@ class Checkpointer:
         result = read(s)
       except ArchitectureMismatchError:
         raise
-      except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many types on damage)
+      except Exception as e:  # (tensorstore/orbax raise many types on damage)
         damaged.append((s, reason(e)))
         if step is not None:
-          raise NoReadableCheckpointError(f'checkpoint step {s} in {self.directory} is unreadable '
-                                          f'({reason(e)})') from e
+          raise NoReadableCheckpointError(f'checkpoint step {s} in {self.directory} is unreadable ({reason(e)})') from e
         _warn(f'checkpoint step {s} in {self.directory} is damaged ({reason(e)}); trying the previous one')
         continue
       if damaged and not self.read_only:
@@ -340,7 +374,8 @@ class Checkpointer:
         self.manager.reload()
       return result, s
     raise NoReadableCheckpointError(
-        f'no readable checkpoint in {self.directory}: ' + '; '.join(f'step {s}: {r}' for s, r in damaged))
+      f'no readable checkpoint in {self.directory}: ' + '; '.join(f'step {s}: {r}' for s, r in damaged)
+    )
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves damaged step directories out of the manager's way (kept for inspection, never deleted)."""
@@ -395,8 +430,13 @@ def _all_finite(tree) -> jax.Array:
 
 def tree_nbytes(tree) -> int:
   """Bytes of the array data of a (global) tree: what a checkpoint of it takes at least."""
-  return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-                 if hasattr(x, 'shape') and hasattr(x, 'dtype')))
+  return int(
+    sum(
+      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+      if hasattr(x, 'shape') and hasattr(x, 'dtype')
+    )
+  )
 
 
 def tree_all_finite(tree) -> bool:

@@ -41,7 +41,7 @@ def _detail_stream():
   global _detail_file
   with _lock:
     if _detail_file is None:
-      _detail_file = open(detail_log_path(), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+      _detail_file = open(detail_log_path(), 'a', encoding='utf-8')
     return _detail_file
 
 
@@ -80,7 +80,7 @@ class _DivertLibraryErrors(py_logging.Filter):
     if record.levelno >= py_logging.ERROR and any(f'/{lib}/' in path for lib in _DIVERTED_LIBRARIES):
       try:
         text = record.getMessage()
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         text = str(record.msg)
       if record.exc_info:
         text += '\n' + ''.join(traceback.format_exception(*record.exc_info))
@@ -106,8 +106,9 @@ def quiet_library_warnings(verbose: bool) -> None:
   """Unless verbose: the _QUIET_LIBRARIES' log warnings and Python warnings are not shown (idempotent)."""
   if verbose:
     return
-  import warnings  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  import warnings
+  from absl import logging
+
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraryWarnings) for f in handler.filters):
     handler.addFilter(_QuietLibraryWarnings())
@@ -120,7 +121,8 @@ def quiet_library_warnings(verbose: bool) -> None:
 
 def divert_library_errors() -> None:
   """Installs the filter on absl's handler (idempotent)."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging
+
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DivertLibraryErrors) for f in handler.filters):
     handler.addFilter(_DivertLibraryErrors())
@@ -128,8 +130,10 @@ def divert_library_errors() -> None:
 
   def thread_excepthook(args):  # orbax's writer threads after a failed save: details to the log
     if '/orbax/' in ''.join(traceback.format_tb(args.exc_traceback)) or isinstance(args.exc_value, RuntimeError):
-      log_detail(f'exception in thread {getattr(args.thread, "name", "?")}\n' + ''.join(
-          traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+      log_detail(
+        f'exception in thread {getattr(args.thread, "name", "?")}\n'
+        + ''.join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+      )
       return
     default_hook(args)
 
@@ -143,15 +147,18 @@ def divert_library_errors() -> None:
 
   def excepthook(exc_type, exc_value, exc_traceback):
     if _is_closed_loop_callback(exc_value, exc_traceback):
-      log_detail('callback on a closed event loop\n' + ''.join(
-          traceback.format_exception(exc_type, exc_value, exc_traceback)))
+      log_detail(
+        'callback on a closed event loop\n' + ''.join(traceback.format_exception(exc_type, exc_value, exc_traceback))
+      )
       return
     default_excepthook(exc_type, exc_value, exc_traceback)
 
   def unraisablehook(unraisable):
     if _is_closed_loop_callback(unraisable.exc_value, unraisable.exc_traceback):
-      log_detail('callback on a closed event loop (unraisable)\n' + ''.join(traceback.format_exception(
-          unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
+      log_detail(
+        'callback on a closed event loop (unraisable)\n'
+        + ''.join(traceback.format_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+      )
       return
     default_unraisablehook(unraisable)
 
@@ -182,7 +189,8 @@ def is_disk_full(e: BaseException | None) -> bool:
 
 def free_bytes(directory: str) -> int | None:
   """Free bytes on the file system of directory (or its nearest existing parent); None for URLs."""
-  import shutil  # pylint: disable=g-import-not-at-top
+  import shutil
+
   if '://' in directory:
     return None
   probe = os.path.abspath(directory)

@@ -26,12 +26,13 @@ class TensorBoardEvents:
   never imports TensorFlow for it (~5 s of CPU at start-up on 2 cores)."""
 
   def __init__(self, logdir: str):
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer import record_writer
+
     self._event_pb2 = event_pb2
     os.makedirs(logdir, exist_ok=True)
     name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.transformer_jax'
-    self._records = record_writer.RecordWriter(open(os.path.join(logdir, name), 'wb'))  # pylint: disable=consider-using-with
+    self._records = record_writer.RecordWriter(open(os.path.join(logdir, name), 'wb'))
     self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event) -> None:
@@ -45,9 +46,11 @@ class TensorBoardEvents:
       self._records = None
 
   def scalars(self, step: int, metrics: dict[str, float]) -> None:
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                                         for k, v in metrics.items()])
+    from tensorboard.compat.proto import summary_pb2
+
+    summary = summary_pb2.Summary(
+      value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
+    )
     self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
 
@@ -89,8 +92,9 @@ class MetricsWriter:
     if len(self._rows) >= METRICS_PART_ROWS:
       self._rows, self._part = [], self._part + 1
     self._rows.append(line)
-    paths.write_text_atomic(paths.join(self.workdir, METRICS_PARTS, f'{self._run}-{self._part:05d}.jsonl'),
-                            ''.join(self._rows))
+    paths.write_text_atomic(
+      paths.join(self.workdir, METRICS_PARTS, f'{self._run}-{self._part:05d}.jsonl'), ''.join(self._rows)
+    )
     self._upload_events()
 
   def _upload_events(self) -> None:
@@ -113,9 +117,11 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def plot_curves(workdir: str, out_path: str) -> None:
   """curves.png (at out_path, local or gs://): training loss and held-out metrics of workdir against step."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
+
   rows = read_metrics(workdir)
   fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
   for key, ax in (('loss', ax_loss), ('eval_loss', ax_loss)):

@@ -65,11 +65,17 @@ def stop_preempted(preemption: Preemption) -> dict[str, float]:
   step = checkpointer.latest_step() if checkpointer is not None else None
   if jax.process_index() == 0:
     if preemption.phase == 'final_eval':
-      print(f'preempted: during the final evaluation; checkpoint step {step} is committed in '
-            f'{checkpointer.directory} (rerun to evaluate it)', flush=True)
+      print(
+        f'preempted: during the final evaluation; checkpoint step {step} is committed in '
+        f'{checkpointer.directory} (rerun to evaluate it)',
+        flush=True,
+      )
     else:
-      print('preempted: before the first training step; nothing new to save (newest checkpoint: '
-            f'{"none" if step is None else f"step {step}"})', flush=True)
+      print(
+        'preempted: before the first training step; nothing new to save (newest checkpoint: '
+        f'{"none" if step is None else f"step {step}"})',
+        flush=True,
+      )
   if checkpointer is not None:
     checkpointer.close()
   return {'step': step or 0, 'preempted': 1.0}

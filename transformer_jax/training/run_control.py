@@ -27,8 +27,10 @@ def stop_if_not_finite(metrics: dict[str, float], step: int, checkpointer, state
     bad.append('non-finite parameters or optimizer state')
   if bad:
     checkpointer.wait()  # an earlier, good save may still be committing in the background: let it finish
-    raise NonFiniteLossError(f'{", ".join(bad)} at step {step}; stopping without saving (last good checkpoint: '
-                             f'step {checkpointer.latest_step()})')
+    raise NonFiniteLossError(
+      f'{", ".join(bad)} at step {step}; stopping without saving (last good checkpoint: '
+      f'step {checkpointer.latest_step()})'
+    )
 
 
 class TrainingStalledError(RuntimeError):
@@ -41,7 +43,12 @@ class StallDetector:
   (relative) within `patience` steps, raise. patience=0 disables it."""
 
   def __init__(self, patience: int, warmup_steps: int, min_improvement: float = 0.01, smoothing: float = 0.9):
-    self.patience, self.warmup_steps, self.min_improvement, self.smoothing = patience, warmup_steps, min_improvement, smoothing
+    self.patience, self.warmup_steps, self.min_improvement, self.smoothing = (
+      patience,
+      warmup_steps,
+      min_improvement,
+      smoothing,
+    )
     self.smoothed = None
     self.best = math.inf
     self.best_step = None
@@ -54,9 +61,10 @@ class StallDetector:
       self.best, self.best_step = self.smoothed, step
     elif step - self.best_step >= self.patience:
       raise TrainingStalledError(
-          f'training loss stopped falling: {self.smoothed:.3f} at step {step}, no better than {self.best:.3f} at step '
-          f'{self.best_step}; the peak learning rate may be too high (try a smaller --config.learning_rate) '
-          f'(stall_patience_steps={self.patience}; 0 disables this check)')
+        f'training loss stopped falling: {self.smoothed:.3f} at step {step}, no better than {self.best:.3f} at step '
+        f'{self.best_step}; the peak learning rate may be too high (try a smaller --config.learning_rate) '
+        f'(stall_patience_steps={self.patience}; 0 disables this check)'
+      )
 
 
 class Profiler:
@@ -111,15 +119,18 @@ class PhaseClock:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 
-  def mark(self, name: str) -> 'PhaseClock':
+  def mark(self, name: str) -> PhaseClock:
     wall, cpu = time.time(), self._cpu_now()
     self.phases.append((name, wall - self._wall, cpu - self._cpu))
     self._wall, self._cpu = wall, cpu
     return self
 
   def report(self) -> None:
-    print('time: ' + '; '.join(f'{name} {wall:.1f} s (cpu {cpu:.1f} s)' for name, wall, cpu in self.phases),
-          file=sys.stderr, flush=True)
+    print(
+      'time: ' + '; '.join(f'{name} {wall:.1f} s (cpu {cpu:.1f} s)' for name, wall, cpu in self.phases),
+      file=sys.stderr,
+      flush=True,
+    )
 
 
 class Throughput:

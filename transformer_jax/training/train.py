@@ -10,7 +10,8 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,7 @@ from transformer_jax.training import train_state
 from transformer_jax.storage import workdir as workdir_lib
 from transformer_jax.model.transformer import Transformer, build_model
 
-BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position',
-              'targets_position')
+BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position', 'targets_position')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def dropout_rng_impl(config) -> str:
   more HBM traffic, libtpu's cycle counts charge threefry more vector work."""
   impl = config.get('rng_impl', 'threefry2x32')
   if impl not in RNG_IMPLS:
-    raise ValueError(f"rng_impl={impl!r}; expected one of {', '.join(RNG_IMPLS)}")
+    raise ValueError(f'rng_impl={impl!r}; expected one of {", ".join(RNG_IMPLS)}')
   return impl
 
 
@@ -73,8 +73,9 @@ def make_train_step(model: Transformer, tx, config, rng_impl: str = 'threefry2x3
   def micro_sums(params, micro, rng):
     rngs = {'dropout': as_rng_impl(rng, rng_impl)}
     logits = evaluation.apply_model(model, params, micro, deterministic=False, rngs=rngs)
-    sums = evaluation.cross_entropy_sums(logits, micro['targets'], evaluation.target_weights(micro, pad_id),
-                                         label_smoothing)
+    sums = evaluation.cross_entropy_sums(
+      logits, micro['targets'], evaluation.target_weights(micro, pad_id), label_smoothing
+    )
     return sums['loss_sum'], sums
 
   grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
@@ -86,7 +87,8 @@ def make_train_step(model: Transformer, tx, config, rng_impl: str = 'threefry2x3
     else:
       # Micro-batch i takes rows i::accum, so each one spans every device of a sharded batch; sums add up exactly.
       micro_batches = jax.tree.map(
-          lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), batch)
+        lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), batch
+      )
 
       def body(carry, xs):
         grads_acc, sums_acc = carry
@@ -102,12 +104,12 @@ def make_train_step(model: Transformer, tx, config, rng_impl: str = 'threefry2x3
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        'loss': sums['loss_sum'] / denom,
-        'nll': sums['nll_sum'] / denom,
-        'accuracy': sums['correct_sum'] / denom,
-        'tokens': sums['weight_sum'],
-        'grad_norm': optax.tree.norm(grads),
-        'learning_rate': schedule(state.step),
+      'loss': sums['loss_sum'] / denom,
+      'nll': sums['nll_sum'] / denom,
+      'accuracy': sums['correct_sum'] / denom,
+      'tokens': sums['weight_sum'],
+      'grad_norm': optax.tree.norm(grads),
+      'learning_rate': schedule(state.step),
     }
     return train_state.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -115,14 +117,16 @@ def make_train_step(model: Transformer, tx, config, rng_impl: str = 'threefry2x3
 
 
 def jit_train_step(model, tx, config, mesh, state_shardings):
-  return jax.jit(make_train_step(model, tx, config, dropout_rng_impl(config)),
-                 in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  return jax.jit(
+    make_train_step(model, tx, config, dropout_rng_impl(config)),
+    in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+    out_shardings=(state_shardings, parallel.replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The run: setup -> steps -> final evaluation. Metrics files, signals and between-step checks have their own modules.
-
 
 
 def _config_json(config) -> dict:
@@ -141,7 +145,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   with preemption_lib.Preemption() as preemption:
     try:
       return _train_and_evaluate(config, workdir, preemption)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       # Preempted raised inside a C++ callback (e.g. SentencePiece's trainer reading its sentences) comes back
       # wrapped in the library's RuntimeError: after a signal in these phases, any exception is the preemption.
       if not (preemption.requested and preemption.phase in ('setup', 'final_eval')):
@@ -157,19 +161,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 
 def _train_and_evaluate(config, workdir: str, preemption: preemption_lib.Preemption) -> dict[str, float]:
-  from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
+  from transformer_jax.data import pipeline  # (TensorFlow is slow to import)
+
   clock = run_control.PhaseClock()
   workdir = paths.resolve(workdir)
   paths.makedirs(workdir)
   mesh = _checked_mesh(config)
   tx = optim.make_optimizer(config)
   shardings, abstract = _checked_resumable(config, workdir, mesh, tx)  # before any data is prepared or written
-  data = pipeline.build_datasets(config, workdir, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+  data = pipeline.build_datasets(config, workdir, process_index=jax.process_index(), process_count=jax.process_count())
   clock.mark('data (text, tokenizer, shards, held-out set)')
   if data.tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f'the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size is '
-                     f'{config.model.vocab_size}')
+    raise ValueError(
+      f'the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size is {config.model.vocab_size}'
+    )
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     run = _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption)
     run.clock = clock.mark('state and evaluator')
@@ -190,8 +195,10 @@ def _train_and_evaluate(config, workdir: str, preemption: preemption_lib.Preempt
 def _checked_mesh(config):
   mesh = parallel.make_mesh(config.mesh)
   if config.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch axes '
-                     f"data*fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
+    raise ValueError(
+      f'batch_size={config.batch_size} is not divisible by the batch axes '
+      f'data*fsdp={mesh.shape["data"] * mesh.shape["fsdp"]}'
+    )
   parallel.process_batch_rows(mesh, config.batch_size)  # each process must own its own rows: fail before loading data
   return mesh
 
@@ -210,6 +217,7 @@ def _checked_resumable(config, workdir: str, mesh, tx):
 @dataclasses.dataclass
 class _Run:
   """What setup hands to the steps and the final evaluation."""
+
   config: Any
   workdir: str
   mesh: Any
@@ -219,9 +227,9 @@ class _Run:
   train_step: Callable
   step_rng: Any
   checkpointer: Any
-  evaluate: 'evaluation.Evaluator'
+  evaluate: evaluation.Evaluator
   is_chief: bool
-  clock: 'run_control.PhaseClock | None' = None
+  clock: run_control.PhaseClock | None = None
 
 
 def _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption) -> _Run:
@@ -230,8 +238,9 @@ def _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption) -> 
   cfg = train_state.model_config(config, special_ids=data.tokenizer.special_ids)
   model = build_model(cfg)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  checkpointer = workdir_lib.Workdir(workdir).checkpointer(keep=config.keep_checkpoints,
-                                                           async_save=config.get('async_checkpointing', True))
+  checkpointer = workdir_lib.Workdir(workdir).checkpointer(
+    keep=config.keep_checkpoints, async_save=config.get('async_checkpointing', True)
+  )
   preemption.checkpointer = checkpointer
   if checkpointer.latest_step() is not None:
     state, data_state, restored_step = checkpointer.restore(abstract)
@@ -242,18 +251,29 @@ def _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption) -> 
     state, _ = train_state.create_sharded_state(model, tx, config, mesh, init_rng)
   if is_chief:
     logging.info('%d parameters; mesh %s', train_state.count_params(state.params), dict(mesh.shape))
-  return _Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state,
-              start_step=int(jax.device_get(state.step)),
-              train_step=jit_train_step(model, tx, config, mesh, shardings), step_rng=step_rng,
-              checkpointer=checkpointer, evaluate=evaluation.Evaluator(config, workdir, mesh, cfg, model, data),
-              is_chief=is_chief)
+  return _Run(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    data=data,
+    state=state,
+    start_step=int(jax.device_get(state.step)),
+    train_step=jit_train_step(model, tx, config, mesh, shardings),
+    step_rng=step_rng,
+    checkpointer=checkpointer,
+    evaluate=evaluation.Evaluator(config, workdir, mesh, cfg, model, data),
+    is_chief=is_chief,
+  )
 
 
 def _evaluate_finished(run: _Run) -> dict[str, float]:
   """A run already at (or past) num_train_steps: the held-out metrics of its checkpoint, nothing written."""
   if run.is_chief:
-    print(f'the run is already complete at step {run.start_step} (num_train_steps={run.config.num_train_steps}); '
-          'held-out metrics of that checkpoint follow (raise --config.num_train_steps to train on)', flush=True)
+    print(
+      f'the run is already complete at step {run.start_step} (num_train_steps={run.config.num_train_steps}); '
+      'held-out metrics of that checkpoint follow (raise --config.num_train_steps to train on)',
+      flush=True,
+    )
   final = {'step': run.start_step, **run.evaluate(run.state.params, run.start_step, write=False)}
   run.checkpointer.close()
   return final
@@ -261,7 +281,8 @@ def _evaluate_finished(run: _Run) -> dict[str, float]:
 
 def _train_steps(run: _Run, writer, preemption) -> dict[str, float]:
   """Steps from run.start_step to num_train_steps: logs, evaluates, checkpoints; stops after a signal (saved)."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm
+
   config, checkpointer, is_chief, state = run.config, run.checkpointer, run.is_chief, run.state
   num_steps, log_every = int(config.num_train_steps), int(config.get('log_every_steps', 50))
   last_train: dict[str, float] = {}
@@ -297,8 +318,9 @@ def _train_steps(run: _Run, writer, preemption) -> dict[str, float]:
       progress.update(1)
       if step % log_every == 0 or step == num_steps:
         last_train['tokens_per_s'] = throughput.rate()
-        progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.3f}",
-                             tok_s=f"{last_train['tokens_per_s']:.0f}")
+        progress.set_postfix(
+          loss=f'{last_train.get("loss", float("nan")):.3f}', tok_s=f'{last_train["tokens_per_s"]:.0f}'
+        )
         writer.write(step, {k: v for k, v in last_train.items() if k != 'tokens'})
         if 'loss' in last_train:
           stall.update(step, last_train['loss'])

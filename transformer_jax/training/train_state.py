@@ -28,9 +28,12 @@ class TrainState:
 def model_config(config, platform: str | None = None, **overrides) -> ModelConfig:
   """The model's config; `platform` ('tpu', 'gpu', 'cpu'; default this process's backend) resolves
   model.dtype='auto' for the chip the step will run on."""
-  return ModelConfig.from_config(config.model, platform=platform,
-                                 max_len=max(config.max_length, config.packed_inputs_length,
-                                             config.packed_targets_length), **overrides)
+  return ModelConfig.from_config(
+    config.model,
+    platform=platform,
+    max_len=max(config.max_length, config.packed_inputs_length, config.packed_targets_length),
+    **overrides,
+  )
 
 
 def dummy_batch(config, rows: int = 1):
