@@ -77,7 +77,7 @@ class ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in dict(model_config).items() if k in fields}
     values.update(overrides)
-    # Stored configs may name the dense backend in attention_impl ('auto', 'xla' or 'cudnn'): cudnn is a kind now.
+    # A stored config may name the dense backend in attention_impl ('auto' or 'xla': dense; 'cudnn': the cudnn kind).
     if dict(model_config).get('attention_impl') == 'cudnn' and values.get('attention', 'dense') == 'dense':
       values['attention'] = 'cudnn'
     if platform is not None:
