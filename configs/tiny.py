@@ -32,14 +32,12 @@ def get_config():
       pre_norm=False,
       positional='sinusoidal',
       dtype='float32',
-      attention_impl='auto',
       remat='none',
       scan_layers=False,
-      # attention.py: 'dense' | 'blockwise' | 'splash' (TPU); window 0 = full attention
+      # attention.py: 'auto' | 'dense' | 'cudnn' (GPU) | 'blockwise' | 'splash' (TPU); window 0 = full attention
       attention='dense',
       attention_block_size=512,
       attention_window=0,
-      attention_interpret=False,
     )
   )
 

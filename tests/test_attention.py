@@ -1,6 +1,8 @@
 """attention.py: blockwise and splash (interpret mode) equal dense attention, forward and gradients, on packed
-segments, causal and windowed self-attention and cross-attention over padded sources; windowed decoding over the ring
-buffer equals teacher forcing; blockwise's planned temporaries grow linearly in length; bad settings are one line."""
+segments, causal and windowed self-attention and cross-attention over padded sources; every value of the one switch
+model.attention, through the one dispatch, equals dense; 'auto' resolves per platform and length as documented;
+windowed decoding over the ring buffer equals teacher forcing; blockwise's planned temporaries grow linearly in length;
+a bad setting is one line, from the one check (config_checks.py)."""
 
 import functools
 
@@ -169,6 +171,112 @@ def test_splash_interpret_equals_the_reference_on_random_cases(kind, window, see
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The switch: one value, one dispatch
+
+
+def _switch(kind: str, platform: str | None = None, block_size: int = 128, **fields) -> ModelConfig:
+  return ModelConfig(vocab_size=32, attention=kind, attention_block_size=block_size, platform=platform, **fields)
+
+
+def dispatch_loss_and_grads(cfg, q, k, v, spec):
+  """loss_and_grads through attention.attention, the dispatch the model calls."""
+  real = spec.dense().any(-1)[:, 0][:, :, None, None]
+  weights = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
+
+  def loss(q, k, v):
+    out, maps = attention.attention(q, k, v, spec, cfg)
+    assert maps is None
+    return jnp.sum(jnp.where(real, out * weights, 0.0)), jnp.where(real, out, 0.0)
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize('kind', ['auto', 'dense', 'blockwise', 'cudnn'])
+@pytest.mark.parametrize('seed', range(3))
+def test_every_kind_through_the_dispatch_equals_dense(kind, seed):
+  """Random packed causal, bidirectional (windowed or not) and cross cases: the same outputs and gradients."""
+  if kind == 'cudnn' and jax.default_backend() != 'gpu':
+    pytest.skip('cuDNN runs on a GPU')
+  block = 16
+  q, k, v, spec, mask = random_case(seed, block)
+  dtype = jnp.bfloat16 if kind == 'cudnn' else jnp.float32  # cuDNN takes 16-bit operands only
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  atol = 3e-2 if kind == 'cudnn' else 1e-5
+  assert_same(
+    dispatch_loss_and_grads(_switch('dense', block_size=block), q, k, v, spec),
+    dispatch_loss_and_grads(_switch(kind, block_size=block), q, k, v, spec),
+    atol=atol,
+  )
+
+
+def test_splash_through_the_dispatch_equals_dense_off_tpu_interpreted():
+  q, k, v, spec, _ = random_case(4, 128, 'causal', 100, max_blocks=1)
+  assert_same(
+    dispatch_loss_and_grads(_switch('dense'), q, k, v, spec), dispatch_loss_and_grads(_switch('splash'), q, k, v, spec)
+  )
+
+
+def test_auto_resolves_per_platform_and_length_as_documented():
+  """auto: splash on a TPU when every length fills whole splash blocks (a multiple of 128, and of the block when
+  longer than it), dense on a TPU otherwise and on every other platform; named kinds are themselves everywhere."""
+  rng = np.random.default_rng(0)
+  for _ in range(500):
+    lengths = tuple(int(n) for n in rng.choice([1, 7, 100, 128, 200, 256, 384, 512, 640, 1024, 4096], size=2))
+    block = int(rng.choice([64, 100, 128, 256, 512, 1000]))
+    fits = all(n % 128 == 0 and (n <= block or (block % 128 == 0 and n % block == 0)) for n in lengths)
+    assert attention.resolve('auto', 'tpu', lengths, block) == ('splash' if fits else 'dense'), (lengths, block)
+    for platform in ('cpu', 'gpu', 'cuda'):
+      assert attention.resolve('auto', platform, lengths, block) == 'dense'
+    for kind in ('dense', 'cudnn', 'blockwise', 'splash'):
+      assert attention.resolve(kind, str(rng.choice(['tpu', 'cpu', 'gpu'])), lengths, block) == kind
+
+
+@pytest.mark.parametrize('platform, length, kernel', [('tpu', 256, True), ('tpu', 200, False), ('cpu', 256, False)])
+def test_auto_in_the_model_traces_the_kernel_its_platform_gets(platform, length, kernel):
+  """ModelConfig.from_config's platform (the TPU compile check passes 'tpu') reaches the dispatch: the splash kernel
+  is in the traced program exactly when auto resolves to it (traced, not run: the kernel needs a TPU)."""
+  cfg = ModelConfig.from_config({'vocab_size': 32, 'attention': 'auto', 'attention_block_size': 128}, platform=platform)
+  assert cfg.platform == platform
+  x = jnp.ones((B, length, H, K))
+  segments = jnp.ones((B, length), jnp.int32)
+  spec = attention.MaskSpec(segments, segments, causal=True)
+  traced = str(jax.make_jaxpr(lambda x: attention.attention(x, x, x, spec, cfg)[0])(x))
+  assert ('pallas_call' in traced) == kernel
+
+
+def test_attention_maps_and_cached_steps_bypass_the_switch():
+  """attention_weights returns the explicit weights whatever the kind; a cached decoding step (one query, boolean
+  mask) is single_query_attention."""
+  q, k, v, spec, mask = random_case(1, 16, 'causal')
+  reference = reference_loss_and_grads(q, k, v, mask)[0]
+  real = jnp.asarray(mask.any(-1)[:, 0][:, :, None, None])
+  for kind in ('auto', 'blockwise', 'splash'):
+    out, weights = attention.attention(q, k, v, spec, _switch(kind, attention_weights=True))
+    assert weights.shape == (B, H, q.shape[1], k.shape[1])
+    np.testing.assert_allclose(jnp.where(real, out, 0.0), reference, atol=1e-5)
+    np.testing.assert_allclose(jnp.where(jnp.asarray(mask), weights, 0.0), weights)  # masked keys are 0
+  cache_k, cache_v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, L, K]
+  step_mask = jnp.asarray(mask[:, :, -1:])  # the last query's row [B, 1, 1, L]
+  for kind in ('blockwise', 'splash'):
+    out, weights = attention.attention(q[:, -1:], cache_k, cache_v, step_mask, _switch(kind, decode=True))
+    assert weights is None
+    expected = jax.nn.dot_product_attention(q[:, -1:], k, v, mask=step_mask)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_stored_attention_impl_maps_onto_the_switch():
+  """Old configs name the dense backend in attention_impl and may carry attention_interpret: they still load."""
+  load = lambda **model: ModelConfig.from_config({'vocab_size': 32, **model}).attention
+  assert load(attention_impl='cudnn') == 'cudnn'
+  assert load(attention_impl='cudnn', attention='dense') == 'cudnn'
+  assert load(attention_impl='cudnn', attention='blockwise') == 'blockwise'
+  for impl in ('auto', 'xla', None, ''):
+    assert load(attention_impl=impl) == 'dense'
+  assert load(attention='splash', attention_interpret=True) == 'splash'
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # In the model
 
 
@@ -311,7 +419,7 @@ def _config(max_length=1000, **model):
 @pytest.mark.parametrize(
   'model, expected',
   [
-    (dict(attention='flash'), "model.attention='flash': must be one of dense, blockwise, splash"),
+    (dict(attention='flash'), "model.attention='flash': must be one of auto, dense, cudnn, blockwise, splash"),
     (dict(attention='blockwise', attention_window=-1), 'model.attention_window=-1: must be an integer >= 0'),
     (dict(attention='blockwise', attention_block_size=256), 'must divide max_length=1000'),
     (dict(attention='splash', attention_block_size=512), "model.attention='splash': a TPU kernel"),
@@ -324,18 +432,26 @@ def test_bad_settings_are_one_line_errors(model, expected):
   assert all('\n' not in e for e in errors)
 
 
-def test_splash_is_allowed_off_tpu_in_interpret_mode_and_in_stored_configs():
-  assert not config_checks.config_errors(_config(1024, attention='splash', attention_interpret=True))
+def test_splash_is_allowed_in_stored_configs_and_refused_for_training_off_tpu():
   assert not config_checks.config_errors(_config(1024, attention='splash'), platform_checks=False)
+  errors = config_checks.config_errors(_config(1024, attention='splash'))
+  assert len(errors) == (jax.default_backend() != 'tpu'), errors
 
 
 @pytest.mark.parametrize(
-  'field, value', [('attention', 'flash'), ('attention_window', -2), ('attention_block_size', 0)]
+  'field, value', [('attention', 'flash'), ('attention', 'xla'), ('attention_window', -2), ('attention_block_size', 0)]
 )
-def test_model_config_refuses_bad_attention_settings(field, value):
-  with pytest.raises(ValueError, match=field) as e:
-    ModelConfig.from_config({'vocab_size': 32, field: value})
-  assert '\n' not in str(e.value)
+def test_a_bad_attention_setting_fails_once_in_one_line(field, value):
+  """config_checks.py is the one check: one line naming the key; ModelConfig and the dispatch do not check again."""
+  errors = config_checks.config_errors(_config(1024, **{field: value}))
+  assert len(errors) == 1 and f'model.{field}={value!r}' in errors[0] and '\n' not in errors[0], errors
+  assert getattr(ModelConfig.from_config({'vocab_size': 32, field: value}), field) == value
+
+
+def test_every_kind_and_auto_pass_the_check_with_any_lengths():
+  # auto and the dense kernels pad nothing, so they take any length; blockwise and splash name their block's rule.
+  for kind in ('auto', 'dense', 'cudnn'):
+    assert not config_checks.config_errors(_config(1000, attention=kind, attention_block_size=300)), kind
 
 
 @pytest.mark.parametrize('fmt', ['hf-gpt2', 'hf-marian'])

@@ -290,15 +290,16 @@ def test_a_splash_workdir_translates_on_cpu_with_blockwise_and_says_so_once(tmp_
   ), lines
 
 
-def test_splash_stays_splash_on_a_tpu_and_when_interpreted():
+def test_splash_stays_splash_on_a_tpu_and_other_kinds_stay_everywhere():
   from transformer_jax.storage import workdir
 
-  config = ml_collections.ConfigDict(dict(model=dict(attention='splash', attention_interpret=False)))
+  config = ml_collections.ConfigDict(dict(model=dict(attention='splash')))
   assert workdir.attention_for_this_host(config, 'tpu') is config
   assert workdir.attention_for_this_host(config, 'cpu').model.attention == 'blockwise'
   assert config.model.attention == 'splash'  # the caller's config is left as it was
-  config.model.attention_interpret = True
-  assert workdir.attention_for_this_host(config, 'cpu') is config
+  for kind in ('auto', 'dense', 'cudnn', 'blockwise'):
+    config.model.attention = kind
+    assert workdir.attention_for_this_host(config, 'cpu') is config
 
 
 def test_incomplete_steps_local_and_gcs(tmp_path, monkeypatch):

@@ -136,9 +136,11 @@ def config_errors(config, *, platform_checks: bool = True, length_checks: bool =
 
 
 def _attention_errors(config, bad: set[str], platform_checks: bool, length_checks: bool) -> list[str]:
-  """model.attention is a known kind; its block divides the trained lengths; splash runs on TPU (or interpreted)."""
+  """The one check of model.attention (attention.py's switch): a known kind; the block of blockwise and splash divides
+  the trained lengths; splash blocks are whole lanes; `train` runs splash only on a TPU. 'auto' pads nothing (it
+  picks splash only where the lengths fit), so it has no length rule; nor have dense and cudnn."""
   kind = _get(config, 'model.attention')
-  if kind is _MISSING or kind == 'dense':
+  if kind is _MISSING or kind in ('dense', 'cudnn', 'auto'):
     return []
   from transformer_jax.model import attention  # (jax: only for the block kernels)
 
@@ -166,13 +168,13 @@ def _attention_errors(config, bad: set[str], platform_checks: bool, length_check
         )
   if kind == 'splash' and _is_int(block) and block % 128:
     errors.append(f'config model.attention_block_size={block}: splash blocks must be multiples of 128 (its lanes)')
-  if platform_checks and kind == 'splash' and _get(config, 'model.attention_interpret') is not True:
+  if platform_checks and kind == 'splash':
     import jax
 
     if jax.default_backend() != 'tpu':
       errors.append(
         f"config model.attention='splash': a TPU kernel, and this host runs {jax.default_backend()}; use "
-        "'blockwise', or model.attention_interpret=True (slow: tests)"
+        "'blockwise' (the same exact attention) or 'auto'"
       )
   return errors
 

@@ -1,15 +1,28 @@
-"""Attention kernels: the one place the model's attention dispatches on `model.attention`.
+"""Attention kernels and THE dispatch on `model.attention` (`attention()`, which the model's MultiHeadAttention
+calls for every attention it computes: teacher-forced, cached decoding steps and attention maps).
 
-  dense      jax.nn.dot_product_attention over a boolean [B, 1, T, S] mask built from the description below: O(T S)
-             memory; model.attention_impl picks XLA or cuDNN (GPU). In a compute dtype below float32 (and not cuDNN),
-             dense_attention: the same function with its products, backward included, on that dtype's operands.
+model.attention, one switch:
+
+  auto       splash on a TPU when every length fills whole splash blocks (no padding: see block_for), dense
+             otherwise and on every other platform. It never picks blockwise: a length too long for dense is a
+             memory budget, which the config names (model.attention='blockwise'), not something to guess.
+  dense      jax.nn.dot_product_attention's XLA path over a boolean [B, 1, T, S] mask built from the description
+             below: O(T S) memory. In a compute dtype below float32, dense_attention: the same function with its
+             products, backward included, on that dtype's operands.
+  cudnn      the same dense attention through jax.nn.dot_product_attention's cuDNN kernel (GPU, bfloat16/float16).
   blockwise  exact attention in plain JAX (any device): an online softmax over key blocks (Rabe & Staats 2021;
              FlashAttention's recurrence) under a custom VJP whose backward pass recomputes each block, so what is
              kept between the passes is O(T) and a pass's temporaries O(T x block). Key blocks outside the causal or
              window band of a query block are never visited (their range is computed from the block indices);
              segment ids and padding are masked inside the visited blocks.
   splash     the TPU's Pallas splash kernel (jax.experimental.pallas.ops.tpu.splash_attention): SegmentIds for
-             packing, CausalMask / LocalMask for the band; model.attention_interpret runs it on CPU (tests).
+             packing, CausalMask / LocalMask for the band. Off TPU it runs in Pallas interpret mode (exact, slow:
+             tests); `train` refuses it there and the commands that read a workdir attend with blockwise instead
+             (config_checks.py, storage/workdir.py).
+
+config_checks.py is the one place the switch and its block are validated; the functions here trust their settings.
+Cached decoding steps (one query over a [B, H, L, K] cache) run single_query_attention and attention maps
+(model.attention_weights) explicit_attention_weights whatever the switch says: both need the weights themselves.
 
 Blocks are model.attention_block_size (the whole sequence when shorter; splash: a multiple of 128). A length the block
 does not divide is padded up to one it does (segment 0, so masked) and cut back: training configs must not need it
@@ -36,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-KINDS = ('dense', 'blockwise', 'splash')
+KINDS = ('auto', 'dense', 'cudnn', 'blockwise', 'splash')  # model.attention's values
 _NEG = -1e30  # a masked logit: finite, so max and exp never make NaN
 
 
@@ -88,26 +101,52 @@ def _pad_to(x, segment, block: int):
   return (jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)), jnp.pad(segment, [(0, 0), (0, extra)]))
 
 
-def attend(
-  query,
-  key,
-  value,
-  mask,
-  *,
-  kind: str = 'dense',
-  block_size: int = 512,
-  impl: str | None = None,
-  interpret: bool = False,
-):
-  """query [B, T, H, K], key/value [B, S, H, K], mask a MaskSpec, a boolean [B, 1, T, S] or None -> [B, T, H, K]."""
-  if kind == 'dense' or not isinstance(mask, (MaskSpec, type(None))):
+def splash_fits(length: int, block_size: int) -> bool:
+  """Whether splash runs `length` positions without padding: whole blocks of a multiple of 128 (its lane width)."""
+  block = block_for(length, block_size, 'splash')
+  return block % 128 == 0 and length % block == 0
+
+
+def resolve(kind: str, platform: str, lengths: tuple[int, ...] = (), block_size: int = 512) -> str:
+  """The kernel model.attention=`kind` runs on `platform` ('tpu', 'gpu', 'cpu') for query and key `lengths`: 'auto'
+  is splash on a TPU when every length fills whole splash blocks, dense otherwise; the other kinds are themselves."""
+  if kind != 'auto':
+    return kind
+  if platform.lower() == 'tpu' and lengths and all(splash_fits(n, block_size) for n in lengths):
+    return 'splash'
+  return 'dense'
+
+
+def attention(query, key, value, mask, cfg):
+  """THE dispatch: MultiHeadAttention's attention under ModelConfig `cfg` -> (output [B, T, H, K], weights).
+
+  query [B, T, H, K]; key/value [B, S, H, K], or a decoding cache [B, H, L, K] with mask a boolean [B, 1, 1, L];
+  mask a MaskSpec, a boolean [B, 1, T, S] (decoding) or None (cache creation). weights: [B, H, T, S] when
+  cfg.attention_weights (attention maps, never while decoding), else None. model.attention picks the kernel
+  (resolve: 'auto' for cfg.platform, default this process's backend); splash off TPU runs interpreted."""
+  if cfg.decode and query.shape[1] == 1 and mask is not None:
+    return single_query_attention(query, key, value, mask), None
+  if cfg.attention_weights and not cfg.decode:
+    weights = explicit_attention_weights(query, key, mask.dense() if isinstance(mask, MaskSpec) else mask)
+    return jnp.einsum('bhts,bshk->bthk', weights.astype(value.dtype), value), weights
+  platform = cfg.platform or jax.default_backend()
+  kind = resolve(cfg.attention, platform, (query.shape[1], key.shape[1]), cfg.attention_block_size)
+  out = attend(query, key, value, mask, kind=kind, block_size=cfg.attention_block_size, interpret=platform != 'tpu')
+  return out, None
+
+
+def attend(query, key, value, mask, *, kind: str = 'dense', block_size: int = 512, interpret: bool = False):
+  """One kernel (`kind`: a KINDS value other than 'auto'): query [B, T, H, K], key/value [B, S, H, K], mask a
+  MaskSpec, a boolean [B, 1, T, S] or None -> [B, T, H, K]. A boolean mask runs dense (the block kernels take a
+  MaskSpec); interpret runs splash in Pallas interpret mode (off TPU)."""
+  if kind in ('dense', 'cudnn') or not isinstance(mask, (MaskSpec, type(None))):
     if isinstance(mask, MaskSpec):
       mask = mask.dense()
-    if query.dtype != jnp.float32 and impl != 'cudnn':
+    if kind == 'cudnn':
+      return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation='cudnn')
+    if query.dtype != jnp.float32:
       return dense_attention(query, key, value, mask)
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
-  if kind not in KINDS:
-    raise ValueError(f'model.attention must be one of {", ".join(KINDS)}, got {kind!r}')
+    return jax.nn.dot_product_attention(query, key, value, mask=mask)
   if mask is None:
     ones = lambda n: jnp.ones((query.shape[0], n), jnp.int32)
     mask = MaskSpec(ones(query.shape[1]), ones(key.shape[1]))
@@ -117,11 +156,8 @@ def attend(
   key, kv_segment = _pad_to(key, mask.kv_segment, bk)
   value, _ = _pad_to(value, mask.kv_segment, bk)
   mask = mask.replace(q_segment=q_segment, kv_segment=kv_segment)
-  if kind == 'blockwise':
-    out = blockwise_attention(query, key, value, mask, bq, bk)
-  else:
-    out = splash_attention(query, key, value, mask, bq, bk, interpret)
-  return out[:, :t]
+  kernel = {'blockwise': blockwise_attention, 'splash': functools.partial(splash_attention, interpret=interpret)}
+  return kernel[kind](query, key, value, mask, bq, bk)[:, :t]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from transformer_jax.model import attention as attention_lib
 from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
 
 # torch's nn.LayerNorm default: one constant so exported HF Marian models compute the same function.
@@ -48,12 +47,12 @@ class ModelConfig:
   positional: str = 'sinusoidal'  # or 'learned'
   max_len: int = 512  # longest position (learned table size; decode cache length)
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None (auto), 'xla', 'cudnn'
-  # attention.py: 'dense' | 'blockwise' (exact, memory linear in length) | 'splash' (TPU Pallas kernel)
+  # attention.py, the one switch: 'auto' (splash on TPU where the lengths fit its blocks, else dense) | 'dense' (XLA)
+  # | 'cudnn' (dense through cuDNN: GPU) | 'blockwise' (exact, memory linear in length) | 'splash' (TPU Pallas kernel)
   attention: str = 'dense'
   attention_block_size: int = 512  # blockwise/splash block (query and key); must divide the lengths
   attention_window: int = 0  # local self-attention over W positions (0: full); the decode cache then holds W
-  attention_interpret: bool = False  # splash in Pallas interpret mode (runs off TPU, slowly: tests)
+  platform: str | None = None  # the chip attention='auto' chooses for (from_config's; None: this process's backend)
   remat: str = 'none'  # 'none' | 'full' | 'dots_saveable'
   scan_layers: bool = False  # nn.scan over identical layers: compile time flat in depth
   decode: bool = False  # incremental decoding over a key/value cache (set by decode.py)
@@ -72,13 +71,17 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, model_config, platform: str | None = None, **overrides) -> ModelConfig:
-    """`platform` resolves model.dtype='auto' for the chip the model will run on (default: this process's
-    backend; the TPU compile check, running on CPU, passes 'tpu')."""
+    """`platform` resolves model.dtype='auto' and model.attention='auto' for the chip the model will run on (default:
+    this process's backend; the TPU compile check, running on CPU, passes 'tpu'). model.attention and its block are
+    validated by config_checks.py, not here."""
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in dict(model_config).items() if k in fields}
     values.update(overrides)
-    if values.get('attention_impl') in ('auto', ''):
-      values['attention_impl'] = None
+    # A stored config may name the dense backend in attention_impl ('auto' or 'xla': dense; 'cudnn': the cudnn kind).
+    if dict(model_config).get('attention_impl') == 'cudnn' and values.get('attention', 'dense') == 'dense':
+      values['attention'] = 'cudnn'
+    if platform is not None:
+      values['platform'] = platform
     if values.get('activation') == 'swish':  # HF's name for the same function
       values['activation'] = 'silu'
     if isinstance(values.get('dtype'), str):
@@ -96,13 +99,6 @@ class ModelConfig:
       raise ValueError(f'model.activation must be one of {", ".join(ACTIVATIONS)}, got {cfg.activation!r}')
     if cfg.remat not in ('none', 'full', 'dots_saveable'):
       raise ValueError(f"model.remat must be 'none', 'full' or 'dots_saveable', got {cfg.remat!r}")
-    if cfg.attention not in attention_lib.KINDS:
-      raise ValueError(f'model.attention must be one of {", ".join(attention_lib.KINDS)}, got {cfg.attention!r}')
-    if cfg.attention_window < 0 or cfg.attention_block_size < 1:
-      raise ValueError(
-        f'model.attention_window={cfg.attention_window} must be >= 0 (0: off) and '
-        f'model.attention_block_size={cfg.attention_block_size} >= 1'
-      )
     return cfg
 
 

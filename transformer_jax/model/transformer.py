@@ -157,24 +157,9 @@ class MultiHeadAttention(nn.Module):
       key, value, mask = self._update_cache(key, value, mask)
 
     query = constrain(query, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
-    if cfg.decode and query.shape[1] == 1 and mask is not None:
-      x = attention_lib.single_query_attention(query, key, value, mask)
-    elif cfg.attention_weights and not cfg.decode:
-      dense_mask = mask.dense() if isinstance(mask, MaskSpec) else mask
-      weights = attention_lib.explicit_attention_weights(query, key, dense_mask)  # [B, H, T, S]
-      self.sow('intermediates', 'attention_weights', weights)
-      x = jnp.einsum('bhts,bshk->bthk', weights.astype(value.dtype), value)
-    else:
-      x = attention_lib.attend(
-        query,
-        key,
-        value,
-        mask,
-        kind=cfg.attention,
-        block_size=cfg.attention_block_size,
-        impl=cfg.attention_impl,
-        interpret=cfg.attention_interpret,
-      )  # [B, T, H, K]
+    x, weights = attention_lib.attention(query, key, value, mask, cfg)  # [B, T, H, K]
+    if weights is not None:
+      self.sow('intermediates', 'attention_weights', weights)  # [B, H, T, S]: attention_maps.py
     out = HeadProjection(
       (cfg.num_heads, head_dim, cfg.d_model),
       ('heads', 'kv', 'embed'),

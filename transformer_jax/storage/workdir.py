@@ -214,7 +214,7 @@ def attention_for_this_host(config, platform: str | None = None) -> ml_collectio
   """config, or off TPU a copy with model.attention='blockwise' where it says 'splash' (a TPU kernel; blockwise is the
   same exact attention in plain JAX), saying so in one line. platform: default jax.default_backend()."""
   model = config.get('model') or {}
-  if model.get('attention') != 'splash' or model.get('attention_interpret'):
+  if model.get('attention') != 'splash':
     return config
   platform = platform or jax.default_backend()
   if platform == 'tpu':
