@@ -163,7 +163,7 @@ class Shards:
 class TrainStream:
   """Infinite, deterministic stream of this process's packed training batches; exact, instant resume.
 
-  The same interface train.py uses on pipeline.TrainIterator: next(), get_state(), set_state().
+  train.py uses next(), get_state() (saved as the checkpoint's `data` item) and set_state().
   """
 
   def __init__(
@@ -343,9 +343,9 @@ class TrainStream:
   def set_state(self, state: dict[str, Any]) -> None:
     """Positions the stream where get_state() was taken (on every process, from the same dict)."""
     if state.get('format') != STATE_FORMAT:
-      if 'step' in state:  # a checkpoint of the in-memory pipeline: no row position to map to
+      if 'step' in state:  # an epoch/batch/step state: it holds no row position to map to
         logging.warning(
-          'Data state %s is from the in-memory pipeline; the stream restarts at epoch 0 (the batches '
+          'Data state %s holds no stream position; the stream restarts at epoch 0 (the batches '
           'after this resume differ from an uninterrupted run)',
           dict(state),
         )
