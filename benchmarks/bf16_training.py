@@ -9,7 +9,7 @@ bfloat16 operands).
                                      [--override=num_train_steps=100 ...]
   python benchmarks/bf16_training.py --step_times_only   # the train steps alone, alternating dtypes in one process
 
-Goals (issue: bf16 training end to end): exact match within 1 point, bits/byte within 2%.
+Goals: exact match within 1 point, bits/byte within 2%.
 
 The HLO helpers here (instructions, dots, dot_dtypes) are what tests/test_bf16.py checks the compiled TPU and CPU
 programs with.

@@ -18,7 +18,7 @@ ended by block_until_ready / returning tensors); the table gives sentences/s of 
 the median CPU time of a run (all threads of the process: a measure of work that other jobs on the machine disturb
 less than wall time, though spinning OpenMP threads inflate it under contention).
 On a machine shared with other jobs PyTorch's OpenMP threads suffer badly from preemption (runs of the same call
-varied 1.5 s to 17 s there); the best run is the least disturbed.
+vary by an order of magnitude); the best run is the least disturbed.
 """
 
 from __future__ import annotations

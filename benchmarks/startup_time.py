@@ -7,7 +7,7 @@ interpreter, so its start-up is paid many times (the test suite starts over a hu
 interpreter, `--repeats` times; the table gives the median user+system CPU and wall seconds (CPU seconds are what a
 shared 2-core machine runs out of; wall seconds include waiting on the disk). Rows:
 
-- `import ml_dtypes`: jax's dtype extension (0.7.0 took 1.4 s of CPU here, 0.6.0 0.03 s: pyproject keeps < 0.7);
+- `import ml_dtypes`: jax's dtype extension (its import cost depends on the version: pyproject keeps < 0.7);
 - `import jax`, `import transformer_jax.training.train` (jax, flax, optax, orbax: what `train` imports);
 - `transformer-jax evaluate --workdir=MISSING`: the CLI up to its one-line refusal;
 - bad flags on an existing (empty) workdir: `generate --temperature=-1`, `translate --beam_size=0`,

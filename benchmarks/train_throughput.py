@@ -48,7 +48,7 @@ MFU = (model FLOPs / step time) / peak, where peak is MEASURED in the same run a
 the reference is the best rate this machine shows) in the variant's compute dtype, on every device of the mesh at
 once (a [d, n, n] batched matmul sharded over the d devices). It is timed `--peak_reps` times (after one untimed run)
 before the variant's timed steps and again `--pause` seconds after every step (interleaved, so a busy shared machine
-slows both alike; the pause lets the runtime finish releasing the step's buffers, a few 100 ms of CPU on this host,
+slows both alike; the pause lets the runtime finish releasing the step's buffers, CPU work
 which would otherwise be charged to the matmul). Peak = total matmul FLOPs / total matmul time. Three estimates,
 equal on an idle machine:
   MFU           model FLOPs / median step time / peak;

@@ -4,8 +4,8 @@ Every `transformer-jax` subprocess a test starts inherits this environment, incl
 compilation cache for the whole session (and for every pytest-xdist worker): the many small end-to-end runs share a
 handful of programs, so only the first run of each compiles it. The cache is keyed by program, flags and jax version,
 and lives in .pytest_cache (git-ignored). The in-process tests use it too: many of them build the same small steps
-again (a new jit of the same program misses JAX's in-memory cache), and with it a cold run of the in-process files
-took 12% less CPU (279 -> 247 s user, 2026-12-04, 2-core Zen 3).
+again (a new jit of the same program misses JAX's in-memory cache), so they share it too (benchmarks/RESULTS.md has
+the figures).
 """
 
 import os
@@ -13,15 +13,15 @@ import sys
 
 # The suite starts ~100 Python processes (CLI runs, workers), each importing ~1,800 modules of jax, flax, orbax and
 # TensorFlow. With PYTHONDONTWRITEBYTECODE set (the machines here set it) and an installer that writes no
-# .pyc files (uv), every one of them compiled all that source again: ~2.5 s of CPU per process, a third of a small
-# `train` run (7.4 -> 5.1 s, 2-core Zen 4, 2026-12-04). The tests write the bytecode once, into the venv and the
+# .pyc files (uv), every one of them would compile all that source again, a large share of a small `train` run's
+# CPU. The tests write the bytecode once, into the venv and the
 # checkout's git-ignored __pycache__ directories, and every later process reads it.
 os.environ.pop('PYTHONDONTWRITEBYTECODE', None)
 sys.dont_write_bytecode = False
 
 # The tests' programs are tiny and mostly run a few times, so compiling them costs far more than running them:
-# backend optimization level 0 (no LLVM optimization passes) and the legacy fusion emitters compile a cold 8-step
-# `train` run with 18.8 -> 12.3 s of CPU instead of 28.8 s. The same programs, but float results can differ in
+# backend optimization level 0 (no LLVM optimization passes) and the legacy fusion emitters compile a cold small
+# `train` run with well under half the CPU of the default flags. The same programs, but float results can differ in
 # their last bits from the default flags' (configs/tiny.py's initial parameters do), so tests compare runs made under
 # the same flags or with tolerances. The test that runs 100 real steps (test_train's learning-rate test) runs its
 # subprocess with the default flags.
@@ -46,10 +46,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 import jax  # noqa: E402,F401  (reads the JAX_* variables above)
 
 
-# `--dist loadfile` hands each worker whole files in collection order, which is alphabetical: test_train.py (its
-# 100-step learning-rate test is its longest) came last, so it could run alone at the end. The
-# longest files go first (longest-processing-time scheduling); the rest keep their order. (Cold-cache suite in the
-# dev tree: 508 -> 499 s, within this host's noise.)
+# `--dist loadfile` hands each worker whole files in collection order, which is alphabetical: a long file late in
+# the alphabet (test_train.py) would run alone at the end. The longest files go first (longest-processing-time
+# scheduling); the rest keep their order.
 _LONGEST_FIRST = (
   'test_train.py',
   'test_checkpoint.py',

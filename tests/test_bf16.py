@@ -49,7 +49,7 @@ def _forward_products(config) -> int:
 
 @pytest.fixture(scope='module', params=[('encoder_decoder', 'dense'), ('decoder', 'blockwise')], ids=str)
 def tpu_train(request):
-  """(config, HLO text, abstract state) of the bfloat16 train step compiled for v5e:2x2 (fsdp=4): ~8 s each. The
+  """(config, HLO text, abstract state) of the bfloat16 train step compiled for v5e:2x2 (fsdp=4), once per module. The
   translation model with dense attention, the language model with blockwise attention (two blocks of 16)."""
   if importlib.util.find_spec('libtpu') is None:
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
@@ -271,8 +271,8 @@ def cpu_runs():
 
 def test_bfloat16_training_follows_float32(cpu_runs):
   """The loss falls from ln(32) ~ 3.5 to ~0.11 nats (its floor: each row's first token is a guess among 29) in 40
-  steps; bfloat16's stays within 0.01 nats of float32's at every step. Measured, the two curves differ by at most
-  0.003 (bfloat16 rounds operands to 8 significant bits, ~0.4%, but sums in float32), so 0.01 leaves room for
+  steps; bfloat16's stays within 0.01 nats of float32's at every step. The two curves differ far less than that
+  (bfloat16 rounds operands to 8 significant bits, ~0.4%, but sums in float32), so 0.01 leaves room for
   another platform's rounding order, while a run whose products lost their float32 accumulation drifts by more,
   and a diverging one by up to the whole drop (3.8)."""
   f32, b16 = cpu_runs['float32'][0], cpu_runs['bfloat16'][0]

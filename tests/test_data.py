@@ -378,58 +378,6 @@ def small_ids(n=200, seed=0):
   return [(s, t) for s, t in random_examples(np.random.default_rng(seed), n, 12, 6)]
 
 
-def take(it, k):
-  return [next(it) for _ in range(k)]
-
-
-def same(a, b):
-  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
-
-
-def test_train_iterator_deterministic_and_resumable():
-  ids = small_ids()
-  kw = dict(batch_size=4, inputs_length=24, targets_length=12)
-  it = pipeline.TrainIterator(ids, seed=7, **kw)
-  bpe = it.batches_per_epoch
-  assert 3 <= bpe <= 20
-  first = take(it, 2 * bpe + 3)  # crosses two epoch boundaries
-  for b in first:
-    assert set(b) == set(packing.KEYS)
-    assert all(v.shape[0] == 4 and v.dtype == np.int32 for v in b.values())
-  assert same(first, take(pipeline.TrainIterator(ids, seed=7, **kw), 2 * bpe + 3))
-  assert not same(first[:bpe], take(pipeline.TrainIterator(ids, seed=8, **kw), bpe))
-  # each epoch is a different order and holds no example twice
-  assert not same(first[:bpe], first[bpe : 2 * bpe])
-  for e in range(2):
-    got = [ex for b in first[e * bpe : (e + 1) * bpe] for ex in packing.unpack_examples(b)]
-    tags = [s[0] for s, _ in got]
-    assert len(tags) == len(set(tags)) and len(tags) > 0.8 * len(ids)
-  # exact resume, at several points including right before/after an epoch boundary
-  for k in (1, bpe - 1, bpe, bpe + 1):
-    it = pipeline.TrainIterator(ids, seed=7, **kw)
-    take(it, k)
-    state = it.get_state()
-    assert all(type(v) is int for v in state.values()) and state['step'] == k
-    expected = take(it, bpe + 2)
-    fresh = pipeline.TrainIterator(ids, seed=7, **kw)
-    fresh.set_state(state)
-    assert same(expected, take(fresh, bpe + 2))
-    by_step = pipeline.TrainIterator(ids, seed=7, prefetch=False, **kw)
-    by_step.set_state({'step': k})
-    assert same(expected, take(by_step, bpe + 2))
-    by_epoch = pipeline.TrainIterator(ids, seed=7, **kw)
-    by_epoch.set_state({'epoch': state['epoch'], 'batch': state['batch']})
-    assert same(expected, take(by_epoch, bpe + 2))
-  # The step decides (another process's epoch/batch may differ): multi-host resume from one state.
-  other = pipeline.TrainIterator(ids, seed=7, **kw)
-  other.set_state({'epoch': 0, 'batch': 0, 'step': bpe + 1})
-  assert other.get_state() == {'epoch': 1, 'batch': 1, 'step': bpe + 1}
-  with pytest.raises(ValueError, match="needs 'step'"):
-    other.set_state({'epoch': 1})
-  with pytest.raises(ValueError, match='fewer than one batch'):
-    pipeline.TrainIterator(ids[:3], seed=7, **kw)
-
-
 def test_eval_batches_in_order_and_padded():
   ids = small_ids(50, seed=3)
   batches = pipeline.eval_batches(ids, batch_size=4, inputs_length=24, targets_length=12)

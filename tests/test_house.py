@@ -1,5 +1,5 @@
-"""The house rules: no import cycles in transformer_jax/, the model knows nothing of files, and an old workdir (written
-by the code before special ids moved into the vocabulary and loading moved into workdir.py) still loads unchanged."""
+"""The house rules: no import cycles in transformer_jax/, the model knows nothing of files, and a workdir written by
+an earlier version of the code (tests/data/workdir_v1) still loads unchanged."""
 
 import ast
 import gc
@@ -151,9 +151,10 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
 
 
 def test_old_workdir_loads_unchanged(tmp_path):
-  """tests/data/workdir_v1 was trained (2 steps) by the code before this change, which also exported its parameters
-  (workdir_v1_params.safetensors) and translated two sentences greedily (workdir_v1_greedy.txt). Today's
-  parameters-only restore gives the same parameters bit for bit, and the same translations."""
+  """tests/data/workdir_v1 is a 2-step workdir written by an earlier version of the code, with its parameters as that
+  version exported them (workdir_v1_params.safetensors) and its greedy translations of two sentences
+  (workdir_v1_greedy.txt). The current parameters-only restore gives the same parameters bit for bit, and the same
+  translations."""
   from transformer_jax import export
   from transformer_jax.inference import translate as inference
   from transformer_jax.storage.workdir import Workdir
@@ -193,7 +194,7 @@ def test_params_only_restore_reads_no_optimizer_state(monkeypatch):
 
 def test_the_default_task_and_its_metrics_never_import_tensorflow(tmp_path):
   """TensorFlow is an input library here, imported only for TFDS: the generated default task, its tokenizer,
-  prepared shards and the TensorBoard events never import it (~4-5 s of CPU per start on 2 cores)."""
+  prepared shards and the TensorBoard events never import it (it costs seconds of CPU per start)."""
   code = f"""
 import sys
 from configs import tiny

@@ -6,7 +6,6 @@ import glob
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
-from benchmarks import pipeline_throughput  # noqa: E402
 from benchmarks import train_throughput  # noqa: E402
 from configs import lm_tiny  # noqa: E402
 from configs import tiny  # noqa: E402
@@ -403,23 +401,6 @@ def test_throughput_benchmark_runs_and_reports_mfu():
   ]
   variant = train_throughput.apply_overrides(config, [('model.scan_layers', 'True'), ('grad_accum_steps', '2')])
   assert variant.model.scan_layers is True and variant.grad_accum_steps == 2 and config.grad_accum_steps == 1
-
-
-def test_pipeline_benchmark_measures_an_iterator():
-  rng = np.random.default_rng(0)
-  examples = [
-    (rng.integers(4, 50, rng.integers(3, 14)).tolist() + [1], rng.integers(4, 50, rng.integers(1, 6)).tolist() + [1])
-    for _ in range(600)
-  ]
-  from transformer_jax.data import pipeline
-
-  it = pipeline.TrainIterator(examples, batch_size=4, inputs_length=32, targets_length=12, seed=0)
-  start = time.perf_counter()
-  stats = pipeline_throughput.iterate(it, num_batches=3 * it.batches_per_epoch)
-  elapsed = time.perf_counter() - start
-  assert stats['batches'] == 3 * it.batches_per_epoch and stats['epochs'] >= 3
-  assert 0 < stats['seconds'] <= elapsed
-  assert stats['batches_per_s'] == pytest.approx(stats['batches'] / stats['seconds'])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -403,7 +403,7 @@ def test_a_second_trainer_is_refused_at_once_and_kill_9_leaves_no_blocking_lock(
     assert len(errors) == 1 and f'is in use by another writer: pid {first.proc.pid} on host ' in errors[0], errors
     assert '--config.num_train_steps=100000' in errors[0]  # the holder's command
     assert 'resumed from' not in second.stdout  # refused before touching the checkpoints
-    assert refused_after < 60, refused_after  # start-up (imports) only, measured on a loaded 2-core machine
+    assert refused_after < 60, refused_after  # start-up (imports) only, with room for a loaded machine
   finally:
     first.proc.kill()
     first.wait()
@@ -446,7 +446,7 @@ def _fill(disk: str, leave: int) -> str:
 
 def test_callbacks_on_a_closed_event_loop_go_to_the_detail_log_and_other_errors_do_not(tmp_path, monkeypatch, capsys):
   """After a failed save, tensorstore callbacks hit orbax's closed event loop and are printed through sys.excepthook
-  at any moment (the disk-full run was flaky with them): the CLI's hooks send exactly those to the detail log."""
+  at any moment (a disk-full run's output would vary with them): the CLI's hooks send exactly those to the detail log."""
   import asyncio
   import sys
   from transformer_jax.training import faults

@@ -247,7 +247,7 @@ def test_resume_gives_the_same_next_batches(prepared):
   assert same(straight, take(make_stream(got, prefetch=0), len(straight)))
   assert not same(straight[:5], take(make_stream(got, seed=4), 5))
   for b in straight:
-    assert all(v.shape == (4, 96) and v.dtype == np.int32 for v in b.values())
+    assert set(b) == set(packing.KEYS) and all(v.shape == (4, 96) and v.dtype == np.int32 for v in b.values())
   for k in (1, 37, per_epoch - 1, per_epoch, per_epoch + 3, 2 * per_epoch):
     it = make_stream(got)
     take(it, k)
@@ -260,6 +260,26 @@ def test_resume_gives_the_same_next_batches(prepared):
   other = make_stream(got, seed=9)
   with pytest.raises(ValueError, match='seed'):
     other.set_state(state)
+  with pytest.raises(ValueError, match='invalid data state'):
+    other.set_state({'epoch': 1, 'batch': 0})
+  # A state with a step but no stream position keeps the step and restarts the rows.
+  step_only = make_stream(got)
+  step_only.set_state({'epoch': 1, 'batch': 2, 'step': per_epoch + 2})
+  assert step_only.step == per_epoch + 2 and step_only.position == (0, 0, 0)
+  assert same(take(step_only, 3), straight[:3])
+
+
+def test_pipeline_benchmark_times_the_stream(prepared):
+  from benchmarks import pipeline_throughput
+
+  _, got = prepared
+  s = make_stream(got, chunk_examples=200, prefetch=0)
+  rows = [sum(r['inputs'].shape[0] for r in s.epoch_rows(epoch)) for epoch in (0, 1)]
+  num_batches = sum(rows) // 4 + 1  # ends a few rows into epoch 2
+  seen = []
+  stats = pipeline_throughput.iterate(s, num_batches=num_batches, transform=seen.append)
+  assert len(seen) == stats['batches'] == num_batches == s.step and stats['epochs'] == 2
+  assert stats['batches_per_s'] == pytest.approx(stats['batches'] / stats['seconds'])
 
 
 def test_state_of_two_processes_resumes_both(prepared):

@@ -145,8 +145,8 @@ def _large_xors(hlo: str, at_least: int) -> int:
 )
 def test_tpu_dropout_bits_come_from_the_rng_bit_generator_not_threefry():
   """rng_impl='rbg' on TPU: the dropout masks are drawn by rng-bit-generator, and threefry is left with the key
-  arithmetic (a few words); under threefry2x32 its xor rounds run over arrays of the masks' size. Compiled for v5e:2x2, ~30 s
-  each."""
+  arithmetic (a few words); under threefry2x32 its xor rounds run over arrays of the masks' size. Compiled for v5e:2x2,
+  once for each rng_impl."""
   from transformer_jax.tpu import compile as tpu_compile
 
   hlo = {}

@@ -10,7 +10,7 @@ XLA's matmul kernels writing their outputs; benchmarks/RESULTS.md has the figure
 - one heap (`train`, and the training benchmark): `arena_max=1`, `mmap_max=0` and a `trim_threshold` above any
   run's memory serve every block from one heap that is never handed back, so step N reuses step N-1's pages: no
   page faults in the steady state. It costs short runs
-  that mostly compile (one arena for XLA's compiler threads: +1-4 s on a 12-step run), so tests turn it off with
+  that mostly compile (XLA's compiler threads contend for the one arena), so tests turn it off with
   TRANSFORMER_JAX_ONE_HEAP=0, and it keeps a run's peak memory resident until the run ends.
 The CLI and the benchmarks re-execute themselves once, the same process id, with the tunables added to any existing
 GLIBC_TUNABLES. Everything off with TRANSFORMER_JAX_HUGEPAGES=0; nothing happens off Linux or before glibc 2.35, and

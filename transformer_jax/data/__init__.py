@@ -7,7 +7,7 @@ TensorFlow is imported only where files or TFDS are read (sources.py) and in bui
 """
 
 from transformer_jax.data.packing import pack_examples, packing_efficiency
-from transformer_jax.data.pipeline import Datasets, TrainIterator, build_datasets, eval_batches, tokenize_pairs
+from transformer_jax.data.pipeline import Datasets, build_datasets, eval_batches, tokenize_pairs
 from transformer_jax.data.sources import load_text_pairs
 from transformer_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_or_train_tokenizer
 
@@ -21,7 +21,6 @@ __all__ = [
   'load_text_pairs',
   'pack_examples',
   'packing_efficiency',
-  'TrainIterator',
   'eval_batches',
   'tokenize_pairs',
   'build_datasets',

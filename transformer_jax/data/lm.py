@@ -14,8 +14,8 @@ training text, so a held-out file is never trained on, on any machine.
 Training stream: every document is tokenized, EOS appended, cut into chunks of at most max_length tokens (each
 chunk a packed segment, positions restarting at 0, so the model starts it from BOS); epoch e permutes the chunks
 with np.random.default_rng((seed, e)) and packs them first-fit into rows; every epoch yields the number of full
-batches of epoch 0, so the position is a function of the step alone (resume by step, as data/pipeline.py's
-TrainIterator). Each process packs its own documents (every process_count-th, sorted by path).
+batches of epoch 0, so the position is a function of the step alone and resume needs only the step. Each process
+packs its own documents (every process_count-th, sorted by path).
 """
 
 from __future__ import annotations

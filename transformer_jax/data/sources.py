@@ -104,13 +104,13 @@ def _number_words(numbers: list[int]) -> list[tuple[str, str]]:
 
 
 _WORDS_CHUNK = 4096  # numbers per task (and per progress-bar update)
-_WORDS_IN_PARALLEL = 20_000  # distinct numbers from which worker processes pay off (~0.4 s each to start)
+_WORDS_IN_PARALLEL = 20_000  # distinct numbers from which worker processes repay their start-up
 
 
 def numbers_to_pairs(numbers, desc: str | None = None) -> list[tuple[str, str]]:
   """num2words(n, lang='en') -> num2words(n, lang='de'), computed once per distinct number; with desc, a progress
-  bar. num2words is slow (the default task's 108k distinct train numbers: 28 s on one core), so large sets are
-  split over worker processes, one per core (spawned: the parent may already run XLA's threads)."""
+  bar. num2words is slow (the default task's distinct train numbers take the longest part of data preparation), so
+  large sets are split over worker processes, one per core (spawned: the parent may already run XLA's threads)."""
   from tqdm import tqdm
 
   numbers = np.asarray(numbers, np.int64)

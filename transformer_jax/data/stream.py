@@ -1,6 +1,6 @@
 """The training stream over prepared shards: index shuffle, per-host sharding, chunked packing, batching, prefetch.
 
-Machinery, chosen by measurement (numbers: benchmarks/RESULTS.md, "Streaming input"):
+The machinery, and why (figures: benchmarks/RESULTS.md, "Streaming input at WMT size"):
   * Random access + an index shuffle, not a shuffle buffer over interleaved shards. The shards (data/prepare.py)
     are memmapped .npy files; epoch e visits example `perm_e(j)` at global position j, where perm_e is a
     bijection of [0, N) computed on the fly (a 6-round Feistel network keyed by (seed, epoch), with cycle-walking
@@ -11,13 +11,13 @@ Machinery, chosen by measurement (numbers: benchmarks/RESULTS.md, "Streaming inp
   * Packing: the process's sequence is cut into chunks of CHUNK_EXAMPLES examples; each chunk is gathered from the
     memmaps (vectorised) and packed by data/packing.py's first-fit (separate input/target row lengths). A chunk's
     rows are a function of (seed, epoch, chunk) alone, so the position of the next row is (epoch, chunk, row).
-    Closing a chunk's open rows costs ~1% of target slots at 16k examples a chunk.
+    Closing a chunk's open rows leaves some target slots empty; a large chunk makes that share small.
   * Batching over the row stream (batches may span chunks and epochs: every row is used), a prefetch thread that
     packs ahead into a bounded queue. numpy only: no tf.data here (its iterator position is not a few ints).
 
-Packing is a few microseconds per example (first-fit placement in Python, the token scatter vectorised): one
-process streams several million real target tokens/s, more than a step consumes, so one prefetch thread suffices and
-there are no worker processes (benchmarks/RESULTS.md, "Streaming input at WMT size", has the figures).
+Packing is cheap per example (first-fit placement in Python, the token scatter vectorised): one process streams
+more real target tokens per second than a step consumes, so one prefetch thread suffices and there are no worker
+processes.
 
 Memory: the memmapped shards (page cache, not the process's heap), one packed chunk and the prefetch queue: nothing
 grows with the corpus.
@@ -163,7 +163,7 @@ class Shards:
 class TrainStream:
   """Infinite, deterministic stream of this process's packed training batches; exact, instant resume.
 
-  The same interface train.py uses on pipeline.TrainIterator: next(), get_state(), set_state().
+  train.py uses next(), get_state() (saved as the checkpoint's `data` item) and set_state().
   """
 
   def __init__(
@@ -343,9 +343,9 @@ class TrainStream:
   def set_state(self, state: dict[str, Any]) -> None:
     """Positions the stream where get_state() was taken (on every process, from the same dict)."""
     if state.get('format') != STATE_FORMAT:
-      if 'step' in state:  # a checkpoint of the in-memory pipeline: no row position to map to
+      if 'step' in state:  # an epoch/batch/step state: it holds no row position to map to
         logging.warning(
-          'Data state %s is from the in-memory pipeline; the stream restarts at epoch 0 (the batches '
+          'Data state %s holds no stream position; the stream restarts at epoch 0 (the batches '
           'after this resume differ from an uninterrupted run)',
           dict(state),
         )

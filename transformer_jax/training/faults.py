@@ -1,7 +1,7 @@
 """Machine faults as one line: a full disk (or quota) during a save, and library tracebacks kept off the terminal.
 
 Orbax writes checkpoints in background threads and logs each failure there with a traceback (at ERROR, which the
-CLI's WARNING verbosity shows): a full disk printed some 200 tracebacks before the one error line. The CLI diverts
+CLI's WARNING verbosity shows): a full disk would bury the one error line under hundreds of tracebacks. The CLI diverts
 those records (`divert_library_errors`) to a detail log in the temporary directory (never the workdir, which may be
 the full disk) and names that file in its error line.
 """

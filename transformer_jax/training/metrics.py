@@ -23,7 +23,7 @@ METRICS_PART_ROWS = 200  # rows per part: each write re-uploads only the current
 
 class TensorBoardEvents:
   """One TensorBoard event file of scalars, written with tensorboard's own record writer and protos: the trainer
-  never imports TensorFlow for it (~5 s of CPU at start-up on 2 cores)."""
+  never imports TensorFlow for it (an import that costs seconds of CPU at start-up)."""
 
   def __init__(self, logdir: str):
     from tensorboard.compat.proto import event_pb2
