@@ -444,7 +444,9 @@ def _check_inputs(command: str) -> None:
     )
   elsewhere = command == 'export' and not str(FLAGS.checkpoint or '').isdigit() and FLAGS.checkpoint  # a step dir
   if command in READERS and FLAGS.workdir and '://' not in FLAGS.workdir and not any(errors) and not elsewhere:
-    checkpoints = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints')
+    from transformer_jax.storage import layout as layout_lib
+
+    checkpoints = layout_lib.WorkdirLayout.at(FLAGS.workdir).checkpoints
     if not os.path.isdir(checkpoints):  # the message Workdir gives, before jax is imported to get there
       errors.append(f'no checkpoint in {checkpoints}: train first')
   if command == 'average':
@@ -487,9 +489,10 @@ def _run_config(workdir: str | None):
 
 def _train() -> None:
   from transformer_jax.training import train as train_lib
+  from transformer_jax.storage import layout as layout_lib
   import jax
 
-  workdir = _workdir()
+  workdir = layout_lib.WorkdirLayout.at(_workdir())  # resolved here, once: its files' paths come from the layout
   final = train_lib.train_and_evaluate(_run_config(workdir), workdir)
   if jax.process_index() == 0 and 'preempted' not in final:
     print('final: ' + ' '.join(f'{k}={v}' if k == 'step' else f'{k}={v:.4f}' for k, v in final.items()), flush=True)
@@ -578,20 +581,22 @@ def _translate() -> None:
 
 def _export() -> None:
   from transformer_jax import export
+  from transformer_jax.storage import layout as layout_lib
 
+  workdir = layout_lib.WorkdirLayout.at(FLAGS.workdir)
   export.check_target(
     FLAGS.format,
     FLAGS.out,
     dtype=FLAGS.dtype,
     overwrite=FLAGS.overwrite,
-    tokenizer_path=os.path.join(FLAGS.workdir, export.TOKENIZER_NAME),
+    tokenizer_path=workdir.tokenizer,
   )
   from transformer_jax.storage import paths
 
-  if paths.exists(os.path.join(FLAGS.workdir, export.TOKENIZER_NAME)):  # damaged: one line, before any work
+  if paths.exists(workdir.tokenizer):  # damaged: one line, before any work
     from transformer_jax.storage import workdir as workdir_lib
 
-    workdir_lib.Workdir(FLAGS.workdir).tokenizer()
+    workdir_lib.Workdir(workdir).tokenizer()
   source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
   written = export.export(
     source, FLAGS.format, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite, platforms=tuple(FLAGS.platforms)
@@ -661,7 +666,9 @@ def _prepare_flags(flags) -> None:
 def _prepare() -> None:
   from transformer_jax.data import prepare
 
-  prepare.run(FLAGS.config, _workdir(), split=FLAGS.split)
+  from transformer_jax.storage import layout as layout_lib
+
+  prepare.run(FLAGS.config, layout_lib.WorkdirLayout.at(_workdir()), split=FLAGS.split)
 
 
 def _generate_flags(flags) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from transformer_jax.storage import layout as layout_lib
+
 # Keys whose value is part of the checkpoint: the parameters' shapes and meaning, or the vocabulary they index.
 ARCHITECTURE_KEYS = (
   'model.vocab_size',
@@ -70,14 +72,12 @@ def _set(config, path: str, value: Any) -> None:
   node[last] = value
 
 
-def _has_checkpoint(workdir: str | None) -> bool:
-  from transformer_jax.training import checkpoint as checkpoint_lib
-
+def _has_checkpoint(workdir: layout_lib.WorkdirLayout | None) -> bool:
   if not workdir:
     return False
   from transformer_jax.storage import paths
 
-  directory = checkpoint_lib.checkpoint_dir(workdir)
+  directory = workdir.checkpoints
   return paths.isdir(directory) and any(name.isdigit() for name in paths.listdir(directory))  # gs:// too
 
 
@@ -97,10 +97,13 @@ def stored_with_overrides(stored, overrides: dict[str, Any], workdir: str) -> ml
   return config
 
 
-def resolve(workdir: str | None, config, *, explicit: bool, overrides: dict[str, Any] | None = None):
+def resolve(
+  workdir: str | layout_lib.WorkdirLayout | None, config, *, explicit: bool, overrides: dict[str, Any] | None = None
+):
   """The config to run with (see the module docstring). `explicit`: --config=FILE was on the command line."""
+  workdir = layout_lib.of(workdir) if workdir else None
   if explicit or not _has_checkpoint(workdir):
     return config
   from transformer_jax.storage import workdir as workdir_lib
 
-  return stored_with_overrides(workdir_lib.Workdir(workdir).stored_config(), dict(overrides or {}), workdir)
+  return stored_with_overrides(workdir_lib.Workdir(workdir).stored_config(), dict(overrides or {}), workdir.root)

@@ -32,6 +32,7 @@ from absl import logging
 import numpy as np
 
 from transformer_jax.inference import scores
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.data import packing
 from transformer_jax.data import tensorflow_cpu
 from transformer_jax.data import tokenizer as tokenizer_lib
@@ -265,7 +266,9 @@ class LMDatasets:
 lm_metrics = scores.lm_metrics  # the metric lives with the others
 
 
-def build_datasets(config, workdir: str, *, process_index: int = 0, process_count: int = 1) -> LMDatasets:
+def build_datasets(
+  config, workdir: str | layout_lib.WorkdirLayout, *, process_index: int = 0, process_count: int = 1
+) -> LMDatasets:
   start = time.time()
   if config.batch_size % process_count:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the number of processes {process_count}')
@@ -282,7 +285,7 @@ def build_datasets(config, workdir: str, *, process_index: int = 0, process_coun
     return every[:: max(1, len(every) // max_lines)]
 
   tokenizer = tokenizer_lib.load_or_train_tokenizer(
-    os.path.join(workdir, 'spm.model'),
+    layout_lib.of(workdir).tokenizer,
     lines,
     int(config.model.vocab_size),
     is_chief=process_index == 0,

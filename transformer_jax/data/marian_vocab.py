@@ -23,8 +23,9 @@ import numpy as np
 import sentencepiece as spm
 
 from transformer_jax.model.vocab import SpecialIds
+from transformer_jax.storage import layout as layout_lib
 
-DIRECTORY = 'marian'  # inside a workdir
+DIRECTORY = layout_lib.MARIAN_DIR_NAME  # inside a workdir
 FILES = ('source.spm', 'target.spm', 'vocab.json', 'special_ids.json')
 
 

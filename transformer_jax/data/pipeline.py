@@ -21,6 +21,7 @@ from transformer_jax.data import packing
 from transformer_jax.data import sources
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.data.tokenizer import EOS_ID
+from transformer_jax.storage import layout as layout_lib
 
 Batch = dict[str, np.ndarray]
 ExampleIds = tuple[list[int], list[int]]
@@ -116,8 +117,11 @@ class Datasets:
   eval_ids: list[ExampleIds]  # eval_ids[i] is eval_pairs[i] tokenized (truncated, + EOS)
 
 
-def build_datasets(config, workdir: str, *, process_index: int = 0, process_count: int = 1) -> Datasets:
+def build_datasets(
+  config, workdir: str | layout_lib.WorkdirLayout, *, process_index: int = 0, process_count: int = 1
+) -> Datasets:
   """Prepares (once) and streams the training split; loads, tokenizes and packs the held-out split."""
+  workdir = layout_lib.of(workdir)
   if config.model.get('kind', 'encoder_decoder') == 'decoder':  # a language model: documents, not pairs
     return lm.build_datasets(config, workdir, process_index=process_index, process_count=process_count)
   start = time.time()
@@ -152,7 +156,7 @@ def build_datasets(config, workdir: str, *, process_index: int = 0, process_coun
     process_count=process_count,
   )
 
-  cache_dir = workdir if config.dataset.startswith('generated:') else None
+  cache_dir = workdir.generated_data if config.dataset.startswith('generated:') else None
   eval_pairs = sources.load_text_pairs(
     config.dataset,
     config.eval_split,

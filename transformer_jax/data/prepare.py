@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from absl import logging
 import numpy as np
 
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import paths
 from transformer_jax.data import sources
 from transformer_jax.data import tensorflow_cpu
@@ -465,19 +466,9 @@ class Prepared:
     self.directory, self.manifest, self.tokenizer, self.reused = directory, manifest, tokenizer, reused
 
 
-def default_prepared_root(workdir: str) -> str:
-  """WORKDIR/data for a local workdir. A gs:// workdir: a local cache directory, because the stream memory-maps the
-  shards (random access at disk speed; an object store has no mmap). The shard directory's name is a key of what
-  they are made from (source, tokenizer hash, lengths), so one cache serves every workdir, and a recreated machine
-  (a new TPU VM) simply prepares them again from the dataset."""
-  if not paths.is_gcs(workdir):
-    return os.path.join(workdir, 'data')
-  return os.path.join(paths.cache_root(), 'prepared')
-
-
 def ensure_prepared(
   config,
-  workdir: str,
+  workdir: str | layout_lib.WorkdirLayout,
   *,
   split: str | None = None,
   is_chief: bool = True,
@@ -490,16 +481,17 @@ def ensure_prepared(
   Only the chief trains and prepares; other processes wait for the tokenizer and then for a complete manifest.
   """
   split = split or config.train_split
-  reader = PairReader(config, split, workdir)
+  workdir = layout_lib.of(workdir)
+  reader = PairReader(config, split, workdir.generated_data)
   max_sentences = int(config.get('tokenizer_train_sentences', 200_000))
   from transformer_jax.data import marian_vocab
 
-  marian_dir = os.path.join(workdir, marian_vocab.DIRECTORY)
+  marian_dir = workdir.marian_dir
   if config.get('vocabulary', 'sentencepiece') == 'marian' or marian_vocab.is_marian_dir(marian_dir):
     tokenizer = marian_vocab.MarianVocab.load(marian_dir)  # an imported model's own vocabulary: never trained
   else:
     tokenizer = tokenizer_lib.load_or_train_tokenizer(
-      os.path.join(workdir, 'spm.model'),
+      workdir.tokenizer,
       lambda: sample_sentences(reader, max_sentences),
       int(config.model.vocab_size),
       is_chief=is_chief,
@@ -510,7 +502,7 @@ def ensure_prepared(
       f'tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is '
       f'{config.model.vocab_size}; delete {tokenizer.model_path} or raise vocab_size'
     )
-  root = config.get('prepared_data_dir') or default_prepared_root(workdir)
+  root = config.get('prepared_data_dir') or workdir.prepared
   if paths.is_gcs(root):
     raise ValueError(
       f'prepared_data_dir={root}: the token-id shards are memory-mapped, so they must be on a local '
@@ -551,9 +543,10 @@ def ensure_prepared(
 # `transformer-jax prepare`
 
 
-def run(config, workdir: str, split: str | None = None) -> None:
+def run(config, workdir: str | layout_lib.WorkdirLayout, split: str | None = None) -> None:
   """The command's body; commands.py passes the workdir (the same default as train's)."""
-  paths.makedirs(workdir)
+  workdir = layout_lib.of(workdir)
+  paths.makedirs(workdir.root)
   start = time.time()
   prepared = ensure_prepared(config, workdir, split=split)
   m = prepared.manifest

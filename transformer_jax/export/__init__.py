@@ -29,6 +29,7 @@ import numpy as np
 
 from transformer_jax import parallel
 from transformer_jax.training import train_state
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import workdir as workdir_lib
 from transformer_jax.export import ctranslate2 as ctranslate2_format
 from transformer_jax.export import files
@@ -151,8 +152,9 @@ def load_checkpoint(workdir: str, checkpoint: str | int | None = None, config=No
     else:
       raise ExportError(f'--checkpoint={checkpoint} is neither a step number nor a checkpoint step directory')
   run = workdir_lib.Workdir(root)
-  if not files.paths.exists(run.tokenizer_path) and files.paths.exists(os.path.join(workdir, TOKENIZER_NAME)):
-    run.tokenizer_path = os.path.join(workdir, TOKENIZER_NAME)
+  given = run.layout if root is workdir else layout_lib.of(workdir)
+  if not files.paths.exists(run.tokenizer_path) and files.paths.exists(given.tokenizer):
+    run.tokenizer_path = given.tokenizer
   if os.path.isdir(run.marian_dir):  # an imported Marian vocabulary (data/marian_vocab.py)
     run.tokenizer_path = run.marian_dir
   if config is None:

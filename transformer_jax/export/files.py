@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import paths
 
 DTYPES = ('float32', 'bfloat16')
-TOKENIZER_NAME = 'spm.model'
+TOKENIZER_NAME = layout_lib.TOKENIZER_NAME  # an export's tokenizer has the workdir's name for it
 FORMAT_TAG = 'transformer_jax'
 
 

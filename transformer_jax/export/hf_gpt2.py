@@ -248,7 +248,8 @@ def import_gpt2(path: str, workdir: str, *, config=None, overwrite: bool = False
   for flag in ('scale_attn_by_inverse_layer_idx', 'reorder_and_upcast_attn'):
     if hf.get(flag):
       raise ExportError(f'{flag}=True is not supported')
-  checkpoints = os.path.join(workdir, 'checkpoints')
+  run = workdir_lib.Workdir(workdir)
+  checkpoints = run.checkpoint_dir
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     if not overwrite:
       raise ExportError(f'{workdir} already has checkpoints; pass --overwrite to replace them')
@@ -275,11 +276,11 @@ def import_gpt2(path: str, workdir: str, *, config=None, overwrite: bool = False
   config.packed_inputs_length = config.packed_targets_length = n_positions  # the position table's size
   tensors, _ = read_safetensors(weights)
   params = from_gpt2_state_dict(tensors, config.model.num_layers, config.model.num_heads)
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.Workdir(workdir).write_checkpoint(config, params, step=0)
+  os.makedirs(run.path, exist_ok=True)
+  run.write_checkpoint(config, params, step=0)
   spm_path = os.path.join(path, files.TOKENIZER_NAME)
   if os.path.exists(spm_path):
-    shutil.copyfile(spm_path, os.path.join(workdir, files.TOKENIZER_NAME))
+    shutil.copyfile(spm_path, run.tokenizer_path)
   return int(sum(np.prod(x.shape) for x in _leaves(params)))
 
 

@@ -540,7 +540,7 @@ def import_hf_marian(path: str, workdir: str, *, config=None, overwrite: bool = 
 
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     shutil.rmtree(checkpoints)  # overwrite, checked above
-  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(run.path, exist_ok=True)
   if kind == 'marian':
     source = files.read(os.path.join(path, 'source.spm'))
     target_file = os.path.join(path, 'target.spm')

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from transformer_jax.inference import decode as decode_lib
 from transformer_jax.inference import generate
 from transformer_jax import parallel
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import paths
 from transformer_jax.inference import scores
 from transformer_jax.model.transformer import LanguageModel, ModelConfig, Transformer
@@ -149,10 +150,11 @@ class Evaluator:
   """Held-out loss (a language model: perplexity, bits per byte, samples), then greedy translations of the first
   eval_translate_examples held-out sources scored against their references (BLEU, chrF, exact match)."""
 
-  def __init__(self, config, workdir: str, mesh, cfg: ModelConfig, model, data):
+  def __init__(self, config, workdir: str | layout_lib.WorkdirLayout, mesh, cfg: ModelConfig, model, data):
     from transformer_jax.data import pipeline
 
-    self.config, self.workdir, self.mesh, self.cfg, self.data = config, workdir, mesh, cfg, data
+    self.config, self.mesh, self.cfg, self.data = config, mesh, cfg, data
+    self.workdir = layout_lib.of(workdir)
     self.is_chief = jax.process_index() == 0
     self.eval_step = jax.jit(make_eval_step(model, config))
     lengths = dict(
@@ -200,7 +202,7 @@ class Evaluator:
       hypotheses = scores.decode_outputs(self.data.tokenizer, tokens)
       results.update(scores.text_metrics(hypotheses, self.references, config.get('bleu_tokenize', '13a')))
       if self.is_chief and write:
-        paths.write_text_atomic(paths.join(self.workdir, f'eval_hypotheses_{step}.txt'), '\n'.join(hypotheses) + '\n')
+        paths.write_text_atomic(self.workdir.eval_hypotheses(step), '\n'.join(hypotheses) + '\n')
     return results
 
   def _samples(self, params, step: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from flax import linen as nn
@@ -14,10 +12,13 @@ from transformer_jax import parallel
 from transformer_jax.model import quantize as quantize_lib
 from transformer_jax.inference import scores
 from transformer_jax.data import sources
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage.workdir import Trained, Workdir
 
 
-def load_workdir(workdir: str, config=None, *, quantize: str = 'none', weights_dtype: str = 'float32') -> Trained:
+def load_workdir(
+  workdir: str | layout_lib.WorkdirLayout, config=None, *, quantize: str = 'none', weights_dtype: str = 'float32'
+) -> Trained:
   """Newest good checkpoint of workdir (parameters only), onto this machine's mesh; config from the checkpoint
   unless given. quantize / weights_dtype: the weights decoding runs with (quantize.decoding_params)."""
   loaded = Workdir(workdir).load(config)
@@ -99,7 +100,7 @@ def translate_workdir(
 
 
 def evaluate_workdir(
-  workdir: str,
+  workdir: str | layout_lib.WorkdirLayout,
   config,
   *,
   split: str | None = None,
@@ -113,6 +114,7 @@ def evaluate_workdir(
   references), with beam search (keys bleu, chrf, exact_match) and, when beam_size > 1, greedy decoding too
   (keys bleu_greedy, ...). Hypotheses are written beside the checkpoints: WORKDIR/hypotheses_<split>_step<N>.txt
   (beam) and ..._greedy.txt (other weights than the trained float32 ones: ..._step<N>_int8.txt etc.)."""
+  workdir = layout_lib.of(workdir)
   loaded = load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype)
   config = loaded.config
   split = split or config.eval_split
@@ -123,7 +125,7 @@ def evaluate_workdir(
     target_lang=config.target_lang,
     data_dir=config.get('data_dir'),
     max_examples=config.get('max_eval_examples'),
-    cache_dir=workdir if config.dataset.startswith('generated:') else None,
+    cache_dir=workdir.generated_data if config.dataset.startswith('generated:') else None,
   )
   sources_, references = [s for s, _ in pairs], [t for _, t in pairs]
   weights = weights_suffix(quantize, weights_dtype)
@@ -138,10 +140,11 @@ def evaluate_workdir(
       }
     )
     if jax.process_index() == 0:
-      path = os.path.join(workdir, f'hypotheses_{split}_step{loaded.step}{weights}{suffix}.txt')
       from transformer_jax.storage import paths
 
-      paths.write_text_atomic(path, '\n'.join(hypotheses) + '\n')
+      paths.write_text_atomic(
+        workdir.hypotheses(split, loaded.step, f'{weights}{suffix}'), '\n'.join(hypotheses) + '\n'
+      )
   return results
 
 

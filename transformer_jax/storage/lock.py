@@ -30,7 +30,9 @@ import sys
 import threading
 import time
 
-LOCK_NAME = '.lock'
+from transformer_jax.storage import layout as layout_lib
+
+LOCK_NAME = layout_lib.LOCK_NAME
 DEFAULT_TIMEOUT_S = 300.0  # object stores: a heartbeat older than this marks a dead holder
 DEFAULT_HEARTBEAT_S = 30.0
 
@@ -111,7 +113,7 @@ class PosixLock(WorkdirLock):
 
   def __init__(self, workdir: str, command: str = ''):
     super().__init__(workdir, command)
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.path = layout_lib.WorkdirLayout(workdir).lock  # the path as given: the lock resolves nothing
     self._fd: int | None = None
     self._created_dir = False
 
@@ -308,7 +310,7 @@ class ObjectStoreLock(WorkdirLock):
     super().__init__(workdir, command)
     if not 0 < heartbeat_s < timeout_s:
       raise ValueError(f'need 0 < heartbeat_s < timeout_s, got {heartbeat_s} and {timeout_s}')
-    self.name = workdir.rstrip('/') + '/' + LOCK_NAME
+    self.name = layout_lib.WorkdirLayout(workdir.rstrip('/')).lock
     self.store, self.timeout_s, self.heartbeat_s, self._clock = store, timeout_s, heartbeat_s, clock
     self._generation: int | None = None
     self._lost: str | None = None

@@ -1,16 +1,14 @@
-"""A trained run on disk, and the one way to open, read and write it.
+"""A trained run on disk: opening it for inference, for training, and writing a checkpoint into it.
 
-WORKDIR/
-  checkpoints/<step>/   Orbax: state (TrainState), data (input position), config (the run's ConfigDict)
-  spm.model             the SentencePiece tokenizer (its special ids are the vocabulary's, see vocab.py)
-  metrics.jsonl, tensorboard/, curves.png, eval_hypotheses_<step>.txt   written by the trainer
-  (WORKDIR may be gs://bucket/path: paths.py. There metrics are numbered parts metrics/*.jsonl, not one appended
-  file, and a step counts only with Orbax's commit_success.txt; metrics.read_metrics reads both layouts.)
+Its files' names are storage/layout.py's (WorkdirLayout); the checkpoints' items are training/checkpoint.py's.
+(WORKDIR may be gs://bucket/path: paths.py. There metrics are numbered parts metrics/*.jsonl, not one appended file,
+and a step counts only with Orbax's commit_success.txt; metrics.read_metrics reads both layouts.)
 
 Who uses what:
   evaluate / translate / export   `Workdir(path).load()`: config + tokenizer + PARAMETERS ONLY (an Orbax partial
                                   restore: Adam's moments, twice the parameters' bytes, are never read)
-  train                           `Workdir(path).checkpointer(...)`: the full TrainState + data position (resume)
+  train                           training/checkpoint.py's Checkpointer on the layout: the full TrainState + data
+                                  position (resume)
   import / average                `write_checkpoint(...)`: a new checkpoint of given parameters (fresh or copied
                                   optimizer state)
 """
@@ -27,18 +25,18 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import linen as nn
 
 from transformer_jax.training import checkpoint as checkpoint_lib
 from transformer_jax.training import optim
 from transformer_jax import parallel
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import paths
 from transformer_jax.training import train_state
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.model.transformer import ModelConfig, build_model
 
-TOKENIZER_NAME = 'spm.model'
+TOKENIZER_NAME = layout_lib.TOKENIZER_NAME
 
 
 @dataclasses.dataclass
@@ -57,16 +55,17 @@ class Trained:
 class Workdir:
   """WORKDIR on disk. Reading never writes (read-only Orbax managers); writing goes through write_checkpoint."""
 
-  def __init__(self, path: str):
-    self.path = paths.resolve(path)  # a local path (made absolute) or gs://bucket/path
-    self.tokenizer_path = paths.join(self.path, TOKENIZER_NAME)
+  def __init__(self, path: str | layout_lib.WorkdirLayout):
+    self.layout = layout_lib.of(path)  # its files' names (storage/layout.py)
+    self.path = self.layout.root  # a local path (made absolute) or gs://bucket/path
+    self.tokenizer_path = self.layout.tokenizer
 
   @property
   def checkpoint_dir(self) -> str:
-    return checkpoint_lib.checkpoint_dir(self.path)
+    return self.layout.checkpoints
 
   def checkpointer(self, **kwargs) -> checkpoint_lib.Checkpointer:
-    return checkpoint_lib.Checkpointer(self.path, **kwargs)
+    return checkpoint_lib.Checkpointer(self.layout, **kwargs)
 
   def _reader(self) -> checkpoint_lib.Checkpointer:
     if not paths.isdir(self.checkpoint_dir):
@@ -83,38 +82,8 @@ class Workdir:
       reader.close()
 
   def check_resumable(self, abstract_state) -> None:
-    """Refuses (checkpoint_lib.ArchitectureMismatchError) a checkpoint of another architecture or vocabulary than
-    abstract_state's, reading only the newest readable step's metadata. The trainer asks before it prepares or
-    writes anything, so a refused command leaves the workdir as it was; damage is left to the restore to report.
-
-    Every process must take the same path (creating a checkpoint manager synchronises the processes): whether there
-    is a checkpoint directory is agreed on, since one process may list it after another has created it."""
-    if not parallel.max_over_processes(int(paths.isdir(self.checkpoint_dir))):
-      return
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only: a refusal is one line
-    try:
-      reader = self.checkpointer(read_only=True)
-    finally:
-      logging.set_verbosity(verbosity)
-    try:
-      unreadable = []
-      for step in reversed(reader.all_steps()):
-        try:
-          reader.check_compatible(step, abstract_state)
-          return
-        except checkpoint_lib.ArchitectureMismatchError:
-          raise
-        except Exception as e:  # (unreadable metadata: an older step may read)
-          unreadable.append(f'step {step}: {checkpoint_lib.reason(e)}')
-      if unreadable:  # every step's metadata is damaged: the restore would refuse too, after preparing the data
-        raise checkpoint_lib.NoReadableCheckpointError(
-          f'no readable checkpoint in {self.checkpoint_dir}: '
-          + '; '.join(unreadable)
-          + ' (move the checkpoints away or use a new --workdir)'
-        )
-    finally:
-      reader.close()
+    """checkpoint_lib.check_resumable on this workdir."""
+    checkpoint_lib.check_resumable(self.layout, abstract_state)
 
   def stored_config(self, step: int | None = None) -> ml_collections.ConfigDict:
     """The config saved with `step` (default: the newest checkpoint whose config reads)."""
@@ -128,9 +97,7 @@ class Workdir:
   @property
   def marian_dir(self) -> str:
     """An imported Marian model's vocabulary (data/marian_vocab.py), used instead of spm.model when present."""
-    from transformer_jax.data import marian_vocab
-
-    return paths.join(self.path, marian_vocab.DIRECTORY)
+    return self.layout.marian_dir
 
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
     from transformer_jax.data import marian_vocab
@@ -284,7 +251,12 @@ def check_shapes(params, abstract) -> None:
 
 
 def average_workdir(
-  workdir: str, out: str, *, last: int, config=None, build_abstract_state: Callable[[Any], Any] | None = None
+  workdir: str | layout_lib.WorkdirLayout,
+  out: str | layout_lib.WorkdirLayout,
+  *,
+  last: int,
+  config=None,
+  build_abstract_state: Callable[[Any], Any] | None = None,
 ) -> dict:
   """Writes OUT, a workdir whose one checkpoint holds the element-wise mean of workdir's last `last` parameters.
 
@@ -297,10 +269,11 @@ def average_workdir(
   """
   if last < 1:
     raise ValueError(f'--last must be >= 1, got {last}')
-  workdir, out = paths.resolve(workdir), paths.resolve(out)
+  source_layout, out_layout = layout_lib.of(workdir), layout_lib.of(out)
+  workdir, out = source_layout.root, out_layout.root
   if out == workdir:
     raise ValueError('--out must be another directory than --workdir')
-  source = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  source = checkpoint_lib.Checkpointer(source_layout, read_only=True)
   steps = source.all_steps()
   if not steps:
     raise FileNotFoundError(f'no checkpoint in {source.directory}: train first')
@@ -309,10 +282,10 @@ def average_workdir(
       f'--last={last} but {source.directory} holds {len(steps)} checkpoints (steps '
       f'{", ".join(map(str, steps))}); raise keep_checkpoints when training or ask for fewer'
     )
-  out_checkpoints = checkpoint_lib.checkpoint_dir(out)
+  out_checkpoints = out_layout.checkpoints
   if paths.listdir(out_checkpoints):
     raise ValueError(f'{out_checkpoints} already holds checkpoints; --out must be a new or empty directory')
-  tokenizer = paths.join(workdir, TOKENIZER_NAME)
+  tokenizer = source_layout.tokenizer
   if not paths.exists(tokenizer):
     raise FileNotFoundError(f'no tokenizer at {tokenizer}')
   chosen = steps[-last:]
@@ -338,13 +311,13 @@ def average_workdir(
     params = jax.tree.map(lambda x, sh: jax.device_put(x, sh), averaged, shardings)
     state = newest_state.replace(params=params)
     paths.makedirs(out)
-    target = checkpoint_lib.Checkpointer(out, keep=1, async_save=False)
+    target = checkpoint_lib.Checkpointer(out_layout, keep=1, async_save=False)
     target.save(newest, state, newest_data, config_json)
     target.wait()
     target.close()
   source.close()
   if jax.process_index() == 0:
-    paths.copy_file(tokenizer, paths.join(out, TOKENIZER_NAME))
+    paths.copy_file(tokenizer, out_layout.tokenizer)
     summary = {
       'source': workdir,
       'steps': chosen,
@@ -352,5 +325,5 @@ def average_workdir(
       'optimizer_state': f'copied from step {newest}',
       'step': newest,
     }
-    paths.write_text_atomic(paths.join(out, 'averaged.json'), json.dumps(summary, indent=1))
+    paths.write_text_atomic(out_layout.averaged, json.dumps(summary, indent=1))
   return {'steps': chosen, 'step': newest, 'out': out}

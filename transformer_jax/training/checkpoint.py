@@ -40,10 +40,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import paths
 
 ITEMS = ('state', 'data', 'config')
-DAMAGED_DIR = 'checkpoints_damaged'
+DAMAGED_DIR = layout_lib.DAMAGED_CHECKPOINTS_NAME
 
 # Orbax saves a replicated array in parts, one per replica (replica-parallel saving), and cuts each part out with an
 # eager slice on the device before copying it to the host. For small arrays that costs more than it saves: with
@@ -88,8 +89,8 @@ class _Params:
     self.params = params
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return paths.join(paths.resolve(workdir), 'checkpoints')
+def checkpoint_dir(workdir: str | layout_lib.WorkdirLayout) -> str:
+  return layout_lib.of(workdir).checkpoints
 
 
 # How a save that has not finished looks: locally a <step>.orbax-checkpoint-tmp-<time> directory (renamed to <step>
@@ -142,7 +143,9 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 class Checkpointer:
   """A thin wrapper over ocp.CheckpointManager: what this trainer saves and how it falls back on damage."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self, workdir: str | layout_lib.WorkdirLayout, *, keep: int = 3, async_save: bool = True, read_only: bool = False
+  ):
     options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep,
       save_interval_steps=0 if read_only else 1,
@@ -151,8 +154,9 @@ class Checkpointer:
       read_only=read_only,
       cleanup_tmp_directories=not read_only,
     )
-    self.workdir = paths.resolve(workdir)
-    self.directory = checkpoint_dir(workdir)
+    self.layout = layout_lib.of(workdir)
+    self.workdir = self.layout.root
+    self.directory = self.layout.checkpoints
     self.read_only = read_only
     if jax.process_index() == 0:  # before the manager: a writer's removes the local leftovers
       report_incomplete(self.directory)
@@ -380,7 +384,7 @@ class Checkpointer:
   def _quarantine(self, steps: list[int]) -> None:
     """Moves damaged step directories out of the manager's way (kept for inspection, never deleted)."""
     if jax.process_index() == 0:
-      target_root = paths.join(self.workdir, DAMAGED_DIR)
+      target_root = self.layout.damaged_checkpoints
       paths.makedirs(target_root)
       for s in steps:
         source = paths.join(self.directory, str(s))
@@ -392,6 +396,45 @@ class Checkpointer:
         paths.move_tree(source, target)  # gs://: object by object (no directory rename there)
         _warn(f'moved damaged checkpoint step {s} to {target}')
     self.manager.reload()
+
+
+def check_resumable(workdir: str | layout_lib.WorkdirLayout, abstract_state) -> None:
+  """Refuses (ArchitectureMismatchError) a checkpoint of another architecture or vocabulary than
+  abstract_state's, reading only the newest readable step's metadata. The trainer asks before it prepares or
+  writes anything, so a refused command leaves the workdir as it was; damage is left to the restore to report.
+
+  Every process must take the same path (creating a checkpoint manager synchronises the processes): whether there
+  is a checkpoint directory is agreed on, since one process may list it after another has created it."""
+  from transformer_jax import parallel
+
+  workdir = layout_lib.of(workdir)
+  directory = workdir.checkpoints
+  if not parallel.max_over_processes(int(paths.isdir(directory))):
+    return
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only: a refusal is one line
+  try:
+    reader = Checkpointer(workdir, read_only=True)
+  finally:
+    logging.set_verbosity(verbosity)
+  try:
+    unreadable = []
+    for step in reversed(reader.all_steps()):
+      try:
+        reader.check_compatible(step, abstract_state)
+        return
+      except ArchitectureMismatchError:
+        raise
+      except Exception as e:  # (unreadable metadata: an older step may read)
+        unreadable.append(f'step {step}: {reason(e)}')
+    if unreadable:  # every step's metadata is damaged: the restore would refuse too, after preparing the data
+      raise NoReadableCheckpointError(
+        f'no readable checkpoint in {directory}: '
+        + '; '.join(unreadable)
+        + ' (move the checkpoints away or use a new --workdir)'
+      )
+  finally:
+    reader.close()
 
 
 def _disk_usage(path: str) -> int:

@@ -14,10 +14,9 @@ import time
 
 from absl import logging
 
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import paths
 
-METRICS_NAME = 'metrics.jsonl'
-METRICS_PARTS = 'metrics'  # gs:// workdirs: WORKDIR/metrics/<part>.jsonl (an object store has no append)
 METRICS_PART_ROWS = 200  # rows per part: each write re-uploads only the current part
 
 
@@ -65,11 +64,12 @@ class MetricsWriter:
   both layouts.
   """
 
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
+  def __init__(self, workdir: str | layout_lib.WorkdirLayout, enabled: bool, start_step: int = 0):
     self.enabled = enabled
-    self.workdir = workdir
-    self.remote = paths.is_gcs(workdir)
-    self.path = paths.join(workdir, METRICS_NAME)
+    self.layout = layout_lib.of(workdir)
+    self.workdir = self.layout.root
+    self.remote = self.layout.is_gcs
+    self.path = self.layout.metrics
     self._rows: list[str] = []
     self._part = 0
     self._run = f'{start_step:010d}-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}-{os.getpid()}'
@@ -78,7 +78,7 @@ class MetricsWriter:
         self._staging = tempfile.mkdtemp(prefix='transformer_jax_tensorboard_')
         # uploaded at each write, so a local copy is not needed after the run: gone at exit, however it ends
         atexit.register(shutil.rmtree, self._staging, ignore_errors=True)
-      self._events = TensorBoardEvents(self._staging if self.remote else os.path.join(workdir, 'tensorboard'))
+      self._events = TensorBoardEvents(self._staging if self.remote else self.layout.tensorboard)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -92,30 +92,28 @@ class MetricsWriter:
     if len(self._rows) >= METRICS_PART_ROWS:
       self._rows, self._part = [], self._part + 1
     self._rows.append(line)
-    paths.write_text_atomic(
-      paths.join(self.workdir, METRICS_PARTS, f'{self._run}-{self._part:05d}.jsonl'), ''.join(self._rows)
-    )
+    paths.write_text_atomic(self.layout.metrics_part(f'{self._run}-{self._part:05d}'), ''.join(self._rows))
     self._upload_events()
 
   def _upload_events(self) -> None:
     for name in os.listdir(self._staging):
-      paths.upload_file(os.path.join(self._staging, name), paths.join(self.workdir, 'tensorboard', name))
+      paths.upload_file(os.path.join(self._staging, name), paths.join(self.layout.tensorboard, name))
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir: str | layout_lib.WorkdirLayout) -> list[dict]:
   """Every metrics row of a workdir in the order written: metrics.jsonl, then the numbered parts (gs://)."""
   texts = []
-  local = paths.join(workdir, METRICS_NAME)
-  if paths.exists(local):
-    texts.append(paths.read_text(local))
-  parts_dir = paths.join(workdir, METRICS_PARTS)
+  layout = layout_lib.of(workdir)
+  if paths.exists(layout.metrics):
+    texts.append(paths.read_text(layout.metrics))
+  parts_dir = layout.metrics_parts
   for name in paths.listdir(parts_dir):
     if name.endswith('.jsonl'):
       texts.append(paths.read_text(paths.join(parts_dir, name)))
   return [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
 
 
-def plot_curves(workdir: str, out_path: str) -> None:
+def plot_curves(workdir: str | layout_lib.WorkdirLayout, out_path: str) -> None:
   """curves.png (at out_path, local or gs://): training loss and held-out metrics of workdir against step."""
   import matplotlib
 

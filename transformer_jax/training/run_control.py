@@ -12,6 +12,7 @@ import time
 import jax
 from absl import logging
 
+from transformer_jax.storage import layout as layout_lib
 from transformer_jax.training import checkpoint as checkpoint_lib
 
 
@@ -71,8 +72,8 @@ class Profiler:
   """config.profile_steps='a,b': a jax.profiler trace of the steps that take the step counter from a to b, written
   to WORKDIR/profile (open with TensorBoard's profile plugin, xprof or Perfetto). '' (the default): no trace."""
 
-  def __init__(self, profile_steps: str, workdir: str):
-    self.directory = os.path.join(workdir, 'profile')
+  def __init__(self, profile_steps: str, workdir: str | layout_lib.WorkdirLayout):
+    self.directory = layout_lib.of(workdir).profile
     self.active = False
     self.start_step = self.stop_step = None
     if str(profile_steps or '').strip():

@@ -20,6 +20,8 @@ from absl import logging
 from flax import linen as nn
 
 from transformer_jax.inference import evaluation
+from transformer_jax.storage import layout as layout_lib
+from transformer_jax.training import checkpoint as checkpoint_lib
 from transformer_jax.training import faults
 from transformer_jax.training import metrics as metrics_lib
 from transformer_jax.training import optim
@@ -28,7 +30,6 @@ from transformer_jax.storage import paths
 from transformer_jax.training import preemption as preemption_lib
 from transformer_jax.training import run_control
 from transformer_jax.training import train_state
-from transformer_jax.storage import workdir as workdir_lib
 from transformer_jax.model.transformer import Transformer, build_model
 
 BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation', 'inputs_position', 'targets_position')
@@ -137,8 +138,9 @@ def _fmt(metrics: dict[str, float]) -> str:
   return ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in metrics.items())
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains config in workdir (resuming from its newest good checkpoint) and returns the final metrics.
+def train_and_evaluate(config, workdir: str | layout_lib.WorkdirLayout) -> dict[str, float]:
+  """Trains config in workdir (resuming from its newest good checkpoint) and returns the final metrics. workdir: its
+  layout (storage/layout.py), or a path resolved here.
 
   SIGTERM/SIGINT at any phase: see faults.SIGNALS_HELP; the result then holds 'preempted'. A run already at (or past)
   num_train_steps trains nothing and writes nothing: it returns the step and the held-out metrics only."""
@@ -160,12 +162,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       return preemption_lib.stop_preempted(preemption)
 
 
-def _train_and_evaluate(config, workdir: str, preemption: preemption_lib.Preemption) -> dict[str, float]:
+def _train_and_evaluate(
+  config, workdir: layout_lib.WorkdirLayout | str, preemption: preemption_lib.Preemption
+) -> dict[str, float]:
   from transformer_jax.data import pipeline  # (TensorFlow is slow to import)
 
   clock = run_control.PhaseClock()
-  workdir = paths.resolve(workdir)
-  paths.makedirs(workdir)
+  workdir = layout_lib.of(workdir)
+  paths.makedirs(workdir.root)
   mesh = _checked_mesh(config)
   tx = optim.make_optimizer(config)
   shardings, abstract = _checked_resumable(config, workdir, mesh, tx)  # before any data is prepared or written
@@ -187,7 +191,7 @@ def _train_and_evaluate(config, workdir: str, preemption: preemption_lib.Preempt
     final = _final_evaluation(run, final, writer, preemption)
     clock.mark('final evaluation')
   if run.is_chief:
-    metrics_lib.plot_curves(workdir, paths.join(workdir, 'curves.png'))
+    metrics_lib.plot_curves(workdir, workdir.curves)
     clock.report()
   return final
 
@@ -203,14 +207,14 @@ def _checked_mesh(config):
   return mesh
 
 
-def _checked_resumable(config, workdir: str, mesh, tx):
+def _checked_resumable(config, workdir: layout_lib.WorkdirLayout, mesh, tx):
   """The state's shardings and abstract shape; refuses a checkpoint of another architecture or vocabulary in
   workdir before anything is written there (shapes do not depend on the tokenizer's special ids)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     model = build_model(train_state.model_config(config))
     shardings = parallel.logical_shardings(train_state.state_logical_specs(model, tx, config), mesh)
     abstract = train_state.abstract_state(model, tx, config, shardings)
-  workdir_lib.Workdir(workdir).check_resumable(abstract)  # outside the mesh: its agreement is a host collective
+  checkpoint_lib.check_resumable(workdir, abstract)  # outside the mesh: its agreement is a host collective
   return shardings, abstract
 
 
@@ -219,7 +223,7 @@ class _Run:
   """What setup hands to the steps and the final evaluation."""
 
   config: Any
-  workdir: str
+  workdir: layout_lib.WorkdirLayout
   mesh: Any
   data: Any
   state: Any
@@ -238,8 +242,8 @@ def _setup(config, workdir, mesh, tx, shardings, abstract, data, preemption) -> 
   cfg = train_state.model_config(config, special_ids=data.tokenizer.special_ids)
   model = build_model(cfg)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  checkpointer = workdir_lib.Workdir(workdir).checkpointer(
-    keep=config.keep_checkpoints, async_save=config.get('async_checkpointing', True)
+  checkpointer = checkpoint_lib.Checkpointer(
+    workdir, keep=config.keep_checkpoints, async_save=config.get('async_checkpointing', True)
   )
   preemption.checkpointer = checkpointer
   if checkpointer.latest_step() is not None:
