@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from transformer_jax import errors
+
 # Keys whose value is part of the checkpoint: the parameters' shapes and meaning, or the vocabulary they index.
 ARCHITECTURE_KEYS = (
   'model.vocab_size',
@@ -47,7 +49,7 @@ _DEFAULTS = {
 }
 
 
-class ArchitectureOverrideError(ValueError):
+class ArchitectureOverrideError(errors.UserError, ValueError):
   """An override that changes what the workdir's checkpoint was made with."""
 
 

@@ -15,13 +15,14 @@ import ml_collections
 import numpy as np
 
 from transformer_jax.storage import paths
+from transformer_jax import errors
 
 DTYPES = ('float32', 'bfloat16')
 TOKENIZER_NAME = 'spm.model'
 FORMAT_TAG = 'transformer_jax'
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError, ValueError):
   """A one-line refusal: bad target, unknown format, something a format cannot represent."""
 
 

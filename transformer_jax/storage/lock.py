@@ -30,12 +30,14 @@ import sys
 import threading
 import time
 
+from transformer_jax import errors
+
 LOCK_NAME = '.lock'
 DEFAULT_TIMEOUT_S = 300.0  # object stores: a heartbeat older than this marks a dead holder
 DEFAULT_HEARTBEAT_S = 30.0
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.UserError, RuntimeError):
   """Another writer holds the workdir (the message names it)."""
 
 
