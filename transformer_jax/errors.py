@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import errno
 
-# Exit statuses: 2, the request is refused (the command line, config or files given need changing; nothing was done);
-# 1, the work started and failed (a save, a diverging loss, a full disk).
+# Exit statuses: 2, refused: something given (the command line, the config, the files named) needs changing; 1, the
+# command could not do its work (a busy workdir, a failed save, a diverging loss, a full disk).
 REFUSED = 2
 FAILED = 1
 

@@ -40,6 +40,8 @@ DEFAULT_HEARTBEAT_S = 30.0
 class WorkdirLockedError(errors.UserError, RuntimeError):
   """Another writer holds the workdir (the message names it)."""
 
+  exit_code = errors.FAILED  # nothing given is wrong: the same command works once the holder ends
+
 
 def holder_info(command: str) -> dict:
   return {
