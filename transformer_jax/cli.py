@@ -35,7 +35,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
   if argv is None:  # the program's entry point, not a caller's: malloc settings for XLA's buffers (hugepages.py)
-    hugepages.reexec_if_wanted(one_heap=sys.argv[1:2] == ['train'])
+    spec = commands.COMMANDS.get(sys.argv[1]) if len(sys.argv) > 1 else None
+    hugepages.reexec_if_wanted(one_heap=spec is not None and spec.one_heap)
   host.choose_platform()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):

@@ -1,9 +1,11 @@
 """The CLI's commands: a table (COMMANDS) of name -> summary, flags, body. cli.py parses argv and runs one.
 
-Adding a command is one entry: a function that defines its flags and one that runs it (a few lines over the library
-modules, which are imported inside the body so that `--help` and flag errors stay fast). Flags are defined here
-without importing jax, and their values are checked (FLAG_RULES) before jax is imported or a checkpoint opened: a
-bad flag is refused in a fraction of a second, nothing written.
+Adding a command is one entry: a function that defines its flags, one that runs it (a few lines over the library
+modules, which are imported inside the body so that `--help` and flag errors stay fast), and the checks it needs
+(Command.flag_checks, Command.checks, Command.reads). Flags are defined here without importing jax, and their values
+(FLAG_RULES and flag_checks), config values and paths (checks) are checked before jax is imported or a checkpoint
+opened: a bad flag is refused in a fraction of a second, nothing written. What goes wrong later is a UserError
+(errors.py): one line and its exit code.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
+
+from transformer_jax import errors as error_lib
 
 FLAGS = flags.FLAGS
 
@@ -210,11 +214,6 @@ def _info_flags(flags) -> None:
   flags.DEFINE_integer('num_devices', None, 'Devices to plan the mesh for (default: the devices present).')
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
 def _workdir() -> str:
   if FLAGS.workdir:
     return FLAGS.workdir
@@ -300,38 +299,156 @@ FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def flag_errors(command: str, names: list[str], fv: flags.FlagValues = FLAGS) -> list[str]:
-  """One line per bad flag value of `command` (names: its flags), without importing jax."""
+  """One line per bad flag value of `command` (names: its flags), without importing jax: FLAG_RULES, then the
+  command's own flag_checks."""
   errors = [
     f'--{name}={fv[name].value}: must be {what}'
     for name, (good, what) in FLAG_RULES.items()
     if name in names and fv[name].value is not None and not good(fv[name].value)
   ]
-  if command == 'attention':
-    if fv['text'].value is not None and fv['input'].value is not None:
-      errors.append('--text and --input: give one of them')
-    elif not (fv['text'].value or '').strip() and fv['input'].value is None:
-      errors.append("--text='...' (a sentence) or --input=FILE is needed")
-  if command == 'compile':
-    from transformer_jax.tpu import compile as tpu_compile  # (no jax at import)
+  return errors + _lines(check(fv) for check in COMMANDS[command].flag_checks)
 
-    unknown = [p for p in fv['programs'].value if p not in tpu_compile.PROGRAMS]
-    if unknown:
-      errors.append(f'--programs: unknown {", ".join(unknown)}; expected some of {", ".join(tpu_compile.PROGRAMS)}')
-  return errors
+
+def _text_or_input(fv: flags.FlagValues) -> str | None:
+  if fv['text'].value is not None and fv['input'].value is not None:
+    return '--text and --input: give one of them'
+  if not (fv['text'].value or '').strip() and fv['input'].value is None:
+    return "--text='...' (a sentence) or --input=FILE is needed"
+  return None
+
+
+def _known_programs(fv: flags.FlagValues) -> str | None:
+  from transformer_jax.tpu import compile as tpu_compile  # (no jax at import)
+
+  unknown = [p for p in fv['programs'].value if p not in tpu_compile.PROGRAMS]
+  if unknown:
+    return f'--programs: unknown {", ".join(unknown)}; expected some of {", ".join(tpu_compile.PROGRAMS)}'
+  return None
+
+
+def _lines(results) -> list[str]:
+  """The error lines of some checks' results (each None, one line, or a list of lines)."""
+  lines = []
+  for result in results:
+    lines += [result] if isinstance(result, str) else list(result or ())
+  return [line for line in lines if line]
+
+
+def input_errors(command: str) -> list[str]:
+  """One line per bad config value or path of `command` (its Command.checks), without importing jax."""
+  return _lines(check() for check in COMMANDS[command].checks)
+
+
+# Checks of config values and paths (Command.checks): each returns None, one line or a list of lines.
+
+
+def _config_values(platform: bool = False, lengths: bool = False) -> Callable[[], list[str]]:
+  """config_checks' refusals of --config. platform: the model must run on this host as configured (only train runs
+  it so: the readers swap splash for blockwise off TPU, workdir.py). lengths: training lengths fill whole attention
+  blocks (train and the commands that plan or prepare it; inference lengths may be padded)."""
+
+  def check() -> list[str]:
+    if FLAGS.config is None:
+      return []
+    from transformer_jax import config_checks
+
+    errors = config_checks.config_errors(FLAGS.config, platform_checks=platform, length_checks=lengths)
+    return errors + [
+      config_checks.directory_error(FLAGS.config.get(key), f'--config.{key}')
+      for key in ('data_dir', 'prepared_data_dir')
+    ]
+
+  return check
+
+
+def _directory(flag: str, value: Callable[[], str | None] | None = None) -> Callable[[], str | None]:
+  """--flag (or value()) names a directory, or a place for one."""
+
+  def check() -> str | None:
+    from transformer_jax import config_checks
+
+    return config_checks.directory_error(value() if value is not None else FLAGS[flag].value, f'--{flag}')
+
+  return check
+
+
+def _supported_path(flag: str) -> Callable[[], str | None]:
+  """--flag is a path of a kind the project reads and writes (storage/paths.py); what it names is checked later."""
+
+  def check() -> str | None:
+    from transformer_jax.storage import paths
+
+    return paths.check(FLAGS[flag].value, f'--{flag}')
+
+  return check
+
+
+def _has_checkpoint(unless: Callable[[], bool] = lambda: False) -> Callable[[], str | None]:
+  """A local --workdir holds checkpoints (the message Workdir gives, before jax is imported to get there)."""
+
+  def check() -> str | None:
+    from transformer_jax import config_checks
+
+    workdir = FLAGS.workdir
+    if not workdir or '://' in workdir or config_checks.directory_error(workdir, '--workdir') or unless():
+      return None
+    from transformer_jax.storage import layout as layout_lib
+
+    checkpoints = layout_lib.WorkdirLayout.at(workdir).checkpoints
+    return None if os.path.isdir(checkpoints) else f'no checkpoint in {checkpoints}: train first'
+
+  return check
+
+
+def _checkpoint_is_a_step_directory() -> bool:
+  return bool(FLAGS.checkpoint) and not str(FLAGS.checkpoint).isdigit()
+
+
+def _input_file() -> list[str | None]:
+  from transformer_jax import config_checks
+
+  missing = FLAGS.input and '://' not in FLAGS.input and not os.path.exists(FLAGS.input)
+  return [
+    config_checks.file_error(FLAGS.input, '--input'),
+    f'--input={FLAGS.input} does not exist' if missing else None,
+  ]
+
+
+def _out_directory_exists() -> str | None:
+  out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
+  return None if os.path.isdir(out_dir) else f'--out={FLAGS.out}: directory {out_dir} does not exist'
+
+
+def _reads(*names: str) -> Callable[[], tuple[str | None, ...]]:
+  """Command.reads: the flags that name what the command reads, and the config's data_dir."""
+  return lambda: (
+    tuple(FLAGS[name].value for name in names) + (FLAGS.config.get('data_dir') if FLAGS.config is not None else None,)
+  )
+
+
+def _export_probe() -> str:
+  """A one-file export's gs:// probe object goes beside the file, not under it."""
+  from transformer_jax.storage import paths
+
+  return os.path.dirname(FLAGS.out.rstrip('/')) if paths.is_gcs(FLAGS.out) else FLAGS.out
+
+
+def _refuse(errors: list[str]) -> None:
+  """Bad flags, config values or paths: one line each and exit 2, before jax is imported or anything read."""
+  for e in errors:
+    print(f'error: {e}', file=sys.stderr)
+  if errors:
+    sys.stderr.flush()
+    sys.exit(error_lib.REFUSED)
 
 
 def run(command: str, args, names: list[str] | None = None) -> None:
   """Runs `command` on the parsed FLAGS. names: the flags define_flags defined (default: every FLAG_RULES flag
-  FLAGS holds)."""
+  FLAGS holds). A UserError (or a library error errors.py translates) is one `error:` line and its exit code."""
   if len(args) > 1:
-    _fail(f'unexpected arguments {args[1:]}; flags take the form --name=value')
-  errors = flag_errors(command, names if names is not None else [n for n in FLAG_RULES if n in FLAGS])
-  for e in errors:  # bad flags: before jax is imported or anything read
-    print(f'error: {e}', file=sys.stderr)
-  if errors:
-    sys.stderr.flush()
-    sys.exit(2)
-  _check_inputs(command)  # bad config values and paths: before anything is read or written
+    _refuse([f'unexpected arguments {args[1:]}; flags take the form --name=value'])
+  _refuse(flag_errors(command, names if names is not None else [n for n in FLAG_RULES if n in FLAGS]))
+  _refuse(input_errors(command))
   from transformer_jax.training import faults
 
   faults.divert_library_errors()
@@ -341,139 +458,44 @@ def run(command: str, args, names: list[str] | None = None) -> None:
       from transformer_jax import parallel  # (jax)
 
       parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    _check_buckets(command)  # a missing or unwritable bucket: one line before any data is loaded
-    with _writer_lock(command):  # before the slow imports: a second writer is refused at once
+    _check_buckets(spec)  # a missing or unwritable bucket: one line before any data is loaded
+    with _writer_lock(spec):  # before the slow imports: a second writer is refused at once
       spec.run()
   except Exception as e:
-    from transformer_jax.training import checkpoint as checkpoint_lib
-    from transformer_jax.training import run_control
-    from transformer_jax.storage import lock as workdir_lock
-
-    if isinstance(e, checkpoint_lib.CheckpointSaveError):
-      print(f'error: {str(e).splitlines()[0]}', file=sys.stderr, flush=True)
-      # orbax's failed background writers report again while the interpreter shuts down: to the log, not here
+    error = error_lib.from_library_error(e)
+    if error is None:
+      raise
+    print(f'error: {error.line}', file=sys.stderr, flush=True)
+    if error.quiet_shutdown:
       faults.send_stderr_to_detail_log()
-      sys.exit(1)
-    if isinstance(
-      e,
-      (
-        ValueError,
-        FileNotFoundError,
-        checkpoint_lib.ArchitectureMismatchError,
-        run_control.NonFiniteLossError,
-        run_control.TrainingStalledError,
-        NotImplementedError,
-        workdir_lock.WorkdirLockedError,
-        checkpoint_lib.CheckpointSaveError,
-      ),
-    ):
-      _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    if isinstance(e, OSError) and e.errno in (13, 30):  # EACCES, EROFS: a target this user cannot write
-      _fail(
-        f'cannot write {e.filename or "the workdir"}: {e.strerror} ({"read-only file system" if e.errno == 30 else "permission denied"}); '
-        'use a writable --workdir / --out'
-      )
-    if isinstance(e, OSError) and faults.is_disk_full(e):
-      _fail(
-        f'no space left on device writing {e.filename or "the workdir"} ({e.strerror}); free space and rerun '
-        '(training resumes from the newest checkpoint)'
-      )
-    raise
+    sys.exit(error.exit_code)
 
 
-def _check_buckets(command: str) -> None:
-  """gs:// paths: the bucket exists (readers) and takes a probe object (writers), else paths.BucketError."""
+def _check_buckets(spec: Command) -> None:
+  """gs:// paths: the bucket exists (Command.reads) and takes a probe object (Command.probe), else
+  paths.BucketError."""
   from transformer_jax.storage import paths
 
-  spec = COMMANDS[command]
-  written = spec.writes() if spec.writes is not None else None
-  if command == 'export':  # the probe object goes beside a one-file export, not under it
-    written = os.path.dirname(FLAGS.out.rstrip('/')) if paths.is_gcs(FLAGS.out) else FLAGS.out
-  read = [
-    p
-    for p in (
-      FLAGS.workdir if command not in ('train', 'prepare') else None,
-      getattr(FLAGS, 'input', None) if command == 'translate' else None,
-      FLAGS.path if command == 'import' else None,
-    )
-    if paths.is_gcs(p)
-  ]
-  if FLAGS.config is not None and paths.is_gcs(FLAGS.config.get('data_dir')):
-    read.append(FLAGS.config.data_dir)
-  for p in read:
-    if p != written:
+  written = spec.probe() if spec.probe is not None else spec.writes() if spec.writes is not None else None
+  for p in spec.reads():
+    if paths.is_gcs(p) and p != written:
       paths.check_bucket(p)
   if paths.is_gcs(written):
     paths.check_bucket(written, writable=True)
 
 
-def _writer_lock(command: str):
-  """The commands that write a workdir (Command.writes) take its lock (workdir_lock.py); readers take none."""
+def _writer_lock(spec: Command):
+  """The commands that write a workdir (Command.writes) take its lock (storage/lock.py); readers take none."""
   import contextlib
 
-  if COMMANDS[command].writes is None:
+  if spec.writes is None:
     return contextlib.nullcontext()
   import jax
   from transformer_jax.storage import lock as workdir_lock
 
-  path = COMMANDS[command].writes()
-  return workdir_lock.lock_workdir(path, 'transformer-jax ' + ' '.join(sys.argv[1:]), process_index=jax.process_index())
-
-
-# The commands that read a trained workdir's checkpoints.
-READERS = ('evaluate', 'translate', 'generate', 'export', 'average', 'attention')
-
-
-def _check_inputs(command: str) -> None:
-  """One `error:` line per bad config value or path, exit 2 (config_checks.py)."""
-  from transformer_jax import config_checks
-
-  # compile/info target a TPU from any host: splash's "needs a TPU" check is for the commands that run the model.
-  # Only train runs the model as the config says (the readers swap splash for blockwise off TPU: workdir.py), and
-  # only training lengths must fill whole attention blocks (train, and the commands that plan or prepare it).
-  errors = (
-    config_checks.config_errors(
-      FLAGS.config, platform_checks=command == 'train', length_checks=command in ('train', 'prepare', 'compile', 'info')
-    )
-    if (FLAGS.config is not None)
-    else []
+  return workdir_lock.lock_workdir(
+    spec.writes(), 'transformer-jax ' + ' '.join(sys.argv[1:]), process_index=jax.process_index()
   )
-  if command != 'info':
-    errors.append(
-      config_checks.directory_error(_workdir() if command in ('train', 'prepare') else FLAGS.workdir, '--workdir')
-    )
-  elsewhere = command == 'export' and not str(FLAGS.checkpoint or '').isdigit() and FLAGS.checkpoint  # a step dir
-  if command in READERS and FLAGS.workdir and '://' not in FLAGS.workdir and not any(errors) and not elsewhere:
-    from transformer_jax.storage import layout as layout_lib
-
-    checkpoints = layout_lib.WorkdirLayout.at(FLAGS.workdir).checkpoints
-    if not os.path.isdir(checkpoints):  # the message Workdir gives, before jax is imported to get there
-      errors.append(f'no checkpoint in {checkpoints}: train first')
-  if command == 'average':
-    errors.append(config_checks.directory_error(FLAGS.out, '--out'))
-  if command in ('translate', 'attention'):
-    errors.append(config_checks.file_error(FLAGS.input, '--input'))
-    if FLAGS.input and '://' not in FLAGS.input and not os.path.exists(FLAGS.input):
-      errors.append(f'--input={FLAGS.input} does not exist')
-  if command == 'attention':
-    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
-    if not os.path.isdir(out_dir):
-      errors.append(f'--out={FLAGS.out}: directory {out_dir} does not exist')
-  from transformer_jax.storage import paths
-
-  if command == 'export':
-    errors.append(paths.check(FLAGS.out, '--out'))  # a file or a directory, by format: the format checks the rest
-  if command == 'import':
-    errors.append(paths.check(FLAGS.path, '--path'))
-  if FLAGS.config is not None:
-    for key in ('data_dir', 'prepared_data_dir'):
-      errors.append(config_checks.directory_error(FLAGS.config.get(key), f'--config.{key}'))
-  errors = [e for e in errors if e]
-  for e in errors:
-    print(f'error: {e}', file=sys.stderr)
-  if errors:
-    sys.stderr.flush()
-    sys.exit(2)
 
 
 def _run_config(workdir: str | None):
@@ -722,8 +744,21 @@ class Command:
   default_config: bool = False  # --config defaults to configs/tiny.py (else: the workdir's stored config)
   requires_workdir: bool = True
   distributed: bool = False  # joins jax.distributed (multi-process) before running
+  one_heap: bool = False  # a long run of steps: malloc serves every buffer from one heap (hugepages.py)
   writes: Callable[[], str] | None = None  # the directory this command writes (locked for its life); None: a reader
   help_extra: Callable[[], str] | None = None  # what --help prints after the flags
+  # Run before jax is imported, each answering None, one line or a list (every line printed, exit 2): checks of the
+  # command's own flags given the FlagValues (beside FLAG_RULES), then of its config values and paths.
+  flag_checks: tuple[Callable[[flags.FlagValues], str | None], ...] = ()
+  checks: tuple[Callable[[], str | list[str | None] | None], ...] = ()
+  # What it reads (each gs:// bucket there must exist), and the gs:// place it writes if not `writes` (a probe object
+  # must be writable there), checked before any data is loaded.
+  reads: Callable[[], tuple[str | None, ...]] = _reads('workdir')
+  probe: Callable[[], str | None] | None = None
+
+
+# What every command that reads a trained workdir checks first.
+_READER_CHECKS = (_config_values(), _directory('workdir'), _has_checkpoint())
 
 
 COMMANDS = {
@@ -738,8 +773,11 @@ COMMANDS = {
       default_config=True,
       requires_workdir=False,
       distributed=True,
+      one_heap=True,
       writes=lambda: _workdir(),
       help_extra=_signals_help,
+      checks=(_config_values(platform=True, lengths=True), _directory('workdir', _workdir)),
+      reads=_reads(),
     ),
     Command(
       'prepare',
@@ -750,6 +788,8 @@ COMMANDS = {
       default_config=True,
       requires_workdir=False,
       writes=lambda: _workdir(),
+      checks=(_config_values(lengths=True), _directory('workdir', _workdir)),
+      reads=_reads(),
     ),
     Command(
       'evaluate',
@@ -759,6 +799,7 @@ COMMANDS = {
       _evaluate_flags,
       default_config=True,
       distributed=True,
+      checks=_READER_CHECKS,
     ),
     Command(
       'translate',
@@ -767,15 +808,29 @@ COMMANDS = {
       _translate_flags,
       default_config=True,
       distributed=True,
+      checks=(*_READER_CHECKS, _input_file),
+      reads=_reads('workdir', 'input'),
     ),
     Command(
       'generate',
       'language models: continue --prompt (or each line of stdin) over the KV cache',
       _generate,
       _generate_flags,
+      checks=_READER_CHECKS,
     ),
     Command(
-      'export', f'--format={{{",".join(EXPORT_FORMATS)}}} --out=PATH', _export, _export_flags, help_extra=_export_help
+      'export',
+      f'--format={{{",".join(EXPORT_FORMATS)}}} --out=PATH',
+      _export,
+      _export_flags,
+      help_extra=_export_help,
+      checks=(
+        _config_values(),
+        _directory('workdir'),
+        _has_checkpoint(unless=_checkpoint_is_a_step_directory),
+        _supported_path('out'),  # a file or a directory, by format: the format checks the rest
+      ),
+      probe=_export_probe,
     ),
     Command(
       'import',
@@ -783,6 +838,8 @@ COMMANDS = {
       _import,
       _import_flags,
       writes=lambda: FLAGS.workdir,
+      checks=(_config_values(), _directory('workdir'), _supported_path('path')),
+      reads=_reads('workdir', 'path'),
     ),
     Command(
       'average',
@@ -790,6 +847,7 @@ COMMANDS = {
       _average,
       _average_flags,
       writes=lambda: FLAGS.out,
+      checks=(*_READER_CHECKS, _directory('out')),
     ),
     Command(
       'info',
@@ -798,6 +856,7 @@ COMMANDS = {
       _info_flags,
       default_config=True,
       requires_workdir=False,
+      checks=(_config_values(lengths=True),),
     ),
     Command(
       'compile',
@@ -808,12 +867,16 @@ COMMANDS = {
       _compile_flags,
       default_config=True,
       requires_workdir=False,
+      flag_checks=(_known_programs,),
+      checks=(_config_values(lengths=True), _directory('workdir')),
     ),
     Command(
       'attention',
       "--text='...' --out=attention.png: translate, then draw the attention weights (one PNG, --json raw)",
       _attention,
       _attention_flags,
+      flag_checks=(_text_or_input,),
+      checks=(*_READER_CHECKS, _input_file, _out_directory_exists),
     ),
   )
 }

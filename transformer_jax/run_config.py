@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from transformer_jax.storage import layout as layout_lib
+from transformer_jax import errors
 
 # Keys whose value is part of the checkpoint: the parameters' shapes and meaning, or the vocabulary they index.
 ARCHITECTURE_KEYS = (
@@ -49,7 +50,7 @@ _DEFAULTS = {
 }
 
 
-class ArchitectureOverrideError(ValueError):
+class ArchitectureOverrideError(errors.UserError, ValueError):
   """An override that changes what the workdir's checkpoint was made with."""
 
 

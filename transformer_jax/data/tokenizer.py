@@ -19,6 +19,7 @@ import sentencepiece as spm
 
 from transformer_jax.storage import paths
 from transformer_jax.model.vocab import DEFAULT_SPECIAL_IDS, SpecialIds
+from transformer_jax import errors
 
 PAD_ID = DEFAULT_SPECIAL_IDS.pad
 EOS_ID = DEFAULT_SPECIAL_IDS.eos
@@ -39,7 +40,7 @@ def _write_bytes_atomic(path: str, data: bytes) -> None:
   paths.write_bytes_atomic(path, data)
 
 
-class DamagedTokenizerError(ValueError):
+class DamagedTokenizerError(errors.UserError, ValueError):
   """The SentencePiece model file does not parse (truncated, garbage); the message names the file."""
 
 

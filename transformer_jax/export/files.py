@@ -16,13 +16,14 @@ import numpy as np
 
 from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import paths
+from transformer_jax import errors
 
 DTYPES = ('float32', 'bfloat16')
 TOKENIZER_NAME = layout_lib.TOKENIZER_NAME  # an export's tokenizer has the workdir's name for it
 FORMAT_TAG = 'transformer_jax'
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError, ValueError):
   """A one-line refusal: bad target, unknown format, something a format cannot represent."""
 
 

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 
+from transformer_jax import errors
 from transformer_jax.storage import layout as layout_lib
 
 LOCK_NAME = layout_lib.LOCK_NAME
@@ -37,8 +38,10 @@ DEFAULT_TIMEOUT_S = 300.0  # object stores: a heartbeat older than this marks a 
 DEFAULT_HEARTBEAT_S = 30.0
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.UserError, RuntimeError):
   """Another writer holds the workdir (the message names it)."""
+
+  exit_code = errors.FAILED  # nothing given is wrong: the same command works once the holder ends
 
 
 def holder_info(command: str) -> dict:

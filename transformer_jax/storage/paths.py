@@ -15,16 +15,18 @@ import os
 import re
 import time
 
+from transformer_jax import errors
+
 SUPPORTED = 'local paths and gs://bucket/path'
 _SCHEME = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 PROBE_TIMEOUT_S = 20.0
 
 
-class UnsupportedPathError(ValueError):
+class UnsupportedPathError(errors.UserError, ValueError):
   """A URI of a scheme this project cannot read or write."""
 
 
-class BucketError(ValueError):
+class BucketError(errors.UserError, ValueError):
   """A gs:// bucket that does not exist, cannot be reached or cannot be written (one line)."""
 
 

@@ -35,6 +35,7 @@ from transformer_jax.storage import paths
 from transformer_jax.training import train_state
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.model.transformer import ModelConfig, build_model
+from transformer_jax import errors
 
 TOKENIZER_NAME = layout_lib.TOKENIZER_NAME
 
@@ -236,7 +237,7 @@ def _check_step(reader: checkpoint_lib.Checkpointer, step: int | None) -> None:
     raise FileNotFoundError(f'no checkpoint step {step} in {reader.directory} (have {reader.all_steps()})')
 
 
-class ShapeMismatchError(ValueError):
+class ShapeMismatchError(errors.UserError, ValueError):
   """Parameters that do not fit the model the config builds."""
 
 

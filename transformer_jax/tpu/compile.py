@@ -24,6 +24,7 @@ import time
 from transformer_jax.inference import evaluation
 from transformer_jax.tpu import chips as tpu_chips
 from transformer_jax.tpu import report as tpu_report
+from transformer_jax import errors
 
 PROGRAMS = ('train', 'eval', 'greedy', 'beam', 'sample')
 _BATCH_KEYS = {
@@ -57,8 +58,10 @@ _SHAPES = {
 }
 
 
-class DoesNotFit(ValueError):
+class DoesNotFit(errors.UserError, ValueError):
   """Parameters and optimizer state alone exceed the chips' HBM: refused before compiling."""
+
+  exit_code = errors.FAILED  # `compile` answers "does not fit" with exit 1
 
 
 @dataclasses.dataclass(frozen=True)

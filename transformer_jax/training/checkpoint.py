@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 
 from transformer_jax.storage import layout as layout_lib
 from transformer_jax.storage import paths
+from transformer_jax import errors
 
 ITEMS = ('state', 'data', 'config')
 DAMAGED_DIR = layout_lib.DAMAGED_CHECKPOINTS_NAME
@@ -69,17 +70,20 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
-class ArchitectureMismatchError(ValueError):
+class ArchitectureMismatchError(errors.UserError, ValueError):
   """The checkpoint's parameters do not fit the model the config builds."""
 
 
-class NoReadableCheckpointError(FileNotFoundError):
+class NoReadableCheckpointError(errors.UserError, FileNotFoundError):
   """Every checkpoint in the directory failed to restore."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.UserError, RuntimeError):
   """A save failed (full disk, quota, I/O error): one line naming the step, the directory and, for a full disk, the
   bytes needed. The failed step's temporary directory is removed; earlier checkpoints are untouched."""
+
+  exit_code = errors.FAILED
+  quiet_shutdown = True  # orbax's failed background writers report again at exit: to the detail log
 
 
 class _Params:

@@ -8,7 +8,6 @@ the full disk) and names that file in its error line.
 
 from __future__ import annotations
 
-import errno
 import logging as py_logging
 import os
 import sys
@@ -16,8 +15,8 @@ import tempfile
 import threading
 import traceback
 
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_TEXT = ('no space left on device', 'disk quota exceeded', "os_error_code='28'", "os_error_code='122'")
+from transformer_jax.errors import is_disk_full  # noqa: F401 (checkpoint.py and train.py ask here)
+
 # asyncio: orbax writes through asyncio tasks, whose unretrieved failures asyncio itself logs (with the traceback).
 _DIVERTED_LIBRARIES = ('orbax', 'tensorstore', 'asyncio')
 
@@ -172,19 +171,6 @@ def _is_closed_loop_callback(exc_value, exc_traceback) -> bool:
   if not isinstance(exc_value, RuntimeError) or 'Event loop is closed' not in str(exc_value):
     return False
   return any(frame.name in ('call_soon_threadsafe', '_check_closed') for frame in traceback.extract_tb(exc_traceback))
-
-
-def is_disk_full(e: BaseException | None) -> bool:
-  """An OSError ENOSPC/EDQUOT anywhere in the exception's chain, or tensorstore's text for one."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
-      return True
-    if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
 
 
 def free_bytes(directory: str) -> int | None:

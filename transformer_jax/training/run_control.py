@@ -14,10 +14,11 @@ from absl import logging
 
 from transformer_jax.storage import layout as layout_lib
 from transformer_jax.training import checkpoint as checkpoint_lib
+from transformer_jax import errors
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  exit_code = errors.FAILED
 
 
 def stop_if_not_finite(metrics: dict[str, float], step: int, checkpointer, state=None) -> None:
@@ -34,8 +35,8 @@ def stop_if_not_finite(metrics: dict[str, float], step: int, checkpointer, state
     )
 
 
-class TrainingStalledError(RuntimeError):
-  pass
+class TrainingStalledError(errors.UserError, RuntimeError):
+  exit_code = errors.FAILED
 
 
 class StallDetector:
