@@ -4,7 +4,7 @@
 or imported) run with the config stored in its newest checkpoint, with the command line's `--config.key=value`
 overrides applied on top (dataset, steps, learning rate, ...). An override that would change the architecture the
 checkpoint was made with is refused in one line. With `--config=FILE`, that file (and its overrides) is used as
-before; on a workdir without checkpoints, the default config file.
+given; on a workdir without checkpoints, the default config file.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def cross_entropy_sums(logits, targets, weights, label_smoothing: float) -> dict
 
   The smoothed target q = (1 - ls) one_hot + ls / V (optax.smooth_labels) gives, in closed form,
   -sum_v q_v log p_v = (1 - ls) nll + ls (logsumexp(z) - mean_v z_v): no dense [tokens, V] one-hot or smoothed
-  tensor (they were ~13% of the base model's step time on CPU). `correct` counts z_target >= max_v z.
+  tensor (on CPU they would be a large share of the base model's step time). `correct` counts z_target >= max_v z.
 
   Logits may be bfloat16: they are read in float32 inside the reductions. Every [tokens, V] term is a reduction
   over V of an elementwise function of z (the target's logit too: a select against an iota, not a gather whose

@@ -26,7 +26,7 @@ class SpecialIds:
 
   @classmethod
   def from_dict(cls, values) -> SpecialIds:
-    """From a config/JSON mapping; missing keys keep the defaults (workdirs written before ids were stored)."""
+    """From a config/JSON mapping; missing keys keep the defaults (a workdir config that holds no ids)."""
     values = dict(values or {})
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
