@@ -537,7 +537,8 @@ def _compile() -> None:
     topology = tpu_compile.parse_topology(FLAGS.topology)
   except ValueError:
     topology = None  # tpu_compile.run says what is wrong with it
-  if topology is not None:  # before libtpu loads: on a host without a TPU, say so (else libtpu prints several lines of errors)
+  # Before libtpu loads: on a host without a TPU, say so (else libtpu prints several lines of errors).
+  if topology is not None:
     for name, value in host.libtpu_host_env(topology.chip.name, topology.chips * topology.chip.cores_per_chip).items():
       os.environ.setdefault(name, value)
   tpu_compile.run(FLAGS)
