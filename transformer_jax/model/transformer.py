@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from transformer_jax.model import attention as attention_lib
+from transformer_jax.model import quantize as quantize_lib
 from transformer_jax.model.attention import MaskSpec
 
 # ModelConfig and the choices it names live in model_config.py; imported from here by the rest of the package too.
@@ -81,7 +82,11 @@ class HeadProjection(nn.Module):
   def __call__(self, x):
     init = nn.initializers.xavier_uniform(in_axis=self.in_axis, out_axis=self.out_axis)
     kernel = self.param('kernel', _param_init(init, self.names), self.shape, jnp.float32)
-    y = attention_lib.einsum_f32(self.equation, x, kernel, self.dtype)
+    if kernel.dtype == jnp.int8:  # quantize.int8_params: int8 compute; contracts x's last len(in axes) axes
+      contracting = len(self.in_axis) if isinstance(self.in_axis, tuple) else 1
+      y = quantize_lib.int8_matmul(x, kernel, self._scale(), contracting=contracting)
+    else:
+      y = attention_lib.einsum_f32(self.equation, x, kernel, self.dtype)
     if self.use_bias:
       out = tuple(range(len(self.shape)))[self.out_axis] if isinstance(self.out_axis, int) else self.out_axis
       out = (out,) if isinstance(out, int) else tuple(out)
@@ -93,6 +98,9 @@ class HeadProjection(nn.Module):
       )
       y = y + bias  # in float32, before the rounding: the bias gradient is a float32 sum over tokens
     return y.astype(self.dtype)
+
+  def _scale(self):
+    return self.get_variable('params', 'kernel' + quantize_lib.SCALE_SUFFIX)
 
 
 class Dense(nn.Module):
@@ -109,7 +117,10 @@ class Dense(nn.Module):
     kernel = self.param(
       'kernel', _param_init(nn.initializers.xavier_uniform(), self.names), (x.shape[-1], self.features), jnp.float32
     )
-    y = attention_lib.einsum_f32('bld,df->blf', x, kernel, self.dtype)
+    if kernel.dtype == jnp.int8:  # quantize.int8_params: int8 compute
+      y = quantize_lib.int8_matmul(x, kernel, self.get_variable('params', 'kernel' + quantize_lib.SCALE_SUFFIX))
+    else:
+      y = attention_lib.einsum_f32('bld,df->blf', x, kernel, self.dtype)
     if self.use_bias:
       y = y + self.param('bias', _param_init(nn.initializers.zeros, self.names[1:]), (self.features,), jnp.float32)
     return y.astype(self.dtype)
@@ -369,13 +380,21 @@ class Embedder(nn.Module):
       jnp.float32,
     )
 
+  def _scale(self):  # [V, 1]: the per-token scale of int8 embeddings (quantize.int8_params)
+    return self.get_variable('params', 'embedding' + quantize_lib.SCALE_SUFFIX)
+
   def __call__(self, tokens):  # [B, L] -> [B, L, D]
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
+    x = jnp.take(self.embedding, tokens, axis=0)
+    if x.dtype == jnp.int8:
+      x = x.astype(jnp.float32) * jnp.take(self._scale(), tokens, axis=0)
+    x = x.astype(self.cfg.dtype)
     if not self.cfg.scale_embeddings:
       return x
     return x * jnp.sqrt(self.cfg.d_model).astype(self.cfg.dtype)
 
   def attend(self, x):  # [B, L, D] -> [B, L, V]
+    if self.embedding.dtype == jnp.int8:
+      return quantize_lib.int8_matmul(x, self.embedding, self._scale(), transposed=True).astype(self.cfg.dtype)
     return attention_lib.einsum_f32('bld,vd->blv', x, self.embedding, self.cfg.dtype).astype(self.cfg.dtype)
 
 
