@@ -215,10 +215,16 @@ def int8_matmul(x, q, scale, *, contracting: int = 1, transposed: bool = False):
     in_shape, out_shape = q.shape[:contracting], q.shape[contracting:]
     q2, dims = q.reshape(int(np.prod(in_shape)), -1), (((1,), (0,)), ((), ()))
   lead = x.shape[: x.ndim - len(in_shape)]
-  x = jnp.asarray(x, jnp.float32).reshape(-1, int(np.prod(in_shape)))
-  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  x_scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
-  xq = jnp.clip(jnp.round(x / x_scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+  xq, x_scale = quantize_rows(x.reshape(-1, int(np.prod(in_shape))))
   acc = jax.lax.dot_general(xq, q2, dims, preferred_element_type=jnp.int32)
   y = acc.astype(jnp.float32) * x_scale * scale.reshape(1, -1).astype(jnp.float32)
   return y.reshape(*lead, *out_shape)
+
+
+def quantize_rows(x):
+  """x [..., N] -> (int8 [..., N], float32 scale [..., 1]): each row symmetric on its own max|x| / 127 (dynamic
+  quantization of activations and of the decode cache's keys/values; an all-zero row stays zero)."""
+  x = jnp.asarray(x, jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+  return jnp.clip(jnp.round(x / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale

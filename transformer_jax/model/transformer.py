@@ -210,21 +210,35 @@ class MultiHeadAttention(nn.Module):
     batch, max_len, heads, head_dim = key.shape
     if self.cfg.attention_window:
       max_len = min(max_len, self.cfg.attention_window)
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, (batch, heads, max_len, head_dim), key.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, (batch, heads, max_len, head_dim), value.dtype)
+    stored = key.dtype if self.cfg.kv_cache_dtype == 'auto' else jnp.dtype(self.cfg.kv_cache_dtype)
+    quantized = stored == jnp.int8
+    caches = []
+    for name in ('cached_key', 'cached_value'):
+      cached = self.variable('cache', name, jnp.zeros, (batch, heads, max_len, head_dim), stored)
+      scale = None  # int8: one float32 scale per (token, head)
+      if quantized:
+        scale = self.variable('cache', f'{name}_scale', jnp.zeros, (batch, heads, max_len, 1), jnp.float32)
+      caches.append((cached, scale))
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, dtype=jnp.int32))
     if not initialized:
       return key, value, mask
     if key.shape[1] != 1:
       raise ValueError(f'incremental decoding takes one position at a time, got {key.shape[1]}')
-    batch, _, max_len, _ = cached_key.value.shape
+    max_len = caches[0][0].value.shape[2]
     index = cache_index.value
     slot = index % max_len if self.cfg.attention_window else index
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(key, 1, 2), (0, 0, slot, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(value, 1, 2), (0, 0, slot, 0))
+    read = []
+    for (cached, scale), new in zip(caches, (key, value)):
+      new = jnp.swapaxes(new, 1, 2)  # [B, H, 1, K]
+      if quantized:
+        new, new_scale = quantize_lib.quantize_rows(new)
+        scale.value = jax.lax.dynamic_update_slice(scale.value, new_scale, (0, 0, slot, 0))
+      cached.value = jax.lax.dynamic_update_slice(cached.value, new.astype(stored), (0, 0, slot, 0))
+      entries = cached.value.astype(jnp.float32) * scale.value if quantized else cached.value
+      read.append(entries.astype(key.dtype))
     cache_index.value = index + 1
     step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]: the filled slots
-    return cached_key.value, cached_value.value, jnp.broadcast_to(step_mask, (batch, 1, 1, max_len))
+    return read[0], read[1], jnp.broadcast_to(step_mask, (batch, 1, 1, max_len))
 
 
 class FeedForward(nn.Module):
