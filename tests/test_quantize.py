@@ -492,7 +492,7 @@ def trained_float32(trained):
 @pytest.mark.parametrize(
   'options', [{'quantize': 'int8'}, {'kv_cache_dtype': 'int8'}, {'quantize': 'int8', 'kv_cache_dtype': 'int8'}]
 )
-def test_int8_compute_and_cache_keep_the_held_out_exact_match_within_half_a_point(trained, trained_float32, options):
+def test_int8_compute_and_cache_lose_at_most_half_a_point_of_held_out_exact_match(trained, trained_float32, options):
   import os
   from transformer_jax.inference import translate as inference
 
@@ -501,6 +501,11 @@ def test_int8_compute_and_cache_keep_the_held_out_exact_match_within_half_a_poin
   print(options, {k: (round(reference[k], 2), round(got[k], 2)) for k in got})
   assert 60 <= reference['exact_match'] < 100  # a model with outputs right and wrong: the margins are real
   for key in ('exact_match', 'exact_match_greedy'):
-    assert abs(got[key] - reference[key]) <= 0.5, (key, reference[key], got[key])
+    assert got[key] >= reference[key] - 0.5, (key, reference[key], got[key])  # at most one sentence of 200 lost
   suffix = inference.weights_suffix(**options)
-  assert os.path.exists(os.path.join(trained, f'hypotheses_validation_step350{suffix}_greedy.txt'))
+  for search in ('', '_greedy'):  # and few outputs change at all, for the better or the worse
+    with open(os.path.join(trained, f'hypotheses_validation_step350{search}.txt')) as f:
+      want = f.read().splitlines()
+    with open(os.path.join(trained, f'hypotheses_validation_step350{suffix}{search}.txt')) as f:
+      changed = sum(a != b for a, b in zip(f.read().splitlines(), want, strict=True))
+    assert changed <= 0.05 * len(want), (search, changed)  # measured: 0-6 of 200
