@@ -1,5 +1,6 @@
-r"""Serving throughput on CPU (sentences/s), one table: ours (float32, jitted greedy / beam search), HF
-MarianMTModel.generate (float32), and CTranslate2 float32 / int8 (the [serve] extra) on the same model and work.
+r"""Serving throughput on CPU (sentences/s), one table: ours (float32, jitted greedy / beam search; int8 weights
+and compute, with an int8 key/value cache too, and bfloat16), HF MarianMTModel.generate (float32), and CTranslate2
+float32 / int8 (the [serve] extra) on the same model and work.
 
     python benchmarks/serve_throughput.py                       # base size, 64 x 20-token sources, 40 new tokens
     python benchmarks/serve_throughput.py --systems=jax,ct2-int8 --repeats=5
@@ -36,7 +37,7 @@ for _path in (_REPO, os.path.join(_REPO, 'benchmarks')):
 import decode_throughput as base  # noqa: E402  (the model, sources, and the ours / HF systems)
 from transformer_jax import hugepages  # noqa: E402
 
-SYSTEMS = ('jax', 'hf', 'ct2-float32', 'ct2-int8')
+SYSTEMS = ('jax', 'jax-int8', 'jax-int8-kv8', 'jax-bf16', 'hf', 'ct2-float32', 'ct2-int8')
 FLAGS_OF_INTEREST = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16', 'amx_int8', 'amx_tile')
 
 
@@ -59,6 +60,28 @@ def cpu_kind() -> str:
   flags = set(fields.get('Flags', '').split())
   have = [f for f in FLAGS_OF_INTEREST if f in flags]
   return f'{name}; flags: {", ".join(have) or "none of " + ", ".join(FLAGS_OF_INTEREST)}'
+
+
+class JaxVariantSystem(base.JaxSystem):
+  """Ours with other weights / compute: 'int8' (quantize.int8_params: int8 x int8 -> int32 matmuls, activations
+  quantized per token), 'int8-kv8' (and model.kv_cache_dtype='int8'), 'bf16' (model.dtype=bfloat16 with bfloat16
+  kernels: bfloat16 x bfloat16 -> float32 matmuls)."""
+
+  def __init__(self, args, rows, variant: str):
+    import dataclasses
+
+    import jax.numpy as jnp
+    from transformer_jax.model import quantize
+
+    super().__init__(args, rows)
+    if variant.startswith('int8'):
+      self.params = quantize.int8_params(self.params)
+    if variant == 'int8-kv8':
+      self.cfg = dataclasses.replace(self.cfg, kv_cache_dtype='int8')
+    if variant == 'bf16':
+      self.params = quantize.cast_params(self.params, jnp.bfloat16)
+      self.cfg = dataclasses.replace(self.cfg, dtype=jnp.bfloat16)
+    self.name = f'ours {variant}'
 
 
 class Ct2System:
@@ -112,6 +135,8 @@ def worker(args):
   rows = base.sources(args)
   if args.worker.startswith('ct2-'):
     system = Ct2System(args, rows, args.worker[len('ct2-') :])
+  elif args.worker.startswith('jax-'):
+    system = JaxVariantSystem(args, rows, args.worker[len('jax-') :])
   else:
     system = {'jax': base.JaxSystem, 'hf': base.HfSystem}[args.worker](args, rows)
   result = {'name': system.name, 'device': system.device, 'times': {}}

@@ -44,6 +44,8 @@ def get_config():
       attention='dense',
       attention_block_size=512,
       attention_window=0,
+      # decoding's self-attention cache: 'auto' (the compute dtype) | 'float32' | 'bfloat16' | 'int8'
+      kv_cache_dtype='auto',
     )
   )
 

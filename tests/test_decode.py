@@ -296,3 +296,82 @@ def test_sharded_batch_gives_the_same_results_without_gathering_the_batch(mesh_s
   np.testing.assert_array_equal(greedy, expected_greedy)
   if mesh_shape == (8, 1, 1):
     assert not re.search(r'\b(all-gather|all-to-all|collective-permute)\b', hlo), 'beam search moves the batch'
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model.kv_cache_dtype: a lower-precision cache computes what the full pass does, ring buffer (attention_window) too
+
+
+@functools.cache
+def _step_fn(cfg):
+  model = decode.decoding_model(cfg)
+  return jax.jit(
+    lambda params, cache, encoded, segmentation, tokens: decode.decode_step(
+      model, params, cache, encoded, segmentation, tokens
+    )
+  )
+
+
+def _cached_log_probs(cfg, params, inputs, decoder_inputs):
+  """Per-step log-probabilities [B, T, V] of decoder_inputs [B, T] fed one position at a time through the cache."""
+  _, encoded, segmentation, cache = decode._encode_and_cache(params, inputs, cfg, decoder_inputs.shape[1])
+  step, out = _step_fn(cfg), []
+  for t in range(decoder_inputs.shape[1]):
+    log_probs, cache = step(params, cache, encoded, segmentation, decoder_inputs[:, t])
+    out.append(np.asarray(log_probs))
+  return np.stack(out, axis=1), cache
+
+
+@pytest.mark.parametrize('window', [0, 3])
+@pytest.mark.parametrize('kv_cache_dtype', ['int8', 'bfloat16'])
+def test_a_low_precision_cache_follows_the_full_pass_and_holds_the_bytes_it_reports(kv_cache_dtype, window):
+  import dataclasses
+
+  from transformer_jax.model import config as model_config
+
+  cfg = ModelConfig(**{**TINY.__dict__, 'num_layers': 2, 'd_model': 32, 'num_heads': 2, 'attention_window': window})
+  params, inputs = _random_model(cfg, seed=3, sharpen=1.5)
+  length = 10  # past the window: the ring buffer wraps around
+  rng = np.random.default_rng(3)
+  decoder_inputs = np.concatenate([np.full((BATCH, 1), BOS_ID), rng.integers(4, 6, (BATCH, length - 1))], 1)
+  decoder_inputs = jnp.asarray(decoder_inputs, jnp.int32)
+  full = np.asarray(_teacher_forced(cfg, params, inputs, decoder_inputs[:, None]))[:, 0]  # windowed mask when W > 0
+  low = dataclasses.replace(cfg, kv_cache_dtype=kv_cache_dtype)
+  got, cache = _cached_log_probs(low, params, inputs, decoder_inputs)
+  exact, _ = _cached_log_probs(cfg, params, inputs, decoder_inputs)
+  np.testing.assert_allclose(exact, full, atol=1e-4)  # the float32 cache is the full pass
+  error = np.abs(got - full).max()
+  print(f'{kv_cache_dtype} cache, window {window}: max |log-prob error| {error:.4f}')
+  assert 0 < error < (0.05 if kv_cache_dtype == 'int8' else 0.02)
+  if window:  # the window matters here, by far more than the cache's rounding
+    unwindowed = np.asarray(
+      _teacher_forced(dataclasses.replace(cfg, attention_window=0), params, inputs, decoder_inputs[:, None])
+    )[:, 0]
+    assert np.abs(unwindowed - full).max() > 10 * error
+  leaves = {
+    '/'.join(str(getattr(k, 'key', k)) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(cache)
+  }
+  entries = {n: x for n, x in leaves.items() if 'self_attention/cached_' in n}
+  names = {n.rsplit('/', 1)[-1] for n in entries}
+  assert names >= {'cached_key', 'cached_value'}
+  assert {x.dtype for n, x in entries.items() if not n.endswith('_scale')} == {jnp.dtype(kv_cache_dtype)}
+  assert all(x.shape[2] == (window or length) for x in entries.values())  # slots: the window, else the length
+  slots = window or length
+  per_token = sum(x.nbytes for x in entries.values()) / (BATCH * slots)
+  assert per_token == model_config.kv_cache_bytes_per_token(low)
+  assert ('cached_key_scale' in names) == (kv_cache_dtype == 'int8')
+
+
+@pytest.mark.parametrize('kv_cache_dtype', ['int8', 'bfloat16'])
+def test_beam_search_reorders_a_low_precision_cache_with_its_scales(kv_cache_dtype):
+  """Beam search with a lower-precision cache scores what it returns as the full pass scores it (the reordering
+  moves the int8 scales with their rows), within the cache's rounding."""
+  import dataclasses
+
+  cfg = ModelConfig(**{**TINY.__dict__, 'kv_cache_dtype': kv_cache_dtype})
+  params, inputs = _random_model(cfg, seed=5)
+  tokens, scores = decode.beam_search(params, inputs, cfg=cfg, beam_size=3, alpha=0.6, max_decode_len=8)
+  float_cfg = dataclasses.replace(cfg, kv_cache_dtype='auto')
+  np.testing.assert_allclose(scores, _score(float_cfg, params, inputs, tokens, 0.6), atol=0.05)
+  float_tokens, _ = decode.beam_search(params, inputs, cfg=float_cfg, beam_size=3, alpha=0.6, max_decode_len=8)
+  assert np.mean(np.all(np.asarray(tokens) == np.asarray(float_tokens), axis=1)) >= 0.75

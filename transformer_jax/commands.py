@@ -100,10 +100,11 @@ def _decoding_flags(flags, evaluate: bool) -> None:
   flags.DEFINE_integer('batch_size', 64, 'Sentences decoded at once.')
 
 
-# quantize.QUANTIZE_CHOICES and quantize.WEIGHTS_DTYPES, here so that defining the flags imports no jax; a test
-# keeps the two equal.
+# quantize.QUANTIZE_CHOICES, quantize.WEIGHTS_DTYPES and model config.KV_CACHE_DTYPES, here so that defining the
+# flags imports no jax; a test keeps them equal.
 QUANTIZE_CHOICES = ('none', 'int8')
 WEIGHTS_DTYPES = ('float32', 'bfloat16')
+KV_CACHE_DTYPES = ('auto', 'float32', 'bfloat16', 'int8')
 
 
 def _weights_flags(flags) -> None:
@@ -111,10 +112,9 @@ def _weights_flags(flags) -> None:
     'quantize',
     'none',
     list(QUANTIZE_CHOICES),
-    'int8: every matmul kernel and the embedding rounded '
-    'to a symmetric per-output-channel int8 grid (scale max|w|/127) after loading, then run by the '
-    'usual float model: this measures the quality of int8 weights, not their speed (no int8 '
-    'kernels run). Norms, biases and positions stay float32.',
+    'int8: every matmul kernel and the embedding stored as '
+    'symmetric per-output-channel int8 (scale max|w|/127) after loading and multiplied in int8 '
+    '(int8 x int8 -> int32, activations quantized per token). Norms, biases and positions stay float32.',
   )
   flags.DEFINE_enum(
     'weights_dtype',
@@ -122,7 +122,13 @@ def _weights_flags(flags) -> None:
     list(WEIGHTS_DTYPES),
     'Dtype those weights are stored in after '
     'loading (bfloat16: half the bytes; with --quantize=int8, the int8 weights dequantized to '
-    "bfloat16). The activations keep the config's model.dtype.",
+    "bfloat16, which measures their quality, not int8 speed). The activations keep the config's model.dtype.",
+  )
+  flags.DEFINE_enum(
+    'kv_cache_dtype',
+    'auto',
+    list(KV_CACHE_DTYPES),
+    "Decoding's self-attention key/value cache (auto: the compute dtype; int8: one scale per token and head).",
   )
 
 
@@ -572,6 +578,7 @@ def _evaluate() -> None:
     length_penalty=FLAGS.length_penalty,
     quantize=FLAGS.quantize,
     weights_dtype=FLAGS.weights_dtype,
+    kv_cache_dtype=FLAGS.kv_cache_dtype,
   )
   print(' '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
 
@@ -597,6 +604,7 @@ def _translate() -> None:
     length_penalty=FLAGS.length_penalty,
     quantize=FLAGS.quantize,
     weights_dtype=FLAGS.weights_dtype,
+    kv_cache_dtype=FLAGS.kv_cache_dtype,
   ):
     sys.stdout.write(line + '\n')
   sys.stdout.flush()

@@ -32,7 +32,8 @@ P = jax.sharding.PartitionSpec
 NEG_INF = -1.0e9  # "impossible" log-probability: finite, so sums and divisions never make NaN
 MAX_LENGTH_MARGIN = 50  # the paper: maximum output length = input length + 50
 _COUNTERS = ('cache_index', 'position_index')  # cache scalars shared by every row ([layers] with scan_layers)
-_SELF_ATTENTION_CACHE = ('cached_key', 'cached_value')  # the only cache entries that differ between beams
+# The only cache entries that differ between beams (the scales: model.kv_cache_dtype='int8').
+_SELF_ATTENTION_CACHE = ('cached_key', 'cached_value', 'cached_key_scale', 'cached_value_scale')
 
 
 def decoding_model(cfg: ModelConfig) -> Transformer:

@@ -29,7 +29,11 @@ from transformer_jax.storage.workdir import Workdir
 def run(FLAGS) -> None:
   prompts = [FLAGS.prompt.replace('\\n', '\n')] if FLAGS.prompt is not None else sys.stdin.read().splitlines()
   loaded = inference.load_workdir(
-    FLAGS.workdir, FLAGS.config, quantize=FLAGS.quantize, weights_dtype=FLAGS.weights_dtype
+    FLAGS.workdir,
+    FLAGS.config,
+    quantize=FLAGS.quantize,
+    weights_dtype=FLAGS.weights_dtype,
+    kv_cache_dtype=FLAGS.kv_cache_dtype,
   )
   if loaded.cfg.kind != 'decoder':
     raise ValueError(f'{FLAGS.workdir} holds a translation model; generate needs model.kind=decoder (use translate)')

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from flax import linen as nn
@@ -13,22 +15,34 @@ from transformer_jax.model import quantize as quantize_lib
 from transformer_jax.inference import scores
 from transformer_jax.data import sources
 from transformer_jax.storage import layout as layout_lib
+from transformer_jax.model.config import KV_CACHE_DTYPES
 from transformer_jax.storage.workdir import Trained, Workdir
 
 
 def load_workdir(
-  workdir: str | layout_lib.WorkdirLayout, config=None, *, quantize: str = 'none', weights_dtype: str = 'float32'
+  workdir: str | layout_lib.WorkdirLayout,
+  config=None,
+  *,
+  quantize: str = 'none',
+  weights_dtype: str = 'float32',
+  kv_cache_dtype: str = 'auto',
 ) -> Trained:
   """Newest good checkpoint of workdir (parameters only), onto this machine's mesh; config from the checkpoint
-  unless given. quantize / weights_dtype: the weights decoding runs with (quantize.decoding_params)."""
+  unless given. quantize / weights_dtype: the weights decoding runs with (quantize.decoding_params);
+  kv_cache_dtype: the decode cache's (model.kv_cache_dtype)."""
   loaded = Workdir(workdir).load(config)
   loaded.params = quantize_lib.decoding_params(loaded.params, quantize, weights_dtype)
+  if kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise ValueError(f'kv_cache_dtype={kv_cache_dtype!r}: expected one of {", ".join(KV_CACHE_DTYPES)}')
+  loaded.cfg = dataclasses.replace(loaded.cfg, kv_cache_dtype=kv_cache_dtype)
   return loaded
 
 
-def weights_suffix(quantize: str = 'none', weights_dtype: str = 'float32') -> str:
-  """'' for the trained float32 weights, else e.g. '_int8_bfloat16': output files of other weights stay apart."""
-  return ''.join(f'_{v}' for v in (quantize, weights_dtype) if v not in ('none', 'float32'))
+def weights_suffix(quantize: str = 'none', weights_dtype: str = 'float32', kv_cache_dtype: str = 'auto') -> str:
+  """'' for the trained float32 weights, else e.g. '_int8_bfloat16' (and '_kv_int8' for an int8 decode cache):
+  output files of other weights stay apart."""
+  kv = f'_kv_{kv_cache_dtype}' if kv_cache_dtype != 'auto' else ''
+  return ''.join(f'_{v}' for v in (quantize, weights_dtype) if v not in ('none', 'float32')) + kv
 
 
 def decode_length(loaded: Trained, longest_source: int) -> int:
@@ -92,11 +106,17 @@ def _batch_divisor(mesh) -> int:
 
 
 def translate_workdir(
-  workdir: str, config, sentences: list[str], *, quantize: str = 'none', weights_dtype: str = 'float32', **kwargs
+  workdir: str,
+  config,
+  sentences: list[str],
+  *,
+  quantize: str = 'none',
+  weights_dtype: str = 'float32',
+  kv_cache_dtype: str = 'auto',
+  **kwargs,
 ) -> list[str]:
-  return translate_sentences(
-    load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype), sentences, **kwargs
-  )
+  loaded = load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype, kv_cache_dtype=kv_cache_dtype)
+  return translate_sentences(loaded, sentences, **kwargs)
 
 
 def evaluate_workdir(
@@ -108,6 +128,7 @@ def evaluate_workdir(
   alpha: float = 0.6,
   quantize: str = 'none',
   weights_dtype: str = 'float32',
+  kv_cache_dtype: str = 'auto',
   **kwargs,
 ) -> dict[str, float]:
   """BLEU / chrF / exact match of the newest checkpoint on a held-out split (sacrebleu, cased, on the raw
@@ -115,7 +136,7 @@ def evaluate_workdir(
   (keys bleu_greedy, ...). Hypotheses are written beside the checkpoints: WORKDIR/hypotheses_<split>_step<N>.txt
   (beam) and ..._greedy.txt (other weights than the trained float32 ones: ..._step<N>_int8.txt etc.)."""
   workdir = layout_lib.of(workdir)
-  loaded = load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype)
+  loaded = load_workdir(workdir, config, quantize=quantize, weights_dtype=weights_dtype, kv_cache_dtype=kv_cache_dtype)
   config = loaded.config
   split = split or config.eval_split
   pairs = sources.load_text_pairs(
@@ -128,7 +149,7 @@ def evaluate_workdir(
     cache_dir=workdir.generated_data if config.dataset.startswith('generated:') else None,
   )
   sources_, references = [s for s, _ in pairs], [t for _, t in pairs]
-  weights = weights_suffix(quantize, weights_dtype)
+  weights = weights_suffix(quantize, weights_dtype, kv_cache_dtype)
   runs = [('', beam_size)] + ([('_greedy', 1)] if beam_size > 1 else [])
   results = {}
   for suffix, beams in runs:

@@ -68,6 +68,9 @@ class ModelConfig:
   use_bias: bool = False  # biases on the attention projections (GPT-2); the feed-forward always has them
   scale_embeddings: bool = True  # embeddings * sqrt(D) (section 3.4); GPT-2 does not scale
   final_logits_bias: bool = False  # a [V] bias added to the logits (HF Marian's final_logits_bias)
+  # Decoding's self-attention key/value cache: 'auto' (the compute dtype), 'float32', 'bfloat16' or 'int8'
+  # (symmetric, one float32 scale per token and head); attention reads it dequantized to the compute dtype.
+  kv_cache_dtype: str = 'auto'
 
   @classmethod
   def from_config(cls, model_config, platform: str | None = None, **overrides) -> ModelConfig:
@@ -99,7 +102,20 @@ class ModelConfig:
       raise ValueError(f'model.activation must be one of {", ".join(ACTIVATIONS)}, got {cfg.activation!r}')
     if cfg.remat not in ('none', 'full', 'dots_saveable'):
       raise ValueError(f"model.remat must be 'none', 'full' or 'dots_saveable', got {cfg.remat!r}")
+    if cfg.kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ValueError(f'model.kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {cfg.kv_cache_dtype!r}')
     return cfg
+
+
+KV_CACHE_DTYPES = ('auto', 'float32', 'bfloat16', 'int8')
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
+  """Bytes the decoder's self-attention cache holds per decoded token and sequence (all layers, keys and values;
+  int8 counts its float32 scale per head)."""
+  name = jnp.dtype(cfg.dtype).name if cfg.kv_cache_dtype == 'auto' else cfg.kv_cache_dtype
+  per_head = (cfg.d_model // cfg.num_heads) * jnp.dtype(name).itemsize + (4 if name == 'int8' else 0)
+  return cfg.num_layers * 2 * cfg.num_heads * per_head
 
 
 ACTIVATIONS = {

@@ -15,14 +15,18 @@ Two uses:
   `dequantize_params` back to float32: a stored or shipped model, and the weights an int8 kernel consumes;
 - `fake_quantize(params)` -> float32 params holding exactly the int8-representable values, which the unchanged model
   runs: the quality of int8 weights, measured with today's decoders (not their speed).
+- `int8_params(params)` -> the model's own tree with int8 kernels / embeddings and a float32 `<name>_scale` beside
+  each: the model (transformer.Dense, HeadProjection, Embedder) sees the int8 dtype and multiplies in int8.
 `decoding_params(params, quantize, weights_dtype)` is what translate / evaluate / generate run with --quantize and
 --weights_dtype (sharding kept).
-`int8_matmul(x, q, scale)` is the compute the speed comes from: activations quantized per row on the fly,
-int8 x int8 -> int32 (`preferred_element_type`, which XLA:CPU lowers to its VNNI/AMX int8 kernels), rescaled.
+`int8_matmul(x, q, scale)` is the compute the speed comes from: activations quantized per row on the fly (dynamic
+symmetric int8, one scale per token), int8 x int8 -> int32 (`preferred_element_type`, which XLA:CPU lowers to its
+VNNI/AMX int8 kernels), rescaled in float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -32,12 +36,18 @@ import numpy as np
 INT8_MAX = 127.0
 
 
+def _layer_axes(path: tuple[str, ...]) -> int:
+  """1 for a leaf of nn.scan's stacked layers (scan_layers: a leading [layers] axis), else 0."""
+  return int('layers' in path)
+
+
 def _input_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...]:
   """The contracted (input) axes of a kernel from its place in the tree: the attention output [H, K, D] contracts
-  heads and head dims; every other kernel ([D, F], [D, H, K], [D, V]) its first axis."""
-  if len(path) >= 2 and path[-2] == 'out' and ndim == 3:
-    return (0, 1)
-  return (0,)
+  heads and head dims; every other kernel ([D, F], [D, H, K], [D, V]) its first axis. Stacked layers shift both."""
+  stacked = _layer_axes(path)
+  if len(path) >= 2 and path[-2] == 'out' and ndim - stacked == 3:
+    return (stacked, stacked + 1)
+  return (stacked,)
 
 
 def quantize_array(w, input_axes: tuple[int, ...] = (0,)):
@@ -68,7 +78,7 @@ def _selected(names: tuple[str, ...], x, embeddings: bool) -> bool:
 
 def _channel_axes(names: tuple[str, ...], x) -> tuple[int, ...]:
   if names[-1] == 'embedding':  # [V, D]: one scale per token row (the rows are the output channels of the logits)
-    return (1,)
+    return (x.ndim - 1,)
   return _input_axes(names, x.ndim)
 
 
@@ -116,15 +126,38 @@ def cast_params(params, dtype: Any = jnp.bfloat16, *, embeddings: bool = True):
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
+SCALE_SUFFIX = '_scale'  # int8_params: 'kernel' int8 + 'kernel_scale', 'embedding' int8 + 'embedding_scale'
+
+
+def int8_params(params):
+  """The parameter tree the model multiplies in int8: every selected leaf int8, with its float32 per-output-channel
+  scale beside it under `<name>_scale` (the scale keeps the input axes as size 1). Other leaves are unchanged."""
+
+  def walk(tree, names):
+    if not isinstance(tree, Mapping):
+      return tree
+    out = {}
+    for key, x in tree.items():
+      path = (*names, str(key))
+      if not isinstance(x, Mapping) and _selected(path, x, embeddings=True):
+        out[key], out[f'{key}{SCALE_SUFFIX}'] = quantize_array(x, _channel_axes(path, x))
+      else:
+        out[key] = walk(x, path)
+    return out
+
+  return walk(params, ())
+
+
 QUANTIZE_CHOICES = ('none', 'int8')
 WEIGHTS_DTYPES = ('float32', 'bfloat16')
 
 
 def decoding_params(params, quantize: str = 'none', weights_dtype: str = 'float32'):
-  """The parameters a decoder runs with: quantize='int8' puts every selected leaf on its int8 grid,
-  weights_dtype='bfloat16' stores the selected leaves in bfloat16 (with int8: the int8 weights dequantized to
-  bfloat16, as a weight-only int8 kernel feeding bfloat16 matmuls would see them). Other leaves are unchanged; each
-  leaf keeps its sharding."""
+  """The parameters a decoder runs with. quantize='int8': int8_params (int8 kernels and embeddings with their
+  scales; the model multiplies them in int8 with activations quantized per token). weights_dtype='bfloat16': the
+  selected leaves stored in bfloat16; with int8, the int8 weights dequantized to bfloat16 instead (weight-only
+  int8, as a kernel feeding bfloat16 matmuls would see them: quality, no int8 compute). Other leaves are unchanged;
+  each leaf keeps its sharding (scales: replicated)."""
   if quantize not in QUANTIZE_CHOICES:
     raise ValueError(f'quantize={quantize!r}: expected one of {", ".join(QUANTIZE_CHOICES)}')
   if weights_dtype not in WEIGHTS_DTYPES:
@@ -134,28 +167,64 @@ def decoding_params(params, quantize: str = 'none', weights_dtype: str = 'float3
   dtype = jnp.dtype(weights_dtype)
 
   def transform(tree):
+    if quantize == 'int8' and weights_dtype == 'float32':
+      return int8_params(tree)
     if quantize == 'int8':
       return dequantize_params(quantize_params(tree), dtype)
     return cast_params(tree, dtype)
 
   leaves = jax.tree.leaves(params)
   if leaves and all(isinstance(x, jax.Array) for x in leaves):  # restored onto a mesh: the result stays there
-    return jax.jit(transform, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
+    shardings = _out_shardings(params, jax.eval_shape(transform, params))
+    return jax.jit(transform, out_shardings=shardings)(params)
   return transform(params)
+
+
+def _out_shardings(params, shapes):
+  """Each output leaf on its input leaf's sharding; a new scale leaf replicated over that leaf's devices."""
+  given = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+  def sharding(path, _):
+    name = jax.tree_util.keystr(path)
+    if name in given:
+      return given[name]
+    source = given[name.replace(f"{SCALE_SUFFIX}']", "']")]
+    if isinstance(source, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(source.mesh, jax.sharding.PartitionSpec())
+    return source
+
+  return jax.tree_util.tree_map_with_path(sharding, shapes)
 
 
 def weight_bytes(tree) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree) if x is not None))
 
 
-def int8_matmul(x, q, scale):
-  """x [..., D] float @ q [D, N] int8 with scale [1, N] -> [..., N] float32.
+def int8_matmul(x, q, scale, *, contracting: int = 1, transposed: bool = False):
+  """x [..., *I] float @ q [*I, *O] int8 with scale [1.., *O] -> [..., *O] float32: the first `contracting` axes
+  of q meet the last `contracting` axes of x. transposed: q [O, I] with scale [O, 1] (the embedding as the output
+  projection: its rows are the output channels), contracting x's last axis with q's last.
 
-  x is quantized per row (its own max|x| / 127, so no calibration data is needed), the product is int8 x int8
-  accumulated in int32 (exact: D * 127^2 < 2^31 for D < 133,000), then scaled back by both scales."""
+  x is quantized per row over all its contracted features (its own max|x| / 127: no calibration data), the product
+  is int8 x int8 accumulated in int32 (exact: I * 127^2 < 2^31 for I < 133,000), then scaled back by both scales
+  in float32."""
+  if transposed:
+    in_shape, out_shape = q.shape[1:], q.shape[:1]
+    q2, dims = q.reshape(q.shape[0], -1), (((1,), (1,)), ((), ()))
+  else:
+    in_shape, out_shape = q.shape[:contracting], q.shape[contracting:]
+    q2, dims = q.reshape(int(np.prod(in_shape)), -1), (((1,), (0,)), ((), ()))
+  lead = x.shape[: x.ndim - len(in_shape)]
+  xq, x_scale = quantize_rows(x.reshape(-1, int(np.prod(in_shape))))
+  acc = jax.lax.dot_general(xq, q2, dims, preferred_element_type=jnp.int32)
+  y = acc.astype(jnp.float32) * x_scale * scale.reshape(1, -1).astype(jnp.float32)
+  return y.reshape(*lead, *out_shape)
+
+
+def quantize_rows(x):
+  """x [..., N] -> (int8 [..., N], float32 scale [..., 1]): each row symmetric on its own max|x| / 127 (dynamic
+  quantization of activations and of the decode cache's keys/values; an all-zero row stays zero)."""
   x = jnp.asarray(x, jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  x_scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
-  xq = jnp.clip(jnp.round(x / x_scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-  acc = jax.lax.dot_general(xq, q, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-  return acc.astype(jnp.float32) * x_scale * scale.reshape((1,) * (x.ndim - 1) + (-1,))
+  scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+  return jnp.clip(jnp.round(x / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale

@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from transformer_jax.model import attention as attention_lib
+from transformer_jax.model import quantize as quantize_lib
 from transformer_jax.model.attention import MaskSpec
 
 # ModelConfig and the choices it names live in model_config.py; imported from here by the rest of the package too.
@@ -81,7 +82,11 @@ class HeadProjection(nn.Module):
   def __call__(self, x):
     init = nn.initializers.xavier_uniform(in_axis=self.in_axis, out_axis=self.out_axis)
     kernel = self.param('kernel', _param_init(init, self.names), self.shape, jnp.float32)
-    y = attention_lib.einsum_f32(self.equation, x, kernel, self.dtype)
+    if kernel.dtype == jnp.int8:  # quantize.int8_params: int8 compute; contracts x's last len(in axes) axes
+      contracting = len(self.in_axis) if isinstance(self.in_axis, tuple) else 1
+      y = quantize_lib.int8_matmul(x, kernel, self._scale(), contracting=contracting)
+    else:
+      y = attention_lib.einsum_f32(self.equation, x, kernel, self.dtype)
     if self.use_bias:
       out = tuple(range(len(self.shape)))[self.out_axis] if isinstance(self.out_axis, int) else self.out_axis
       out = (out,) if isinstance(out, int) else tuple(out)
@@ -93,6 +98,9 @@ class HeadProjection(nn.Module):
       )
       y = y + bias  # in float32, before the rounding: the bias gradient is a float32 sum over tokens
     return y.astype(self.dtype)
+
+  def _scale(self):
+    return self.get_variable('params', 'kernel' + quantize_lib.SCALE_SUFFIX)
 
 
 class Dense(nn.Module):
@@ -109,7 +117,10 @@ class Dense(nn.Module):
     kernel = self.param(
       'kernel', _param_init(nn.initializers.xavier_uniform(), self.names), (x.shape[-1], self.features), jnp.float32
     )
-    y = attention_lib.einsum_f32('bld,df->blf', x, kernel, self.dtype)
+    if kernel.dtype == jnp.int8:  # quantize.int8_params: int8 compute
+      y = quantize_lib.int8_matmul(x, kernel, self.get_variable('params', 'kernel' + quantize_lib.SCALE_SUFFIX))
+    else:
+      y = attention_lib.einsum_f32('bld,df->blf', x, kernel, self.dtype)
     if self.use_bias:
       y = y + self.param('bias', _param_init(nn.initializers.zeros, self.names[1:]), (self.features,), jnp.float32)
     return y.astype(self.dtype)
@@ -184,21 +195,35 @@ class MultiHeadAttention(nn.Module):
     batch, max_len, heads, head_dim = key.shape
     if self.cfg.attention_window:
       max_len = min(max_len, self.cfg.attention_window)
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, (batch, heads, max_len, head_dim), key.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, (batch, heads, max_len, head_dim), value.dtype)
+    stored = key.dtype if self.cfg.kv_cache_dtype == 'auto' else jnp.dtype(self.cfg.kv_cache_dtype)
+    quantized = stored == jnp.int8
+    caches = []
+    for name in ('cached_key', 'cached_value'):
+      cached = self.variable('cache', name, jnp.zeros, (batch, heads, max_len, head_dim), stored)
+      scale = None  # int8: one float32 scale per (token, head)
+      if quantized:
+        scale = self.variable('cache', f'{name}_scale', jnp.zeros, (batch, heads, max_len, 1), jnp.float32)
+      caches.append((cached, scale))
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, dtype=jnp.int32))
     if not initialized:
       return key, value, mask
     if key.shape[1] != 1:
       raise ValueError(f'incremental decoding takes one position at a time, got {key.shape[1]}')
-    batch, _, max_len, _ = cached_key.value.shape
+    max_len = caches[0][0].value.shape[2]
     index = cache_index.value
     slot = index % max_len if self.cfg.attention_window else index
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(key, 1, 2), (0, 0, slot, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(value, 1, 2), (0, 0, slot, 0))
+    read = []
+    for (cached, scale), new in zip(caches, (key, value)):
+      new = jnp.swapaxes(new, 1, 2)  # [B, H, 1, K]
+      if quantized:
+        new, new_scale = quantize_lib.quantize_rows(new)
+        scale.value = jax.lax.dynamic_update_slice(scale.value, new_scale, (0, 0, slot, 0))
+      cached.value = jax.lax.dynamic_update_slice(cached.value, new.astype(stored), (0, 0, slot, 0))
+      entries = cached.value.astype(jnp.float32) * scale.value if quantized else cached.value
+      read.append(entries.astype(key.dtype))
     cache_index.value = index + 1
     step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]: the filled slots
-    return cached_key.value, cached_value.value, jnp.broadcast_to(step_mask, (batch, 1, 1, max_len))
+    return read[0], read[1], jnp.broadcast_to(step_mask, (batch, 1, 1, max_len))
 
 
 class FeedForward(nn.Module):
@@ -354,13 +379,21 @@ class Embedder(nn.Module):
       jnp.float32,
     )
 
+  def _scale(self):  # [V, 1]: the per-token scale of int8 embeddings (quantize.int8_params)
+    return self.get_variable('params', 'embedding' + quantize_lib.SCALE_SUFFIX)
+
   def __call__(self, tokens):  # [B, L] -> [B, L, D]
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
+    x = jnp.take(self.embedding, tokens, axis=0)
+    if x.dtype == jnp.int8:
+      x = x.astype(jnp.float32) * jnp.take(self._scale(), tokens, axis=0)
+    x = x.astype(self.cfg.dtype)
     if not self.cfg.scale_embeddings:
       return x
     return x * jnp.sqrt(self.cfg.d_model).astype(self.cfg.dtype)
 
   def attend(self, x):  # [B, L, D] -> [B, L, V]
+    if self.embedding.dtype == jnp.int8:
+      return quantize_lib.int8_matmul(x, self.embedding, self._scale(), transposed=True).astype(self.cfg.dtype)
     return attention_lib.einsum_f32('bld,vd->blv', x, self.embedding, self.cfg.dtype).astype(self.cfg.dtype)
 
 

@@ -345,10 +345,14 @@ def analyse(
   else:
     for e in rated:
       e.update(tokens_per_s=float('nan'), mfu=float('nan'))
+    from transformer_jax.model import config as model_config
+
     notes = notes + [
       'a decoding loop: XLA counts a while loop body once, so its FLOPs are per loop iteration plus '
       'set-up, not per sequence (the HBM estimate and the collectives multiply loops whose trip '
-      'count the HLO states)'
+      'count the HLO states)',
+      f'decode cache: {model_config.kv_cache_bytes_per_token(setup.cfg):,} bytes per token and sequence '
+      f'(self-attention keys and values of every layer, model.kv_cache_dtype={setup.cfg.kv_cache_dtype})',
     ]
   return tpu_report.ProgramReport(
     program=program,
