@@ -200,7 +200,7 @@ def load_state(workdir: str, step: int | None = None):
   import jax
   import ml_collections
   from transformer_jax.training import checkpoint as checkpoint_lib
-  from transformer_jax.storage import workdir as workdir_lib
+  from transformer_jax.inference import workdir as workdir_lib
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   config = ml_collections.ConfigDict(checkpointer.restore_config(step))

@@ -31,7 +31,7 @@ from transformer_jax import parallel
 from transformer_jax.training import run_control
 from transformer_jax.training import train as train_lib
 from transformer_jax.training import train_state
-from transformer_jax.storage import workdir as workdir_lib
+from transformer_jax.inference import workdir as workdir_lib
 from transformer_jax.model.transformer import Transformer
 import helpers
 from helpers import (

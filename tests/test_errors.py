@@ -291,7 +291,7 @@ def test_a_splash_workdir_translates_on_cpu_with_blockwise_and_says_so_once(tmp_
 
 
 def test_splash_stays_splash_on_a_tpu_and_other_kinds_stay_everywhere():
-  from transformer_jax.storage import workdir
+  from transformer_jax.inference import workdir
 
   config = ml_collections.ConfigDict(dict(model=dict(attention='splash')))
   assert workdir.attention_for_this_host(config, 'tpu') is config

@@ -213,7 +213,7 @@ def _load_states(genv, *workdirs: str) -> list[list[str]]:
   code = f"""
 import jax, ml_collections, numpy as np, hashlib
 from transformer_jax.training import checkpoint as c
-from transformer_jax.storage import workdir as w
+from transformer_jax.inference import workdir as w
 for workdir in {list(workdirs)!r}:
   ck = c.Checkpointer(workdir, read_only=True)
   config = ml_collections.ConfigDict(ck.restore_config())

@@ -14,7 +14,7 @@ from flax import linen as nn
 from configs import lm_tiny
 from transformer_jax import export as export_lib
 from transformer_jax.inference import generate
-from transformer_jax.storage import workdir as workdir_lib
+from transformer_jax.inference import workdir as workdir_lib
 from transformer_jax.export import hf_gpt2
 from transformer_jax.data import lm
 from transformer_jax.data import tokenizer as tokenizer_lib

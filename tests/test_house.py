@@ -112,7 +112,7 @@ def test_cycle_finder_has_teeth():
 
 def test_no_import_cycles():
   graph = import_graph()
-  assert 'transformer_jax.storage.workdir' in graph and graph['transformer_jax.commands']  # the graph was really read
+  assert 'transformer_jax.inference.workdir' in graph and graph['transformer_jax.commands']  # the graph was really read
   assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
 
 
@@ -157,7 +157,7 @@ def test_old_workdir_loads_unchanged(tmp_path):
   translations."""
   from transformer_jax import export
   from transformer_jax.inference import translate as inference
-  from transformer_jax.storage.workdir import Workdir
+  from transformer_jax.inference.workdir import Workdir
 
   trained = Workdir(os.path.join(DATA, 'workdir_v1')).load()
   assert trained.tokenizer.special_ids.to_dict() == {'pad': 0, 'eos': 1, 'unk': 2, 'bos': 3}
@@ -175,7 +175,7 @@ def test_old_workdir_loads_unchanged(tmp_path):
 def test_params_only_restore_reads_no_optimizer_state(monkeypatch):
   """Workdir.load restores a tree of parameters only: Adam's moments are never asked for."""
   import orbax.checkpoint as ocp
-  from transformer_jax.storage.workdir import Workdir
+  from transformer_jax.inference.workdir import Workdir
 
   asked = []
   original = ocp.CheckpointManager.restore

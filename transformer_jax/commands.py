@@ -625,7 +625,7 @@ def _export() -> None:
   from transformer_jax.storage import paths
 
   if paths.exists(workdir.tokenizer):  # damaged: one line, before any work
-    from transformer_jax.storage import workdir as workdir_lib
+    from transformer_jax.inference import workdir as workdir_lib
 
     workdir_lib.Workdir(workdir).tokenizer()
   source = export.load_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
@@ -655,7 +655,7 @@ def _import() -> None:
 
 def _average() -> None:
   import jax
-  from transformer_jax.storage import workdir as workdir_lib
+  from transformer_jax.inference import workdir as workdir_lib
 
   result = workdir_lib.average_workdir(FLAGS.workdir, FLAGS.out, last=FLAGS.last, config=FLAGS.config)
   if jax.process_index() == 0:

@@ -105,6 +105,6 @@ def resolve(
   workdir = layout_lib.of(workdir) if workdir else None
   if explicit or not _has_checkpoint(workdir):
     return config
-  from transformer_jax.storage import workdir as workdir_lib
+  from transformer_jax.inference import workdir as workdir_lib
 
   return stored_with_overrides(workdir_lib.Workdir(workdir).stored_config(), dict(overrides or {}), workdir.root)

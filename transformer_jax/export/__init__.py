@@ -30,7 +30,7 @@ import numpy as np
 from transformer_jax import parallel
 from transformer_jax.training import train_state
 from transformer_jax.storage import layout as layout_lib
-from transformer_jax.storage import workdir as workdir_lib
+from transformer_jax.inference import workdir as workdir_lib
 from transformer_jax.export import ctranslate2 as ctranslate2_format
 from transformer_jax.export import files
 from transformer_jax.export import hf_gpt2

@@ -24,7 +24,7 @@ import shutil
 
 import numpy as np
 
-from transformer_jax.storage import workdir as workdir_lib
+from transformer_jax.inference import workdir as workdir_lib
 from transformer_jax.export import files
 from transformer_jax.export.files import ExportError
 from transformer_jax.export.hf_marian import _unscan

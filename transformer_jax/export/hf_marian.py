@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.training import train_state
-from transformer_jax.storage import workdir as workdir_lib
+from transformer_jax.inference import workdir as workdir_lib
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.export import files
 from transformer_jax.export.files import ExportError, Exportable, flatten, unflatten

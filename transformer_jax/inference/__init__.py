@@ -1,1 +1,1 @@
-"""Inference: decoding, sampling, held-out evaluation, scores and attention maps over a trained workdir."""
+"""Inference: a trained run opened for reading, decoding, sampling, held-out evaluation, scores and attention maps."""

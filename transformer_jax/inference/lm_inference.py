@@ -19,7 +19,7 @@ from transformer_jax import parallel
 from transformer_jax.inference import scores
 from transformer_jax.data import lm
 from transformer_jax.model.transformer import build_model
-from transformer_jax.storage.workdir import Workdir
+from transformer_jax.inference.workdir import Workdir
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from transformer_jax.inference import scores
 from transformer_jax.data import sources
 from transformer_jax.storage import layout as layout_lib
 from transformer_jax.model.config import KV_CACHE_DTYPES
-from transformer_jax.storage.workdir import Trained, Workdir
+from transformer_jax.inference.workdir import Trained, Workdir
 
 
 def load_workdir(

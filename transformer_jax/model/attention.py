@@ -18,7 +18,7 @@ model.attention, one switch:
   splash     the TPU's Pallas splash kernel (jax.experimental.pallas.ops.tpu.splash_attention): SegmentIds for
              packing, CausalMask / LocalMask for the band. Off TPU it runs in Pallas interpret mode (exact, slow:
              tests); `train` refuses it there and the commands that read a workdir attend with blockwise instead
-             (config_checks.py, storage/workdir.py).
+             (config_checks.py, inference/workdir.py).
 
 config_checks.py is the one place the switch and its block are validated; the functions here trust their settings.
 Cached decoding steps (one query over a [B, H, L, K] cache) run single_query_attention and attention maps
