@@ -123,6 +123,17 @@ def test_only_the_cli_and_the_compile_check_import_the_trainer():
   assert importers == {'transformer_jax.commands', 'transformer_jax.tpu.compile'}, sorted(importers)
 
 
+def test_storage_is_the_bottom_layer():
+  """storage/ (paths, the workdir's layout, its lock) reaches only itself and errors.py: every other layer may use it,
+  and a climb back up from it would tie the workdir's names to what trains or decodes."""
+  graph = import_graph()
+  storage = [m for m in graph if m.startswith('transformer_jax.storage.')]
+  assert len(storage) >= 3, storage  # the graph was really read
+  for module in storage:
+    above = {m: p for m, p in reachable(graph, module).items() if m.split('.')[1] not in ('storage', 'errors')}
+    assert not above, ' -> '.join(next(iter(above.values())))
+
+
 def test_model_does_not_import_the_data_package():
   """Not directly, and not through another module: the model, decoding and the vocabulary run without files."""
   graph = import_graph()
