@@ -273,9 +273,9 @@ def dense_attention(query, key, value, mask):
 
 def single_query_attention(query, key, value, mask):
   """One decoding step (T = 1) over a cache laid out [B, H, L, K] (heads before positions): both products are
-  then matrix products batched over (B, H) that XLA:CPU runs without copying the cache. (A [B, L, H, K] cache was
-  transposed whole every step for jax.nn.dot_product_attention; as multiply + reduce it cost 5x the batched
-  products: benchmarks/RESULTS.md.) query [B, 1, H, K]; mask [B, 1, 1, L]."""
+  then matrix products batched over (B, H) that XLA:CPU runs without copying the cache. (A [B, L, H, K] cache would
+  be transposed whole every step by jax.nn.dot_product_attention, and a multiply + reduce is several times slower
+  than the batched products: benchmarks/RESULTS.md.) query [B, 1, H, K]; mask [B, 1, 1, L]."""
   q = query.astype(jnp.float32) * query.shape[-1] ** -0.5  # [B, 1, H, K]
   logits = jnp.einsum('bthk,bhlk->bhtl', q, key.astype(jnp.float32))  # [B, H, 1, L]
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

@@ -14,7 +14,7 @@ Two uses:
 - `quantize_params(params)` -> QuantizedTree of int8 values + float32 scales (4x smaller than float32), and
   `dequantize_params` back to float32: a stored or shipped model, and the weights an int8 kernel consumes;
 - `fake_quantize(params)` -> float32 params holding exactly the int8-representable values, which the unchanged model
-  runs: the quality of int8 weights, measured with today's decoders (not their speed).
+  runs: the quality of int8 weights, evaluated with the float decoders as they are (not their speed).
 - `int8_params(params)` -> the model's own tree with int8 kernels / embeddings and a float32 `<name>_scale` beside
   each: the model (transformer.Dense, HeadProjection, Embedder) sees the int8 dtype and multiplies in int8.
 `decoding_params(params, quantize, weights_dtype)` is what translate / evaluate / generate run with --quantize and

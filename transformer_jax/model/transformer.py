@@ -447,7 +447,7 @@ class Decoder(nn.Module):
         'final_logits_bias', _param_init(nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,), jnp.float32
       )
       logits = logits + bias.astype(logits.dtype)
-    # In the compute dtype: [tokens, V] is the largest activation, and a float32 copy doubled its memory traffic;
+    # In the compute dtype: [tokens, V] is the largest activation, and a float32 copy would double its memory traffic;
     # the loss and the decoders compute in float32 from it (the values are the same: the bfloat16 matmul rounds).
     return constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
 

@@ -463,7 +463,7 @@ def hbm_traffic(hlo_text: str, top: int = 12) -> HbmTraffic:
   Why not XLA's `bytes accessed` (cost_analysis): it sums every operand and result of every instruction whatever
   memory it is in. On TPU, memory-space assignment keeps many activations and gathered weights in VMEM (layouts
   marked S(1)), and the async collective fusions count a gathered weight once per continuation fusion; for the
-  paper configs that is 3-12x the HBM traffic, and a roofline built on it is HBM-bound when the step is not.
+  paper configs that is several times the HBM traffic, and a roofline built on it is HBM-bound when the step is not.
   And it counts a while loop's body once (as does its FLOP count).
 
   The rules here: every top-level instruction (of ENTRY, and of while bodies, called and branch computations,
