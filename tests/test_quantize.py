@@ -3,6 +3,7 @@ matmul, and a model that keeps its logits and its greedy outputs with int8 or bf
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -466,14 +467,24 @@ TRAIN = [
 
 
 def trained_workdir(tmp_path_factory) -> str:
-  """The TRAIN model's workdir, trained by the CLI once per pytest process (test_ctranslate2 exports the same one)."""
+  """The TRAIN model's workdir, trained by the CLI once per test session (test_ctranslate2 exports the same one).
+
+  pytest-xdist gives each worker its own base temp directory under one shared parent: the model lives in that parent,
+  and a lock file makes a second worker wait for the first one's run instead of training its own."""
+  import fcntl
+
   import helpers
 
-  root = tmp_path_factory.getbasetemp() / 'trained_numbers'
-  if not (root / 'trained').exists():
-    result = helpers.cli('train', f'--workdir={root / "run"}', *TRAIN, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (root / 'trained').write_text('')
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+  root = shared / 'trained_numbers'
+  root.mkdir(exist_ok=True)
+  with open(root / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / 'trained').exists():
+      result = helpers.cli('train', f'--workdir={root / "run"}', *TRAIN, timeout=600)
+      assert result.returncode == 0, result.stderr[-3000:]
+      (root / 'trained').write_text('')
   return str(root / 'run')
 
 
