@@ -55,11 +55,17 @@ PAD, EOS, BOS = 0, 1, 3  # transformer_jax.model.vocab.DEFAULT_SPECIAL_IDS, also
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--systems', default='jax,hf', help='comma-separated: jax, hf')
+  p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads for HF')
+  add_work_flags(p)
+  return check_work(p, p.parse_args(argv))
+
+
+def add_work_flags(p: argparse.ArgumentParser) -> None:
+  """The network and the work (shared with serve_throughput.py --task=lm)."""
   p.add_argument('--batch', type=int, default=8, help='prompts in one batch')
   p.add_argument('--prompt_len', type=int, default=16, help='prompt tokens after BOS')
   p.add_argument('--new_tokens', type=int, default=64, help='exact number of generated tokens per row')
   p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads for HF')
   p.add_argument('--num_layers', type=int, default=4)
   p.add_argument('--d_model', type=int, default=128)
   p.add_argument('--num_heads', type=int, default=4)
@@ -70,7 +76,9 @@ def parse_args(argv=None):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--worker', default='', help=argparse.SUPPRESS)
   p.add_argument('--dir', default='', help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+
+
+def check_work(p: argparse.ArgumentParser, args):
   if 1 + args.prompt_len + args.new_tokens > args.context:
     p.error(f'1 + prompt_len + new_tokens = {1 + args.prompt_len + args.new_tokens} exceeds the context {args.context}')
   return args
@@ -220,7 +228,13 @@ def worker(args):
     return prepare(args)
   rows = prompts(args)
   system = {'jax': JaxSystem, 'hf': HfSystem}[args.worker](args, rows)
-  tokens = system.run()  # warm-up (JAX: the compile)
+  print(json.dumps(measure(system, args)), flush=True)
+
+
+def measure(system, args) -> dict:
+  """A warm-up call (JAX: the compile), then --repeats timed calls of system.run(), which returns the new tokens per
+  row; checks that every row got exactly --new_tokens tokens, no EOS, and the same tokens every time."""
+  tokens = system.run()
   lengths = {len([t for t in row if t != PAD]) for row in tokens}
   if lengths != {args.new_tokens} or any(EOS in row for row in tokens):
     raise RuntimeError(f'{system.name} generated {sorted(lengths)} tokens per row, not exactly {args.new_tokens}')
@@ -232,19 +246,14 @@ def worker(args):
     cpu.append(time.process_time() - start_cpu)
     if again != tokens:
       raise RuntimeError(f'{system.name}: greedy output changed between runs')
-  print(
-    json.dumps(
-      {
-        'name': system.name,
-        'device': system.device,
-        'times': times,
-        'cpu': cpu,
-        'tokens': tokens,
-        'threads': getattr(getattr(system, 'torch', None), 'get_num_threads', lambda: None)(),
-      }
-    ),
-    flush=True,
-  )
+  return {
+    'name': system.name,
+    'device': system.device,
+    'times': times,
+    'cpu': cpu,
+    'tokens': tokens,
+    'threads': getattr(getattr(system, 'torch', None), 'get_num_threads', lambda: None)(),
+  }
 
 
 def cpu_model() -> str:
