@@ -2,6 +2,7 @@
 an earlier version of the code (tests/data/workdir_v1) still loads unchanged."""
 
 import ast
+import functools
 import gc
 import os
 import subprocess
@@ -28,7 +29,6 @@ def _parse(path: str) -> ast.AST:
   # No garbage collection while CPython 3.11 builds the tree: a finalizer run inside it (an orbax asyncio task left
   # by another test in this worker) upsets the AST constructor's recursion count ("AST constructor recursion depth
   # mismatch", SystemError).
-  gc.collect()
   gc.disable()
   try:
     with open(path) as f:
@@ -38,7 +38,13 @@ def _parse(path: str) -> ast.AST:
 
 
 def import_graph() -> dict[str, set[str]]:
-  """module -> project modules it imports (at any level: a function-level import is still an edge)."""
+  """module -> project modules it imports (at any level: a function-level import is still an edge). Read once per
+  test process (the sources do not change during a run); each caller gets its own copy."""
+  return {m: set(deps) for m, deps in _import_graph().items()}
+
+
+@functools.cache
+def _import_graph() -> dict[str, frozenset[str]]:
   modules = _modules()
   graph = {m: set() for m in modules}
   for module, path in modules.items():
@@ -56,7 +62,7 @@ def import_graph() -> dict[str, set[str]]:
         # A package's __init__ importing its own submodules is how packages work, not a cycle.
         if name and name != module and not name.startswith(module + '.'):
           graph[module].add(name)
-  return graph
+  return {m: frozenset(deps) for m, deps in graph.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
