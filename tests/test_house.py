@@ -129,15 +129,23 @@ def test_only_the_cli_and_the_compile_check_import_the_trainer():
   assert importers == {'transformer_jax.commands', 'transformer_jax.tpu.compile'}, sorted(importers)
 
 
-def test_storage_is_the_bottom_layer():
-  """storage/ (paths, the workdir's layout, its lock) reaches only itself and errors.py: every other layer may use it,
-  and a climb back up from it would tie the workdir's names to what trains or decodes."""
+# The lower layers and everything each may reach (directly or through others): storage/ names where a run lives,
+# model/ is the network, data/ feeds it; none of them may climb to what trains, decodes or exports.
+LAYERS = {
+  'storage': {'errors'},
+  'model': {'errors', 'parallel'},
+  'data': {'errors', 'parallel', 'model', 'storage'},
+}
+
+
+def test_the_lower_layers_never_climb():
   graph = import_graph()
-  storage = [m for m in graph if m.startswith('transformer_jax.storage.')]
-  assert len(storage) >= 3, storage  # the graph was really read
-  for module in storage:
-    above = {m: p for m, p in reachable(graph, module).items() if m.split('.')[1] not in ('storage', 'errors')}
-    assert not above, ' -> '.join(next(iter(above.values())))
+  for layer, allowed in LAYERS.items():
+    modules = [m for m in graph if m.startswith(f'transformer_jax.{layer}.')]
+    assert len(modules) >= 3, (layer, modules)  # the graph was really read
+    for module in modules:
+      above = {m: p for m, p in reachable(graph, module).items() if m.split('.')[1] not in allowed | {layer}}
+      assert not above, ' -> '.join(next(iter(above.values())))
 
 
 def test_model_does_not_import_the_data_package():

@@ -31,7 +31,6 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from transformer_jax.inference import scores
 from transformer_jax.storage import layout as layout_lib
 from transformer_jax.data import packing
 from transformer_jax.data import tensorflow_cpu
@@ -261,9 +260,6 @@ class LMDatasets:
         batch[k] = np.concatenate([part, np.zeros((batch_size - part.shape[0], v.shape[1]), v.dtype)])
       out.append(batch)
     return out
-
-
-lm_metrics = scores.lm_metrics  # the metric lives with the others
 
 
 def build_datasets(
