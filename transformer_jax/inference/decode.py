@@ -17,8 +17,10 @@ Conventions shared by both searches (section 6.1 of the paper, GNMT's length pen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +238,170 @@ def _take(x, index):
   return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+class _BeamSearch(NamedTuple):
+  """What every step of one beam search reads: the model over the beam-expanded batch and each example's limits."""
+
+  model: Transformer
+  params: Any
+  encoded: jax.Array  # [B*W, S, D]
+  inputs_segmentation: jax.Array  # [B*W, S]
+  ids: SpecialIds
+  limits: jax.Array  # [B] longest output per example
+  limit_penalty: jax.Array  # [B] lp at the output limit
+  lp: Callable
+  penalty: str
+  min_decode_len: int
+  batch: int
+  beams: int
+  length: int
+
+
+def _start_beam_search(
+  params,
+  inputs,
+  cfg: ModelConfig,
+  beam_size: int,
+  alpha: float,
+  max_decode_len: int,
+  min_decode_len: int,
+  extra_length: int | None,
+  penalty: str,
+):
+  """(the search's constants, the cache expanded to [B * W] rows): the encoder runs once per example, not per beam."""
+  if penalty not in PENALTIES:
+    raise ValueError(f'penalty must be one of {PENALTIES}, got {penalty!r}')
+  lp = functools.partial(length_penalty, alpha=alpha, penalty=penalty)
+  batch, beams, length = inputs.shape[0], beam_size, max_decode_len
+  model, encoded, inputs_segmentation, cache = _encode_and_cache(params, inputs, cfg, max_decode_len)
+  ids = cfg.special_ids
+  limits = output_limits(inputs, max_decode_len, extra_length, pad_id=ids.pad)  # [B]
+  cache = expand_cache_to_beams(cache, beams)
+  encoded = jnp.repeat(encoded, beams, axis=0)  # [B*W, S, D] (unused past the cache: cross keys are cached)
+  inputs_segmentation = jnp.repeat(inputs_segmentation, beams, axis=0)
+  limit_penalty = lp(limits)  # [B]
+  search = _BeamSearch(
+    model=model,
+    params=params,
+    encoded=encoded,
+    inputs_segmentation=inputs_segmentation,
+    ids=ids,
+    limits=limits,
+    limit_penalty=limit_penalty,
+    lp=lp,
+    penalty=penalty,
+    min_decode_len=min_decode_len,
+    batch=batch,
+    beams=beams,
+    length=length,
+  )
+  return search, cache
+
+
+def _initial_beams(search: _BeamSearch, cache) -> dict:
+  """The loop state before the first step: one alive hypothesis (the empty output) per example, none finished."""
+  batch, beams, length, ids = search.batch, search.beams, search.length, search.ids
+  return dict(
+    i=jnp.array(0, jnp.int32),
+    cache=cache,
+    alive_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
+    # Only beam 0 is alive at first: the W copies of the start would otherwise fill the beam with duplicates.
+    alive_log_probs=jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, NEG_INF).astype(jnp.float32), (batch, 1)),
+    last_tokens=jnp.full((batch, beams), ids.bos, jnp.int32),
+    finished_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
+    finished_scores=jnp.full((batch, beams), NEG_INF, jnp.float32),
+  )
+
+
+def _done(search: _BeamSearch, state) -> jax.Array:
+  """[B]: no alive hypothesis can still enter the W best finished ones."""
+  lp = search.lp
+  i, alive_log_probs, finished_scores = state['i'], state['alive_log_probs'], state['finished_scores']
+  best_alive = jnp.max(alive_log_probs, axis=1)  # [B]
+  if search.penalty == 'hf':  # HF's heuristic: the alive hypothesis scored at its current length i
+    bound = best_alive / lp(jnp.maximum(i, 1))
+  else:
+    bound = best_alive / jnp.maximum(lp(i + 1), search.limit_penalty)
+  worst_finished = jnp.min(finished_scores, axis=1)
+  return (best_alive <= NEG_INF / 2) | ((worst_finished > NEG_INF / 2) & (worst_finished >= bound))
+
+
+def _searching(search: _BeamSearch, state) -> jax.Array:
+  """The loop's condition: outputs have room left and some example is not done."""
+  return (state['i'] < search.length) & ~jnp.all(_done(search, state))
+
+
+def _extend_beams(search: _BeamSearch, state):
+  """Every alive hypothesis extended by every token; the best 2W extensions [B, 2W]: (log P, the beam each extends,
+  its token, its sequence [B, 2W, L]) and the cache after the step."""
+  i, batch, beams = state['i'], search.batch, search.beams
+  # Examples that are done stop here (their alive hypotheses die) while others go on: an example's result never
+  # depends on the rest of its batch.
+  alive_log_probs = jnp.where(_done(search, state)[:, None], NEG_INF, state['alive_log_probs'])
+  log_probs, cache = decode_step(
+    search.model,
+    search.params,
+    state['cache'],
+    search.encoded,
+    search.inputs_segmentation,
+    state['last_tokens'].reshape(batch * beams),
+  )
+  vocab = log_probs.shape[-1]
+  log_probs = _forbid(log_probs.reshape(batch, beams, vocab), i, search.min_decode_len, search.ids)
+  candidates = (alive_log_probs[:, :, None] + log_probs).reshape(batch, beams * vocab)
+  # At most W extensions end in EOS (one per beam), so the best 2W always hold W that do not.
+  top_log_probs, top_index = _top_k(candidates, 2 * beams)  # [B, 2W]
+  top_beam, top_token = top_index // vocab, top_index % vocab
+  top_seqs = _take(state['alive_seqs'], top_beam)  # [B, 2W, L]
+  top_seqs = jax.lax.dynamic_update_slice_in_dim(top_seqs, top_token[:, :, None], i, axis=2)
+  return top_log_probs, top_beam, top_token, top_seqs, cache
+
+
+def _finish_beams(search: _BeamSearch, state, top_log_probs, top_seqs, ends):
+  """The W best finished hypotheses by score, among the earlier ones and the extensions that end here."""
+  new_scores = jnp.where(ends, top_log_probs / search.lp(state['i'] + 1), NEG_INF)
+  scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)  # [B, 3W]
+  finished_scores, keep = _top_k(scores, search.beams)
+  finished_seqs = _take(jnp.concatenate([state['finished_seqs'], top_seqs], axis=1), keep)
+  return finished_seqs, finished_scores
+
+
+def _beam_step(search: _BeamSearch, state) -> dict:
+  """The loop's body: extend the beams, finish the extensions that end, keep the W best that do not and gather
+  their caches."""
+  i = state['i']
+  top_log_probs, top_beam, top_token, top_seqs, cache = _extend_beams(search, state)
+  real = top_log_probs > NEG_INF / 2
+  is_eos = top_token == search.ids.eos
+  at_limit = (i + 1 >= search.limits)[:, None]  # [B, 1]
+
+  ends = real & ((is_eos & (jnp.arange(2 * search.beams) < search.beams)) | (~is_eos & at_limit))
+  finished_seqs, finished_scores = _finish_beams(search, state, top_log_probs, top_seqs, ends)
+
+  alive_log_probs, alive = _top_k(jnp.where(is_eos | ~real, NEG_INF, top_log_probs), search.beams)
+  alive_log_probs = jnp.where(at_limit | (alive_log_probs <= NEG_INF / 2), NEG_INF, alive_log_probs)
+  return dict(
+    i=i + 1,
+    cache=gather_beams(cache, _take(top_beam, alive)),
+    alive_seqs=_take(top_seqs, alive),
+    alive_log_probs=alive_log_probs,
+    last_tokens=_take(top_token, alive),
+    finished_seqs=finished_seqs,
+    finished_scores=finished_scores,
+  )
+
+
+def _best_hypothesis(state):
+  """(tokens [B, L], scores [B]) of each example's best finished hypothesis."""
+  # Every example ends with a finished hypothesis (its limit turns the alive ones into finished ones); the fallback
+  # to the best alive one is for safety only.
+  best = jnp.argmax(state['finished_scores'], axis=1)[:, None]
+  tokens = _take(state['finished_seqs'], best)[:, 0]
+  scores = _take(state['finished_scores'], best)[:, 0]
+  has_finished = scores > NEG_INF / 2
+  tokens = jnp.where(has_finished[:, None], tokens, state['alive_seqs'][:, 0])
+  return tokens, scores
+
+
 @functools.partial(
   jax.jit, static_argnames=('cfg', 'beam_size', 'max_decode_len', 'min_decode_len', 'extra_length', 'penalty')
 )
@@ -264,86 +430,10 @@ def beam_search(
   penalty='hf' is transformers' beam search (generate(num_beams=W, length_penalty=alpha), early_stopping=False):
   lp = |Y|^alpha, and its stopping heuristic, which bounds an alive hypothesis by its score at its current length.
   """
-  if penalty not in PENALTIES:
-    raise ValueError(f'penalty must be one of {PENALTIES}, got {penalty!r}')
-  lp = functools.partial(length_penalty, alpha=alpha, penalty=penalty)
-  batch, beams, length = inputs.shape[0], beam_size, max_decode_len
-  model, encoded, inputs_segmentation, cache = _encode_and_cache(params, inputs, cfg, max_decode_len)
-  ids = cfg.special_ids
-  limits = output_limits(inputs, max_decode_len, extra_length, pad_id=ids.pad)  # [B]
-  cache = expand_cache_to_beams(cache, beams)
-  encoded = jnp.repeat(encoded, beams, axis=0)  # [B*W, S, D] (unused past the cache: cross keys are cached)
-  inputs_segmentation = jnp.repeat(inputs_segmentation, beams, axis=0)
-  limit_penalty = lp(limits)  # [B]
-
-  def done(state):
-    """[B]: no alive hypothesis can still enter the W best finished ones."""
-    i, alive_log_probs, finished_scores = state['i'], state['alive_log_probs'], state['finished_scores']
-    best_alive = jnp.max(alive_log_probs, axis=1)  # [B]
-    if penalty == 'hf':  # HF's heuristic: the alive hypothesis scored at its current length i
-      bound = best_alive / lp(jnp.maximum(i, 1))
-    else:
-      bound = best_alive / jnp.maximum(lp(i + 1), limit_penalty)
-    worst_finished = jnp.min(finished_scores, axis=1)
-    return (best_alive <= NEG_INF / 2) | ((worst_finished > NEG_INF / 2) & (worst_finished >= bound))
-
-  def cond(state):
-    return (state['i'] < length) & ~jnp.all(done(state))
-
-  def body(state):
-    i = state['i']
-    # Examples that are done stop here (their alive hypotheses die) while others go on: an example's result never
-    # depends on the rest of its batch.
-    alive_log_probs = jnp.where(done(state)[:, None], NEG_INF, state['alive_log_probs'])
-    log_probs, cache = decode_step(
-      model, params, state['cache'], encoded, inputs_segmentation, state['last_tokens'].reshape(batch * beams)
-    )
-    vocab = log_probs.shape[-1]
-    log_probs = _forbid(log_probs.reshape(batch, beams, vocab), i, min_decode_len, ids)
-    candidates = (alive_log_probs[:, :, None] + log_probs).reshape(batch, beams * vocab)
-    # At most W extensions end in EOS (one per beam), so the best 2W always hold W that do not.
-    top_log_probs, top_index = _top_k(candidates, 2 * beams)  # [B, 2W]
-    top_beam, top_token = top_index // vocab, top_index % vocab
-    top_seqs = _take(state['alive_seqs'], top_beam)  # [B, 2W, L]
-    top_seqs = jax.lax.dynamic_update_slice_in_dim(top_seqs, top_token[:, :, None], i, axis=2)
-    real = top_log_probs > NEG_INF / 2
-    is_eos = top_token == ids.eos
-    at_limit = (i + 1 >= limits)[:, None]  # [B, 1]
-
-    ends = real & ((is_eos & (jnp.arange(2 * beams) < beams)) | (~is_eos & at_limit))
-    new_scores = jnp.where(ends, top_log_probs / lp(i + 1), NEG_INF)
-    scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)  # [B, 3W]
-    finished_scores, keep = _top_k(scores, beams)
-    finished_seqs = _take(jnp.concatenate([state['finished_seqs'], top_seqs], axis=1), keep)
-
-    alive_log_probs, alive = _top_k(jnp.where(is_eos | ~real, NEG_INF, top_log_probs), beams)
-    alive_log_probs = jnp.where(at_limit | (alive_log_probs <= NEG_INF / 2), NEG_INF, alive_log_probs)
-    return dict(
-      i=i + 1,
-      cache=gather_beams(cache, _take(top_beam, alive)),
-      alive_seqs=_take(top_seqs, alive),
-      alive_log_probs=alive_log_probs,
-      last_tokens=_take(top_token, alive),
-      finished_seqs=finished_seqs,
-      finished_scores=finished_scores,
-    )
-
-  init = dict(
-    i=jnp.array(0, jnp.int32),
-    cache=cache,
-    alive_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
-    # Only beam 0 is alive at first: the W copies of the start would otherwise fill the beam with duplicates.
-    alive_log_probs=jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, NEG_INF).astype(jnp.float32), (batch, 1)),
-    last_tokens=jnp.full((batch, beams), ids.bos, jnp.int32),
-    finished_seqs=jnp.full((batch, beams, length), ids.pad, jnp.int32),
-    finished_scores=jnp.full((batch, beams), NEG_INF, jnp.float32),
+  search, cache = _start_beam_search(
+    params, inputs, cfg, beam_size, alpha, max_decode_len, min_decode_len, extra_length, penalty
   )
-  state = jax.lax.while_loop(cond, body, init)
-  # Every example ends with a finished hypothesis (its limit turns the alive ones into finished ones); the fallback
-  # to the best alive one is for safety only.
-  best = jnp.argmax(state['finished_scores'], axis=1)[:, None]
-  tokens = _take(state['finished_seqs'], best)[:, 0]
-  scores = _take(state['finished_scores'], best)[:, 0]
-  has_finished = scores > NEG_INF / 2
-  tokens = jnp.where(has_finished[:, None], tokens, state['alive_seqs'][:, 0])
-  return tokens, scores
+  state = jax.lax.while_loop(
+    functools.partial(_searching, search), functools.partial(_beam_step, search), _initial_beams(search, cache)
+  )
+  return _best_hypothesis(state)
