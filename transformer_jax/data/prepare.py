@@ -349,31 +349,11 @@ class _ShardWriter:
     self.pending = 0
 
 
-def prepare_split(
-  reader: PairReader,
-  tokenizer: tokenizer_lib.Tokenizer,
-  directory: str,
-  *,
-  max_length: int,
-  shard_examples: int = SHARD_EXAMPLES,
-  progress: bool = True,
-  num_threads: int | None = None,
-) -> dict:
-  """Writes the shards and the manifest (last) into `directory` (emptied first); returns the manifest."""
+def _progress_bar(reader: PairReader, progress: bool):
+  """The preparation's progress in pairs read, on stderr."""
   from tqdm import tqdm
 
-  if max_length < 2:
-    raise ValueError(f'max_length must be >= 2 (one token + EOS), got {max_length}')
-  start = time.time()
-  if os.path.isdir(directory):
-    shutil.rmtree(directory)  # a half-written earlier attempt: never reused
-  os.makedirs(directory)
-  threads = num_threads or max(1, os.cpu_count() or 1)
-  writer = _ShardWriter(directory, _token_dtype(tokenizer.vocab_size), shard_examples)
-  skipped = dict.fromkeys(SKIP_KINDS, 0)
-  read = 0
-  tokens_total = dict.fromkeys(SIDES, 0)
-  bar = tqdm(
+  return tqdm(
     total=reader.total,
     disable=not progress,
     unit=' pairs',
@@ -382,33 +362,43 @@ def prepare_split(
     desc=f'prepare {reader.dataset} {reader.split}',
     file=sys.stderr,
   )
-  with bar:
-    for src_raw, tgt_raw in reader.chunks():
-      n = len(src_raw)
-      read += n
-      src, bad_s = _decode(src_raw)
-      tgt, bad_t = _decode(tgt_raw)
-      bad = bad_s | bad_t
-      empty = ~bad & np.array([not s or not t for s, t in zip(src, tgt)], bool)
-      keep = np.flatnonzero(~bad & ~empty)
-      skipped['not_utf8'] += int(bad.sum())
-      skipped['empty'] += int(empty.sum())
-      toks, lens = {}, {}
-      for side, texts in (('inputs', src), ('targets', tgt)):
-        toks[side], lens[side] = _tokenize(
-          tokenizer, [texts[i] for i in keep.tolist()], threads, target=side == 'targets'
-        )
-      fits = (lens['inputs'] <= max_length) & (lens['targets'] <= max_length)
-      skipped['too_long'] += int((~fits).sum())
-      if not fits.all():
-        for side in SIDES:
-          mask = np.repeat(fits, lens[side])
-          toks[side], lens[side] = toks[side][mask], lens[side][fits]
-      for side in SIDES:
-        tokens_total[side] += int(lens[side].sum())
-      writer.add(toks, lens)
-      bar.update(n)
-  writer.flush()
+
+
+def _tokenize_chunk(
+  tokenizer: tokenizer_lib.Tokenizer, src_raw: list, tgt_raw: list, threads: int, max_length: int, skipped: dict
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(flat ids, lengths) per side of the chunk's usable pairs; each unusable pair is counted in `skipped`."""
+  src, bad_s = _decode(src_raw)
+  tgt, bad_t = _decode(tgt_raw)
+  bad = bad_s | bad_t
+  empty = ~bad & np.array([not s or not t for s, t in zip(src, tgt)], bool)
+  keep = np.flatnonzero(~bad & ~empty)
+  skipped['not_utf8'] += int(bad.sum())
+  skipped['empty'] += int(empty.sum())
+  toks, lens = {}, {}
+  for side, texts in (('inputs', src), ('targets', tgt)):
+    toks[side], lens[side] = _tokenize(tokenizer, [texts[i] for i in keep.tolist()], threads, target=side == 'targets')
+  fits = (lens['inputs'] <= max_length) & (lens['targets'] <= max_length)
+  skipped['too_long'] += int((~fits).sum())
+  if not fits.all():
+    for side in SIDES:
+      mask = np.repeat(fits, lens[side])
+      toks[side], lens[side] = toks[side][mask], lens[side][fits]
+  return toks, lens
+
+
+def _write_manifest(
+  directory: str,
+  reader: PairReader,
+  tokenizer: tokenizer_lib.Tokenizer,
+  writer: _ShardWriter,
+  *,
+  max_length: int,
+  read: int,
+  tokens_total: dict,
+  skipped: dict,
+) -> dict:
+  """Reports the skipped pairs and writes the manifest (last: the preparation is then complete); returns it."""
   num_examples = sum(s['num_examples'] for s in writer.shards)
   manifest = {
     'format': FORMAT,
@@ -431,9 +421,47 @@ def prepare_split(
   data = json.dumps(manifest, indent=1, sort_keys=True).encode('utf-8')
   # last: the preparation is complete
   paths.write_local_atomic(os.path.join(directory, MANIFEST), lambda f: f.write(data))
+  return manifest
+
+
+def prepare_split(
+  reader: PairReader,
+  tokenizer: tokenizer_lib.Tokenizer,
+  directory: str,
+  *,
+  max_length: int,
+  shard_examples: int = SHARD_EXAMPLES,
+  progress: bool = True,
+  num_threads: int | None = None,
+) -> dict:
+  """Writes the shards and the manifest (last) into `directory` (emptied first); returns the manifest."""
+  if max_length < 2:
+    raise ValueError(f'max_length must be >= 2 (one token + EOS), got {max_length}')
+  start = time.time()
+  if os.path.isdir(directory):
+    shutil.rmtree(directory)  # a half-written earlier attempt: never reused
+  os.makedirs(directory)
+  threads = num_threads or max(1, os.cpu_count() or 1)
+  writer = _ShardWriter(directory, _token_dtype(tokenizer.vocab_size), shard_examples)
+  skipped = dict.fromkeys(SKIP_KINDS, 0)
+  read = 0
+  tokens_total = dict.fromkeys(SIDES, 0)
+  with _progress_bar(reader, progress) as bar:
+    for src_raw, tgt_raw in reader.chunks():
+      n = len(src_raw)
+      read += n
+      toks, lens = _tokenize_chunk(tokenizer, src_raw, tgt_raw, threads, max_length, skipped)
+      for side in SIDES:
+        tokens_total[side] += int(lens[side].sum())
+      writer.add(toks, lens)
+      bar.update(n)
+  writer.flush()
+  manifest = _write_manifest(
+    directory, reader, tokenizer, writer, max_length=max_length, read=read, tokens_total=tokens_total, skipped=skipped
+  )
   logging.info(
     'Prepared %d examples of %s in %s (%d shards, %.1f s)',
-    num_examples,
+    manifest['num_examples'],
     reader.dataset,
     directory,
     len(writer.shards),
