@@ -288,72 +288,27 @@ def analyse(
   notes: list[str],
 ) -> tpu_report.ProgramReport:
   """The per-chip figures of a compiled program (memory, cost, collectives) and their roofline estimate."""
-  config, chip, chips = setup.config, topology.chip, topology.chips * num_slices
+  chip, chips = topology.chip, topology.chips * num_slices
   stats = compiled.memory_analysis()
-  state_bytes, batch_bytes = _shard_bytes(state), _shard_bytes(batch)
-  outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
-  total = stats.argument_size_in_bytes + outputs + stats.temp_size_in_bytes
-  memory = {
-    'state': state_bytes,
-    'batch': batch_bytes,
-    'other_args': stats.argument_size_in_bytes - state_bytes - batch_bytes,
-    'temporaries': stats.temp_size_in_bytes,
-    'outputs': outputs,
-    'total': total,
-    'hbm': chip.hbm_bytes,
-  }
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = _memory_per_chip(stats, state, batch, chip)
+  cost = _cost_analysis(compiled)
   flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
   hlo = compiled.as_text()
-  found = tpu_report.collectives(hlo, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices)
-  summary = tpu_report.summarize(found)
+  mesh_shape, axis_names = tuple(setup.mesh.devices.shape), setup.mesh.axis_names
+  summary = tpu_report.summarize(tpu_report.collectives(hlo, mesh_shape, axis_names, num_slices))
   ici = sum(s['ici_bytes'] for s in summary.values())
   hbm = tpu_report.hbm_traffic(hlo)
-  tokens = config.batch_size * config.packed_targets_length
-  model_flops = tpu_chips.model_flops_per_step(
-    _param_shapes(setup.state.params),
-    config.model,
-    config.batch_size,
-    config.packed_inputs_length if setup.kind != 'decoder' else 0,
-    config.packed_targets_length,
-    training=program == 'train',
-  )
-  if program not in ('train', 'eval'):
-    tokens, model_flops = 0, 0.0
+  tokens, model_flops = _model_work(program, setup)
   # XLA counts a while loop's body once (windowed-einsum loops, scanned layers): the model's FLOPs per chip are the
   # floor of the work; HBM is the estimate from the HLO after memory-space assignment, not XLA's bytes accessed
   compute = max(flops, model_flops / chips)
   estimate = tpu_chips.roofline(chip, compute, hbm.bytes, ici)
   estimate_xla_bytes = tpu_chips.roofline(chip, compute, accessed, ici)  # the ceiling if every XLA byte were HBM
-  per_op = tpu_report.per_op_times(
-    hlo, chip, tuple(setup.mesh.devices.shape), setup.mesh.axis_names, num_slices, torus=topology.torus
-  )
+  per_op = tpu_report.per_op_times(hlo, chip, mesh_shape, axis_names, num_slices, torus=topology.torus)
   per_op_estimate, floor, cycles = tpu_report.per_op_fields(per_op, chip)
-  if per_op.dcn_collectives:
-    notes = notes + [f'{per_op.dcn_collectives} collective runs cross slices (DCN): not in the per-op ICI term']
-  if hbm.unknown_trip_counts:
-    notes = notes + [
-      f'{hbm.unknown_trip_counts} while loop(s) of unknown trip count: their bodies are counted once '
-      'in the HBM estimate and the collectives'
-    ]
   rated = (estimate, estimate_xla_bytes, per_op_estimate, floor, cycles)
-  if program in ('train', 'eval'):
-    for e in rated:
-      e['tokens_per_s'] = tokens / e['t_step_s'] if e['t_step_s'] else float('nan')
-      e['mfu'] = tpu_chips.mfu(model_flops, e['t_step_s'], chip, chips)
-  else:
-    for e in rated:
-      e.update(tokens_per_s=float('nan'), mfu=float('nan'))
-    from transformer_jax.model import config as model_config
-
-    notes = notes + [
-      'a decoding loop: XLA counts a while loop body once, so its FLOPs are per loop iteration plus '
-      'set-up, not per sequence (the HBM estimate and the collectives multiply loops whose trip '
-      'count the HLO states)',
-      f'decode cache: {model_config.kv_cache_bytes_per_token(setup.cfg):,} bytes per token and sequence '
-      f'(self-attention keys and values of every layer, model.kv_cache_dtype={setup.cfg.kv_cache_dtype})',
-    ]
+  _rate_estimates(rated, program, tokens, model_flops, chip, chips)
+  notes = notes + _estimate_notes(program, setup, per_op, hbm)
   return tpu_report.ProgramReport(
     program=program,
     topology=topology.name + (f' x {num_slices} slices' if num_slices > 1 else ''),
@@ -363,7 +318,7 @@ def analyse(
     chip=chip.name,
     compile_s=compile_s,
     memory=memory,
-    fits=total <= chip.hbm_bytes,
+    fits=memory['total'] <= chip.hbm_bytes,
     flops_per_chip=flops,
     bytes_accessed_per_chip=accessed,
     collectives=summary,
@@ -382,6 +337,85 @@ def analyse(
     xla_cost_analysis=dict(cost),
     xla_memory_analysis=_memory_fields(stats),
   )
+
+
+def _cost_analysis(compiled) -> dict:
+  """XLA's cost_analysis() of the compiled program (one dict: some versions return a list of one)."""
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def _memory_per_chip(stats, state, batch, chip) -> dict:
+  """ProgramReport's memory: bytes per chip of state, batch, other arguments, temporaries, outputs (less what
+  aliases an argument), their total, and the chip's HBM."""
+  state_bytes, batch_bytes = _shard_bytes(state), _shard_bytes(batch)
+  outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
+  return {
+    'state': state_bytes,
+    'batch': batch_bytes,
+    'other_args': stats.argument_size_in_bytes - state_bytes - batch_bytes,
+    'temporaries': stats.temp_size_in_bytes,
+    'outputs': outputs,
+    'total': stats.argument_size_in_bytes + outputs + stats.temp_size_in_bytes,
+    'hbm': chip.hbm_bytes,
+  }
+
+
+def _model_work(program: str, setup: _Setup) -> tuple[int, float]:
+  """(target tokens per step, the model's FLOPs per step): both zero for a decoding program."""
+  config = setup.config
+  tokens = config.batch_size * config.packed_targets_length
+  model_flops = tpu_chips.model_flops_per_step(
+    _param_shapes(setup.state.params),
+    config.model,
+    config.batch_size,
+    config.packed_inputs_length if setup.kind != 'decoder' else 0,
+    config.packed_targets_length,
+    training=program == 'train',
+  )
+  if program not in ('train', 'eval'):
+    tokens, model_flops = 0, 0.0
+  return tokens, model_flops
+
+
+def _estimate_notes(program: str, setup: _Setup, per_op: tpu_report.PerOp, hbm: tpu_report.HbmTraffic) -> list[str]:
+  """Notes on what the estimates leave out (collectives across slices, loops of unknown trip count) and, for a
+  decoding program, what its FLOPs count and its decode cache's bytes per token."""
+  notes = []
+  if per_op.dcn_collectives:
+    notes.append(f'{per_op.dcn_collectives} collective runs cross slices (DCN): not in the per-op ICI term')
+  if hbm.unknown_trip_counts:
+    notes.append(
+      f'{hbm.unknown_trip_counts} while loop(s) of unknown trip count: their bodies are counted once '
+      'in the HBM estimate and the collectives'
+    )
+  if program not in ('train', 'eval'):
+    notes.extend(_decoding_notes(setup))
+  return notes
+
+
+def _rate_estimates(rated: tuple[dict, ...], program: str, tokens: int, model_flops: float, chip, chips: int) -> None:
+  """Adds tokens_per_s and mfu to each estimate: NaN for a decoding program."""
+  if program in ('train', 'eval'):
+    for e in rated:
+      e['tokens_per_s'] = tokens / e['t_step_s'] if e['t_step_s'] else float('nan')
+      e['mfu'] = tpu_chips.mfu(model_flops, e['t_step_s'], chip, chips)
+  else:
+    for e in rated:
+      e.update(tokens_per_s=float('nan'), mfu=float('nan'))
+
+
+def _decoding_notes(setup: _Setup) -> list[str]:
+  """Notes for a decoding program: XLA's FLOPs are per loop iteration, and the decode cache's bytes per token."""
+  from transformer_jax.model import config as model_config
+
+  return [
+    'a decoding loop: XLA counts a while loop body once, so its FLOPs are per loop iteration plus '
+    'set-up, not per sequence (the HBM estimate and the collectives multiply loops whose trip '
+    'count the HLO states)',
+    f'decode cache: {model_config.kv_cache_bytes_per_token(setup.cfg):,} bytes per token and sequence '
+    f'(self-attention keys and values of every layer, model.kv_cache_dtype={setup.cfg.kv_cache_dtype})',
+  ]
 
 
 def _memory_fields(stats) -> dict:

@@ -620,6 +620,17 @@ class PerOp:
   cycles_missing_ops: dict  # their ops, by count
 
 
+@dataclasses.dataclass
+class _Tally:
+  """per_op_times's running sums over the executed instructions of one program."""
+
+  groups: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # op_name group -> seconds
+  totals: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # compute, hbm, flops, ...
+  missing: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # op -> runs with no cycles
+  executed: int = 0
+  dcn: int = 0
+
+
 def per_op_times(
   hlo_text: str,
   chip,
@@ -647,79 +658,132 @@ def per_op_times(
   local_shape = (mesh_shape[0] // num_slices,) + tuple(mesh_shape[1:])
   computations, entry = parse_hlo(hlo_text)
   graph = call_graph(computations, entry)
-  peak, bw = chip.peak_bf16_flops, chip.hbm_bytes_per_s
   flops_cache: dict = {}
-  groups = collections.Counter()
-  totals = collections.Counter()
-  missing = collections.Counter()
-  executed = dcn = 0
+  tally = _Tally()
   for name in sorted(graph.control):
-    instrs = computations[name]
     runs = graph.runs[name]
-    shapes = {i.name: i.shape for i in instrs}
-    work = [0.0] * len(instrs)  # max(compute, HBM) of each instruction, one run
-    spans: dict = {}  # collective key -> [first index, last index, Collective, group name]
-    index = {i.name: k for k, i in enumerate(instrs)}
-    for k, instr in enumerate(instrs):
-      if instr.op in _FREE:
-        if instr.op.endswith('-done') and instr.operands and instr.operands[0] in index:
-          start = instr.operands[0]  # an op-level async pair: the span ends at its done
-          if start in spans:
-            spans[start][1] = k
-        continue
-      executed += runs
-      flops = dot_flops(instr, shapes) + sum(
-        _body_flops(c, computations, flops_cache) for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs)
-      )
-      hbm = instruction_hbm_bytes(instr, shapes, computations)
-      work[k] = max(flops / peak, hbm / bw)
-      totals['compute'] += flops / peak * runs
-      totals['hbm'] += hbm / bw * runs
-      totals['flops'] += flops * runs
-      group = _group_name(instr)
-      groups[group] += work[k] * runs
-      cycles = _CYCLES.search(instr.attrs)
-      if cycles:
-        totals['cycles'] += int(cycles.group(1)) * runs
-      else:
-        missing[instr.op] += runs
-      found = (instr, name) if _OP.match(instr.line) or instr.op == 'send' else None
-      if found is None and instr.op == 'fusion':
-        found = next(
-          (
-            f
-            for f in (
-              _body_collective(c, computations, local_shape, axis_names, num_slices)
-              for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs)
-            )
-            if f
-          ),
-          None,
-        )
-      if found is None:
-        continue
-      c = collective_of(found[0], found[1], local_shape, axis_names, num_slices)
-      if c is None:
-        continue
-      if c.crosses_slices:
-        dcn += runs
-        continue
-      ch = _CHANNEL.search(found[0].attrs)
-      key = instr.name if instr.op.endswith('-start') else (f'channel {ch.group(1)}' if ch else instr.name)
-      if key in spans:
-        spans[key][1] = k
-      else:
-        spans[key] = [k, k, c, f'{c.kind} ' + _group_name(found[0])]
-    for first, last, c, group in spans.values():
-      t = collective_seconds(c, chip, torus)
-      between = sum(work[first + 1 : last])
-      if last > first:  # asynchronous: hidden behind the work in flight with it
-        exposed = max(0.0, t - between)
-      else:  # synchronous: the instruction moves its data while it sends
-        exposed = max(0.0, t - work[first])
-      totals['ici'] += t * runs
-      totals['exposed'] += exposed * runs
-      groups[group] += exposed * runs
+    work, spans = _instruction_times(
+      name, computations, runs, chip, local_shape, axis_names, num_slices, flops_cache, tally
+    )
+    _charge_collectives(spans, work, runs, chip, torus, tally)
+  return _per_op_of(tally, top)
+
+
+def _instruction_times(
+  name: str,
+  computations: dict,
+  runs: int,
+  chip,
+  local_shape: tuple[int, ...],
+  axis_names: tuple[str, ...],
+  num_slices: int,
+  flops_cache: dict,
+  tally: _Tally,
+) -> tuple[list[float], dict]:
+  """One run's work, max(compute, HBM), of each instruction of control computation `name`, and its collectives'
+  spans ({key: [first index, last index, Collective, group name]}); charges `runs` runs of each to `tally`."""
+  instrs = computations[name]
+  shapes = {i.name: i.shape for i in instrs}
+  work = [0.0] * len(instrs)
+  spans: dict = {}
+  index = {i.name: k for k, i in enumerate(instrs)}
+  for k, instr in enumerate(instrs):
+    if instr.op in _FREE:
+      if instr.op.endswith('-done') and instr.operands and instr.operands[0] in index:
+        start = instr.operands[0]  # an op-level async pair: the span ends at its done
+        if start in spans:
+          spans[start][1] = k
+      continue
+    tally.executed += runs
+    work[k] = _instruction_work(instr, shapes, computations, chip, runs, flops_cache, tally)
+    found = _collective_carrier(instr, name, computations, local_shape, axis_names, num_slices)
+    if found is None:
+      continue
+    c = collective_of(found[0], found[1], local_shape, axis_names, num_slices)
+    if c is None:
+      continue
+    if c.crosses_slices:
+      tally.dcn += runs
+      continue
+    key = _span_key(instr, found[0])
+    if key in spans:
+      spans[key][1] = k
+    else:
+      spans[key] = [k, k, c, f'{c.kind} ' + _group_name(found[0])]
+  return work, spans
+
+
+def _instruction_work(
+  instr: Instruction, shapes: dict[str, str], computations: dict, chip, runs: int, flops_cache: dict, tally: _Tally
+) -> float:
+  """One run's max(dot FLOPs / bf16 peak, HBM bytes / HBM bandwidth) of an instruction; charges `runs` runs of its
+  compute, HBM, FLOPs and libtpu cycles (or a missing cycle count) to `tally`."""
+  peak, bw = chip.peak_bf16_flops, chip.hbm_bytes_per_s
+  flops = dot_flops(instr, shapes) + sum(
+    _body_flops(c, computations, flops_cache) for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs)
+  )
+  hbm = instruction_hbm_bytes(instr, shapes, computations)
+  work = max(flops / peak, hbm / bw)
+  tally.totals['compute'] += flops / peak * runs
+  tally.totals['hbm'] += hbm / bw * runs
+  tally.totals['flops'] += flops * runs
+  tally.groups[_group_name(instr)] += work * runs
+  cycles = _CYCLES.search(instr.attrs)
+  if cycles:
+    tally.totals['cycles'] += int(cycles.group(1)) * runs
+  else:
+    tally.missing[instr.op] += runs
+  return work
+
+
+def _collective_carrier(
+  instr: Instruction,
+  name: str,
+  computations: dict,
+  local_shape: tuple[int, ...],
+  axis_names: tuple[str, ...],
+  num_slices: int,
+) -> tuple[Instruction, str] | None:
+  """(the instruction that states a collective, its computation's name): `instr` itself (a collective op or a
+  send), or for a fusion the collective in its body (TPU's async collective fusion); None when there is none."""
+  if _OP.match(instr.line) or instr.op == 'send':
+    return instr, name
+  if instr.op != 'fusion':
+    return None
+  for c in re.findall(r'calls=(%[\w.\-]+)', instr.attrs):
+    found = _body_collective(c, computations, local_shape, axis_names, num_slices)
+    if found:
+      return found
+  return None
+
+
+def _span_key(instr: Instruction, carrier: Instruction) -> str:
+  """The key of a collective's span: a *-start's name, else the channel_id its carrier states (an async collective
+  fusion's start and done share it), else the instruction's name."""
+  if instr.op.endswith('-start'):
+    return instr.name
+  ch = _CHANNEL.search(carrier.attrs)
+  return f'channel {ch.group(1)}' if ch else instr.name
+
+
+def _charge_collectives(spans: dict, work: list[float], runs: int, chip, torus, tally: _Tally) -> None:
+  """Charges `runs` runs of each collective span to `tally`: its ICI time in full, and to the per-op figure what
+  the work in flight with it leaves exposed."""
+  for first, last, c, group in spans.values():
+    t = collective_seconds(c, chip, torus)
+    between = sum(work[first + 1 : last])
+    if last > first:  # asynchronous: hidden behind the work in flight with it
+      exposed = max(0.0, t - between)
+    else:  # synchronous: the instruction moves its data while it sends
+      exposed = max(0.0, t - work[first])
+    tally.totals['ici'] += t * runs
+    tally.totals['exposed'] += exposed * runs
+    tally.groups[group] += exposed * runs
+
+
+def _per_op_of(tally: _Tally, top: int) -> PerOp:
+  """The PerOp of a finished tally, with its `top` largest op_name groups."""
+  totals, groups, missing = tally.totals, tally.groups, tally.missing
   t_per_op = sum(groups.values())
   return PerOp(
     t_per_op,
@@ -730,8 +794,8 @@ def per_op_times(
     totals['exposed'],
     totals['flops'],
     [(n, t) for n, t in groups.most_common(top) if t > 0],
-    executed,
-    dcn,
+    tally.executed,
+    tally.dcn,
     float(totals['cycles']),
     sum(missing.values()),
     dict(missing.most_common()),
@@ -834,9 +898,25 @@ def _gib(n: float) -> str:
 
 
 def format_report(r: ProgramReport) -> list[str]:
+  """The printed report of one compiled program, one line per item: memory and traffic, collectives, the per-op
+  estimate, the ceiling, notes."""
+  return (
+    _memory_lines(r) + _collective_lines(r) + _per_op_lines(r) + _ceiling_lines(r) + [f'  note: {n}' for n in r.notes]
+  )
+
+
+def _rate(r: ProgramReport, d: dict) -> str:
+  """An estimate's step time, with target tokens/s and MFU where the program has tokens per step."""
+  if r.tokens_per_step:
+    return f'{d["t_step_s"] * 1e3:.2f} ms, {d["tokens_per_s"]:,.0f} target tokens/s, MFU {d["mfu"] * 100:.1f}%'
+  return f'{d["t_step_s"] * 1e3:.2f} ms'
+
+
+def _memory_lines(r: ProgramReport) -> list[str]:
+  """The heading, HBM per chip, XLA's FLOPs and bytes accessed, and the HBM traffic estimate with its largest
+  op_names."""
   m = r.memory
   mesh = ' '.join(f'{k}={v}' for k, v in r.mesh.items())
-  e = r.estimate
   lines = [
     f'{r.program} on {r.topology} ({r.chips} chips {r.chip}, mesh {mesh}): compiled in {r.compile_s:.1f} s',
     f'  HBM per chip: params+optimizer {_gib(m["state"])}, batch {_gib(m["batch"])}, tiled-layout padding + '
@@ -853,45 +933,47 @@ def format_report(r: ProgramReport) -> list[str]:
     lines.append(
       '    largest: ' + '; '.join(f'{_gib(b)} {short(name)}' for name, b in list(r.hbm_by_op_name.items())[:5])
     )
-  if r.collectives:
+  return lines
+
+
+def _collective_lines(r: ProgramReport) -> list[str]:
+  """The collectives by kind: logical count, runs per step, bytes, ICI bytes and the mesh axes they span."""
+  if not r.collectives:
+    return ['  collectives: none']
+  lines = [
+    '  collectives (logical: one per channel_id; runs per step where loops repeat them; bytes = largest '
+    'result array, summed; ICI = bytes a chip sends per step, estimate):'
+  ]
+  for kind, s in r.collectives.items():
+    axes = ', '.join(f'{a}: {n}' for a, n in s['by_axes'].items())
+    cross = f', {s["crossing_slices"]} of them across slices (DCN)' if s['crossing_slices'] else ''
+    runs = s.get('executions', s['count'])
+    runs = f' ({runs} runs)' if runs != s['count'] else ''
     lines.append(
-      '  collectives (logical: one per channel_id; runs per step where loops repeat them; bytes = largest '
-      'result array, summed; ICI = bytes a chip sends per step, estimate):'
+      f'    {kind}: {s["count"]} ops{runs}, {_gib(s["bytes"])}, ICI {_gib(s["ici_bytes"])} (over {axes}){cross}'
     )
-    for kind, s in r.collectives.items():
-      axes = ', '.join(f'{a}: {n}' for a, n in s['by_axes'].items())
-      cross = f', {s["crossing_slices"]} of them across slices (DCN)' if s['crossing_slices'] else ''
-      runs = s.get('executions', s['count'])
-      runs = f' ({runs} runs)' if runs != s['count'] else ''
-      lines.append(
-        f'    {kind}: {s["count"]} ops{runs}, {_gib(s["bytes"])}, ICI {_gib(s["ici_bytes"])} (over {axes}){cross}'
-      )
-  else:
-    lines.append('  collectives: none')
-  times = (
-    f'compute {e["t_compute_s"] * 1e3:.2f} ms, HBM {e["t_hbm_s"] * 1e3:.2f} ms, ICI {e["t_ici_s"] * 1e3:.2f} '
-    f'ms -> {e["t_step_s"] * 1e3:.2f} ms ({e["bound_by"]}-bound)'
-  )
-  x, p, f, cy = r.estimate_xla_bytes, r.per_op, r.floor, r.libtpu_cycles
-  rate = lambda d: (
-    f'{d["t_step_s"] * 1e3:.2f} ms, {d["tokens_per_s"]:,.0f} target tokens/s, MFU {d["mfu"] * 100:.1f}%'
-    if r.tokens_per_step
-    else f'{d["t_step_s"] * 1e3:.2f} ms'
-  )
+  return lines
+
+
+def _per_op_lines(r: ProgramReport) -> list[str]:
+  """The per-op roofline (the headline) with its terms and range, libtpu's own cycles, and the largest per-op
+  times."""
+  e, p, f, cy = r.estimate, r.per_op, r.floor, r.libtpu_cycles
+  lines = []
   if p:
     lines.append(
       '  ESTIMATE per-op roofline (headline: each executed instruction takes max(dot FLOPs / bf16 peak, '
-      f'HBM bytes / bandwidth), collectives what their overlap leaves exposed): {rate(p)}'
+      f'HBM bytes / bandwidth), collectives what their overlap leaves exposed): {_rate(r, p)}'
     )
     lines.append(
       f'    terms: dot FLOPs {p["t_compute_s"] * 1e3:.2f} ms, HBM {p["t_hbm_s"] * 1e3:.2f} ms, ICI '
       f'{p["t_ici_s"] * 1e3:.2f} ms of which {p["t_ici_exposed_s"] * 1e3:.2f} ms exposed '
       f'({p["executed"]:,} instructions executed)'
     )
-    lines.append(f'    range: ceiling (perfect overlap) {rate(e)}; floor (no overlap) {rate(f)}')
+    lines.append(f'    range: ceiling (perfect overlap) {_rate(r, e)}; floor (no overlap) {_rate(r, f)}')
   if cy:
     lines.append(
-      f"    libtpu's own per-instruction cycles at {cy['clock_hz'] / 1e9:.2f} GHz: {rate(cy)}; leaves out "
+      f"    libtpu's own per-instruction cycles at {cy['clock_hz'] / 1e9:.2f} GHz: {_rate(r, cy)}; leaves out "
       f'{cy["missing_executions"]:,} executed instructions without a cycle count ('
       + ', '.join(f'{op} {n}' for op, n in list(cy['missing_ops'].items())[:5])
       + ')'
@@ -899,6 +981,18 @@ def format_report(r: ProgramReport) -> list[str]:
   if r.top_ops:
     lines.append('    largest per-op times (by op_name, layers folded; a collective by its kind and op_name):')
     lines.extend(f'      {t * 1e3:8.3f} ms  {name}' for name, t in r.top_ops)
+  return lines
+
+
+def _ceiling_lines(r: ProgramReport) -> list[str]:
+  """The ceiling (perfect overlap), with MFU where the program has tokens per step, the ceiling on XLA's bytes,
+  the calibration, and libtpu's optimal_seconds where it can be a time."""
+  e, x = r.estimate, r.estimate_xla_bytes
+  times = (
+    f'compute {e["t_compute_s"] * 1e3:.2f} ms, HBM {e["t_hbm_s"] * 1e3:.2f} ms, ICI {e["t_ici_s"] * 1e3:.2f} '
+    f'ms -> {e["t_step_s"] * 1e3:.2f} ms ({e["bound_by"]}-bound)'
+  )
+  lines = []
   if r.tokens_per_step:
     lines.append(
       f'  ceiling (roofline of {r.compute_flops_per_chip / 1e12:.3f} TFLOP, the HBM estimate and ICI over '
@@ -911,12 +1005,11 @@ def format_report(r: ProgramReport) -> list[str]:
         f'({x["t_hbm_s"] * 1e3:.2f} ms of HBM -> {x["t_step_s"] * 1e3:.2f} ms, '
         f'{x["tokens_per_s"]:,.0f} tokens/s)'
       )
-    if p:
+    if r.per_op:
       lines.append(f'  calibrated on: {tpu_chips.CALIBRATION}')
   else:
     lines.append(f'  ceiling of the counted work: {times}; no tokens/s or MFU for a decoding loop')
   optimal = r.xla_cost_analysis.get('optimal_seconds', 0.0)
   if optimal > 0:  # whole train steps get negative values: printed only where it can be a time
     lines.append(f"  libtpu's optimal_seconds: {optimal * 1e3:.2f} ms")
-  lines.extend(f'  note: {n}' for n in r.notes)
   return lines
