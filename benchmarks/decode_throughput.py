@@ -197,6 +197,21 @@ def worker(args):
   print(json.dumps(result), flush=True)
 
 
+def run_worker(script: str, system: str, argv: list[str], *extra: str) -> dict:
+  """`script --worker=system` in its own process (XLA's and OpenMP's thread pools would otherwise compete for the
+  cores); its last stdout line is the result, as JSON."""
+  proc = subprocess.run(
+    [sys.executable, os.path.abspath(script), f'--worker={system}', *extra, *argv],
+    capture_output=True,
+    text=True,
+    env=hugepages.child_environ(),
+    check=False,
+  )
+  if proc.returncode:
+    sys.exit(f'{system} failed:\n{proc.stderr[-3000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
@@ -205,17 +220,7 @@ def main(argv=None):
   beams = [int(b) for b in args.beams.split(',')]
   results = []
   for system in args.systems.split(','):
-    # Each system in its own process: XLA's and OpenMP's thread pools would otherwise compete for the 2 cores.
-    proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), f'--worker={system}', *argv],
-      capture_output=True,
-      text=True,
-      env=hugepages.child_environ(),
-      check=False,
-    )
-    if proc.returncode:
-      sys.exit(f'{system} failed:\n{proc.stderr[-3000:]}')
-    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results.append(run_worker(__file__, system, argv))
 
   print(f'\n    python benchmarks/decode_throughput.py {" ".join(argv)}'.rstrip() + '\n')
   print(

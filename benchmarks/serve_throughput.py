@@ -48,7 +48,6 @@ for _path in (_REPO, os.path.join(_REPO, 'benchmarks')):
 
 import decode_throughput as base  # noqa: E402  (translation: the model, sources, and the ours / HF systems)
 import generate_throughput as lm  # noqa: E402  (LM: the network, prompts, and the ours / HF systems)
-from transformer_jax import hugepages  # noqa: E402
 
 # Ours' variants: '-'-joined parts of VARIANT_PARTS (JaxVariant); ct2-<compute_type>.
 SYSTEMS = ('jax', 'jax-int8', 'jax-int8-kv8', 'jax-bf16', 'jax-int8-bf16-kv8', 'hf', 'ct2-float32', 'ct2-int8')
@@ -271,17 +270,7 @@ def lm_worker(args):
 
 
 def run_worker(system: str, argv: list[str], *extra: str) -> dict:
-  """One system in its own process (XLA's and OpenMP's thread pools would otherwise compete for the cores)."""
-  proc = subprocess.run(
-    [sys.executable, os.path.abspath(__file__), f'--worker={system}', *extra, *argv],
-    capture_output=True,
-    text=True,
-    env=hugepages.child_environ(),
-    check=False,
-  )
-  if proc.returncode:
-    sys.exit(f'{system} failed:\n{proc.stderr[-3000:]}')
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return base.run_worker(__file__, system, argv, *extra)
 
 
 def table(results: list[dict], beams: list[int], per_run: int, unit: str) -> dict:
