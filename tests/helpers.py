@@ -224,3 +224,23 @@ def bitwise_equal(a, b) -> bool:
       for x, y in zip(la, lb)
     )
   )
+
+
+def small_decoder_config(**values):
+  """A decoder-only ModelConfig with GPT-2's choices (pre-norm, learned positions, GELU, biases) at test size; the
+  caller names vocab_size and max_len, and may override the rest."""
+  from transformer_jax.model.config import ModelConfig
+
+  defaults = dict(
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    d_ff=48,
+    dropout_rate=0.0,
+    kind='decoder',
+    pre_norm=True,
+    positional='learned',
+    activation='gelu',
+    use_bias=True,
+  )
+  return ModelConfig(**{**defaults, **values})

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+import helpers
 from transformer_jax import export as export_lib
 from transformer_jax.inference import generate
 from transformer_jax.inference import translate as inference
@@ -157,20 +158,7 @@ def language_model(tmp_path_factory):
   lines = [' '.join(rng.choice(words, rng.integers(2, 9))) for _ in range(2000)]
   spm_path = root / 'spm.model'
   spm_path.write_bytes(tokenizer_lib.train_tokenizer_proto(lines, 60))
-  cfg = ModelConfig(
-    vocab_size=LM_VOCAB,
-    num_layers=2,
-    d_model=32,
-    num_heads=4,
-    d_ff=48,
-    dropout_rate=0.0,
-    kind='decoder',
-    pre_norm=True,
-    positional='learned',
-    activation='gelu',
-    use_bias=True,
-    max_len=LM_LENGTH,
-  )
+  cfg = helpers.small_decoder_config(vocab_size=LM_VOCAB, max_len=LM_LENGTH)
   model = LanguageModel(cfg)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, LM_LENGTH), jnp.int32))['params'])
   leaves, tree = jax.tree.flatten(params)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+import helpers
 from configs import lm_tiny
 from transformer_jax import export as export_lib
 from transformer_jax.inference import generate
@@ -18,7 +19,7 @@ from transformer_jax.inference import workdir as workdir_lib
 from transformer_jax.export import hf_gpt2
 from transformer_jax.data import lm
 from transformer_jax.data import tokenizer as tokenizer_lib
-from transformer_jax.model.transformer import LanguageModel, ModelConfig
+from transformer_jax.model.transformer import LanguageModel
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -36,23 +37,7 @@ TEXTS = [
 
 
 def _cfg(**overrides):
-  values = dict(
-    vocab_size=VOCAB,
-    num_layers=2,
-    d_model=32,
-    num_heads=4,
-    d_ff=48,
-    dropout_rate=0.0,
-    kind='decoder',
-    pre_norm=True,
-    positional='learned',
-    activation='gelu',
-    use_bias=True,
-    scale_embeddings=True,
-    max_len=LENGTH,
-  )
-  values.update(overrides)
-  return ModelConfig(**values)
+  return helpers.small_decoder_config(**{'vocab_size': VOCAB, 'max_len': LENGTH, 'scale_embeddings': True, **overrides})
 
 
 @pytest.fixture(scope='module')

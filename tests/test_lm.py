@@ -20,23 +20,9 @@ LENGTH = 24
 
 
 def lm_cfg(**overrides) -> ModelConfig:
-  values = dict(
-    vocab_size=VOCAB,
-    num_layers=2,
-    d_model=32,
-    num_heads=4,
-    d_ff=64,
-    dropout_rate=0.0,
-    kind='decoder',
-    pre_norm=True,
-    positional='learned',
-    activation='gelu',
-    use_bias=True,
-    scale_embeddings=False,
-    max_len=LENGTH,
+  return helpers.small_decoder_config(
+    **{'vocab_size': VOCAB, 'max_len': LENGTH, 'd_ff': 64, 'scale_embeddings': False, **overrides}
   )
-  values.update(overrides)
-  return ModelConfig(**values)
 
 
 @pytest.fixture(scope='module', params=['gpt2', 'paper'])
